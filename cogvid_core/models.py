@@ -1,0 +1,146 @@
+"""Known CogVideoX image-to-video variants, their configs, and structural detection.
+
+A variant is recognised by structure (config fields or state-dict keys and shapes), never by a
+file name or a file size, so tiny test checkpoints are detected exactly like real ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class CheckpointError(ValueError):
+    """A file or folder is not the component the caller asked for (message says what it is)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    repo_id: str
+    patch_size_t: int | None
+    frame_step: int          # frames must be frame_step * N + 1
+    fixed_size: bool         # learned positional embedding: only the trained size works
+    fp16_ok: bool
+    invert_scale_latents: bool
+    fps: int
+    default_frames: int
+    default_height: int
+    default_width: int
+
+
+V10 = Variant(
+    key="cogvideox-5b-i2v", label="CogVideoX-5B-I2V", repo_id="THUDM/CogVideoX-5b-I2V",
+    patch_size_t=None, frame_step=4, fixed_size=True, fp16_ok=True, invert_scale_latents=False,
+    fps=8, default_frames=49, default_height=480, default_width=720,
+)
+V15 = Variant(
+    key="cogvideox1.5-5b-i2v", label="CogVideoX1.5-5B-I2V", repo_id="THUDM/CogVideoX1.5-5B-I2V",
+    patch_size_t=2, frame_step=16, fixed_size=False, fp16_ok=False, invert_scale_latents=True,
+    fps=16, default_frames=81, default_height=768, default_width=1360,
+)
+VARIANTS = {v.key: v for v in (V10, V15)}
+
+# diffusers CogVideoXTransformer3DModel arguments shared by both 5B I2V variants.
+_TRANSFORMER_COMMON = dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=32, out_channels=16,
+    flip_sin_to_cos=True, freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=42,
+    dropout=0.0, attention_bias=True, temporal_compression_ratio=4, max_text_seq_length=226,
+    activation_fn="gelu-approximate", timestep_activation_fn="silu", norm_elementwise_affine=True,
+    norm_eps=1e-5, spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
+    use_rotary_positional_embeddings=True, patch_size=2,
+)
+TRANSFORMER_CONFIGS = {
+    V10.key: dict(_TRANSFORMER_COMMON, patch_size_t=None, patch_bias=True, ofs_embed_dim=None,
+                  use_learned_positional_embeddings=True,
+                  sample_height=60, sample_width=90, sample_frames=49),
+    V15.key: dict(_TRANSFORMER_COMMON, patch_size_t=2, patch_bias=False, ofs_embed_dim=512,
+                  use_learned_positional_embeddings=False,
+                  sample_height=300, sample_width=300, sample_frames=81),
+}
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 512), latent_channels=16,
+    layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32,
+    temporal_compression_ratio=4, sample_height=480, sample_width=720, scaling_factor=0.7,
+    force_upcast=True, use_quant_conv=False, use_post_quant_conv=False,
+)
+T5_CONFIG = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, dropout_rate=0.1,
+    layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu", is_encoder_decoder=True,
+    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
+)
+MAX_TEXT_TOKENS = 226
+
+# Tiny shapes keep every structural trait of the real ones (patching, ofs, learned positions,
+# RoPE head split, 4 VAE levels) so detection and the pipeline run the same code paths.
+TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=16, time_embed_dim=32,
+                        text_embed_dim=32, num_layers=2)
+TINY_SAMPLE = {V10.key: dict(sample_height=8, sample_width=12, sample_frames=9), V15.key: {}}
+TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                sample_height=64, sample_width=96)
+TINY_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
+
+
+def transformer_config(variant: Variant, tiny: bool = False) -> dict:
+    cfg = dict(TRANSFORMER_CONFIGS[variant.key])
+    if tiny:
+        cfg.update(TINY_TRANSFORMER, **TINY_SAMPLE[variant.key])
+    return cfg
+
+
+def vae_config(variant: Variant, tiny: bool = False) -> dict:
+    cfg = dict(VAE_CONFIG, invert_scale_latents=variant.invert_scale_latents)
+    if tiny:
+        cfg.update(TINY_VAE)
+    return cfg
+
+
+def t5_config(tiny: bool = False) -> dict:
+    return dict(T5_CONFIG, **(TINY_T5 if tiny else {}))
+
+
+def variant_from_transformer_config(cfg: dict) -> Variant:
+    """Tell the I2V variant from a diffusers transformer config; refuse T2V and 2B models."""
+    if cfg.get("in_channels") != 32:
+        kind = "a text-to-video model" if cfg.get("in_channels") == 16 else f"in_channels={cfg.get('in_channels')}"
+        raise CheckpointError(
+            f"this CogVideoX transformer is {kind}, not image-to-video (expected in_channels=32): "
+            "load a CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V transformer")
+    if not cfg.get("use_rotary_positional_embeddings", False):
+        raise CheckpointError("this CogVideoX transformer has no rotary embeddings (a 2B model?); "
+                              "only the 5B I2V variants are supported")
+    return V15 if cfg.get("patch_size_t") else V10
+
+
+def default_size(variant: Variant, cfg: dict) -> tuple[int, int, int]:
+    """(frames, height, width) a checkpoint generates by default; 1.0 is pinned to its trained size."""
+    if variant.fixed_size:
+        return cfg["sample_frames"], cfg["sample_height"] * 8, cfg["sample_width"] * 8
+    if cfg.get("num_layers", 42) != 42 or cfg.get("sample_height") != 300:
+        return 17, 64, 96  # tiny random checkpoint: keep the demo fast
+    return variant.default_frames, variant.default_height, variant.default_width
+
+
+def check_video_shape(variant: Variant, cfg: dict, frames: int, height: int, width: int) -> None:
+    """Raise ValueError with a fix when the variant cannot make this many frames at this size."""
+    step = variant.frame_step
+    if frames < step + 1 or (frames - 1) % step:
+        lo = (max(frames - 1, 0) // step) * step + 1
+        hint = f"{lo} or {lo + step}" if lo > step else f"{step + 1}"
+        raise ValueError(f"{variant.label} takes {step}N+1 frames (e.g. {step * 3 + 1}, {variant.default_frames}); "
+                         f"got {frames}: try {hint}")
+    if variant.fixed_size:
+        h, w = cfg["sample_height"] * 8, cfg["sample_width"] * 8
+        if (height, width) != (h, w):
+            raise ValueError(f"{variant.label} only generates {w}x{h} (width x height; learned positional "
+                             f"embedding); got {width}x{height}")
+        if frames > cfg["sample_frames"]:
+            raise ValueError(f"{variant.label} generates at most {cfg['sample_frames']} frames; got {frames}")
+        return
+    for name, v in (("width", width), ("height", height)):
+        if v < 32 or v % 16:
+            raise ValueError(f"{name} must be a multiple of 16 and at least 32 for {variant.label}; got {v}: "
+                             f"try {max(32, round(v / 16) * 16)}")
+    limit = cfg["sample_height"] * 8
+    if max(width, height) > limit:
+        raise ValueError(f"{variant.label} supports sides up to {limit} px; got {width}x{height}")
