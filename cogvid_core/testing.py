@@ -1,0 +1,359 @@
+"""Random-weight CogVideoX I2V checkpoints in the real on-disk layouts, for tests, demos and benches.
+
+Layouts written under ``root`` (see ``write_checkpoints``):
+
+* ``<root>/<Variant label>/`` : a hub / ``save_pretrained`` folder (``model_index.json``,
+  ``transformer/`` and ``text_encoder/`` sharded with ``*.safetensors.index.json``, ``vae/``,
+  ``tokenizer/`` (sentencepiece ``spiece.model``), ``scheduler/``).
+* ``<root>/single/`` : single files as people download them: transformer and VAE with diffusers
+  key names (ours, kijai's), a kijai-style fp8 transformer, a ComfyUI ``t5xxl_*.safetensors``
+  encoder, a ComfyUI ``t5xxl_fp8_e4m3fn_scaled`` encoder and a ``tokenizer/`` folder beside them.
+
+Every tensor is drawn from its own generator seeded by (seed, component, tensor name), so all
+layouts hold identical values, the output is reproducible, and full-size files are streamed
+shard by shard from a meta-device model without ever holding a whole model in RAM.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from . import models as M
+
+TRANSFORMER_SHARD_BYTES = {True: 100_000, False: 5_000_000_000}   # tiny: force >= 2 shards
+T5_SHARD_BYTES = {True: 1_000_000, False: 5_000_000_000}
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
+    rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=1.0,
+)
+MODEL_INDEX = {
+    "_class_name": "CogVideoXImageToVideoPipeline",
+    "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+}
+_COMPONENT_FILES = {  # (weights file stem, shard bytes table); stems are the libraries' own names
+    "transformer": ("diffusion_pytorch_model", TRANSFORMER_SHARD_BYTES),
+    "vae": ("diffusion_pytorch_model", None),
+    "text_encoder": ("model", T5_SHARD_BYTES),
+}
+
+
+# ----------------------------------------------------------------------------- model skeletons
+def _model_class(component: str):
+    if component == "transformer":
+        from diffusers import CogVideoXTransformer3DModel
+        return CogVideoXTransformer3DModel
+    if component == "vae":
+        from diffusers import AutoencoderKLCogVideoX
+        return AutoencoderKLCogVideoX
+    if component == "text_encoder":
+        from transformers import T5EncoderModel
+        return T5EncoderModel
+    raise ValueError(f"unknown component {component!r}: transformer, vae or text_encoder")
+
+
+def _build(component: str, variant: M.Variant, tiny: bool):
+    """Construct a component with default init on the current torch default device."""
+    cls = _model_class(component)
+    if component == "transformer":
+        return cls(**M.transformer_config(variant, tiny))
+    if component == "vae":
+        return cls(**M.vae_config(variant, tiny))
+    from transformers import T5Config
+    return cls(T5Config(**M.t5_config(tiny)))
+
+
+def build_random(component: str, variant: M.Variant | str, tiny: bool = True,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int | None = 0):
+    """A diffusers/transformers module with random (default-init) weights, built on ``device``.
+
+    Construction happens directly on the device (``with torch.device(device)``), so a full-size
+    transformer appears on a GPU in about a second. Values differ from ``write_checkpoints``.
+    """
+    variant = M.VARIANTS[variant] if isinstance(variant, str) else variant
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = _build(component, variant, tiny)
+    return model.to(dtype=dtype).eval()
+
+
+def _skeleton(component: str, variant: M.Variant, tiny: bool):
+    """Meta-device model: its config and tensor names/shapes without allocating any weights."""
+    with torch.device("meta"):
+        return _build(component, variant, tiny)
+
+
+def tensor_shapes(component: str, variant: M.Variant, tiny: bool) -> dict[str, tuple[int, ...]]:
+    sd = _skeleton(component, variant, tiny).state_dict()
+    if component == "text_encoder":
+        sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; files store it once
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- random values
+def random_tensor(component: str, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                  seed: int = 0) -> torch.Tensor:
+    """Default-init-like values for one tensor, independent of every other tensor.
+
+    Linear/conv weights: uniform(+-1/sqrt(fan_in)) as torch's default init; norm weights 1,
+    biases 0; embeddings N(0, 1); positional embedding N(0, 0.5). Generated in fp32 then cast so
+    every dtype holds the same values up to rounding.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{component}/{name}".encode())) % 2**63)
+    leaf = name.rsplit(".", 1)[-1]
+    if "pos_embedding" in name:
+        t = torch.randn(shape, generator=gen) * 0.5
+    elif name in ("shared.weight",) or "relative_attention_bias" in name:
+        t = torch.randn(shape, generator=gen)
+    elif len(shape) == 1:
+        t = torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    else:
+        fan_in = math.prod(shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        t = torch.rand(shape, generator=gen) * (2 * bound) - bound
+    return t.to(dtype)
+
+
+def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int | None) -> list[list[str]]:
+    shards, size = [[]], 0
+    item = torch.empty((), dtype=dtype).element_size()
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * item
+        if max_bytes and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool,
+                    dtype: torch.dtype, seed: int) -> None:
+    """config.json + safetensors (sharded with an index when over the shard size), one shard in RAM at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    skeleton = _skeleton(component, variant, tiny)
+    if component == "text_encoder":
+        skeleton.config.architectures = ["T5EncoderModel"]
+        skeleton.config.save_pretrained(folder)
+    else:
+        skeleton.save_config(folder)
+    shapes = tensor_shapes(component, variant, tiny)
+    del skeleton
+    stem, shard_bytes = _COMPONENT_FILES[component]
+    shards = _plan_shards(shapes, dtype, shard_bytes[tiny] if shard_bytes else None)
+    if len(shards) == 1:
+        _write(folder / f"{stem}.safetensors", component, {n: shapes[n] for n in shards[0]}, dtype, seed)
+        return
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards, 1):
+        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += _write(folder / fname, component, {n: shapes[n] for n in names}, dtype, seed)
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write(path: Path, component: str, shapes: dict, dtype: torch.dtype, seed: int, transform=None) -> int:
+    """Stream one safetensors file tensor by tensor (peak RAM: one tensor, even for 11 GB files).
+
+    ``transform`` maps {name: tensor} -> {name: tensor} for one tensor at a time (fp8 casts);
+    running it on meta tensors first gives the header before any value exists.
+    """
+    transform = transform or (lambda d: d)
+    specs = {}
+    for n, s in shapes.items():
+        specs.update(transform({n: torch.empty(s, dtype=dtype, device="meta")}))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n, t in specs.items():
+        nbytes = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        written = set()
+        for n, s in shapes.items():
+            for name, t in transform({n: random_tensor(component, n, s, dtype, seed)}).items():
+                if name in written:  # a marker (scaled_fp8) returned with every tensor: write once
+                    continue
+                written.add(name)
+                assert tuple(t.shape) == tuple(specs[name].shape) and t.dtype == specs[name].dtype, name
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+# ----------------------------------------------------------------------------- fp8 variants
+def _is_block_linear_weight(name: str, t: torch.Tensor) -> bool:
+    # Only the repeated blocks' Linear weights: embeddings, norms and in/out projections stay in
+    # the high-precision dtype, as kijai's fp8 files and ComfyUI's scaled fp8 files do.
+    return (t.ndim == 2 and name.endswith(".weight") and ("transformer_blocks." in name or "encoder.block." in name)
+            and "relative_attention_bias" not in name)
+
+
+def to_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kijai-style fp8: block Linear weights cast to float8_e4m3fn, no scales."""
+    return {n: t.to(FP8) if _is_block_linear_weight(n, t) else t for n, t in tensors.items()}
+
+
+def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI ``*_fp8_e4m3fn_scaled`` format: ``scaled_fp8`` marker + per-weight ``.scale_weight``.
+
+    Stored weight = W / scale in fp8; ComfyUI's scaled_fp8_ops multiply back by ``scale_weight``.
+    """
+    out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    for n, t in tensors.items():
+        if _is_block_linear_weight(n, t):
+            scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+            out[n] = (t.float() / scale).to(FP8)
+            out[n[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[n] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+_WORDS = ("the a an of in on over under near cat dog bird fish horse person woman man child car boat "
+          "river mountain sky city street forest beach sun moon light dark bright red blue green white "
+          "black small large slowly quickly walks runs jumps flies swims moves turns camera video frame "
+          "image scene close view zoom pan wind water snow rain fire smoke cloud").split()
+
+
+def write_tokenizer(folder: Path, seed: int = 0) -> Path:
+    """A tiny sentencepiece unigram T5 tokenizer (pad 0, eos 1, unk 2, no bos) + 100 extra ids.
+
+    Loads with ``AutoTokenizer.from_pretrained(folder)`` / ``T5Tokenizer.from_pretrained(folder)``;
+    its ids stay far below the tiny T5's 32128 vocab so ComfyUI's real tokenizer fits too.
+    """
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    text = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_writer=buf, vocab_size=96, hard_vocab_limit=False,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        num_threads=1)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    special = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+               "additional_special_tokens": [f"<extra_id_{i}>" for i in range(100)]}
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": M.MAX_TEXT_TOKENS, "extra_ids": 100,
+              "legacy": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    return folder
+
+
+def write_scheduler(folder: Path) -> Path:
+    from diffusers import CogVideoXDPMScheduler
+
+    CogVideoXDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------- public writers
+def _dtype_tag(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dtype: torch.dtype = torch.float32,
+                      layouts=("hf", "single"), seed: int = 0) -> dict:
+    """Write one variant's random checkpoints; returns where they are.
+
+    Returns ``{"hf": Path(<root>/<label>), "single": {"transformer", "transformer_fp8", "vae",
+    "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path}`` (only the layouts asked for).
+    The T5 files and tokenizer are shared by both variants (same values, same names).
+    """
+    variant = M.VARIANTS[variant_key]
+    root = Path(root)
+    out: dict = {}
+    if "hf" in layouts:
+        folder = root / variant.label
+        for component in ("transformer", "vae", "text_encoder"):
+            _save_component(folder / component, component, variant, tiny, dtype, seed)
+        write_tokenizer(folder / "tokenizer", seed)
+        write_scheduler(folder / "scheduler")
+        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+        out["hf"] = folder
+    if "single" in layouts:
+        out["single"] = _write_single(root / "single", variant, tiny, dtype, seed)
+    return out
+
+
+def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    tag, stem = _dtype_tag(dtype), variant.key.replace(".", "_")
+    paths = {
+        "transformer": folder / f"{stem}_transformer_{tag}.safetensors",
+        "transformer_fp8": folder / f"{stem}_transformer_fp8_e4m3fn.safetensors",
+        "vae": folder / f"{stem}_vae_{tag}.safetensors",
+        "text_encoder": folder / f"t5xxl_{tag}.safetensors",
+        "text_encoder_fp8_scaled": folder / "t5xxl_fp8_e4m3fn_scaled.safetensors",
+    }
+    shapes = {c: tensor_shapes(c, variant, tiny) for c in ("transformer", "vae", "text_encoder")}
+    _write(paths["transformer"], "transformer", shapes["transformer"], dtype, seed)
+    _write(paths["transformer_fp8"], "transformer", shapes["transformer"], dtype, seed, to_fp8)
+    _write(paths["vae"], "vae", shapes["vae"], dtype, seed)
+    _write(paths["text_encoder"], "text_encoder", shapes["text_encoder"], dtype, seed)
+    _write(paths["text_encoder_fp8_scaled"], "text_encoder", shapes["text_encoder"], dtype, seed, to_scaled_fp8)
+    paths["tokenizer"] = write_tokenizer(folder / "tokenizer", seed)
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("out_dir", type=Path, help="folder to write the checkpoints into")
+    parser.add_argument("--variant", default="both", choices=[*M.VARIANTS, "both"])
+    parser.add_argument("--full", action="store_true", help="full-size shapes (tens of GB) instead of tiny ones")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="weight dtype (default: bf16 with --full, fp32 for tiny)")
+    parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    keys = list(M.VARIANTS) if args.variant == "both" else [args.variant]
+    dtype = DTYPES[args.dtype or ("bf16" if args.full else "fp32")]
+    layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
+    result = {}
+    for key in keys:
+        result[key] = write_checkpoints(args.out_dir, key, tiny=not args.full, dtype=dtype,
+                                        layouts=layouts, seed=args.seed)
+        print(f"{key}: {json.dumps(result[key], default=str, indent=2)}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m cogvid_core.testing",
+                                                   description="Write random CogVideoX I2V checkpoints."))
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
