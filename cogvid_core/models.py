@@ -85,6 +85,8 @@ def transformer_config(variant: Variant, tiny: bool = False) -> dict:
     cfg = dict(TRANSFORMER_CONFIGS[variant.key])
     if tiny:
         cfg.update(TINY_TRANSFORMER, **TINY_SAMPLE[variant.key])
+        if cfg["ofs_embed_dim"] is not None:  # the ofs embedding is added to the time embedding
+            cfg["ofs_embed_dim"] = cfg["time_embed_dim"]
     return cfg
 
 
@@ -144,3 +146,12 @@ def check_video_shape(variant: Variant, cfg: dict, frames: int, height: int, wid
     limit = cfg["sample_height"] * 8
     if max(width, height) > limit:
         raise ValueError(f"{variant.label} supports sides up to {limit} px; got {width}x{height}")
+
+# scheduler/scheduler_config.json of both 5B I2V repos (CogVideoXDDIMScheduler there; the
+# official demo swaps in CogVideoXDPMScheduler with the same config).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, clip_sample_range=1.0, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+    sample_max_value=1.0, set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0,
+    timestep_spacing="trailing",
+)

@@ -1,0 +1,180 @@
+"""Start-image encoding and (tiled) video decoding with the CogVideoX VAE."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .models import Variant
+
+RESIZE_MODES = ("crop", "stretch", "pad")
+
+
+@dataclass
+class ImageLatent:
+    """The start frame's latent distribution; the sampler draws from it with the run's seed,
+    exactly where diffusers draws it, so one seed gives one video whichever node encodes."""
+    mean: torch.Tensor   # [1, C, 1, h, w]
+    std: torch.Tensor
+    height: int
+    width: int
+    scale: float         # multiply (1.0) or divide (1.5) the sample by the VAE scaling factor
+    invert_scale: bool
+
+
+@dataclass
+class VideoLatents:
+    samples: torch.Tensor   # [1, F, C, h, w] as the transformer produced them (incl. 1.5 padding)
+    frames: int
+    height: int
+    width: int
+    variant_key: str
+    fps: int
+    drop_first: int         # latent frames to drop before decode (1.5 padding)
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Sample-space tile size for decode; overlap is a fraction of the tile."""
+    height: int = 240
+    width: int = 360
+    overlap: float = 1 / 6
+
+
+def prepare_image(image, height: int, width: int, resize: str = "crop") -> torch.Tensor:
+    """Any start image -> float [1, 3, H, W] in -1..1 at exactly height x width.
+
+    Accepts a PIL image (alpha, grayscale, 16-bit converted to RGB) or a ComfyUI IMAGE tensor
+    ([B, H, W, C] or [H, W, C], 0..1; the first image of a batch is used).
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    x = _to_tensor(image)                                      # [1, 3, h, w] 0..1
+    h, w = x.shape[-2:]
+    if min(h, w) < 2:
+        raise ValueError(f"start image is {w}x{h}: too small to encode")
+    if max(h / w, w / h) > 8:
+        raise ValueError(f"start image is {w}x{h}: aspect ratio above 8:1, crop it first")
+    if (h, w) != (height, width):
+        x = _resize(x, height, width, resize)
+    return x.clamp(0, 1) * 2.0 - 1.0
+
+
+def _to_tensor(image) -> torch.Tensor:
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float()
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4:
+            raise ValueError(f"start image tensor must be [B, H, W, C], got shape {tuple(image.shape)}")
+        x = x[:1]
+        c = x.shape[-1]
+        if c == 1:
+            x = x.expand(-1, -1, -1, 3)
+        elif c == 4:  # composite over white: the transparent parts would otherwise turn black
+            x = x[..., :3] * x[..., 3:] + (1 - x[..., 3:])
+        elif c != 3:
+            raise ValueError(f"start image has {c} channels; expected 1, 3 or 4")
+        return x.permute(0, 3, 1, 2).contiguous()
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"start image must be a PIL image or an IMAGE tensor, got {type(image).__name__}")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float32) / (65535.0 if image.mode.startswith("I;16") else max(1, np.asarray(image).max()))
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    else:
+        if image.mode in ("RGBA", "LA", "P"):
+            rgba = image.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(bg, rgba)
+        arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def _resize(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    h, w = x.shape[-2:]
+    if mode == "stretch":
+        return F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    scale = max(height / h, width / w) if mode == "crop" else min(height / h, width / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    if mode == "crop":
+        top, left = (nh - height) // 2, (nw - width) // 2
+        return x[..., top:top + height, left:left + width]
+    out = torch.zeros(x.shape[0], 3, height, width, dtype=x.dtype)   # pad with black
+    top, left = (height - nh) // 2, (width - nw) // 2
+    out[..., top:top + nh, left:left + nw] = x
+    return out
+
+
+def encode_image(vae, image, height: int, width: int, variant: Variant, resize: str = "crop",
+                 device=None) -> ImageLatent:
+    """Encode the start frame into the VAE's latent distribution (mean, std) kept on CPU."""
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    pixels = prepare_image(image, height, width, resize).to(device, dtype)
+    with torch.inference_mode():
+        dist = vae.encode(pixels.unsqueeze(2)).latent_dist     # [1, 3, 1, H, W] -> [1, C, 1, h, w]
+    return ImageLatent(mean=dist.mean.cpu(), std=dist.std.cpu(), height=height, width=width,
+                       scale=vae.config.scaling_factor, invert_scale=variant.invert_scale_latents)
+
+
+def decode_calls(vae, latent_frames: int, lat_h: int, lat_w: int) -> int:
+    """How many decoder forward calls diffusers' (tiled) decode makes: the progress-bar total."""
+    batch = vae.num_latent_frames_batch_size
+    per_tile = max(latent_frames // batch, 1)
+    if not (vae.use_tiling and (lat_w > vae.tile_latent_min_width or lat_h > vae.tile_latent_min_height)):
+        return per_tile
+    step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
+    step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
+    return math.ceil(lat_h / step_h) * math.ceil(lat_w / step_w) * per_tile
+
+
+def set_tiling(vae, tile: TileSpec | None) -> None:
+    if tile is None:
+        vae.disable_tiling()
+        return
+    if tile.height % 8 or tile.width % 8 or tile.height < 64 or tile.width < 64:
+        raise ValueError(f"VAE tile must be multiples of 8 and at least 64x64; got {tile.width}x{tile.height}")
+    if not 0 <= tile.overlap < 0.5:
+        raise ValueError(f"tile overlap must be in [0, 0.5); got {tile.overlap}")
+    vae.enable_tiling(tile_sample_min_height=tile.height, tile_sample_min_width=tile.width,
+                      tile_overlap_factor_height=tile.overlap or 1e-9,
+                      tile_overlap_factor_width=tile.overlap or 1e-9)
+
+
+def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None,
+           progress=None, interrupt=None) -> torch.Tensor:
+    """Latents -> frames [T, H, W, 3] float32 0..1 on CPU; tiles in space, diffusers chunks in time."""
+    device = torch.device(device) if device is not None else next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    z = latents.samples[:, latents.drop_first:]
+    z = z.permute(0, 2, 1, 3, 4).to(device, dtype) / vae.config.scaling_factor   # [1, C, F, h, w]
+    set_tiling(vae, tile)
+    total = decode_calls(vae, z.shape[2], z.shape[3], z.shape[4])
+    done = [0]
+
+    def before_call(module, args):
+        if interrupt is not None:
+            interrupt()
+
+    def after_call(module, args, output):
+        done[0] += 1
+        if progress is not None:
+            progress(min(done[0], total), total)
+
+    hooks = [vae.decoder.register_forward_pre_hook(before_call),
+             vae.decoder.register_forward_hook(after_call)]
+    try:
+        with torch.inference_mode():
+            video = vae.decode(z).sample                                    # [1, 3, T, H, W]
+            frames = (video[0].permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp(0, 1).cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        del z
+    return frames
