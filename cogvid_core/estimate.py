@@ -36,7 +36,7 @@ COMPONENT_OF_STAGE = {"text_encode": "text_encoder", "image_encode": "vae",
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
 BYTES_PER_ELEMENT = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-                     "fp8": 1, "fp8_e4m3": 1, "fp8-e4m3": 1, "float8_e4m3fn": 1}
+                     "fp8": 1, "fp8_e4m3": 1, "fp8-e4m3": 1, "fp8_e4m3fn": 1, "float8_e4m3fn": 1}
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 # Starting constants, fitted by hand on the REFERENCE.md anchors (H100, diffusers recipes).

@@ -1,0 +1,138 @@
+"""CPU checks of the memory estimate's arithmetic (no GPU numbers asserted)."""
+import numpy as np
+import pytest
+
+from cogvid_core import estimate as E
+from cogvid_core.models import V10, V15
+
+TILE = (240, 360, 1 / 6)
+PROFILES = {
+    "resident": dict(name="resident", transformer="resident", text_encoder="resident", vae="resident",
+                     cfg_mode="batched", ff_chunk=None, low_mem_attention=False, vae_tile=TILE),
+    "balanced": dict(name="balanced", transformer="resident", text_encoder="offload", vae="offload",
+                     cfg_mode="sequential", ff_chunk=16384, low_mem_attention=True, vae_tile=TILE),
+    "lowvram": dict(name="lowvram", transformer="stream", text_encoder="stream", vae="offload",
+                    cfg_mode="sequential", ff_chunk=8192, low_mem_attention=True, vae_tile=TILE),
+}
+
+
+def est(variant=V15, frames=81, h=768, w=1360, profile="balanced", **kw):
+    return E.estimate(variant, frames, h, w, PROFILES[profile] if isinstance(profile, str) else profile, **kw)
+
+
+def test_token_count_matches_patching():
+    assert E.tokens(V15, 81, 768, 1360) == 226 + 11 * 48 * 85      # 21 latent -> 22 padded, /2
+    assert E.tokens(V10, 49, 480, 720) == 226 + 13 * 30 * 45
+    assert E.latent_frames(V15, 81) == 22 and E.latent_frames(V10, 49) == 13
+
+
+def test_weight_bytes_are_params_times_element_size():
+    sizes = E.component_sizes(V15.key)
+    assert 5.5e9 < sizes["transformer"].params < 5.6e9
+    assert 4.7e9 < sizes["text_encoder"].params < 4.8e9
+    e = est(profile="resident")
+    expected = sum(sizes[k].params * 2 for k in E.COMPONENTS)
+    assert e.stage("text_encode").weights == expected
+    e32 = est(profile="resident", precision={"transformer": "fp32", "text_encoder": "bf16", "vae": "bf16"})
+    assert e32.stage("text_encode").weights == expected + sizes["transformer"].params * 2
+    # 1.0's learned positional embedding buffer travels with the weights
+    s10 = E.component_sizes(V10.key)["transformer"]
+    assert s10.buffer_elems > 0
+    assert E.weight_bytes(s10, "bf16") == (s10.params + s10.buffer_elems) * 2
+
+
+def test_fp8_storage_shrinks_weights():
+    s = E.component_sizes(V15.key)["transformer"]
+    assert E.weight_bytes(s, "fp8_e4m3fn") < 0.55 * E.weight_bytes(s, "bf16")
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_monotonic_in_frames_and_size(profile):
+    by_frames = [est(frames=f, profile=profile) for f in (17, 33, 49, 81)]
+    by_size = [est(h=h, w=w, profile=profile) for h, w in ((320, 480), (480, 848), (768, 1360))]
+    for seq in (by_frames, by_size):
+        for a, b in zip(seq, seq[1:]):
+            assert b.tokens > a.tokens
+            for s in ("denoise_step", "decode"):
+                assert b.stage(s).peak_allocated > a.stage(s).peak_allocated
+            assert b.peak_allocated >= a.peak_allocated and b.peak_reserved >= a.peak_reserved
+
+
+@pytest.mark.parametrize("variant,frames,h,w", [(V15, 81, 768, 1360), (V15, 33, 480, 848), (V10, 49, 480, 720)])
+def test_profiles_ordered(variant, frames, h, w):
+    peaks = [est(variant, frames, h, w, p).peak_allocated for p in ("resident", "balanced", "lowvram")]
+    assert peaks[0] >= peaks[1] >= peaks[2]
+
+
+def test_cfg_sequential_and_chunking_lower_the_step():
+    base = dict(PROFILES["resident"])
+    a = est(profile=base).stage("denoise_step")
+    b = est(profile=dict(base, cfg_mode="sequential")).stage("denoise_step")
+    c = est(profile=dict(base, cfg_mode="sequential", ff_chunk=4096, low_mem_attention=True)).stage("denoise_step")
+    assert a.weights == b.weights == c.weights
+    assert a.activations > b.activations > c.activations
+
+
+def test_smaller_tiles_lower_the_decode():
+    big = est(profile="lowvram", tile=(480, 720)).stage("decode").activations
+    mid = est(profile="lowvram", tile=(240, 360)).stage("decode").activations
+    small = est(profile="lowvram", tile=(128, 192)).stage("decode").activations
+    assert big > mid > small
+    assert E.decode_tiles(768, 1360, None) == [(768, 1360)]
+    assert len(E.decode_tiles(768, 1360, (240, 360, 1 / 6))) == 4 * 5   # diffusers' overlap stepping
+
+
+def test_plan_picks_fastest_fitting():
+    need = {p: est(profile=p).peak_reserved for p in PROFILES}
+    for budget, want in ((need["resident"] + 1, "resident"), (need["resident"] - 1, "balanced"),
+                         (need["balanced"] - 1, "lowvram")):
+        prof, e = E.plan(V15, 81, 768, 1360, budget, profiles=PROFILES)
+        assert E._profile_name(prof) == want and e.fits
+    # below plain lowvram: a lowvram variant with smaller chunks / tiles, never a faster profile
+    prof, e = E.plan(V15, 81, 768, 1360, need["lowvram"] - 1, profiles=PROFILES)
+    assert prof["name"].startswith("lowvram+") and e.peak_reserved <= need["lowvram"] - 1
+
+
+def test_candidates_fastest_first():
+    names = [c["name"] for c in E.candidates(PROFILES)]
+    assert names[:3] == ["resident", "balanced", "lowvram"]
+    assert all(n.startswith("lowvram+") for n in names[3:]) and len(names) > 4
+
+
+def test_plan_raises_with_actionable_message():
+    with pytest.raises(ValueError) as info:
+        E.plan(V15, 81, 768, 1360, 512 * 1024 ** 2, profiles=PROFILES)
+    msg = str(info.value)
+    assert "81 frames at 1360x768" in msg and "GiB" in msg and "lowvram" in msg and "reduce frames or size" in msg
+
+
+def test_report_dict_and_chart():
+    e = est(profile="balanced", budget_bytes=8 * E.GiB)
+    text = e.report()
+    for label in ("text encode", "image encode", "denoise step", "decode", "overall peak"):
+        assert label in text
+    assert ("FITS" in text) != ("DOES NOT FIT" in text)
+    if not e.fits:
+        assert e.advice() and e.advice() in text
+    d = e.to_dict()
+    assert set(d["stages"]) == set(E.STAGES) and d["fits"] == e.fits
+    import json
+    json.dumps(d)
+    img = E.chart_image(e, 640, 360)
+    assert img.shape == (360, 640, 3) and img.dtype == np.uint8 and img.std() > 0
+    assert est(profile="balanced").fits is None   # no budget, no verdict
+
+
+def test_gpu_budget_cpu_is_none():
+    assert E.gpu_budget("cpu") is None
+
+
+def test_placement_profiles_if_present():
+    placement = pytest.importorskip("cogvid_core.placement")
+    profiles = getattr(placement, "PROFILES", None)
+    if not profiles or not all(k in profiles for k in ("resident", "balanced", "lowvram")):
+        pytest.skip("placement.PROFILES not complete yet")
+    peaks = [E.estimate(V15, 81, 768, 1360, profiles[k]).peak_allocated for k in ("resident", "balanced", "lowvram")]
+    assert peaks[0] >= peaks[1] >= peaks[2]
+    prof, e = E.plan(V15, 81, 768, 1360, 80 * E.GiB)
+    assert e.fits
