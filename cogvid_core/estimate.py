@@ -230,6 +230,7 @@ class Estimate:
     stages: list[StageEstimate]
     budget_bytes: int | None = None
     calibration_source: str = ""
+    keep_loaded: bool = False
     profile: object = field(default=None, repr=False, compare=False)
 
     @property
@@ -261,7 +262,10 @@ class Estimate:
         comp = COMPONENT_OF_STAGE[worst]
         s = self.stage(worst)
         if s.weights >= s.activations:
-            return (f"the {STAGE_LABELS[worst]} is the peak and mostly weights: offload or stream the {comp}, "
+            if self.keep_loaded:
+                return (f"the {STAGE_LABELS[worst]} is the peak and mostly weights: offload the models it does not "
+                        f"use, stream the {comp} or store it in fp8; or use the 'lowvram' profile")
+            return (f"the {STAGE_LABELS[worst]} is the peak and mostly weights: stream the {comp} "
                     f"or store it in fp8; or use the 'lowvram' profile")
         if worst == "decode":
             return "the decode is the peak: use smaller VAE tiles (e.g. 192x288 or 128x192)"
@@ -302,13 +306,15 @@ class Estimate:
                 "tokens": self.tokens, "stages": {s.name: s.to_dict() for s in self.stages},
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
                 "peak_stage": self.peak_stage, "budget_bytes": self.budget_bytes, "fits": self.fits,
-                "advice": self.advice(), "calibration": self.calibration_source}
+                "advice": self.advice(), "keep_loaded": self.keep_loaded,
+                "calibration": self.calibration_source}
 
 
-def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int) -> int:
+def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int,
+                 keep_loaded: bool = False) -> int:
     """Bytes of one component's weights on the GPU in a stage (active: the stage uses it)."""
     full = weight_bytes(size, precision)
-    if mode == "resident":
+    if mode == "resident" and (active or keep_loaded):
         w = full
     elif not active:
         return 0
@@ -324,12 +330,15 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
 
 def estimate(variant, frames: int, height: int, width: int, profile="balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
-             calibration_path: Path | None = None, tiny: bool = False) -> Estimate:
+             calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: placement Profile (or its name in placement.PROFILES);
     precision: storage precision per component; tile: decode tile override ((h, w[, overlap]) in
     pixels or a vae.TileSpec), else the profile's vae_tile.
+    keep_loaded: False (the pipeline / CLI): each component is on the GPU only during its own stage
+    and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
+    placed "resident" stay on the GPU through every stage.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _resolve_profile(profile)
@@ -346,8 +355,8 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
     stream_blocks = int(c["stream_blocks"])
 
     def weights_in(stage: str) -> int:
-        return sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k, stream_blocks)
-                   for k in COMPONENTS)
+        return sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k, stream_blocks,
+                                keep_loaded) for k in COMPONENTS)
 
     # text encode: T5 on 226 tokens (+ relative-position attention scores in fp32)
     tb = _compute_bytes(precision["text_encoder"])
@@ -397,7 +406,7 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
         stages.append(StageEstimate(name, w, a, alloc, int(alloc + c["reserved_frag"] * a)))
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     return Estimate(v.key, frames, height, width, _profile_name(profile), precision, cfg_mode, ff_chunk, tile_t, n,
-                    stages, budget_bytes, src, profile)
+                    stages, budget_bytes, src, keep_loaded, profile)
 
 
 # ---------------------------------------------------------------- plan
@@ -445,14 +454,15 @@ def _replace(profile, changes: dict):
 
 
 def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
-         profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False):
+         profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
+         keep_loaded: bool = False):
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes.
 
     Raises ValueError saying what the smallest option needs when none fits."""
     last = None
     for prof in candidates(profiles):
         est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
-                       calibration_path=calibration_path, tiny=tiny)
+                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded)
         if est.fits:
             return prof, est
         last = est
@@ -472,6 +482,60 @@ def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(dev)
     return max(0, int(free) - int(reserve_bytes))
+
+
+# ---------------------------------------------------------------- command line
+def add_arguments(p) -> None:
+    p.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=sorted(VARIANTS))
+    p.add_argument("--frames", type=int, default=None, help="default: the variant's")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--profile", default="auto",
+                   help="placement profile name; 'auto' picks the fastest that fits the budget")
+    p.add_argument("--precision", default="bf16", help="transformer storage: bf16, fp16, fp32, fp8_e4m3fn")
+    p.add_argument("--text-encoder-precision", default="bf16")
+    p.add_argument("--vae-precision", default="bf16")
+    p.add_argument("--tile", default=None, help="decode tile HEIGHTxWIDTH in pixels (default: the profile's)")
+    p.add_argument("--budget-gib", type=float, default=None, help="default: free memory of --device")
+    p.add_argument("--reserve-gib", type=float, default=0.0, help="keep this much of the free memory unused")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--keep-loaded", action="store_true", help="resident models stay on the GPU in every stage")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
+
+
+def run(args) -> int:
+    import sys
+
+    v = VARIANTS[args.variant]
+    frames = args.frames or v.default_frames
+    height = args.height or v.default_height
+    width = args.width or v.default_width
+    from .models import check_video_shape
+    check_video_shape(v, transformer_config(v), frames, height, width)
+    precision = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
+    tile = None
+    if args.tile:
+        th, tw = (int(x) for x in args.tile.lower().split("x"))
+        tile = (th, tw, 1 / 6)
+    if args.budget_gib is not None:
+        budget = int((args.budget_gib - args.reserve_gib) * GiB)
+    else:
+        dev = None if args.device in (None, "", "auto") else args.device
+        budget = gpu_budget(dev, int(args.reserve_gib * GiB))
+    if args.profile == "auto":
+        if budget is None:
+            print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
+            est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded)
+        else:
+            _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded)
+    else:
+        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded)
+    if args.chart:
+        from PIL import Image
+        Image.fromarray(chart_image(est)).save(args.chart)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
+    return 0 if est.fits is not False else 1
 
 
 # ---------------------------------------------------------------- chart

@@ -30,10 +30,11 @@ def test_weight_bytes_are_params_times_element_size():
     sizes = E.component_sizes(V15.key)
     assert 5.5e9 < sizes["transformer"].params < 5.6e9
     assert 4.7e9 < sizes["text_encoder"].params < 4.8e9
-    e = est(profile="resident")
+    e = est(profile="resident", keep_loaded=True)
     expected = sum(sizes[k].params * 2 for k in E.COMPONENTS)
     assert e.stage("text_encode").weights == expected
-    e32 = est(profile="resident", precision={"transformer": "fp32", "text_encoder": "bf16", "vae": "bf16"})
+    assert est(profile="resident").stage("text_encode").weights == sizes["text_encoder"].params * 2
+    e32 = est(profile="resident", keep_loaded=True, precision={"transformer": "fp32", "text_encoder": "bf16", "vae": "bf16"})
     assert e32.stage("text_encode").weights == expected + sizes["transformer"].params * 2
     # 1.0's learned positional embedding buffer travels with the weights
     s10 = E.component_sizes(V10.key)["transformer"]
