@@ -39,9 +39,9 @@ STAGE_REC = {"text_encode": "text encode", "image_encode": "image encode", "deno
              "decode": "decode"}
 BUDGETS_GIB = (8, 12, 16, 24, 40)
 
-FULL_GRID = {
-    M.V15.key: [(81, 768, 1360), (49, 480, 848), (33, 768, 1360)],
+FULL_GRID = {   # cheap rows first: a run cut short still returns them
     M.V10.key: [(49, 480, 720), (33, 480, 720), (17, 480, 720)],
+    M.V15.key: [(49, 480, 848), (33, 768, 1360), (81, 768, 1360)],
 }
 TINY_GRID = {
     M.V15.key: [(17, 64, 96), (33, 64, 96), (17, 96, 128)],
@@ -178,14 +178,19 @@ def run_grid(args) -> dict:
                     row["stages"][stage] = dict(alloc=alloc, reserved=reserved, shared=shared,
                                                 seconds=round(time.perf_counter() - t, 2))
                 rows.append(row)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(dict(env=_env(device, dtype, args, t0), rows=rows), indent=2))
                 print(f"measured {v.key} {frames}x{h}x{w} {pname} in {time.perf_counter() - t0:.0f}s", flush=True)
         models.tr.clear()
         _free()
-    env = dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, diffusers=_version("diffusers"), transformers=_version("transformers"),
-               date=datetime.date.today().isoformat(), tiny=bool(args.tiny), dtype=str(dtype).replace("torch.", ""),
-               seconds=round(time.perf_counter() - t0, 1))
-    return dict(env=env, rows=rows)
+    return dict(env=_env(device, dtype, args, t0), rows=rows)
+
+
+def _env(device, dtype, args, t0):
+    return dict(card=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                torch=torch.__version__, diffusers=_version("diffusers"), transformers=_version("transformers"),
+                date=datetime.date.today().isoformat(), tiny=bool(args.tiny), dtype=str(dtype).replace("torch.", ""),
+                seconds=round(time.perf_counter() - t0, 1))
 
 
 def _version(name):
