@@ -1,0 +1,68 @@
+"""Decode node: video latents -> IMAGE frames + fps."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import common as C
+from . import memory
+
+TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
+
+
+def tile_spec(tile: str, overlap: float, plan):
+    """Widget -> vae.TileSpec (None = no spatial tiling); auto = the plan's tile, else diffusers' 360x240."""
+    from cogvid_core.vae import TileSpec
+    if tile == "off":
+        return None
+    if tile == "auto":
+        planned = getattr(plan, "tile", None) if plan is not None else (240, 360)
+        if planned is None:
+            return None
+        return TileSpec(height=int(planned[0]), width=int(planned[1]), overlap=overlap)
+    if tile not in TILES:
+        raise ValueError(f"tile must be one of {TILES}, got {tile!r}")
+    w, h = (int(v) for v in tile.split("x"))
+    return TileSpec(height=h, width=w, overlap=overlap)
+
+
+class CogVidDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CogVidDecode",
+            display_name="CogVideoX I2V Decode",
+            category=f"{C.CATEGORY}/sampling",
+            description="Decodes the video latents into frames (IMAGE batch [T,H,W,C], 0..1) and the model's "
+                        "frame rate, for Save Video nodes (ours or core's Create Video). Spatial tiles bound "
+                        "the memory; diffusers decodes in temporal chunks.",
+            inputs=[
+                C.VAE.Input("vae", tooltip="VAE from CogVideoX I2V VAE Loader"),
+                C.LATENT.Input("latent", tooltip="Video latents from CogVideoX I2V Sampler"),
+                io.Combo.Input("tile", options=list(TILES), default="auto",
+                               tooltip="Decode tile (width x height in pixels): smaller tiles need less memory; "
+                                       "auto uses the plan's tile, else 360x240; off decodes whole frames"),
+                io.Float.Input("overlap", default=0.1667, min=0.0, max=0.49, step=0.01, round=0.0001,
+                               tooltip="Tile overlap as a share of the tile, blended to hide seams"),
+                C.PLAN.Input("plan", optional=True,
+                             tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate (its VAE tile)"),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
+        )
+
+    @classmethod
+    def execute(cls, vae, latent, tile, overlap, plan=None) -> io.NodeOutput:
+        from cogvid_core.vae import decode
+        from cogvid_core import session
+        spec = tile_spec(tile, overlap, plan)
+        if vae.device.type != "cpu":
+            memory.make_room(session.decode_bytes(latent, spec, plan), vae.device)
+        try:
+            module = memory.acquire(vae)
+            frames = decode(module, latent, device=vae.device, tile=spec,
+                            progress=C.progress_callback(1), interrupt=C.interrupt)
+        finally:
+            memory.release(vae)
+        return io.NodeOutput(frames, float(latent.fps))
+
+
+NODES = [CogVidDecode]

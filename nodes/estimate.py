@@ -1,0 +1,61 @@
+"""VRAM estimate node: variant + video size + profile + budget -> report, chart, plan."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import common as C
+
+AUTO = "auto"
+
+
+def profile_names() -> list[str]:
+    from cogvid_core import placement
+    return [AUTO, *placement.PROFILES]
+
+
+class CogVidVRAMEstimate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from cogvid_core.models import VARIANTS
+        return io.Schema(
+            node_id="CogVidVRAMEstimate",
+            display_name="CogVideoX I2V VRAM Estimate",
+            category=f"{C.CATEGORY}/memory",
+            description="Predicts the peak GPU memory of each stage (text encode, image encode, denoise step, "
+                        "decode) before you queue, says whether it fits, and outputs a plan for the sampler "
+                        "and decode: with profile auto, the fastest settings that fit the budget.",
+            inputs=[
+                io.Combo.Input("variant", options=[v.label for v in VARIANTS.values()][::-1],
+                               default="CogVideoX1.5-5B-I2V", tooltip="Which model the estimate is for"),
+                io.Int.Input("frames", default=81, min=5, max=161, step=4, tooltip="Video length in frames"),
+                io.Int.Input("width", default=1360, min=32, max=2048, step=16, tooltip="Video width in pixels"),
+                io.Int.Input("height", default=768, min=32, max=2048, step=16, tooltip="Video height in pixels"),
+                io.Combo.Input("profile", options=profile_names(), default=AUTO,
+                               tooltip="Memory profile; auto picks the fastest one that fits the budget"),
+                io.Float.Input("budget_gib", default=0.0, min=0.0, max=1024.0, step=0.5,
+                               tooltip="GPU memory to plan for in GiB; 0 = what the GPU has free now minus "
+                                       "ComfyUI's reserve (--reserve-vram)"),
+            ],
+            outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
+                     C.PLAN.Output(display_name="plan")],
+        )
+
+    @classmethod
+    def execute(cls, variant, frames, width, height, profile, budget_gib) -> io.NodeOutput:
+        import torch
+        from cogvid_core import estimate as E
+        from cogvid_core import session
+        from cogvid_core.models import VARIANTS
+        v = next((x for x in VARIANTS.values() if x.label == variant), None)
+        if v is None:
+            raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
+        budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
+        if profile == AUTO:
+            est = session.best_estimate(v, frames, height, width, budget)
+        else:
+            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget)
+        chart = torch.from_numpy(E.chart_image(est)).float().div(255).unsqueeze(0)
+        return io.NodeOutput(est.report(), chart, est)
+
+
+NODES = [CogVidVRAMEstimate]

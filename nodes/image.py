@@ -1,0 +1,49 @@
+"""Start-image node: VAE + IMAGE -> image latent."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from . import common as C
+from . import memory
+
+MAX_SIDE = 2048
+
+
+class CogVidImageEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from cogvid_core.vae import RESIZE_MODES
+        return io.Schema(
+            node_id="CogVidImageEncode",
+            display_name="CogVideoX I2V Image Encode",
+            category=f"{C.CATEGORY}/conditioning",
+            description="Resizes the start image to the video size and encodes it with the VAE. "
+                        "CogVideoX1.5: any multiple of 16 up to 2400 px per side (default 1360x768); "
+                        "CogVideoX-5B-I2V: 720x480 only.",
+            inputs=[
+                C.VAE.Input("vae", tooltip="VAE from CogVideoX I2V VAE Loader"),
+                io.Image.Input("image", tooltip="The start frame (e.g. from Load Image); the first of a batch is used"),
+                io.Int.Input("width", default=1360, min=32, max=MAX_SIDE, step=16,
+                             tooltip="Video width in pixels (720 for CogVideoX-5B-I2V)"),
+                io.Int.Input("height", default=768, min=32, max=MAX_SIDE, step=16,
+                             tooltip="Video height in pixels (480 for CogVideoX-5B-I2V)"),
+                io.Combo.Input("resize", options=list(RESIZE_MODES), default="crop",
+                               tooltip="crop: fill and cut the overflow; stretch: ignore the aspect ratio; "
+                                       "pad: fit inside, black bars"),
+            ],
+            outputs=[C.IMAGE_LATENT.Output(display_name="image_latent")],
+        )
+
+    @classmethod
+    def execute(cls, vae, image, width, height, resize) -> io.NodeOutput:
+        from cogvid_core.models import V15
+        from cogvid_core.vae import encode_image
+        try:
+            module = memory.acquire(vae)
+            latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize, device=vae.device)
+        finally:
+            memory.release(vae)
+        return io.NodeOutput(latent)
+
+
+NODES = [CogVidImageEncode]

@@ -1,0 +1,130 @@
+"""Loader nodes: transformer, T5 text encoder, VAE -> engine components."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from . import common as C
+from . import memory
+
+_MODEL_TIP = ("models/CogVideo folders (hub layout), single .safetensors files from {single}, or a hub repo "
+              "(downloaded once into models/CogVideo, only the needed sub-folders)")
+_PRECISION_TIP = ("Weight precision. bf16 is right for both models; fp16 gives black frames with CogVideoX1.5; "
+                  "fp8_e4m3fn stores weights in 8 bits (half the memory) and computes in bf16")
+_DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda or cpu to force one"
+
+
+def placement_modes() -> list[str]:
+    from cogvid_core.session import PLACEMENTS
+    return list(PLACEMENTS)
+
+
+def _placement_input(tip: str) -> io.Combo.Input:
+    return io.Combo.Input("placement", options=placement_modes(), default="auto", tooltip=tip)
+
+
+def _common_inputs(component: str, single: str, placement_tip: str) -> list:
+    return [
+        io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
+        io.Combo.Input("precision", options=list(C.PRECISIONS), default="bf16", tooltip=_PRECISION_TIP),
+        _placement_input(placement_tip),
+        io.Combo.Input("device", options=list(C.DEVICES), default="auto", tooltip=_DEVICE_TIP),
+    ]
+
+
+def _source(component: str, model: str) -> str:
+    """A listed option -> local path; a hub repo is downloaded (only the needed sub-folders) into
+    models/CogVideo/<repo name> first, so it shows up there as a local folder afterwards."""
+    from cogvid_core import loading
+    src = C.resolve_model(component, model)
+    if src not in C.HUB_REPOS:
+        return src
+    local = os.path.join(C.download_dir(), src.split("/")[-1])
+    folders = [C.SUBFOLDER[component]] + (["tokenizer"] if component == "t5" else [])
+    return str([loading.resolve(src, sub, local_dir=local) for sub in folders][0])
+
+
+class CogVidTransformerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CogVidTransformerLoader",
+            display_name="CogVideoX I2V Transformer Loader",
+            category=f"{C.CATEGORY}/loaders",
+            description="Loads a CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V transformer. The variant is recognised "
+                        "from the weights, not the file name.",
+            inputs=_common_inputs("transformer", "diffusion_models",
+                                  "Where the weights live while sampling: resident (all on the GPU, fastest), "
+                                  "offload (on the GPU only while sampling), stream (blocks copied to the GPU "
+                                  "one by one, least memory), auto (chosen from free memory)"),
+            outputs=[C.TRANSFORMER.Output(display_name="transformer")],
+        )
+
+    @classmethod
+    def execute(cls, model, precision, placement, device) -> io.NodeOutput:
+        from cogvid_core import loading, session
+        dtype, storage = session.precision(precision)
+        dev = C.compute_device(device)
+        src = _source("transformer", model)
+        memory.free_for_load(0, dev)
+        module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
+        comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model)
+        return io.NodeOutput(comp)
+
+
+class CogVidT5Loader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CogVidT5Loader",
+            display_name="CogVideoX I2V T5 Loader",
+            category=f"{C.CATEGORY}/loaders",
+            description="Loads the T5 v1.1 XXL text encoder and its tokenizer (from the model folder, or "
+                        "ComfyUI's own T5 tokenizer for single files such as t5xxl_fp16.safetensors).",
+            inputs=_common_inputs("t5", "text_encoders",
+                                  "Where T5 lives: it runs once per prompt and then leaves the GPU unless "
+                                  "resident; offload/stream keep it on the host between prompts"),
+            outputs=[C.T5.Output(display_name="t5")],
+        )
+
+    @classmethod
+    def execute(cls, model, precision, placement, device) -> io.NodeOutput:
+        from cogvid_core import loading, session
+        dtype, storage = session.precision(precision)
+        dev = C.compute_device(device)
+        src = _source("t5", model)
+        memory.free_for_load(0, dev)
+        module, tokenizer = loading.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
+        comp = session.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer)
+        return io.NodeOutput(comp)
+
+
+class CogVidVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="CogVidVAELoader",
+            display_name="CogVideoX I2V VAE Loader",
+            category=f"{C.CATEGORY}/loaders",
+            description="Loads the CogVideoX video VAE (encodes the start image, decodes the video).",
+            inputs=_common_inputs("vae", "vae",
+                                  "Where the VAE lives: it is small; offload moves it to the GPU only "
+                                  "for encode and decode"),
+            outputs=[C.VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, model, precision, placement, device) -> io.NodeOutput:
+        from cogvid_core import loading, session
+        dtype, _storage = session.precision("bf16" if precision == C.PRECISIONS[-1] else precision)
+        dev = C.compute_device(device)
+        src = _source("vae", model)
+        # The VAE weights serve both variants; a single file says nothing about the latent scaling
+        # rule, which the sampler takes from the transformer's variant anyway.
+        module = loading.load_vae(src, dtype, device="cpu", variant=None if os.path.isdir(src) else "cogvideox1.5-5b-i2v")
+        comp = session.Component("vae", module, dev, dtype, placement, source=model)
+        return io.NodeOutput(comp)
+
+
+NODES = [CogVidTransformerLoader, CogVidT5Loader, CogVidVAELoader]

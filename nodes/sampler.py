@@ -1,0 +1,67 @@
+"""Sampler node: transformer + conditioning + image latent -> video latents."""
+from __future__ import annotations
+
+import dataclasses
+
+from comfy_api.latest import io
+
+from . import common as C
+from . import memory
+
+
+class CogVidSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from cogvid_core.sampling import SCHEDULERS
+        return io.Schema(
+            node_id="CogVidSampler",
+            display_name="CogVideoX I2V Sampler",
+            category=f"{C.CATEGORY}/sampling",
+            description="Denoises the video from the start image and prompts (diffusers-exact I2V loop). "
+                        "With a plan from CogVideoX I2V VRAM Estimate it uses the plan's memory settings. "
+                        "The transformer leaves the GPU when done unless loaded resident.",
+            inputs=[
+                C.TRANSFORMER.Input("transformer", tooltip="Transformer from CogVideoX I2V Transformer Loader"),
+                C.CONDITIONING.Input("conditioning", tooltip="Prompts from CogVideoX I2V Text Encode"),
+                C.IMAGE_LATENT.Input("image_latent", tooltip="Start image from CogVideoX I2V Image Encode "
+                                                             "(its size is the video size)"),
+                io.Int.Input("frames", default=81, min=5, max=161, step=4,
+                             tooltip="Video length: 16N+1 for CogVideoX1.5 (81 = 5 s at 16 fps), "
+                                     "4N+1 up to 49 for CogVideoX-5B-I2V (49 = 6 s at 8 fps)"),
+                io.Int.Input("steps", default=50, min=1, max=200, tooltip="Denoising steps (50 is the official setting)"),
+                io.Float.Input("cfg", default=6.0, min=1.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale; 1 disables CFG (twice as fast)"),
+                io.Boolean.Input("dynamic_cfg", default=True,
+                                 tooltip="Ramp the guidance over the steps as the official demo does"),
+                io.Combo.Input("scheduler", options=list(SCHEDULERS), default="dpm",
+                               tooltip="dpm: CogVideoXDPMScheduler (official demo); ddim: CogVideoXDDIMScheduler"),
+                io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the same seed and settings give the same video"),
+                C.PLAN.Input("plan", optional=True,
+                             tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate (CFG mode, "
+                                     "feed-forward chunking, attention, placement)"),
+            ],
+            outputs=[C.LATENT.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
+                plan=None) -> io.NodeOutput:
+        from cogvid_core import session
+        from cogvid_core.sampling import sample
+        variant = transformer.variant
+        # the start-image latent is scaled by the transformer's variant rule, whichever VAE config encoded it
+        image = dataclasses.replace(image_latent, invert_scale=variant.invert_scale_latents)
+        profile, activations = session.apply_plan(transformer, plan, frames, image.height, image.width)
+        try:
+            module = memory.acquire(transformer, memory_required=activations)
+            latents = sample(module, variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
+                             image, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+                             seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
+                             progress=C.progress_callback(steps), interrupt=C.interrupt)
+        finally:
+            memory.release(transformer)
+        return io.NodeOutput(latents)
+
+
+NODES = [CogVidSampler]
