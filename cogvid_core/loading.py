@@ -84,8 +84,11 @@ def _looks_like_component_folder(path: Path, component: str) -> bool:
         return any((path / f).is_file() for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json"))
     if component == "scheduler":
         return (path / "scheduler_config.json").is_file()
-    return (path / "config.json").is_file() or any(path.glob("*.safetensors")) or any(
-        path.glob(f"*{s}") for s in PICKLE_SUFFIXES)
+    return (path / "config.json").is_file() or _has_files(path, (".safetensors", *PICKLE_SUFFIXES))
+
+
+def _has_files(folder: Path, suffixes) -> bool:
+    return any(p.suffix.lower() in suffixes for p in folder.iterdir() if p.is_file())
 
 
 def _download(repo_id: str, component: str, cache_dir, progress: bool, local_dir) -> Path:
@@ -287,7 +290,7 @@ def _weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    if any(folder.glob(f"*{s}") for s in PICKLE_SUFFIXES):
+    if _has_files(folder, PICKLE_SUFFIXES):
         raise CheckpointError(f"{folder} only has pickle weights (.bin/.pt); only .safetensors files are accepted: "
                               "download the safetensors version")
     raise CheckpointError(f"{folder} has no .safetensors weights")

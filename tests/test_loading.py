@@ -1,0 +1,286 @@
+"""Loading every component from every layout, structural detection, wrong-file errors, hub cache, fp8."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cogvid_core import loading as L
+from cogvid_core import models as M
+from cogvid_core import testing as T
+from cogvid_core.models import CheckpointError
+
+KEYS = list(M.VARIANTS)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module, same_dtype: bool = True) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert not same_dtype or sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(sa[k].to(sb[k].dtype), sb[k]), k
+
+
+def _transformer_inputs(variant: M.Variant, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    frames = 3 if variant.patch_size_t is None else 2  # 1.0 tiny: learned positions for 3 latent frames
+    kw = dict(hidden_states=torch.randn(1, frames, 32, 8, 12, generator=g).to(dtype),
+              encoder_hidden_states=torch.randn(1, 226, 32, generator=g).to(dtype),
+              timestep=torch.tensor([500]), return_dict=False)
+    if variant.patch_size_t:
+        kw["ofs"] = torch.tensor([2.0])
+    return kw
+
+
+# ----------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("key", KEYS)
+def test_transformer_hf_and_single_match(tiny_ckpts, key):
+    ck = tiny_ckpts[key]
+    hf, variant = L.load_transformer(ck["hf"], dtype=torch.float32)
+    single, variant2 = L.load_transformer(ck["single"]["transformer"], dtype=torch.float32)
+    assert variant.key == variant2.key == key
+    _same_weights(hf, single)
+    cfg_hf, cfg_single = dict(hf.config), dict(single.config)
+    assert {k: cfg_hf[k] for k in M.transformer_config(M.VARIANTS[key], tiny=True)} == \
+           {k: cfg_single[k] for k in M.transformer_config(M.VARIANTS[key], tiny=True)}
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_hf_folder_is_what_diffusers_reads(tiny_ckpts, key):
+    from diffusers import CogVideoXTransformer3DModel
+
+    folder = tiny_ckpts[key]["hf"]
+    for sub in ("transformer", "text_encoder"):
+        index = json.loads(next((folder / sub).glob("*.safetensors.index.json")).read_text())
+        assert len(set(index["weight_map"].values())) >= 2, f"{sub} should be sharded"
+    assert json.loads((folder / "model_index.json").read_text())["transformer"][1] == "CogVideoXTransformer3DModel"
+    ref = CogVideoXTransformer3DModel.from_pretrained(folder, subfolder="transformer")
+    ours, _ = L.load_transformer(folder / "transformer", dtype=torch.float32)  # component folder itself
+    _same_weights(ref, ours, same_dtype=False)  # diffusers keeps 1.0's pos_embedding buffer in float64
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_vae_layouts_match_and_decode_finite(tiny_ckpts, key):
+    ck, variant = tiny_ckpts[key], M.VARIANTS[key]
+    hf = L.load_vae(ck["hf"], dtype=torch.float32)
+    single = L.load_vae(ck["single"]["vae"], dtype=torch.float32, variant=key)
+    _same_weights(hf, single)
+    assert hf.config.invert_scale_latents == single.config.invert_scale_latents == variant.invert_scale_latents
+    assert list(single.config.block_out_channels) == list(hf.config.block_out_channels)
+    assert single.config.norm_num_groups == hf.config.norm_num_groups
+    with torch.no_grad():
+        out = single.decode(torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))).sample
+    assert torch.isfinite(out).all() and out.std() > 1e-3
+    with pytest.raises(CheckpointError, match="variant"):
+        L.load_vae(ck["single"]["vae"])
+
+
+def test_text_encoder_layouts(tiny_ckpts, tmp_path):
+    ck = tiny_ckpts[M.V15.key]
+    hf, tok = L.load_text_encoder(ck["hf"], dtype=torch.float32)
+    single, tok2 = L.load_text_encoder(ck["single"]["text_encoder"], dtype=torch.float32)
+    scaled, _ = L.load_text_encoder(ck["single"]["text_encoder_fp8_scaled"], dtype=torch.float32)
+    _same_weights(hf, single)
+    assert hf.encoder.embed_tokens is hf.shared and single.encoder.embed_tokens is single.shared
+    ids = tok(["a red car moves slowly"], return_tensors="pt", padding="max_length", max_length=16).input_ids
+    assert ids.tolist() == tok2(["a red car moves slowly"], return_tensors="pt", padding="max_length",
+                                max_length=16).input_ids.tolist()
+    with torch.no_grad():
+        a, b, c = (m(ids).last_hidden_state for m in (hf, single, scaled))
+    assert torch.equal(a, b) and torch.isfinite(a).all() and a.std() > 0.1
+    assert (a - c).abs().max() < 0.25 * a.abs().max()  # fp8 rounding only
+    lone = tmp_path / "t5xxl_fp16.safetensors"
+    shutil.copy(ck["single"]["text_encoder"], lone)
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        L.load_text_encoder(lone)
+    _, tok3 = L.load_text_encoder(lone, dtype=torch.float32, tokenizer=ck["single"]["tokenizer"])
+    assert tok3("a cat").input_ids == tok("a cat").input_ids
+
+
+def test_scheduler(tiny_ckpts):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    dpm = L.load_scheduler(tiny_ckpts[M.V15.key]["hf"])
+    ddim = L.load_scheduler(None, kind="ddim")
+    assert isinstance(dpm, CogVideoXDPMScheduler) and isinstance(ddim, CogVideoXDDIMScheduler)
+    for s in (dpm, ddim):
+        assert s.config.prediction_type == "v_prediction" and s.config.timestep_spacing == "trailing"
+        assert s.config.rescale_betas_zero_snr and s.config.snr_shift_scale == 1.0
+    assert isinstance(L.load_scheduler(tiny_ckpts[M.V15.key]["single"]["transformer"]), CogVideoXDPMScheduler)
+
+
+# ----------------------------------------------------------------------------- detection and errors
+def test_identify(tiny_ckpts):
+    s10, s15 = tiny_ckpts[M.V10.key]["single"], tiny_ckpts[M.V15.key]["single"]
+    assert L.identify(s10["transformer"]) == "CogVideoX transformer (1.0 I2V)"
+    assert L.identify(s15["transformer"]) == "CogVideoX transformer (1.5 I2V)"
+    assert L.identify(s15["transformer_fp8"]) == "CogVideoX transformer (1.5 I2V) (fp8)"
+    assert L.identify(s15["vae"]) == "CogVideoX VAE"
+    assert L.identify(s15["text_encoder"]) == "T5 text encoder"
+    assert L.identify(s15["text_encoder_fp8_scaled"]) == "T5 text encoder (fp8 scaled)"
+
+
+def test_detection_ignores_file_names(tiny_ckpts, tmp_path):
+    # A 1.0 transformer saved under a 1.5-sounding name is still 1.0.
+    fake = tmp_path / "CogVideoX1.5-5B-I2V_transformer.safetensors"
+    shutil.copy(tiny_ckpts[M.V10.key]["single"]["transformer"], fake)
+    _, variant = L.load_transformer(fake, dtype=torch.float32)
+    assert variant is M.V10
+
+
+def test_wrong_component_files(tiny_ckpts):
+    s = tiny_ckpts[M.V15.key]["single"]
+    with pytest.raises(CheckpointError, match=r"is a T5 text encoder, not a CogVideoX transformer: pick it in the T5"):
+        L.load_transformer(s["text_encoder"])
+    with pytest.raises(CheckpointError, match=r"is a CogVideoX VAE, not a CogVideoX transformer: pick it in the VAE"):
+        L.load_transformer(s["vae"])
+    with pytest.raises(CheckpointError, match=r"is a CogVideoX transformer \(1.5 I2V\), not a T5 text encoder"):
+        L.load_text_encoder(s["transformer"])
+    with pytest.raises(CheckpointError, match=r"is a T5 text encoder, not a CogVideoX VAE"):
+        L.load_vae(s["text_encoder"], variant=M.V15)
+    hf = tiny_ckpts[M.V15.key]["hf"]
+    with pytest.raises(CheckpointError, match="AutoencoderKLCogVideoX, not a CogVideoX transformer"):
+        L.load_transformer(hf / "vae")
+
+
+@pytest.mark.parametrize("patch_t", [None, 2])
+def test_text_to_video_transformer_refused(tmp_path, patch_t):
+    from diffusers import CogVideoXTransformer3DModel
+
+    variant = M.V15 if patch_t else M.V10
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(**dict(M.transformer_config(variant, tiny=True), in_channels=16))
+    path = tmp_path / "t2v.safetensors"
+    save_file(model.state_dict(), str(path))
+    assert L.identify(path).startswith("CogVideoX text-to-video transformer")
+    with pytest.raises(CheckpointError, match="text-to-video.*image-to-video"):
+        L.load_transformer(path)
+
+
+def test_other_checkpoints_refused(tmp_path):
+    sd = tmp_path / "sd15.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "first_stage_model.encoder.down.0.block.0.conv1.weight": torch.zeros(4, 4, 3, 3)}, str(sd))
+    flux = tmp_path / "flux.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "img_in.weight": torch.zeros(2, 2)}, str(flux))
+    for path in (sd, flux):
+        assert "Stable Diffusion / Flux" in L.identify(path)
+        with pytest.raises(CheckpointError, match="Stable Diffusion / Flux.*not a CogVideoX transformer"):
+            L.load_transformer(path)
+        with pytest.raises(CheckpointError, match="not a T5 text encoder"):
+            L.load_text_encoder(path)
+
+
+def test_truncated_and_corrupt_files(tiny_ckpts, tmp_path):
+    data = tiny_ckpts[M.V15.key]["single"]["transformer"].read_bytes()
+    for name, blob in (("truncated.safetensors", data[: len(data) // 2]), ("header.safetensors", data[:100]),
+                       ("garbage.safetensors", b"\x00" * 64)):
+        path = tmp_path / name
+        path.write_bytes(blob)
+        with pytest.raises(CheckpointError, match="truncated or corrupt.*download it again"):
+            L.load_transformer(path)
+
+
+def test_pickle_refused(tmp_path):
+    for suffix in (".bin", ".pt", ".ckpt"):
+        path = tmp_path / f"diffusion_pytorch_model{suffix}"
+        path.write_bytes(b"not read")
+        with pytest.raises(CheckpointError, match="only .safetensors files are accepted"):
+            L.load_transformer(path)
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(M.transformer_config(M.V15, True),
+                                                        _class_name="CogVideoXTransformer3DModel")))
+    (folder / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="only .safetensors"):
+        L.load_transformer(folder)
+
+
+def test_missing_tensor(tiny_ckpts, tmp_path):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tiny_ckpts[M.V10.key]["single"]["transformer"]))
+    sd.pop("transformer_blocks.1.ff.net.2.weight")
+    path = tmp_path / "partial.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match="missing"):
+        L.load_transformer(path)
+
+
+# ----------------------------------------------------------------------------- sources
+def test_resolve_sources(tiny_ckpts, tmp_path):
+    hf = tiny_ckpts[M.V15.key]["hf"]
+    assert L.resolve(hf, "transformer") == hf / "transformer"
+    assert L.resolve(hf / "vae", "vae") == hf / "vae"
+    assert L.resolve(str(hf), "tokenizer") == hf / "tokenizer"
+    with pytest.raises(CheckpointError, match="not found"):
+        L.resolve(tmp_path / "nothing" / "here" / "x", "transformer")
+    with pytest.raises(CheckpointError, match="no transformer/ sub-folder"):
+        L.resolve(tmp_path, "transformer")
+
+
+def _offline(monkeypatch):
+    import huggingface_hub.constants as C
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+
+
+def test_offline_hub_cache(tiny_ckpts, tmp_path, monkeypatch):
+    _offline(monkeypatch)
+    repo = tmp_path / "hub" / "models--THUDM--CogVideoX1.5-5B-I2V"
+    snap = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_ckpts[M.V15.key]["hf"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snap.name)
+    cache = tmp_path / "hub"
+    folder = L.resolve("THUDM/CogVideoX1.5-5B-I2V", "transformer", cache_dir=cache)
+    assert folder == snap / "transformer"
+    model, variant = L.load_transformer("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache,
+                                        progress=False)
+    assert variant is M.V15
+    _, tok = L.load_text_encoder("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache)
+    assert tok("a cat").input_ids[-1] == 1
+    with pytest.raises(CheckpointError, match=r"could not download transformer/ of THUDM/CogVideoX-5b-I2V: .*"
+                                              r"check the repo id, your network, or put the folder under models/CogVideo"):
+        L.resolve("THUDM/CogVideoX-5b-I2V", "transformer", cache_dir=cache)
+
+
+# ----------------------------------------------------------------------------- fp8
+@pytest.mark.parametrize("key", KEYS)
+def test_fp8_storage_close_to_bf16(tiny_ckpts, key):
+    ck, variant = tiny_ckpts[key], M.VARIANTS[key]
+    ref, _ = L.load_transformer(ck["hf"], dtype=torch.bfloat16)
+    kept, _ = L.load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16)
+    quant, _ = L.load_transformer(ck["hf"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
+    upcast, _ = L.load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16, storage_dtype=torch.bfloat16)
+    q = kept.transformer_blocks[0].attn1.to_q
+    assert isinstance(q, L.Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn
+    assert quant.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
+    assert kept.patch_embed.proj.weight.dtype == torch.bfloat16 and kept.dtype == torch.bfloat16
+    assert upcast.transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    _same_weights(kept, quant)  # the fp8 file and load-time quantisation round the same way
+    with torch.no_grad():
+        outs = [m(**_transformer_inputs(variant, torch.bfloat16))[0].float() for m in (ref, kept, upcast)]
+    a, b, c = outs
+    assert torch.isfinite(b).all() and torch.equal(b, c)
+    assert (a - b).norm() / a.norm() < 0.1
+
+
+# ----------------------------------------------------------------------------- writer
+def test_writer_is_deterministic_and_cli(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    T.main([str(a), "--variant", M.V10.key, "--layouts", "single"])
+    T.write_checkpoints(b, M.V10.key, layouts=("single",))
+    for fa in sorted((a / "single").glob("*.safetensors")):
+        assert fa.read_bytes() == (b / "single" / fa.name).read_bytes(), fa.name
+
+
+def test_build_random_runs():
+    model = T.build_random("transformer", M.V10.key, tiny=True)
+    with torch.no_grad():
+        out = model(**_transformer_inputs(M.V10))[0]
+    assert torch.isfinite(out).all() and out.std() > 0
