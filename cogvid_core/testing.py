@@ -128,7 +128,7 @@ def random_tensor(component: str, name: str, shape: tuple[int, ...], dtype: torc
     else:
         fan_in = math.prod(shape[1:])
         bound = 1.0 / math.sqrt(fan_in)
-        t = torch.rand(shape, generator=gen) * (2 * bound) - bound
+        t = torch.empty(shape).uniform_(-bound, bound, generator=gen)
     return t.to(dtype)
 
 
@@ -271,7 +271,7 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 def write_scheduler(folder: Path) -> Path:
     from diffusers import CogVideoXDPMScheduler
 
-    CogVideoXDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder)
+    CogVideoXDPMScheduler(**getattr(M, "SCHEDULER_CONFIG", SCHEDULER_CONFIG)).save_pretrained(folder)
     return folder
 
 
