@@ -1,0 +1,374 @@
+"""GPU memory/speed benchmark: diffusers' recipes vs our placement profiles, in one process.
+
+Full-size random-weight models (bf16) are built once, directly on the GPU, warmed up, parked in
+host memory, and reused by every recipe. Per recipe and stage (text encode, image encode, denoise,
+decode) it records peak allocated / peak reserved GiB (peak stats reset at each stage start),
+seconds, s/step, ratios to the diffusers everything-resident run, and the max abs frame difference
+to that run (same seed). Our side goes through the engine: text.encode_prompt, vae.encode_image,
+sampling.sample, vae.decode, with placement.place()/use() and placement.apply_profile().
+
+    python bench/bench_memory.py                              # 1.5-I2V, 81x768x1360, 3 steps
+    python bench/bench_memory.py --variant 1.0                # 5B-I2V, 49x480x720
+    python bench/bench_memory.py --tiny --device cpu          # same code path in seconds
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from cogvid_core import models as M  # noqa: E402
+from cogvid_core import placement as P  # noqa: E402
+from cogvid_core.report import StageRecorder  # noqa: E402
+from cogvid_core.vae import TileSpec  # noqa: E402
+
+DIFFUSERS_RECIPES = ("diffusers-resident", "diffusers-model-offload", "diffusers-group-offload",
+                     "diffusers-sequential-offload")
+OURS = tuple(f"ours-{name}" for name in P.PROFILES)
+ALL = DIFFUSERS_RECIPES + OURS
+DEFAULT_RECIPES = ("diffusers-resident", "ours-lowvram", "ours-balanced", "diffusers-model-offload")
+BASELINE = "diffusers-resident"
+PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
+STAGES = ("text encode", "image encode", "denoise", "decode")
+GIB = 1024 ** 3
+DIFFUSERS_TILE = TileSpec(240, 360, 1 / 6)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ setup
+class Models:
+    def __init__(self, variant, tiny, dtype, device):
+        from transformers import T5Tokenizer
+
+        from cogvid_core.testing import build_random, write_tokenizer
+
+        self.variant, self.dtype, self.device = variant, dtype, device
+        build_on = device  # full-size random init is fast on the GPU, slow on the CPU
+        t0 = time.perf_counter()
+        self.transformer = build_random("transformer", variant, tiny, dtype, build_on, seed=0)
+        self.text_encoder = build_random("text_encoder", variant, tiny, dtype, build_on, seed=1)
+        self.vae = build_random("vae", variant, tiny, dtype, build_on, seed=2)
+        self.tokenizer = T5Tokenizer.from_pretrained(write_tokenizer(Path(tempfile.mkdtemp()) / "tokenizer"))
+        log(f"built models on {build_on} in {time.perf_counter() - t0:.1f}s: "
+            + ", ".join(f"{n} {sum(p.numel() for p in m.parameters()) / 1e9:.2f}B"
+                        for n, m in self.modules().items()))
+
+    def modules(self):
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}
+
+    def warm_up(self):
+        """Run each model once on a small input so lazy CUDA/cuDNN initialisation is not billed to
+        the first recipe."""
+        dev = self.device
+        tr, cfg = self.transformer, self.transformer.config
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            self.text_encoder(torch.ones(1, M.MAX_TEXT_TOKENS, dtype=torch.long, device=dev))
+            f = 2 if cfg.patch_size_t else 1
+            h, w = (cfg.sample_height, cfg.sample_width) if cfg.use_learned_positional_embeddings else (16, 16)
+            f = 13 if cfg.use_learned_positional_embeddings and cfg.sample_frames == 49 else f
+            if cfg.use_learned_positional_embeddings and cfg.sample_frames != 49:
+                f = (cfg.sample_frames - 1) // 4 + 1
+            x = torch.randn(1, f, cfg.in_channels, h, w, device=dev, dtype=self.dtype)
+            from cogvid_core.sampling import rotary_embedding
+            rope = rotary_embedding(cfg, h * 8, w * 8, f, dev)
+            ofs = x.new_full((1,), 2.0) if cfg.ofs_embed_dim else None
+            tr(hidden_states=x, encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim,
+                                                                 device=dev, dtype=self.dtype),
+               timestep=torch.tensor([500], device=dev), ofs=ofs, image_rotary_emb=rope, return_dict=False)
+            img = torch.randn(1, 3, 1, 64, 64, device=dev, dtype=self.dtype)
+            z = self.vae.encode(img).latent_dist.mean
+            self.vae.decode(torch.cat([z] * 3, dim=2))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        log(f"warm-up {time.perf_counter() - t0:.1f}s")
+
+    def to_host(self):
+        for m in self.modules().values():
+            m.to("cpu")
+        cleanup(self.device)
+
+
+def cleanup(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def start_image(height, width, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 37.0 + yy / 23.0)], -1)
+    arr = np.clip(base * 200 + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def reset_models(models: Models, pipe=None):
+    """Remove every hook a recipe left (accelerate, diffusers group offloading, ours) and put all
+    weights back in host memory."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks import group_offloading as go
+
+    if pipe is not None:
+        try:
+            pipe.remove_all_hooks()
+        except Exception as e:  # noqa: BLE001 - best effort, report and go on
+            log(f"  remove_all_hooks: {e}")
+    for m in models.modules().values():
+        P.unplace(m)
+        for sub in m.modules():
+            if getattr(sub, "_diffusers_hook", None) is not None:
+                reg = HookRegistry.check_if_exists_or_initialize(sub)
+                for name in (go._GROUP_OFFLOADING, go._LAYER_EXECUTION_TRACKER, go._LAZY_PREFETCH_GROUP_OFFLOADING):
+                    reg.remove_hook(name, recurse=False)
+        for t in list(m.parameters()) + list(m.buffers()):
+            if t.device.type != "cpu":
+                t.data = t.data.to("cpu")
+    P.apply_profile(models.transformer, "resident")
+    models.vae.disable_tiling()
+    models.vae.disable_slicing()
+    cleanup(models.device)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def run_diffusers(recipe, models: Models, args, rec: StageRecorder):
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    from cogvid_core import vae as vae_mod
+    from cogvid_core.loading import load_scheduler
+
+    dev = models.device
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=models.tokenizer, text_encoder=models.text_encoder,
+                                         vae=models.vae, transformer=models.transformer,
+                                         scheduler=load_scheduler(None, "dpm"))
+    pipe.set_progress_bar_config(disable=True)
+    # diffusers' default tile (240x360) with one overlap (1/6) for both axes, as our TileSpec has it
+    # (diffusers' default width overlap is 1/5): same tiles on both sides, so frames are comparable.
+    vae_mod.set_tiling(models.vae, DIFFUSERS_TILE)
+    models.vae.enable_slicing()
+    t0 = time.perf_counter()
+    if recipe == "diffusers-resident" or dev.type == "cpu":
+        pipe.to(dev)
+    elif recipe == "diffusers-model-offload":
+        pipe.enable_model_cpu_offload(device=dev)
+    elif recipe == "diffusers-sequential-offload":
+        pipe.enable_sequential_cpu_offload(device=dev)
+    elif recipe == "diffusers-group-offload":
+        from diffusers.hooks import apply_group_offloading
+        for m in (models.transformer, models.text_encoder, models.vae):
+            apply_group_offloading(m, onload_device=dev, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    else:
+        raise ValueError(recipe)
+    cleanup(dev)
+    setup_s = time.perf_counter() - t0
+
+    stack = ExitStack()
+
+    def text_stage(*a, **k):
+        with rec.stage("text encode"):
+            return orig_encode(*a, **k)
+
+    def image_stage(*a, **k):
+        with rec.stage("image encode"):
+            out = orig_prepare(*a, **k)
+        stack.enter_context(rec.stage("denoise", steps=args.steps))
+        return out
+
+    def decode_stage(*a, **k):
+        stack.close()                                    # denoise ends here
+        stack.enter_context(rec.stage("decode"))         # ends after postprocess + hook release
+        return orig_decode(*a, **k)
+
+    orig_encode, orig_prepare, orig_decode = pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents
+    pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents = text_stage, image_stage, decode_stage
+    try:
+        out = pipe(image=start_image(args.height, args.width), prompt=PROMPT, negative_prompt="",
+                   height=args.height, width=args.width, num_frames=args.frames,
+                   num_inference_steps=args.steps, guidance_scale=args.cfg, use_dynamic_cfg=True,
+                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pt", return_dict=False)[0]
+        stack.close()
+        frames = out[0].permute(0, 2, 3, 1).float().cpu()           # [T, H, W, 3]
+        del out
+    finally:
+        stack.close()
+        reset_models(models, pipe)
+    return frames, setup_s
+
+
+def run_ours(recipe, models: Models, args, rec: StageRecorder):
+    from cogvid_core import sampling, text, vae as vae_mod
+    from cogvid_core.loading import load_scheduler
+
+    dev = models.device
+    prof = P.get_profile(recipe.removeprefix("ours-"))
+    t0 = time.perf_counter()
+    P.apply_profile(models.transformer, prof)
+    pt5 = P.place(models.text_encoder, dev, prof.text_encoder)
+    pvae = P.place(models.vae, dev, prof.vae)
+    ptr = P.place(models.transformer, dev, prof.transformer)
+    cleanup(dev)
+    setup_s = time.perf_counter() - t0
+    try:
+        with rec.stage("text encode"):
+            with pt5.use():
+                pos = text.encode_prompt(models.text_encoder, models.tokenizer, PROMPT, dev)
+                neg = text.encode_prompt(models.text_encoder, models.tokenizer, "", dev)
+        with rec.stage("image encode"):
+            vae_mod.set_tiling(models.vae, prof.vae_tile)     # encode tiles like diffusers' tiled recipes
+            with pvae.use():
+                latent = vae_mod.encode_image(models.vae, start_image(args.height, args.width), args.height,
+                                              args.width, models.variant, device=dev)
+        with rec.stage("denoise", steps=args.steps):
+            with ptr.use():
+                lat = sampling.sample(models.transformer, models.variant, pos.embeds, neg.embeds, latent,
+                                      args.frames, steps=args.steps, cfg=args.cfg, dynamic_cfg=True,
+                                      scheduler=load_scheduler(None, "dpm"), seed=args.seed, device=dev,
+                                      dtype=models.dtype, cfg_mode=prof.cfg_mode)
+        with rec.stage("decode"):
+            with pvae.use():
+                frames = vae_mod.decode(models.vae, lat, dev, tile=prof.vae_tile)
+    finally:
+        reset_models(models)
+    return frames, setup_s
+
+
+# ------------------------------------------------------------------------------------------ main
+def summarize(name, rec: StageRecorder, setup_s, frames, base, error=None):
+    rows = {r["stage"]: r for r in rec.rows()}
+    tot = rec.total()
+    s = dict(recipe=name, setup_s=setup_s, stages=rec.rows(), total=tot, error=error,
+             peak_alloc_gib=tot["peak_alloc_gib"], peak_reserved_gib=tot["peak_reserved_gib"],
+             host_peak_rss_gib=tot["host_peak_rss_gib"], seconds=tot["seconds"],
+             s_per_step=rows.get("denoise", {}).get("s_per_step"),
+             decode_s=rows.get("decode", {}).get("seconds"))
+    if base is not None and frames is not None and base.get("frames") is not None:
+        bf = base["frames"]
+        if bf.shape == frames.shape:
+            d = (frames - bf).abs()
+            s["max_abs_diff"], s["mean_abs_diff"] = d.max().item(), d.mean().item()
+        else:
+            s["max_abs_diff"] = f"shape {tuple(frames.shape)} vs {tuple(bf.shape)}"
+    return s
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def table(results, base):
+    def f(v, spec=".2f"):
+        return "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
+    head = ("| recipe | peak alloc GiB | peak reserved GiB | reserved per stage: text / image / step / decode | "
+            "s/step | x resident | decode s | x resident | whole run s | max abs frame diff | host RSS GiB |")
+    lines = [head, "|" + "---|" * 11]
+    for s in results:
+        st = {r["stage"]: r for r in s["stages"]}
+        per = " / ".join(f(st.get(k, {}).get("peak_reserved_gib")) for k in STAGES)
+        name = s["recipe"] + (f" (FAILED: {s['error'][:80]})" if s.get("error") else "")
+        lines.append(
+            f"| {name} | {f(s['peak_alloc_gib'])} | {f(s['peak_reserved_gib'])} | {per} | {f(s['s_per_step'])} | "
+            f"{f(ratio(s['s_per_step'], base and base['s_per_step']), '.3f')} | {f(s['decode_s'])} | "
+            f"{f(ratio(s['decode_s'], base and base['decode_s']), '.3f')} | {f(s['seconds'], '.1f')} | "
+            f"{f(s.get('max_abs_diff'), '.4f')} | {f(s['host_peak_rss_gib'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", choices=("1.5", "1.0"), default="1.5")
+    ap.add_argument("--frames", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--cfg", type=float, default=6.0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                    help=f"comma list from {', '.join(ALL)} or 'all'; {BASELINE} always runs first")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test of the same path)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 (fp32 with --tiny on CPU)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    variant = M.V15 if args.variant == "1.5" else M.V10
+    if args.tiny:
+        cfg = M.transformer_config(variant, tiny=True)
+        d_frames, d_h, d_w = M.default_size(variant, cfg)
+    else:
+        d_frames, d_h, d_w = variant.default_frames, variant.default_height, variant.default_width
+    args.frames, args.height, args.width = args.frames or d_frames, args.height or d_h, args.width or d_w
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
+    recipes = list(ALL) if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
+    for r in recipes:
+        if r not in ALL:
+            ap.error(f"unknown recipe {r!r}; known: {', '.join(ALL)}")
+    recipes = [BASELINE] + [r for r in recipes if r != BASELINE]
+
+    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(dev),
+               card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    import diffusers
+    import transformers
+    env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+    log(f"# bench_memory: {variant.label} {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
+        f"{'tiny' if args.tiny else 'full-size'} random weights, {dtype}, {env}")
+
+    models = Models(variant, args.tiny, dtype, dev)
+    if dev.type == "cuda":
+        models.warm_up()
+    models.to_host()
+
+    results, base = [], None
+    for recipe in recipes:
+        log(f"## {recipe}")
+        rec = StageRecorder(dev)
+        frames, error, setup_s = None, None, None
+        try:
+            runner = run_ours if recipe.startswith("ours-") else run_diffusers
+            frames, setup_s = runner(recipe, models, args, rec)
+        except Exception as e:  # noqa: BLE001 - a failed recipe (OOM) is a result too
+            error = f"{type(e).__name__}: {e}"
+            log(traceback.format_exc())
+            reset_models(models)
+        s = summarize(recipe, rec, setup_s, frames, base, error)
+        if recipe == BASELINE:
+            base = dict(s, frames=frames)
+        log(rec.table())
+        log(f"setup {setup_s if setup_s is None else round(setup_s, 2)} s; max abs diff {s.get('max_abs_diff')}; "
+            f"allocated after reset {torch.cuda.memory_allocated(dev) / GIB if dev.type == 'cuda' else 0:.2f} GiB")
+        results.append(s)
+        del frames
+        cleanup(dev)
+
+    out = table(results, base)
+    log("\n" + out)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
+                                             width=args.width, steps=args.steps, tiny=args.tiny, dtype=str(dtype),
+                                             results=results, table=out), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
