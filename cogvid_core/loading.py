@@ -419,6 +419,22 @@ def load_transformer(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
     """
     from diffusers import CogVideoXTransformer3DModel
 
+    variant, config, files, fp8 = _transformer_source(source, cache_dir, progress)
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel.from_config(config)
+    keep = fp8 and storage_dtype is None or storage_dtype in FP8_DTYPES
+    load_weights(model, files, dtype, device, storage_dtype=storage_dtype, keep_fp8=keep)
+    return _finish(model), variant
+
+
+def peek_transformer(source, cache_dir=None, progress: bool = True) -> tuple[Variant, dict]:
+    """(Variant, diffusers config) of a transformer source, reading only headers and config:
+    lets a run check frames/size/precision before loading gigabytes."""
+    variant, config, _, _ = _transformer_source(source, cache_dir, progress)
+    return variant, config
+
+
+def _transformer_source(source, cache_dir, progress):
     path = resolve(source, "transformer", cache_dir, progress)
     if path.is_dir():
         config = _read_config(path, "CogVideoXTransformer3DModel", "CogVideoX transformer", "the transformer loader")
@@ -432,12 +448,7 @@ def load_transformer(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
             raise _wrong_file(path, what, "CogVideoX transformer", _where(what))
         config = transformer_config_from_shapes(shapes)
         files, fp8 = [path], _stored_fp8(raw)
-    variant = M.variant_from_transformer_config(config)
-    with torch.device("meta"):
-        model = CogVideoXTransformer3DModel.from_config(config)
-    keep = fp8 and storage_dtype is None or storage_dtype in FP8_DTYPES
-    load_weights(model, files, dtype, device, storage_dtype=storage_dtype, keep_fp8=keep)
-    return _finish(model), variant
+    return M.variant_from_transformer_config(config), config, files, fp8
 
 
 def _read_config(folder: Path, class_name: str, expected: str, loader: str) -> dict:

@@ -1,0 +1,157 @@
+"""`python -m cogvid_core i2v|estimate|make-checkpoints|demo`: the engine without ComfyUI."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .models import CheckpointError
+
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, TypeError)
+
+
+def _i2v_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF-layout model folder or hub repo id (e.g. THUDM/CogVideoX1.5-5B-I2V)")
+    p.add_argument("--transformer", help="override: transformer folder, single .safetensors file or repo id")
+    p.add_argument("--vae", help="override: VAE folder, single .safetensors file or repo id")
+    p.add_argument("--text-encoder", help="override: T5 folder, single t5xxl .safetensors file or repo id")
+    p.add_argument("--tokenizer", help="T5 tokenizer folder (needed with a single T5 file)")
+    p.add_argument("--image", required=True, help="start image")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--frames", type=int, help="default: the variant's (49 for 1.0, 81 for 1.5)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--no-dynamic-cfg", action="store_true")
+    p.add_argument("--scheduler", choices=["dpm", "ddim"], default="dpm")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8_e4m3fn"], default="bf16")
+    p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    p.add_argument("--profile", default="auto", help="memory profile: auto, resident, balanced, lowvram")
+    p.add_argument("--vram-budget", type=float, help="GiB the run may use (default: what the GPU has free)")
+    p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
+    p.add_argument("--fps", type=float, help="default: the variant's (8 for 1.0, 16 for 1.5)")
+    p.add_argument("--cache-dir", help="where hub downloads go (default: huggingface_hub's cache)")
+    p.add_argument("--report", type=Path, help="write the per-stage memory/time summary as JSON here")
+    p.add_argument("--out", required=True, type=Path, help="OUT.mp4 for an H.264 video, else a folder of PNG frames")
+
+
+def run_i2v(args) -> int:
+    from . import pipeline, video
+    from .report import StageRecorder
+
+    sources = pipeline.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
+                               text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
+                               scheduler=args.model)
+    job = pipeline.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                       frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
+                       dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,
+                       resize=args.resize)
+    if not Path(args.image).is_file():
+        raise ValueError(f"start image not found: {args.image}")
+    device = pipeline.pick_device(args.device)
+    rec = StageRecorder(device)
+    bar = _Bar("denoise")
+    result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
+                               vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
+                               cache_dir=args.cache_dir)
+    bar.close()
+    fps = args.fps or result.fps
+    out = args.out
+    with rec.stage("write"):
+        if out.suffix.lower() == ".mp4":
+            video.write_mp4(result.frames, out, fps)
+        else:
+            video.write_pngs(result.frames, out)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(rec.table())
+    print(f"profile {result.profile}; {result.frames.shape[0]} frames "
+          f"{result.frames.shape[2]}x{result.frames.shape[1]} @ {fps:g} fps -> {out}")
+    if args.report:
+        args.report.write_text(rec.to_json())
+    return 0
+
+
+class _Bar:
+    """A plain stderr progress line (no tqdm dependency in the engine's output path)."""
+
+    def __init__(self, label):
+        self.label = label
+        self.shown = False
+
+    def __call__(self, done, total):
+        print(f"\r{self.label} {done}/{total}", end="", file=sys.stderr, flush=True)
+        self.shown = True
+
+    def close(self):
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def run_demo(args) -> int:
+    """Write tiny random checkpoints and a start image, then run i2v on them: the whole path offline."""
+    import numpy as np
+    from PIL import Image
+
+    from . import testing
+
+    root = Path(args.dir)
+    key = args.variant
+    paths = testing.write_checkpoints(root / "models", key, tiny=True, layouts=("hf",))
+    img = root / "start.png"
+    yy, xx = np.mgrid[0:64, 0:96]
+    Image.fromarray(np.stack([xx * 2.6, yy * 4, 128 + 0 * xx], -1).astype(np.uint8)).save(img)
+    argv = ["--model", str(paths["hf"]), "--image", str(img), "--prompt", "a red fox runs through snow",
+            "--steps", str(args.steps), "--device", args.device, "--out", str(args.out)]
+    return run_i2v(build_parser().parse_args(["i2v", *argv]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import testing
+
+    parser = argparse.ArgumentParser(prog="python -m cogvid_core", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _i2v_arguments(sub.add_parser("i2v", help="image-to-video"))
+    testing.add_arguments(sub.add_parser("make-checkpoints", help="write random checkpoints in the real layouts"))
+    demo = sub.add_parser("demo", help="tiny random checkpoints + i2v, offline, in seconds on a CPU")
+    demo.add_argument("--dir", default="demo", help="work folder")
+    demo.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=["cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"])
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--out", default="demo/demo.mp4")
+    try:
+        from . import estimate
+        est = sub.add_parser("estimate", help="predict peak VRAM per stage and pick settings that fit")
+        estimate.add_arguments(est)
+    except (ImportError, AttributeError):
+        pass
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        if args.command == "i2v":
+            return run_i2v(args)
+        if args.command == "demo":
+            return run_demo(args)
+        if args.command == "make-checkpoints":
+            from . import testing
+            testing.run(args)
+            return 0
+        from . import estimate
+        return estimate.run(args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
