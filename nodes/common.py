@@ -66,13 +66,15 @@ def _cogvideo_folders() -> dict[str, str]:
 
 
 def _single_files(component: str) -> dict[str, tuple[str, str]]:
+    inside = tuple(f"{name}/" for name in _cogvideo_folders())   # shards of hub-layout folders are not models
     out = {}
     for folder in (FOLDER,) + SINGLE_FILE_FOLDERS[component]:
         if folder not in folder_paths.folder_names_and_paths:
             continue
         for name in folder_paths.get_filename_list(folder):
-            if name.lower().endswith(MODEL_EXTENSIONS):
-                out[f"{folder}/{name}"] = (folder, name)
+            option = f"{folder}/{name}"
+            if name.lower().endswith(MODEL_EXTENSIONS) and not option.startswith(inside):
+                out[option] = (folder, name)
     return out
 
 

@@ -51,15 +51,15 @@ class CogVidDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, tile, overlap, plan=None) -> io.NodeOutput:
-        from cogvid_core.vae import decode
-        from cogvid_core import session
+        from cogvid_core import guard, session
         spec = tile_spec(tile, overlap, plan)
         if vae.device.type != "cpu":
             memory.make_room(session.decode_bytes(latent, spec, plan), vae.device)
         try:
             module = memory.acquire(vae)
-            frames = decode(module, latent, device=vae.device, tile=spec,
-                            progress=C.progress_callback(1), interrupt=C.interrupt)
+            frames = guard.decode(module, latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
+                                  interrupt=C.interrupt, info=guard.RunInfo(device=vae.device,
+                                                    profile=getattr(plan, "profile", None) or "balanced"))
         finally:
             memory.release(vae)
         return io.NodeOutput(frames, float(latent.fps))

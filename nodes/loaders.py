@@ -11,7 +11,7 @@ from . import memory
 _MODEL_TIP = ("models/CogVideo folders (hub layout), single .safetensors files from {single}, or a hub repo "
               "(downloaded once into models/CogVideo, only the needed sub-folders)")
 _PRECISION_TIP = ("Weight precision. bf16 is right for both models; fp16 gives black frames with CogVideoX1.5; "
-                  "fp8_e4m3fn stores weights in 8 bits (half the memory) and computes in bf16")
+                  "fp8_e4m3fn (transformer) stores the block weights in 8 bits (half the memory) and computes in bf16")
 _DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda or cpu to force one"
 
 
@@ -25,9 +25,11 @@ def _placement_input(tip: str) -> io.Combo.Input:
 
 
 def _common_inputs(component: str, single: str, placement_tip: str) -> list:
+    # fp8 storage is offered where the engine stores it (the transformer's block Linear weights)
+    precisions = list(C.PRECISIONS) if component == "transformer" else list(C.PRECISIONS[:-1])
     return [
         io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
-        io.Combo.Input("precision", options=list(C.PRECISIONS), default="bf16", tooltip=_PRECISION_TIP),
+        io.Combo.Input("precision", options=precisions, default="bf16", tooltip=_PRECISION_TIP),
         _placement_input(placement_tip),
         io.Combo.Input("device", options=list(C.DEVICES), default="auto", tooltip=_DEVICE_TIP),
     ]
@@ -91,7 +93,7 @@ class CogVidT5Loader(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core import loading, session
-        dtype, storage = session.precision(precision)
+        dtype, _storage = session.precision(precision)
         dev = C.compute_device(device)
         src = _source("t5", model)
         memory.free_for_load(0, dev)
@@ -117,7 +119,7 @@ class CogVidVAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core import loading, session
-        dtype, _storage = session.precision("bf16" if precision == C.PRECISIONS[-1] else precision)
+        dtype, _storage = session.precision(precision)
         dev = C.compute_device(device)
         src = _source("vae", model)
         # The VAE weights serve both variants; a single file says nothing about the latent scaling

@@ -47,18 +47,21 @@ class CogVidSampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
                 plan=None) -> io.NodeOutput:
-        from cogvid_core import session
+        from cogvid_core import guard, session
         from cogvid_core.sampling import sample
         variant = transformer.variant
         # the start-image latent is scaled by the transformer's variant rule, whichever VAE config encoded it
         image = dataclasses.replace(image_latent, invert_scale=variant.invert_scale_latents)
         profile, activations = session.apply_plan(transformer, plan, frames, image.height, image.width)
+        info = guard.RunInfo(variant=variant, frames=frames, height=image.height, width=image.width, profile=profile,
+                             device=transformer.device)
         try:
             module = memory.acquire(transformer, memory_required=activations)
-            latents = sample(module, variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
-                             image, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
-                             seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
-                             progress=C.progress_callback(steps), interrupt=C.interrupt)
+            with guard.oom_guard("denoise_step", info):
+                latents = sample(module, variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
+                                 image, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+                                 seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
+                                 progress=C.progress_callback(steps), interrupt=C.interrupt)
         finally:
             memory.release(transformer)
         return io.NodeOutput(latents)
