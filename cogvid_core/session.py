@@ -97,11 +97,14 @@ class Component:
 
 
 def apply_plan(transformer: Component, plan=None, frames: int | None = None, height: int | None = None,
-               width: int | None = None):
-    """Settings for one sampling run: the plan's profile (an estimate.Estimate), else 'auto' from the
-    device's free memory (resident on CPU). Sets the transformer's activation savers and mode.
-    Returns (profile, activation bytes of a denoise step or 0 when unknown)."""
+               width: int | None = None, fallback: str = AUTO):
+    """Settings for one sampling run: the plan's profile (an estimate.Estimate), else `fallback`
+    (a profile name; 'auto' picks from the device's free memory, resident on CPU). Sets the
+    transformer's activation savers and mode. Returns (profile, activation bytes of a denoise step,
+    0 when unknown)."""
     profile = getattr(plan, "profile", None) if plan is not None else None
+    if profile is None and fallback != AUTO:
+        profile = fallback
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
                                   frames=frames, height=height, width=width)

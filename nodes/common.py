@@ -129,6 +129,11 @@ def interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
+def comfy_lowvram() -> bool:
+    """ComfyUI started with --lowvram / --novram (or chose low-VRAM mode itself)."""
+    return mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+
+
 def budget_bytes(budget_gib: float, device) -> int | None:
     """User budget, or 0 = what the GPU has free minus ComfyUI's reserve (None: no GPU, no verdict)."""
     if budget_gib > 0:

@@ -52,7 +52,8 @@ class CogVidSampler(io.ComfyNode):
         variant = transformer.variant
         # the start-image latent is scaled by the transformer's variant rule, whichever VAE config encoded it
         image = dataclasses.replace(image_latent, invert_scale=variant.invert_scale_latents)
-        profile, activations = session.apply_plan(transformer, plan, frames, image.height, image.width)
+        fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
+        profile, activations = session.apply_plan(transformer, plan, frames, image.height, image.width, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=image.height, width=image.width, profile=profile,
                              device=transformer.device)
         try:

@@ -128,9 +128,20 @@ class InterruptProcessingException(Exception):
     pass
 
 
+class VRAMState(Enum):
+    DISABLED = 0
+    NO_VRAM = 1
+    LOW_VRAM = 2
+    NORMAL_VRAM = 3
+    HIGH_VRAM = 4
+    SHARED = 5
+
+
 class _MM(types.ModuleType):
     def __init__(self):
         super().__init__("comfy.model_management")
+        self.VRAMState = VRAMState
+        self.vram_state = VRAMState.NORMAL_VRAM
         self.current_loaded_models = []      # patchers, most recent first
         self.calls = []
         self.interrupt_processing = False

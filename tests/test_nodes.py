@@ -181,6 +181,11 @@ def test_memory_cooperation_and_interrupt(comfy):
         comp.release = (lambda c: lambda: released.append(c.kind))(comp)
     mm.unload_all_models()                               # what POST /free {"unload_models": true} does
     assert sorted(released) == ["t5", "vae"] and not mm.current_loaded_models
+    mm.vram_state = mm.VRAMState.LOW_VRAM                # ComfyUI started with --lowvram, no plan wired
+    run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
+        cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=0)
+    from cogvid_core.activations import ff_chunk_tokens
+    assert tr.mode == "stream" and ff_chunk_tokens(tr.module) == 8192
     mm.interrupt_processing = True
     with pytest.raises(comfy_stub.InterruptProcessingException):
         run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=3,
