@@ -47,12 +47,18 @@ DEFAULT_CONSTANTS = {
     "step_attn_units": 10.0,       # Q, K, V, concat, fp32 RoPE temporaries, SDPA output
     "step_attn_units_lowmem": 5.5,
     "step_ff_units": 9.0,          # 2 x 4 units intermediate (linear out, GELU out) + output
+    "step_ff_units_chunked": 9.0,  # the same per chunk, for activations.ChunkedFeedForward
+    "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
+    "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 1.0,         # x bytes of decoded tiles kept on the GPU until blended
     "dec_post_mult": 5.0,          # x bytes of the bf16 video during blend/cat/float/scale
     "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
     "reserved_frag": 0.4,          # reserved - allocated, as a share of the stage's activations
+    "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
+    "dec_video_frag": 0.0,         # + x bytes of the bf16 video (decoded tiles fragment the cache)
     "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once
+    "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
 }
 
 
@@ -122,8 +128,11 @@ def _load_calibration_file(path: str, mtime: float) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def calibration(path: Path | None = None) -> dict:
-    """{"constants": {...}, "card": ..., ...}; defaults where the file lacks a constant."""
+def calibration(path: Path | dict | None = None) -> dict:
+    """{"constants": {...}, "card": ..., ...}; defaults where the file lacks a constant.
+    A dict instead of a path is taken as the constants themselves (fitting, tests)."""
+    if isinstance(path, dict):
+        return {"constants": {**DEFAULT_CONSTANTS, **path}, "source": "given constants"}
     path = Path(path or CALIBRATION_PATH)
     data = {}
     if path.exists():
@@ -232,6 +241,12 @@ class Estimate:
     calibration_source: str = ""
     keep_loaded: bool = False
     profile: object = field(default=None, repr=False, compare=False)
+    margin: float = 0.0
+
+    @property
+    def needed_bytes(self) -> int:
+        """What the verdict compares with the budget: peak reserved plus the calibrated margin."""
+        return int(self.peak_reserved * (1 + self.margin))
 
     @property
     def peak_allocated(self) -> int:
@@ -250,7 +265,7 @@ class Estimate:
         """Peak reserved (what the process takes from the card) within the budget; None: no budget."""
         if self.budget_bytes is None:
             return None
-        return self.peak_reserved <= self.budget_bytes
+        return self.needed_bytes <= self.budget_bytes
 
     def stage(self, name: str) -> StageEstimate:
         return next(s for s in self.stages if s.name == name)
@@ -287,13 +302,15 @@ class Estimate:
                          f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}")
         lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(self.peak_allocated):>8}{g(self.peak_reserved):>10}"
                      f"  ({STAGE_LABELS[self.peak_stage]})")
+        lines.append(f"needed: peak reserved + {self.margin * 100:.0f}% calibration margin = "
+                     f"{self.needed_bytes / GiB:.2f} GiB")
         if self.budget_bytes is None:
             lines.append("budget: unknown (no CUDA device): no verdict")
         elif self.fits:
-            lines.append(f"FITS: needs ~{self.peak_reserved / GiB:.2f} GiB, budget {self.budget_bytes / GiB:.2f} GiB "
-                         f"({(self.budget_bytes - self.peak_reserved) / GiB:.2f} GiB spare)")
+            lines.append(f"FITS: needs ~{self.needed_bytes / GiB:.2f} GiB, budget {self.budget_bytes / GiB:.2f} GiB "
+                         f"({(self.budget_bytes - self.needed_bytes) / GiB:.2f} GiB spare)")
         else:
-            lines.append(f"DOES NOT FIT: needs ~{self.peak_reserved / GiB:.2f} GiB, budget "
+            lines.append(f"DOES NOT FIT: needs ~{self.needed_bytes / GiB:.2f} GiB, budget "
                          f"{self.budget_bytes / GiB:.2f} GiB: {self.advice()}")
         if self.calibration_source:
             lines.append(f"calibration: {self.calibration_source}")
@@ -305,13 +322,14 @@ class Estimate:
                 "ff_chunk": self.ff_chunk, "vae_tile": list(self.tile) if self.tile else None,
                 "tokens": self.tokens, "stages": {s.name: s.to_dict() for s in self.stages},
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
-                "peak_stage": self.peak_stage, "budget_bytes": self.budget_bytes, "fits": self.fits,
+                "peak_stage": self.peak_stage, "needed_bytes": self.needed_bytes, "margin": self.margin,
+                "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "advice": self.advice(), "keep_loaded": self.keep_loaded,
                 "calibration": self.calibration_source}
 
 
 def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int,
-                 keep_loaded: bool = False) -> int:
+                 keep_loaded: bool = False, stream_buffer_mult: float = 1.0) -> int:
     """Bytes of one component's weights on the GPU in a stage (active: the stage uses it)."""
     full = weight_bytes(size, precision)
     if mode == "resident" and (active or keep_loaded):
@@ -319,8 +337,10 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
     elif not active:
         return 0
     elif mode == "stream" and size.blocks > 1:
-        per_block = full * size.block_params // max(size.params, 1)
+        per_block = size.block_params * (weight_bytes(size, precision) - size.buffer_elems * _compute_bytes(precision)) \
+            // max(size.params, 1)
         w = full - per_block * size.blocks + per_block * min(stream_blocks, size.blocks)
+        w += int((stream_buffer_mult - 1) * size.buffer_elems * _compute_bytes(precision))
     else:  # offload (and streaming of models without repeated blocks): whole model while in use
         w = full
     if active and _bytes(precision) == 1:
@@ -356,7 +376,7 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
 
     def weights_in(stage: str) -> int:
         return sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k, stream_blocks,
-                                keep_loaded) for k in COMPONENTS)
+                                keep_loaded, c["stream_buffer_mult"]) for k in COMPONENTS)
 
     # text encode: T5 on 226 tokens (+ relative-position attention scores in fp32)
     tb = _compute_bytes(precision["text_encoder"])
@@ -377,7 +397,10 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
     unit = batch * n * dim * xb
     chunk = min(int(ff_chunk), n) if ff_chunk else n
     attn_units = c["step_attn_units_lowmem"] if low_mem else c["step_attn_units"]
-    ff_bytes = c["step_ff_units"] * batch * chunk * dim * xb + (unit if chunk < n else 0)  # chunks' cat
+    if chunk < n:   # chunk intermediates + the full output the chunks are written into
+        ff_bytes = c["step_ff_units_chunked"] * batch * chunk * dim * xb + c["step_ff_chunk_live_units"] * unit
+    else:
+        ff_bytes = c["step_ff_units"] * unit
     step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
     lf = latent_frames(v, frames)
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
@@ -403,10 +426,14 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
         w = weights_in(name)
         a = int(acts[name] + c["fixed_bytes"])
         alloc = w + a
-        stages.append(StageEstimate(name, w, a, alloc, int(alloc + c["reserved_frag"] * a)))
+        if name == "decode":
+            reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
+        else:
+            reserved = alloc + c["reserved_frag"] * a
+        stages.append(StageEstimate(name, w, a, alloc, int(reserved)))
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     return Estimate(v.key, frames, height, width, _profile_name(profile), precision, cfg_mode, ff_chunk, tile_t, n,
-                    stages, budget_bytes, src, keep_loaded, profile)
+                    stages, budget_bytes, src, keep_loaded, profile, float(c["reserved_margin"]))
 
 
 # ---------------------------------------------------------------- plan
@@ -468,7 +495,7 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
         last = est
     if last is None:
         raise ValueError("no placement profiles to choose from")
-    raise ValueError(f"{frames} frames at {width}x{height} needs ~{last.peak_reserved / GiB:.1f} GiB with profile "
+    raise ValueError(f"{frames} frames at {width}x{height} needs ~{last.needed_bytes / GiB:.1f} GiB with profile "
                      f"{last.profile_name}, the budget is {budget_bytes / GiB:.1f} GiB: reduce frames or size, "
                      f"or free GPU memory")
 

@@ -84,14 +84,14 @@ def test_smaller_tiles_lower_the_decode():
 
 
 def test_plan_picks_fastest_fitting():
-    need = {p: est(profile=p).peak_reserved for p in PROFILES}
+    need = {p: est(profile=p).needed_bytes for p in PROFILES}
     for budget, want in ((need["resident"] + 1, "resident"), (need["resident"] - 1, "balanced"),
                          (need["balanced"] - 1, "lowvram")):
         prof, e = E.plan(V15, 81, 768, 1360, budget, profiles=PROFILES)
         assert E._profile_name(prof) == want and e.fits
     # below plain lowvram: a lowvram variant with smaller chunks / tiles, never a faster profile
     prof, e = E.plan(V15, 81, 768, 1360, need["lowvram"] - 1, profiles=PROFILES)
-    assert prof["name"].startswith("lowvram+") and e.peak_reserved <= need["lowvram"] - 1
+    assert prof["name"].startswith("lowvram+") and e.needed_bytes <= need["lowvram"] - 1
 
 
 def test_candidates_fastest_first():
