@@ -447,16 +447,18 @@ def candidates(base_profiles: dict | None = None) -> list:
         return out
     chunk0 = _pget(low, "ff_chunk", None) or 16384
     t0 = _tile_of(low, None) or (240, 360, 1 / 6)
-    extra = []
-    for ff in (c for c in (4096, 2048, 1024) if c < chunk0):
-        extra.append({"ff_chunk": ff})
-    for th, tw in ((192, 288), (128, 192), (96, 128)):
-        if th * tw < t0[0] * t0[1]:
-            extra.append({"vae_tile": (th, tw, t0[2])})
-    merged = {}
-    for change in extra:
-        merged.update(change)
-        out.append(_replace(low, dict(merged)))
+    chunks = [None] + [c for c in (4096, 2048, 1024) if c < chunk0]
+    tiles = [None] + [(th, tw, t0[2]) for th, tw in ((192, 288), (128, 192), (96, 128)) if th * tw < t0[0] * t0[1]]
+    # fewest and mildest changes first: each step down a list costs a little speed
+    combos = sorted(((i, j) for i in range(len(chunks)) for j in range(len(tiles)) if i or j),
+                    key=lambda ij: (ij[0] + ij[1], ij[0]))
+    for i, j in combos:
+        change = {}
+        if chunks[i]:
+            change["ff_chunk"] = chunks[i]
+        if tiles[j]:
+            change["vae_tile"] = tiles[j]
+        out.append(_replace(low, change))
     return out
 
 
