@@ -47,8 +47,28 @@ _ATTR = "_cogvid_placed"
 
 
 # ---------------------------------------------------------------------------------------------
-# Profiles
+# Decode tiles and profiles
 # ---------------------------------------------------------------------------------------------
+def tile_is_exact(size: int, overlap: float, spatial: int = 8) -> bool:
+    """Whether diffusers' CogVideoX tiled encode/decode reassembles exactly ``size`` pixels per tile
+    step along one axis for this overlap. When the latent stride and the kept sample rows disagree
+    (e.g. 360 px at overlap 1/6: stride 37 latents = 296 px, kept 300 px), the output grows
+    (1360 -> 1376 px) or the encoded latent gets an extra column (90 -> 91) and sampling fails."""
+    lat = size // spatial
+    decode_ok = int(lat * (1 - overlap)) * spatial == size - int(size * overlap)
+    encode_ok = int(size * (1 - overlap)) == spatial * (lat - int(lat * overlap))
+    return size % spatial == 0 and decode_ok and encode_ok
+
+
+def check_tile(tile: TileSpec) -> TileSpec:
+    for axis, size in (("height", tile.height), ("width", tile.width)):
+        if not tile_is_exact(size, tile.overlap):
+            raise ValueError(f"VAE tile {tile.width}x{tile.height} with overlap {tile.overlap:.4g}: the {axis} "
+                             f"{size} does not split into whole latent steps, diffusers' tiling would change the "
+                             f"video size; use overlap 0.2 with sides that are multiples of 40 (e.g. 240x360)")
+    return tile
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -59,7 +79,7 @@ class Profile:
     ff_chunk: int | None = None          # feed-forward sequence chunk (tokens); None = whole sequence
     low_mem_attention: bool = False      # RoPE applied per head chunk in place
     attn_head_chunk: int = 8             # heads per RoPE chunk when low_mem_attention
-    vae_tile: TileSpec | None = TileSpec(240, 360, 1 / 6)   # sample-space decode tile; None = untiled
+    vae_tile: TileSpec | None = TileSpec(240, 360, 0.2)     # sample-space decode tile; None = untiled
     description: str = ""
 
     def validate(self) -> "Profile":
@@ -75,8 +95,10 @@ class Profile:
             raise ValueError(f"profile {self.name}: ff_chunk must be a positive int or None, got {self.ff_chunk!r}")
         if self.attn_head_chunk < 1:
             raise ValueError(f"profile {self.name}: attn_head_chunk must be >= 1")
-        if self.vae_tile is not None and not isinstance(self.vae_tile, TileSpec):
-            raise ValueError(f"profile {self.name}: vae_tile must be a vae.TileSpec or None")
+        if self.vae_tile is not None:
+            if not isinstance(self.vae_tile, TileSpec):
+                raise ValueError(f"profile {self.name}: vae_tile must be a vae.TileSpec or None")
+            check_tile(self.vae_tile)
         return self
 
     def replace(self, **changes) -> "Profile":
@@ -96,6 +118,7 @@ PROFILES: dict[str, Profile] = {p.name: p.validate() for p in (
                         "feed-forward, low-memory RoPE"),
 )}
 AUTO = "auto"
+
 
 
 def get_profile(name: str | Profile) -> Profile:

@@ -119,7 +119,14 @@ def test_profiles_validate():
         res.replace(ff_chunk=0)
     with pytest.raises(ValueError, match="TileSpec"):
         res.replace(vae_tile=(240, 360))
-    assert res.replace(vae_tile=TileSpec(128, 192)).vae_tile.width == 192
+    assert res.replace(vae_tile=TileSpec(160, 240, 0.2)).vae_tile.width == 240
+    with pytest.raises(ValueError, match="whole latent steps"):
+        res.replace(vae_tile=TileSpec(240, 360, 1 / 6))   # diffusers would make 1360 px into 1376
+
+
+def test_tile_exactness_rule():
+    assert P.tile_is_exact(240, 1 / 6) and P.tile_is_exact(360, 0.2) and P.tile_is_exact(240, 0.2)
+    assert not P.tile_is_exact(360, 1 / 6)
 
 
 def test_resolve_profile():
