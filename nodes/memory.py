@@ -21,9 +21,14 @@ class _Handle(torch.nn.Module):
         self.device = torch.device("cpu")
 
 
+# ComfyUI logs "Requested to load <class name>": name the handle after what it holds.
+_HANDLES = {kind: type(f"CogVid{name}", (_Handle,), {}) for kind, name in
+            (("transformer", "Transformer"), ("t5", "T5"), ("vae", "VAE"))}
+
+
 class CogVidPatcher(comfy.model_patcher.ModelPatcher):
     def __init__(self, component):
-        super().__init__(_Handle(component), load_device=component.device,
+        super().__init__(_HANDLES[component.kind](component), load_device=component.device,
                          offload_device=torch.device("cpu"), size=max(1, component.total_bytes()))
 
     @property
