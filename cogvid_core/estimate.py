@@ -498,8 +498,8 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
     if last is None:
         raise ValueError("no placement profiles to choose from")
     raise ValueError(f"{frames} frames at {width}x{height} needs ~{last.needed_bytes / GiB:.1f} GiB with profile "
-                     f"{last.profile_name}, the budget is {budget_bytes / GiB:.1f} GiB: reduce frames or size, "
-                     f"or free GPU memory")
+                     f"{last.profile_name} (peak: {STAGE_LABELS[last.peak_stage]}), the budget is "
+                     f"{budget_bytes / GiB:.1f} GiB: reduce frames or size, or free GPU memory")
 
 
 def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
