@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import loading, models, sampling, session, text, vae as vae_mod
+from . import guard, loading, models, sampling, session, text, vae as vae_mod
 
 log = logging.getLogger(__name__)
 
@@ -105,31 +105,37 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
                                      device=device, budget_gib=vram_budget_gib,
                                      precision={"transformer": precision})
     image = _open_image(job.image)
+    info = guard.RunInfo(variant=variant, frames=frames, height=height, width=width, profile=prof, device=device)
+    check = interrupt if interrupt is not None else (lambda: None)
 
+    check()
     with _stage(recorder, "load text encoder"):
         t5, tok = loading.load_text_encoder(sources.text_encoder, dtype=dtype, tokenizer=sources.tokenizer,
                                             cache_dir=cache_dir)
     t5c = session.Component("t5", t5, device, dtype, prof.text_encoder, tokenizer=tok)
     try:
-        with _stage(recorder, "text encode"):
+        with _stage(recorder, "text encode"), guard.oom_guard("text_encode", info):
             module = t5c.acquire()
             pos = text.encode_prompt(module, tok, job.prompt, device)
+            check()
             neg = text.encode_prompt(module, tok, job.negative_prompt, device) if job.cfg > 1 else None
     finally:
         t5c.release()
         del t5, t5c
         _free()
 
+    check()
     with _stage(recorder, "load vae"):
         vae = loading.load_vae(sources.vae, dtype=dtype, variant=variant, cache_dir=cache_dir)
     vc = session.Component("vae", vae, device, dtype, prof.vae, variant=variant)
     try:
-        with _stage(recorder, "image encode"):
+        with _stage(recorder, "image encode"), guard.oom_guard("image_encode", info):
             latent = vae_mod.encode_image(vc.acquire(), image, height, width, variant, job.resize, device)
     finally:
         vc.release()
         _free()
 
+    check()
     with _stage(recorder, "load transformer"):
         tr, _ = loading.load_transformer(sources.transformer, dtype=dtype, storage_dtype=storage,
                                          cache_dir=cache_dir)
@@ -137,7 +143,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     tc = session.Component("transformer", tr, device, dtype, prof.transformer, variant=variant)
     sched = loading.load_scheduler(sources.scheduler, job.scheduler)
     try:
-        with _stage(recorder, "denoise", steps=job.steps):
+        with _stage(recorder, "denoise", steps=job.steps), guard.oom_guard("denoise_step", info):
             lat = sampling.sample(tc.acquire(), variant, pos.embeds, neg.embeds if neg else None, latent, frames,
                                   steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
                                   seed=job.seed, device=device, dtype=dtype, cfg_mode=prof.cfg_mode,
@@ -151,7 +157,10 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
 
     try:
         with _stage(recorder, "decode"):
-            frames_out = vae_mod.decode(vc.acquire(), lat, device, tile=prof.vae_tile, interrupt=interrupt)
+            frames_out = guard.decode(vc.acquire(), lat, device, tile=prof.vae_tile, interrupt=interrupt, info=info)
+    except Exception as e:   # the sampled latents stay available: decode them again, no re-sampling
+        e.latents = lat
+        raise
     finally:
         vc.release()
         del vae, vc
