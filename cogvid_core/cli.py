@@ -7,9 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from .guard import StageOOM
 from .models import CheckpointError
 
-USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, TypeError)
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, TypeError, StageOOM)
 
 
 def _i2v_arguments(p: argparse.ArgumentParser) -> None:
