@@ -151,6 +151,9 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
                 latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
             latents = latents.to(dtype)
             del noise_pred
+            if not torch.isfinite(latents).all():   # stop now: the rest would only make a black video
+                raise FloatingPointError(f"the latents became NaN/inf at step {i + 1}/{len(timesteps)} in {dtype}: "
+                                         "use bf16 (CogVideoX1.5 overflows in fp16) or fp32")
             if progress is not None:
                 progress(i + 1, len(timesteps))
     return VideoLatents(samples=latents.cpu(), frames=frames, height=image.height, width=image.width,
