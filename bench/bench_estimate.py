@@ -179,7 +179,9 @@ def run_grid(args) -> dict:
         for frames, h, w in shapes:
             for pname in args.profiles:
                 prof = placement.PROFILES[pname]
-                row = dict(variant=v.key, frames=frames, height=h, width=w, profile=pname, stages={})
+                t = prof.vae_tile
+                row = dict(variant=v.key, frames=frames, height=h, width=w, profile=pname, stages={},
+                           tile=[t.height, t.width, t.overlap] if t else None)
                 for stage in E.STAGES:
                     t = time.perf_counter()
                     alloc, reserved, shared = measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs)
@@ -211,8 +213,9 @@ def _version(name):
 # ------------------------------------------------------------------------------ comparison
 def predict(row, constants_path=None, tiny=False):
     from cogvid_core import placement
+    tile = row.get("tile", None)   # the decode tile the row ran with (profiles' defaults change)
     return E.estimate(row["variant"], row["frames"], row["height"], row["width"], placement.PROFILES[row["profile"]],
-                      calibration_path=constants_path, tiny=tiny)
+                      tile=tuple(tile) if tile else None, calibration_path=constants_path, tiny=tiny)
 
 
 def compare(data, constants_path=None, out=sys.stdout) -> dict:

@@ -448,7 +448,9 @@ def candidates(base_profiles: dict | None = None) -> list:
     chunk0 = _pget(low, "ff_chunk", None) or 16384
     t0 = _tile_of(low, None) or (240, 360, 1 / 6)
     chunks = [None] + [c for c in (4096, 2048, 1024) if c < chunk0]
-    tiles = [None] + [(th, tw, t0[2]) for th, tw in ((192, 288), (128, 192), (96, 128)) if th * tw < t0[0] * t0[1]]
+    # multiples of 40 px: with overlap 0.2 they split into whole latent steps (placement validates it)
+    tiles = [None] + [(th, tw, t0[2]) for th, tw in ((200, 320), (160, 240), (120, 160), (80, 120))
+                      if th * tw < t0[0] * t0[1]]
     # fewest and mildest changes first: each step down a list costs a little speed
     combos = sorted(((i, j) for i in range(len(chunks)) for j in range(len(tiles)) if i or j),
                     key=lambda ij: (ij[0] + ij[1], ij[0]))
@@ -458,7 +460,13 @@ def candidates(base_profiles: dict | None = None) -> list:
             change["ff_chunk"] = chunks[i]
         if tiles[j]:
             change["vae_tile"] = tiles[j]
-        out.append(_replace(low, change))
+        prof = _replace(low, change)
+        try:
+            if hasattr(prof, "validate"):
+                prof.validate()
+        except ValueError:
+            continue   # a tile the decode cannot use at this overlap
+        out.append(prof)
     return out
 
 
