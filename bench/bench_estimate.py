@@ -179,6 +179,9 @@ def run_grid(args) -> dict:
         for frames, h, w in shapes:
             for pname in args.profiles:
                 prof = placement.PROFILES[pname]
+                if args.tile:
+                    th, tw = (int(x) for x in args.tile.lower().split("x"))
+                    prof = prof.replace(vae_tile=dataclasses.replace(prof.vae_tile, height=th, width=tw))
                 t = prof.vae_tile
                 row = dict(variant=v.key, frames=frames, height=h, width=w, profile=pname, stages={},
                            tile=[t.height, t.width, t.overlap] if t else None)
@@ -328,6 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="*", choices=sorted(M.VARIANTS))
     p.add_argument("--profiles", nargs="*", default=list(PROFILE_NAMES))
     p.add_argument("--max-rows", type=int, default=None, help="sizes per variant")
+    p.add_argument("--tile", default=None, help="decode tile HEIGHTxWIDTH for every profile (held-out check)")
     p.add_argument("--shapes", nargs="*", default=None, help="only these FRAMESxHEIGHTxWIDTH shapes of the grid")
     p.add_argument("--out", default=None, help="write the measurements (JSON) here")
     p.add_argument("--fit", nargs="*", default=None,
