@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from . import common as C
 from . import memory
 
-MAX_SIDE = 2048
+MAX_SIDE = 2400
 
 
 class CogVidImageEncode(io.ComfyNode):
