@@ -81,10 +81,15 @@ TINY_VAE = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_nu
 TINY_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 
 
-def transformer_config(variant: Variant, tiny: bool = False) -> dict:
+TRAINED_SIZE = "trained-size"
+
+
+def transformer_config(variant: Variant, tiny: bool | str = False) -> dict:
+    """tiny=True: tiny widths and a tiny trained size (1.0 then runs at 96x64);
+    tiny="trained-size": tiny widths, real sample sizes (1.0 runs at 720x480, as its workflows ask)."""
     cfg = dict(TRANSFORMER_CONFIGS[variant.key])
     if tiny:
-        cfg.update(TINY_TRANSFORMER, **TINY_SAMPLE[variant.key])
+        cfg.update(TINY_TRANSFORMER, **({} if tiny == TRAINED_SIZE else TINY_SAMPLE[variant.key]))
         if cfg["ofs_embed_dim"] is not None:  # the ofs embedding is added to the time embedding
             cfg["ofs_embed_dim"] = cfg["time_embed_dim"]
     return cfg

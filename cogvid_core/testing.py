@@ -158,7 +158,7 @@ def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool
     shapes = tensor_shapes(component, variant, tiny)
     del skeleton
     stem, shard_bytes = _COMPONENT_FILES[component]
-    shards = _plan_shards(shapes, dtype, shard_bytes[tiny] if shard_bytes else None)
+    shards = _plan_shards(shapes, dtype, shard_bytes[bool(tiny)] if shard_bytes else None)
     if len(shards) == 1:
         _write(folder / f"{stem}.safetensors", component, {n: shapes[n] for n in shards[0]}, dtype, seed)
         return
@@ -329,6 +329,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("out_dir", type=Path, help="folder to write the checkpoints into")
     parser.add_argument("--variant", default="both", choices=[*M.VARIANTS, "both"])
     parser.add_argument("--full", action="store_true", help="full-size shapes (tens of GB) instead of tiny ones")
+    parser.add_argument("--trained-size", action="store_true",
+                        help="tiny widths but the real sample sizes (CogVideoX-5B-I2V then runs at 720x480)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="weight dtype (default: bf16 with --full, fp32 for tiny)")
     parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single")
@@ -342,7 +344,7 @@ def run(args: argparse.Namespace) -> dict:
     layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
     result = {}
     for key in keys:
-        result[key] = write_checkpoints(args.out_dir, key, tiny=not args.full, dtype=dtype,
+        result[key] = write_checkpoints(args.out_dir, key, tiny=not args.full and (M.TRAINED_SIZE if args.trained_size else True), dtype=dtype,
                                         layouts=layouts, seed=args.seed)
         print(f"{key}: {json.dumps(result[key], default=str, indent=2)}")
     return result
