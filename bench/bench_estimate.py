@@ -52,6 +52,7 @@ TINY_GRID = {
     M.V10.key: [(9, 64, 96), (5, 64, 96)],
 }
 PROFILE_NAMES = ("resident", "balanced", "lowvram")
+SETTINGS = ("transformer", "text_encoder", "vae", "cfg_mode", "ff_chunk", "low_mem_attention")
 
 
 # ------------------------------------------------------------------------------ measurement
@@ -184,7 +185,8 @@ def run_grid(args) -> dict:
                     prof = prof.replace(vae_tile=dataclasses.replace(prof.vae_tile, height=th, width=tw))
                 t = prof.vae_tile
                 row = dict(variant=v.key, frames=frames, height=h, width=w, profile=pname, stages={},
-                           tile=[t.height, t.width, t.overlap] if t else None)
+                           tile=[t.height, t.width, t.overlap] if t else None,
+                           settings={k: getattr(prof, k) for k in SETTINGS})
                 for stage in E.STAGES:
                     t = time.perf_counter()
                     alloc, reserved, shared = measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs)
@@ -217,7 +219,10 @@ def _version(name):
 def predict(row, constants_path=None, tiny=False):
     from cogvid_core import placement
     tile = row.get("tile", None)   # the decode tile the row ran with (profiles' defaults change)
-    return E.estimate(row["variant"], row["frames"], row["height"], row["width"], placement.PROFILES[row["profile"]],
+    prof = placement.PROFILES[row["profile"]]
+    if row.get("settings"):        # the settings the row ran with, not today's profile of that name
+        prof = prof.replace(**row["settings"])
+    return E.estimate(row["variant"], row["frames"], row["height"], row["width"], prof,
                       tile=tuple(tile) if tile else None, calibration_path=constants_path, tiny=tiny)
 
 
