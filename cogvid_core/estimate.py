@@ -384,10 +384,13 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
               + 3 * MAX_TEXT_TOKENS * t5cfg["d_ff"] * tb
               + 2 * t5cfg["num_heads"] * MAX_TEXT_TOKENS ** 2 * 4)
 
-    # image encode: the encoder's first level at full resolution, 3 frames (causal padding)
+    # image encode: the encoder's first level at full resolution (or one tile), 3 frames (causal padding)
     vb = _compute_bytes(precision["vae"])
     c0 = vcfg["block_out_channels"][0]
-    enc_act = c["enc_act_mult"] * c0 * 3 * height * width * vb
+    eh, ew = (height, width)
+    if _pget(profile, "encode_tiled", False) and tile_t is not None:
+        eh, ew = max(decode_tiles(height, width, tile_t), key=lambda t: t[0] * t[1])
+    enc_act = c["enc_act_mult"] * c0 * 3 * eh * ew * vb
 
     # denoise step
     xb = _compute_bytes(precision["transformer"])

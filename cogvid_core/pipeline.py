@@ -130,7 +130,8 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     vc = session.Component("vae", vae, device, dtype, prof.vae, variant=variant)
     try:
         with _stage(recorder, "image encode"), guard.oom_guard("image_encode", info):
-            latent = vae_mod.encode_image(vc.acquire(), image, height, width, variant, job.resize, device)
+            latent = vae_mod.encode_image(vc.acquire(), image, height, width, variant, job.resize, device,
+                                          tile=prof.vae_tile if prof.encode_tiled else None)
     finally:
         vc.release()
         _free()

@@ -98,7 +98,8 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     mean, std = image.mean.to(device), image.std.to(device)
     noise = randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
     first = (mean + std * noise).to(dtype).permute(0, 2, 1, 3, 4)            # [1, 1, C, h, w]
-    first = first / image.scale if image.invert_scale else first * image.scale
+    # 1.5 was trained with the start latent divided by the scaling factor, 1.0 multiplied
+    first = first / image.scale if variant.invert_scale_latents else first * image.scale
     image_latents = torch.cat([first, first.new_zeros(1, n_lat - 1, channels, h, w)], dim=1)
     del mean, std, noise, first
 

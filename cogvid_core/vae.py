@@ -20,8 +20,7 @@ class ImageLatent:
     std: torch.Tensor
     height: int
     width: int
-    scale: float         # multiply (1.0) or divide (1.5) the sample by the VAE scaling factor
-    invert_scale: bool
+    scale: float         # the VAE scaling factor; the transformer's variant says multiply or divide
 
 
 @dataclass
@@ -112,15 +111,26 @@ def _resize(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor
 
 
 def encode_image(vae, image, height: int, width: int, variant: Variant, resize: str = "crop",
-                 device=None) -> ImageLatent:
-    """Encode the start frame into the VAE's latent distribution (mean, std) kept on CPU."""
+                 device=None, tile: TileSpec | None = None) -> ImageLatent:
+    """Encode the start frame into the VAE's latent distribution (mean, std) kept on CPU.
+
+    The size is checked against what the variant can generate here, before any compute."""
+    step = 8 * 2  # VAE x patch size: both variants patch 2x2 latent pixels
+    if height % step or width % step or min(height, width) < 32:
+        raise ValueError(f"{variant.label} needs width and height that are multiples of {step} and at least 32; "
+                         f"got {width}x{height}: try {max(32, round(width / step) * step)}x"
+                         f"{max(32, round(height / step) * step)}")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     pixels = prepare_image(image, height, width, resize).to(device, dtype)
-    with torch.inference_mode():
-        dist = vae.encode(pixels.unsqueeze(2)).latent_dist     # [1, 3, 1, H, W] -> [1, C, 1, h, w]
+    set_tiling(vae, tile)   # explicit every time: a decode's tiling must not leak into this encode
+    try:
+        with torch.inference_mode():
+            dist = vae.encode(pixels.unsqueeze(2)).latent_dist     # [1, 3, 1, H, W] -> [1, C, 1, h, w]
+    finally:
+        vae.disable_tiling()
     return ImageLatent(mean=dist.mean.cpu(), std=dist.std.cpu(), height=height, width=width,
-                       scale=vae.config.scaling_factor, invert_scale=variant.invert_scale_latents)
+                       scale=vae.config.scaling_factor)
 
 
 def decode_calls(vae, latent_frames: int, lat_h: int, lat_w: int) -> int:
@@ -191,5 +201,6 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
     finally:
         for h in hooks:
             h.remove()
+        vae.disable_tiling()
         del z
     return frames

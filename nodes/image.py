@@ -30,17 +30,24 @@ class CogVidImageEncode(io.ComfyNode):
                 io.Combo.Input("resize", options=list(RESIZE_MODES), default="crop",
                                tooltip="crop: fill and cut the overflow; stretch: ignore the aspect ratio; "
                                        "pad: fit inside, black bars"),
+                C.PLAN.Input("plan", optional=True,
+                             tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate: low-VRAM plans "
+                                     "encode the start image in tiles"),
             ],
             outputs=[C.IMAGE_LATENT.Output(display_name="image_latent")],
         )
 
     @classmethod
-    def execute(cls, vae, image, width, height, resize) -> io.NodeOutput:
+    def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
         from cogvid_core.models import V15
         from cogvid_core.vae import encode_image
+        from cogvid_core.placement import get_profile
+        profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
+        tile = profile.vae_tile if profile is not None and profile.encode_tiled else None
         try:
             module = memory.acquire(vae)
-            latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize, device=vae.device)
+            latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize, device=vae.device,
+                                  tile=tile)
         finally:
             memory.release(vae)
         return io.NodeOutput(latent)

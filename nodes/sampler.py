@@ -1,8 +1,6 @@
 """Sampler node: transformer + conditioning + image latent -> video latents."""
 from __future__ import annotations
 
-import dataclasses
-
 from comfy_api.latest import io
 
 from . import common as C
@@ -50,17 +48,17 @@ class CogVidSampler(io.ComfyNode):
         from cogvid_core import guard, session
         from cogvid_core.sampling import sample
         variant = transformer.variant
-        # the start-image latent is scaled by the transformer's variant rule, whichever VAE config encoded it
-        image = dataclasses.replace(image_latent, invert_scale=variant.invert_scale_latents)
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
-        profile, activations = session.apply_plan(transformer, plan, frames, image.height, image.width, fallback)
-        info = guard.RunInfo(variant=variant, frames=frames, height=image.height, width=image.width, profile=profile,
+        h, w = image_latent.height, image_latent.width
+        profile, activations = session.apply_plan(transformer, plan, frames, h, w, fallback)
+        info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
         try:
             module = memory.acquire(transformer, memory_required=activations)
             with guard.oom_guard("denoise_step", info):
                 latents = sample(module, variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
-                                 image, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+                                 image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg,
+                                 scheduler=scheduler,
                                  seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
                                  progress=C.progress_callback(steps), interrupt=C.interrupt)
         finally:

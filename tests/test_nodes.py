@@ -211,7 +211,7 @@ def test_estimate_without_budget_on_cpu(comfy):
                               height=480, profile="lowvram", budget_gib=0.0).args
     assert "no verdict" in report and plan.profile_name == "lowvram"
     report, _, _ = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=81, width=1360,
-                       height=768, profile="auto", budget_gib=4.0).args
+                       height=768, profile="auto", budget_gib=1.5).args
     assert "DOES NOT FIT" in report
 
 
