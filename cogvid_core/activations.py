@@ -58,13 +58,17 @@ class ChunkedFeedForward(nn.Module):
         step = self.chunk_tokens
         if n <= step:
             return self._run(hidden_states)
+        # One batch element at a time: hidden_states[b:b+1, s:e] of a contiguous input is contiguous,
+        # so each chunk is the same GEMM as in a batch-1 run (a strided [:, s:e] slice of a batch of 2
+        # takes other kernels and rounds differently in bf16).
         out = None
-        for start in range(0, n, step):
-            y = self._run(hidden_states[:, start:start + step])
-            if out is None:
-                out = y.new_empty((*hidden_states.shape[:1], n, *y.shape[2:]))
-            out[:, start:start + step] = y
-            del y
+        for b in range(hidden_states.shape[0]):
+            for start in range(0, n, step):
+                y = self._run(hidden_states[b:b + 1, start:start + step])
+                if out is None:
+                    out = y.new_empty((hidden_states.shape[0], n, *y.shape[2:]))
+                out[b:b + 1, start:start + step] = y
+                del y
         return out
 
 
