@@ -240,6 +240,9 @@ def run_ours(recipe, models: Models, args, rec: StageRecorder):
             with pvae.use():
                 latent = vae_mod.encode_image(models.vae, start_image(args.height, args.width), args.height,
                                               args.width, models.variant, device=dev)
+        if prof.transformer == "offload":   # one-time weight copy, its own row (amortised over real step counts)
+            with rec.stage("transformer onload"):
+                ptr.acquire()
         with rec.stage("denoise", steps=args.steps):
             with ptr.use():
                 lat = sampling.sample(models.transformer, models.variant, pos.embeds, neg.embeds, latent,
