@@ -222,7 +222,13 @@ def run_ours(recipe, models: Models, args, rec: StageRecorder):
     from cogvid_core.loading import load_scheduler
 
     dev = models.device
-    prof = P.get_profile(recipe.removeprefix("ours-"))
+    name = recipe.removeprefix("ours-")
+    if name.startswith("auto@"):     # what `--profile auto --vram-budget N` picks
+        prof = P.resolve_profile("auto", budget_gib=float(name[5:]), variant=models.variant, frames=args.frames,
+                                 height=args.height, width=args.width, device=dev)
+        log(f"{recipe}: plan picked {prof.name}")
+    else:
+        prof = P.get_profile(name)
     t0 = time.perf_counter()
     P.apply_profile(models.transformer, prof)
     pt5 = P.place(models.text_encoder, dev, prof.text_encoder)
@@ -236,10 +242,9 @@ def run_ours(recipe, models: Models, args, rec: StageRecorder):
                 pos = text.encode_prompt(models.text_encoder, models.tokenizer, PROMPT, dev)
                 neg = text.encode_prompt(models.text_encoder, models.tokenizer, "", dev)
         with rec.stage("image encode"):
-            vae_mod.set_tiling(models.vae, prof.vae_tile)     # encode tiles like diffusers' tiled recipes
-            with pvae.use():
+            with pvae.use():   # encode in the profile's tiles, as diffusers' tiled recipes do
                 latent = vae_mod.encode_image(models.vae, start_image(args.height, args.width), args.height,
-                                              args.width, models.variant, device=dev)
+                                              args.width, models.variant, device=dev, tile=prof.vae_tile)
         if prof.transformer == "offload":   # one-time weight copy, its own row (amortised over real step counts)
             with rec.stage("transformer onload"):
                 ptr.acquire()
@@ -308,7 +313,8 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=6.0)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                    help=f"comma list from {', '.join(ALL)} or 'all'; {BASELINE} always runs first")
+                    help=f"comma list from {', '.join(ALL)}, ours-auto@GIB (the plan for that budget) or 'all'; "
+                         f"{BASELINE} always runs first")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke test of the same path)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 (fp32 with --tiny on CPU)")
@@ -326,7 +332,7 @@ def main(argv=None):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
     recipes = list(ALL) if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
     for r in recipes:
-        if r.split("#")[0] not in ALL:
+        if r.split("#")[0] not in ALL and not r.startswith("ours-auto@"):
             ap.error(f"unknown recipe {r!r}; known: {', '.join(ALL)} (a '#2' suffix repeats one)")
     if not recipes or recipes[0] != BASELINE:
         recipes = [BASELINE] + [r for r in recipes if r != BASELINE]

@@ -197,7 +197,9 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
     try:
         with torch.inference_mode():
             video = vae.decode(z).sample                                    # [1, 3, T, H, W]
-            frames = (video[0].permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp(0, 1).cpu()
+            # to the host before widening: fp32 temporaries of an 81x768x1360 video are 1 GiB each
+            video = video[0].to("cpu", non_blocking=False)
+            frames = (video.permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp_(0, 1)
     finally:
         for h in hooks:
             h.remove()
