@@ -39,15 +39,21 @@ class CogVidImageEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
+        from cogvid_core import guard
         from cogvid_core.models import V15
-        from cogvid_core.vae import encode_image
         from cogvid_core.placement import get_profile
+        from cogvid_core.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         tile = profile.vae_tile if profile is not None and profile.encode_tiled else None
+        # the encode's need does not depend on the frame count: any valid one lets the estimator answer
+        frames = vae.variant.default_frames if vae.variant is not None else None
+        info = guard.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
+                             profile=profile or "balanced")
         try:
             module = memory.acquire(vae)
-            latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize, device=vae.device,
-                                  tile=tile)
+            with guard.oom_guard("image_encode", info):
+                latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize,
+                                      device=vae.device, tile=tile)
         finally:
             memory.release(vae)
         return io.NodeOutput(latent)

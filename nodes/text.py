@@ -29,7 +29,7 @@ class CogVidTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, positive, negative) -> io.NodeOutput:
-        from cogvid_core import session
+        from cogvid_core import guard, session
         from cogvid_core.text import encode_prompt
 
         def encode(prompt):
@@ -39,7 +39,8 @@ class CogVidTextEncode(io.ComfyNode):
             return session.PROMPTS.get_or_encode(t5, prompt, run)
 
         try:
-            pos, neg = encode(positive), encode(negative)
+            with guard.oom_guard("text_encode", guard.RunInfo(device=t5.device)):
+                pos, neg = encode(positive), encode(negative)
         finally:
             memory.release(t5)
         return io.NodeOutput({"positive": pos, "negative": neg})

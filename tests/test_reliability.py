@@ -370,6 +370,22 @@ def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypa
     assert again.shape == (17, 64, 96, 3)
 
 
+def test_oom_in_text_and_image_encode_nodes(comfy, monkeypatch):
+    from diffusers import AutoencoderKLCogVideoX
+    from transformers import T5EncoderModel
+    nodes, _ = comfy
+    _, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
+    monkeypatch.setattr(T5EncoderModel, "forward", _raise_oom)
+    with pytest.raises(guard.StageOOM) as e:
+        run(nodes["CogVidTextEncode"], t5=t5, positive="an oom prompt", negative="never cached")
+    node_error(e, "out of GPU memory in text encode", "stream")
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "encode", _raise_oom)
+    with pytest.raises(guard.StageOOM) as e:
+        run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")
+    node_error(e, "out of GPU memory in image encode", "GiB", "smaller video size")
+    assert guard.leftovers(vae.module.decoder) == []
+
+
 def test_pipeline_decode_failure_keeps_latents(tiny_ckpts, start_png, monkeypatch):
     monkeypatch.setattr(vae_mod, "decode", lambda *a, **k: _raise_oom())
     job = pipeline.Job(image=start_png["rgb"], prompt="x", steps=1, cfg=1.0, height=32, width=32)
