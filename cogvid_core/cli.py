@@ -71,10 +71,13 @@ def run_i2v(args) -> int:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(rec.table())
-    print(f"profile {result.profile}; {result.frames.shape[0]} frames "
+    print(f"profile {result.profile}: " + ", ".join(f"{k} {v}" for k, v in result.settings.items())
+          + (" (on the CPU every placement is resident)" if device.type == "cpu" else ""))
+    print(f"{result.frames.shape[0]} frames "
           f"{result.frames.shape[2]}x{result.frames.shape[1]} @ {fps:g} fps -> {out}")
     if args.report:
-        args.report.write_text(rec.to_json())
+        args.report.write_text(rec.to_json(profile=result.profile, settings=result.settings,
+                                           variant=result.variant.key, out=str(out)))
     return 0
 
 

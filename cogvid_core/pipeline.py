@@ -54,6 +54,7 @@ class Result:
     fps: int
     profile: str
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)   # the profile's choices, for the run summary
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -167,7 +168,15 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
         del vae, vc
         _free()
     notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
-    return Result(frames=frames_out, latents=lat, variant=variant, fps=variant.fps, profile=prof.name, notes=notes)
+    return Result(frames=frames_out, latents=lat, variant=variant, fps=variant.fps, profile=prof.name, notes=notes,
+                  settings=profile_settings(prof))
+
+
+def profile_settings(prof) -> dict:
+    tile = prof.vae_tile
+    return {"transformer": prof.transformer, "text_encoder": prof.text_encoder, "vae": prof.vae,
+            "cfg": prof.cfg_mode, "ff_chunk": prof.ff_chunk, "low_mem_attention": prof.low_mem_attention,
+            "vae_tile": f"{tile.width}x{tile.height}" if tile else None, "encode_tiled": prof.encode_tiled}
 
 
 def _open_image(image):
