@@ -68,15 +68,19 @@ def _model_class(component: str):
     raise ValueError(f"unknown component {component!r}: transformer, vae or text_encoder")
 
 
-def _build(component: str, variant: M.Variant, tiny: bool):
-    """Construct a component with default init on the current torch default device."""
+def _build(component: str, variant: M.Variant, tiny: bool, layers: int | None = None):
+    """Construct a component with default init on the current torch default device.
+
+    ``layers`` caps the transformer's and T5's depth (widths unchanged): real activation and
+    weight shapes per block for GPU checks, without tens of GB of files."""
     cls = _model_class(component)
+    depth = {"num_layers": layers} if layers else {}
     if component == "transformer":
-        return cls(**M.transformer_config(variant, tiny))
+        return cls(**{**M.transformer_config(variant, tiny), **depth})
     if component == "vae":
         return cls(**M.vae_config(variant, tiny))
     from transformers import T5Config
-    return cls(T5Config(**M.t5_config(tiny)))
+    return cls(T5Config(**{**M.t5_config(tiny), **depth}))
 
 
 def build_random(component: str, variant: M.Variant | str, tiny: bool = True,
@@ -95,14 +99,15 @@ def build_random(component: str, variant: M.Variant | str, tiny: bool = True,
     return model.to(dtype=dtype).eval()
 
 
-def _skeleton(component: str, variant: M.Variant, tiny: bool):
+def _skeleton(component: str, variant: M.Variant, tiny: bool, layers: int | None = None):
     """Meta-device model: its config and tensor names/shapes without allocating any weights."""
     with torch.device("meta"):
-        return _build(component, variant, tiny)
+        return _build(component, variant, tiny, layers)
 
 
-def tensor_shapes(component: str, variant: M.Variant, tiny: bool) -> dict[str, tuple[int, ...]]:
-    sd = _skeleton(component, variant, tiny).state_dict()
+def tensor_shapes(component: str, variant: M.Variant, tiny: bool,
+                  layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    sd = _skeleton(component, variant, tiny, layers).state_dict()
     if component == "text_encoder":
         sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; files store it once
     return {k: tuple(v.shape) for k, v in sd.items()}
@@ -146,16 +151,16 @@ def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_byt
 
 
 def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool,
-                    dtype: torch.dtype, seed: int) -> None:
+                    dtype: torch.dtype, seed: int, layers: int | None = None) -> None:
     """config.json + safetensors (sharded with an index when over the shard size), one shard in RAM at a time."""
     folder.mkdir(parents=True, exist_ok=True)
-    skeleton = _skeleton(component, variant, tiny)
+    skeleton = _skeleton(component, variant, tiny, layers)
     if component == "text_encoder":
         skeleton.config.architectures = ["T5EncoderModel"]
         skeleton.config.save_pretrained(folder)
     else:
         skeleton.save_config(folder)
-    shapes = tensor_shapes(component, variant, tiny)
+    shapes = tensor_shapes(component, variant, tiny, layers)
     del skeleton
     stem, shard_bytes = _COMPONENT_FILES[component]
     shards = _plan_shards(shapes, dtype, shard_bytes[bool(tiny)] if shard_bytes else None)
@@ -281,12 +286,13 @@ def _dtype_tag(dtype: torch.dtype) -> str:
 
 
 def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dtype: torch.dtype = torch.float32,
-                      layouts=("hf", "single"), seed: int = 0) -> dict:
+                      layouts=("hf", "single"), seed: int = 0, layers: int | None = None) -> dict:
     """Write one variant's random checkpoints; returns where they are.
 
     Returns ``{"hf": Path(<root>/<label>), "single": {"transformer", "transformer_fp8", "vae",
     "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path}`` (only the layouts asked for).
     The T5 files and tokenizer are shared by both variants (same values, same names).
+    ``layers``: cap the transformer's and T5's depth, keeping every width (see ``_build``).
     """
     variant = M.VARIANTS[variant_key]
     root = Path(root)
@@ -294,17 +300,18 @@ def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dty
     if "hf" in layouts:
         folder = root / variant.label
         for component in ("transformer", "vae", "text_encoder"):
-            _save_component(folder / component, component, variant, tiny, dtype, seed)
+            _save_component(folder / component, component, variant, tiny, dtype, seed, layers)
         write_tokenizer(folder / "tokenizer", seed)
         write_scheduler(folder / "scheduler")
         (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
         out["hf"] = folder
     if "single" in layouts:
-        out["single"] = _write_single(root / "single", variant, tiny, dtype, seed)
+        out["single"] = _write_single(root / "single", variant, tiny, dtype, seed, layers)
     return out
 
 
-def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int) -> dict:
+def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int,
+                  layers: int | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     tag, stem = _dtype_tag(dtype), variant.key.replace(".", "_")
     paths = {
@@ -314,7 +321,7 @@ def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dty
         "text_encoder": folder / f"t5xxl_{tag}.safetensors",
         "text_encoder_fp8_scaled": folder / "t5xxl_fp8_e4m3fn_scaled.safetensors",
     }
-    shapes = {c: tensor_shapes(c, variant, tiny) for c in ("transformer", "vae", "text_encoder")}
+    shapes = {c: tensor_shapes(c, variant, tiny, layers) for c in ("transformer", "vae", "text_encoder")}
     _write(paths["transformer"], "transformer", shapes["transformer"], dtype, seed)
     _write(paths["transformer_fp8"], "transformer", shapes["transformer"], dtype, seed, to_fp8)
     _write(paths["vae"], "vae", shapes["vae"], dtype, seed)
@@ -335,6 +342,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="weight dtype (default: bf16 with --full, fp32 for tiny)")
     parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cap the transformer's and T5's depth (every width kept): real per-block shapes in a few GB")
     return parser
 
 
@@ -345,7 +354,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {}
     for key in keys:
         result[key] = write_checkpoints(args.out_dir, key, tiny=not args.full and (M.TRAINED_SIZE if args.trained_size else True), dtype=dtype,
-                                        layouts=layouts, seed=args.seed)
+                                        layouts=layouts, seed=args.seed, layers=args.layers)
         print(f"{key}: {json.dumps(result[key], default=str, indent=2)}")
     return result
 

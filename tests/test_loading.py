@@ -284,3 +284,16 @@ def test_build_random_runs():
     with torch.no_grad():
         out = model(**_transformer_inputs(M.V10))[0]
     assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_layers_caps_depth_in_every_layout(tmp_path):
+    """--layers (the GPU reliability bench: full widths, few blocks) reaches the files and the loaders."""
+    T.main([str(tmp_path), "--variant", M.V15.key, "--layers", "1"])
+    hf = tmp_path / M.V15.label
+    tr, variant = L.load_transformer(str(hf), torch.float32)
+    assert variant is M.V15 and len(tr.transformer_blocks) == 1
+    t5, _tok = L.load_text_encoder(str(hf), torch.float32)
+    assert len(t5.encoder.block) == 1
+    single, _ = L.load_transformer(str(tmp_path / "single" / "cogvideox1_5-5b-i2v_transformer_fp32.safetensors"),
+                                   torch.float32)
+    assert len(single.transformer_blocks) == 1
