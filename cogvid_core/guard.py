@@ -53,10 +53,26 @@ class RunInfo:
     device: object = None
 
 
-def free_memory(device=None) -> None:
+def free_memory(device=None, host_cache: bool = False) -> None:
+    """Return cached device blocks to the driver; with ``host_cache`` also the pinned host blocks
+    torch keeps after pinned tensors die (offloaded/streamed weights of a model no longer loaded):
+    without it those stay in this process's RSS, GBs per model, until the process exits."""
     gc.collect()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         torch.cuda.empty_cache()
+        if host_cache and torch.cuda.is_initialized():
+            empty_host_cache()
+
+
+def empty_host_cache() -> bool:
+    """Free torch's cached pinned host blocks; False where this torch has no such call."""
+    fn = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):   # older torch: the same call
+        fn = fn or getattr(torch._C, name, None)
+    if fn is None:
+        return False
+    fn()
+    return True
 
 
 def device_free_bytes(device) -> int | None:

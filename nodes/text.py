@@ -40,7 +40,9 @@ class CogVidTextEncode(io.ComfyNode):
 
         try:
             with guard.oom_guard("text_encode", guard.RunInfo(device=t5.device)):
-                pos, neg = encode(positive), encode(negative)
+                pos = encode(positive)
+                C.interrupt()      # Cancel pressed during the first prompt: stop before the second
+                neg = encode(negative)
         finally:
             memory.release(t5)
         return io.NodeOutput({"positive": pos, "negative": neg})
