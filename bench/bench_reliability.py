@@ -21,7 +21,6 @@ Checkpoints are written by ``cogvid_core.testing`` in the HF layout at full widt
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -36,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cogvid_core import guard, models as M, pipeline, session, testing  # noqa: E402
+from cogvid_core import guard, models as M, pipeline, report, session, testing  # noqa: E402
 
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
 MIB = 2 ** 20
@@ -50,15 +49,6 @@ class Cancelled(Exception):
 
 def log(*a):
     print(*a, flush=True)
-
-
-def rss() -> int:
-    try:   # glibc keeps freed heap pages; hand them back so only live memory is counted
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def host_pinned(device) -> dict:
@@ -226,7 +216,7 @@ def cancel_nodes(ckpts, sizes, device, precision):
 # ------------------------------------------------------------------------------- 3. soak
 def soak(ckpts, sizes, device, profiles, image, n=20):
     runs = [(V15, 0), (V10, 0), (V15, 1), (V10, 1), (V15, 2)]
-    rows, base, rss_before = [], gpu(device), rss()
+    rows, base, rss_before = [], gpu(device), report.host_rss_bytes()
     for i in range(n):
         key, s = runs[i % len(runs)]
         frames, h, w = sizes[key][s % len(sizes[key])]
@@ -240,7 +230,8 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
         del res
         alloc, reserved = gpu(device)
         rows.append(dict(run=i + 1, variant=key, frames=frames, height=h, width=w, profile=profile, cfg=cfg,
-                         seconds=round(time.perf_counter() - t0, 2), finite=finite, rss_mib=rss() / MIB,
+                         seconds=round(time.perf_counter() - t0, 2), finite=finite,
+                         rss_mib=report.host_rss_bytes() / MIB,
                          alloc_mib=alloc / MIB, reserved_mib=reserved / MIB, host_pinned_mib=host_pinned(device)))
         r = rows[-1]
         pinned = r["host_pinned_mib"].get("allocated_bytes.current")
@@ -250,7 +241,8 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
     rss_mib = [r["rss_mib"] for r in rows]
     warm = max(rss_mib[4:8] or rss_mib[:1])   # after each variant/size/profile ran once
     verdict = dict(rss_before_mib=rss_before / MIB, rss_max_mib=max(rss_mib),
-                   soak_seconds=round(sum(r["seconds"] for r in rows), 1), base_alloc_mib=base[0] / MIB, base_reserved_mib=base[1] / MIB,
+                   soak_seconds=round(sum(r["seconds"] for r in rows), 1),
+                   base_alloc_mib=base[0] / MIB, base_reserved_mib=base[1] / MIB,
                    alloc_flat=all(r["alloc_mib"] == base[0] / MIB for r in rows),
                    reserved_max_mib=max(r["reserved_mib"] for r in rows),
                    rss_runs_5_8_max_mib=warm, rss_last5_max_mib=max(rss_mib[-5:]),
@@ -259,7 +251,8 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
     # diagnosis only, after the last run: what an extra pinned-cache release would still return
     released = device.type == "cuda" and REAL_EMPTY_HOST_CACHE()
     gc.collect()
-    verdict.update(extra_host_release=bool(released), rss_after_extra_release_mib=rss() / MIB,
+    verdict.update(extra_host_release=bool(released),
+                   rss_after_extra_release_mib=report.host_rss_bytes() / MIB,
                    host_pinned_after_extra_release_mib=host_pinned(device))
     return rows, verdict
 
@@ -311,7 +304,7 @@ def main(argv=None) -> int:
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                platform.processor() or "cpu", alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                layers=None if args.tiny else args.layers, tiny=args.tiny, keep_host_cache=args.keep_host_cache,
-               rss_start_mib=rss() / MIB)
+               rss_start_mib=report.host_rss_bytes() / MIB)
     log(json.dumps(env))
     # warm-up: CUDA context, cuBLAS/cuDNN workspaces and kernels, so "before" already holds them
     pipeline.generate(pipeline.Sources.from_model(str(ckpts[V15])), job(*sizes[V15][2], steps=1, image=image),

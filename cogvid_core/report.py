@@ -11,6 +11,7 @@ process's peak resident host memory (Linux: VmHWM, reset per stage where the ker
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -64,6 +65,26 @@ def host_peak_rss_bytes() -> int:
         return kib * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def host_rss_bytes(trim: bool = True) -> int | None:
+    """The process's resident host memory now (None where neither /proc nor psutil tells).
+
+    ``trim``: first hand glibc's freed heap pages back (malloc_trim), so memory earlier work freed
+    is not read as still in use; whatever is live stays in the figure."""
+    if trim:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    kib = _read_status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss
 
 
 class StageRecorder:

@@ -7,7 +7,6 @@ CUDA (`guard.allocated_bytes`) when a GPU is there.
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -25,7 +24,7 @@ import torch
 from PIL import Image
 
 import comfy_stub
-from cogvid_core import guard, loading, pipeline, placement, sampling, vae as vae_mod
+from cogvid_core import guard, loading, pipeline, placement, report, sampling, vae as vae_mod
 from cogvid_core.cli import main as cli_main
 from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
@@ -531,21 +530,6 @@ def test_each_model_is_freed_when_its_stage_ends(tiny_ckpts, start_png, monkeypa
 
 
 # ------------------------------------------------------------------------------- 4. soak
-def _rss() -> int:
-    # Hand freed heap pages back first: glibc keeps them in its arenas, and what earlier tests left
-    # there would read as growth here. What a leak holds stays in the figure.
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        import psutil
-        return psutil.Process().memory_info().rss
-    except ImportError:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
     runs = [(V10, None, None), (V15, 32, 32), (V15, 32, 48), (V15, 48, 32), (V15, 32, 32)]
     profiles = ["resident", "balanced", "lowvram"]
@@ -560,7 +544,7 @@ def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
         assert torch.isfinite(res.frames).all()
         del res
         gc.collect()
-        rss.append(_rss())
+        rss.append(report.host_rss_bytes())
         gpu.append(guard.allocated_bytes(DEVICE))
     mib = [r / 2 ** 20 for r in rss]
     # after warm-up (allocator pools filled by every variant/size/profile once), no upward trend
