@@ -32,12 +32,13 @@ import torch  # noqa: E402
 
 from cogvid_core import models as M  # noqa: E402
 from cogvid_core import placement as P  # noqa: E402
+from cogvid_core import profiles as PR  # noqa: E402
 from cogvid_core.report import StageRecorder  # noqa: E402
-from cogvid_core.vae import TileSpec  # noqa: E402
+from cogvid_core.profiles import TileSpec  # noqa: E402
 
 DIFFUSERS_RECIPES = ("diffusers-resident", "diffusers-model-offload", "diffusers-group-offload",
                      "diffusers-sequential-offload")
-OURS = tuple(f"ours-{name}" for name in P.PROFILES)
+OURS = tuple(f"ours-{name}" for name in PR.PROFILES)
 ALL = DIFFUSERS_RECIPES + OURS
 DEFAULT_RECIPES = ("diffusers-resident", "ours-lowvram", "ours-balanced", "diffusers-model-offload")
 BASELINE = "diffusers-resident"
@@ -228,7 +229,7 @@ def run_ours(recipe, models: Models, args, rec: StageRecorder):
                                  height=args.height, width=args.width, device=dev)
         log(f"{recipe}: plan picked {prof.name}")
     else:
-        prof = P.get_profile(name)
+        prof = PR.get_profile(name)
     t0 = time.perf_counter()
     P.apply_profile(models.transformer, prof)
     pt5 = P.place(models.text_encoder, dev, prof.text_encoder)

@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cogvid_core import guard, models as M, pipeline, report, session, testing  # noqa: E402
+from cogvid_core import devmem, models as M, pipeline, report, session, testing  # noqa: E402
 
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
 MIB = 2 ** 20
 STAGES = ("text_encode", "denoise", "decode")
-REAL_EMPTY_HOST_CACHE = guard.empty_host_cache    # --keep-host-cache replaces guard's
+REAL_EMPTY_HOST_CACHE = devmem.empty_host_cache    # --keep-host-cache replaces guard's
 
 
 class Cancelled(Exception):
@@ -67,7 +67,7 @@ def gpu(device) -> tuple[int, int]:
         return 0, 0
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    return guard.allocated_bytes(device), int(torch.cuda.memory_reserved(device))
+    return devmem.allocated_bytes(device), int(torch.cuda.memory_reserved(device))
 
 
 def stage_class(stage):
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     root = args.ckpt_dir or Path(tempfile.mkdtemp(prefix="cogvid_rel_"))
     if args.keep_host_cache:
-        guard.empty_host_cache = lambda: False
+        devmem.empty_host_cache = lambda: False
     ckpts = write(root, args.tiny, None if args.tiny else args.layers, testing.DTYPES[precision])
     ckpts["precision"] = precision
     # (frames, height, width) per variant; 1.0 is pinned to 480x720

@@ -25,14 +25,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, t5_config, transformer_config, vae_config
+from .devmem import GiB
+from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
+from .stages import COMPONENT_OF_STAGE, STAGES
+from .stages import LABELS as STAGE_LABELS
 
-GiB = 1024 ** 3
-STAGES = ("text_encode", "image_encode", "denoise_step", "decode")
-STAGE_LABELS = {"text_encode": "text encode", "image_encode": "image encode",
-                "denoise_step": "denoise step", "decode": "decode"}
-COMPONENT_OF_STAGE = {"text_encode": "text_encoder", "image_encode": "vae",
-                      "denoise_step": "transformer", "decode": "vae"}
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
 BYTES_PER_ELEMENT = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
@@ -180,16 +177,8 @@ def _tile_of(profile, tile):
 
 
 # ---------------------------------------------------------------- token and tile arithmetic
-def latent_frames(variant: Variant, frames: int) -> int:
-    """Latent frames the transformer sees (1.5 pads an odd count by one)."""
-    lf = (frames - 1) // 4 + 1
-    if variant.patch_size_t and lf % variant.patch_size_t:
-        lf += variant.patch_size_t - lf % variant.patch_size_t
-    return lf
-
-
 def video_tokens(variant: Variant, frames: int, height: int, width: int) -> int:
-    lf = latent_frames(variant, frames) // (variant.patch_size_t or 1)
+    lf = latent_frames(variant, frames)[0] // (variant.patch_size_t or 1)
     return lf * (height // 16) * (width // 16)
 
 
@@ -405,7 +394,7 @@ def estimate(variant, frames: int, height: int, width: int, profile="balanced",
     else:
         ff_bytes = c["step_ff_units"] * unit
     step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
-    lf = latent_frames(v, frames)
+    lf = latent_frames(v, frames)[0]
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
     step_act += 2 * video_tokens(v, frames, height, width) * tcfg["attention_head_dim"] * 4  # RoPE cos/sin
 

@@ -70,6 +70,8 @@ T5_CONFIG = dict(
     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, tie_word_embeddings=False,
 )
 MAX_TEXT_TOKENS = 226
+TEMPORAL_COMPRESSION = 4   # VAE: 4 frames per latent frame (after the first)
+SPATIAL_COMPRESSION = 8    # VAE: 8x8 pixels per latent
 
 # Tiny shapes keep every structural trait of the real ones (patching, ofs, learned positions,
 # RoPE head split, 4 VAE levels) so detection and the pipeline run the same code paths.
@@ -160,3 +162,12 @@ SCHEDULER_CONFIG = dict(
     sample_max_value=1.0, set_alpha_to_one=True, snr_shift_scale=1.0, steps_offset=0,
     timestep_spacing="trailing",
 )
+
+
+def latent_frames(variant: Variant, frames: int) -> tuple[int, int]:
+    """(latent frames incl. padding, padding frames dropped before decode)."""
+    n = (frames - 1) // TEMPORAL_COMPRESSION + 1
+    pad = 0
+    if variant.patch_size_t and n % variant.patch_size_t:
+        pad = variant.patch_size_t - n % variant.patch_size_t
+    return n + pad, pad

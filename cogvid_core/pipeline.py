@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import guard, loading, models, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, models, sampling, session, text, vae as vae_mod
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _stage(recorder, name, **kw):
 
 
 def _free():
-    guard.free_memory(host_cache=True)    # a model was just dropped: its pinned host copy too
+    devmem.free_memory(host_cache=True)    # a model was just dropped: its pinned host copy too
 
 
 def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",

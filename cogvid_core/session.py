@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .placement import MODES, apply_profile, get_profile, place, placed_of, resolve_profile, unplace
+from .devmem import module_bytes
+from .placement import apply_profile, place, placed_of, resolve_profile, unplace
+from .profiles import AUTO, MODES, get_profile
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP8 = "fp8_e4m3fn"
@@ -30,15 +32,6 @@ def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
     return PRECISIONS[name], None
 
 
-def module_bytes(module: torch.nn.Module, device: torch.device | None = None) -> int:
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if device is None or t.device.type == device.type:
-            total += t.numel() * t.element_size()
-    return total
-
-
-AUTO = "auto"
 PLACEMENTS = (AUTO, *MODES)
 # What "auto" means for a component used without a plan: T5 and VAE visit the GPU only while they run.
 AUTO_MODE = {"t5": "offload", "vae": "offload", "transformer": "offload"}

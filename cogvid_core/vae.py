@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import Variant
+from .profiles import TileSpec
 
 RESIZE_MODES = ("crop", "stretch", "pad")
 
@@ -32,14 +33,6 @@ class VideoLatents:
     variant_key: str
     fps: int
     drop_first: int         # latent frames to drop before decode (1.5 padding)
-
-
-@dataclass(frozen=True)
-class TileSpec:
-    """Sample-space tile size for decode; overlap is a fraction of the tile."""
-    height: int = 240
-    width: int = 360
-    overlap: float = 1 / 6
 
 
 def prepare_image(image, height: int, width: int, resize: str = "crop") -> torch.Tensor:

@@ -11,7 +11,7 @@ TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
 
 def tile_spec(tile: str, overlap: float, plan):
     """Widget -> vae.TileSpec (None = no spatial tiling); auto = the plan's tile, else diffusers' 360x240."""
-    from cogvid_core.vae import TileSpec
+    from cogvid_core.profiles import TileSpec
     if tile == "off":
         return None
     if tile == "auto":

@@ -9,8 +9,8 @@ AUTO = "auto"
 
 
 def profile_names() -> list[str]:
-    from cogvid_core import placement
-    return [AUTO, *placement.PROFILES]
+    from cogvid_core import profiles
+    return [AUTO, *profiles.PROFILES]
 
 
 class CogVidVRAMEstimate(io.ComfyNode):

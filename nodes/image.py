@@ -41,7 +41,7 @@ class CogVidImageEncode(io.ComfyNode):
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
         from cogvid_core import guard
         from cogvid_core.models import V15
-        from cogvid_core.placement import get_profile
+        from cogvid_core.profiles import get_profile
         from cogvid_core.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         tile = profile.vae_tile if profile is not None and profile.encode_tiled else None

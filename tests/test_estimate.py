@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from cogvid_core import estimate as E
-from cogvid_core.models import V10, V15
+from cogvid_core.models import V10, V15, latent_frames
+from cogvid_core.stages import STAGES
 
 TILE = (240, 360, 1 / 6)
 PROFILES = {
@@ -23,7 +24,7 @@ def est(variant=V15, frames=81, h=768, w=1360, profile="balanced", **kw):
 def test_token_count_matches_patching():
     assert E.tokens(V15, 81, 768, 1360) == 226 + 11 * 48 * 85      # 21 latent -> 22 padded, /2
     assert E.tokens(V10, 49, 480, 720) == 226 + 13 * 30 * 45
-    assert E.latent_frames(V15, 81) == 22 and E.latent_frames(V10, 49) == 13
+    assert latent_frames(V15, 81) == (22, 1) and latent_frames(V10, 49) == (13, 0)
 
 
 def test_weight_bytes_are_params_times_element_size():
@@ -121,7 +122,7 @@ def test_report_dict_and_chart():
     if not e.fits:
         assert e.advice() and e.advice() in text
     d = e.to_dict()
-    assert set(d["stages"]) == set(E.STAGES) and d["fits"] == e.fits
+    assert set(d["stages"]) == set(STAGES) and d["fits"] == e.fits
     import json
     json.dumps(d)
     img = E.chart_image(e, 640, 360)
