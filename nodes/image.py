@@ -40,7 +40,7 @@ class CogVidImageEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
         from cogvid_core import guard
-        from cogvid_core.models import V15
+        from cogvid_core.models import DEFAULT_VARIANT
         from cogvid_core.profiles import get_profile
         from cogvid_core.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
@@ -52,7 +52,7 @@ class CogVidImageEncode(io.ComfyNode):
         try:
             module = memory.acquire(vae)
             with guard.oom_guard("image_encode", info):
-                latent = encode_image(module, image, height, width, vae.variant or V15, resize=resize,
+                latent = encode_image(module, image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,
                                       device=vae.device, tile=tile)
         finally:
             memory.release(vae)
