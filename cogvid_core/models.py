@@ -89,9 +89,10 @@ V15 = Variant(
     tiny_sample={},
 )
 VARIANTS = {v.key: v for v in (V10, V15)}
-# What a new workflow starts from (the nodes' default size and frame count are its defaults).
+# What a new workflow starts from (the nodes' default size is its); also the label of a size error
+# before any transformer says which variant runs (the VAE serves every variant).
 DEFAULT_VARIANT = V15
-TRANSFORMER_CONFIGS = {v.key: v.transformer for v in VARIANTS.values()}
+
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 512), latent_channels=LATENT_CHANNELS,
     layers_per_block=3, act_fn="silu", norm_eps=1e-6, norm_num_groups=32,
