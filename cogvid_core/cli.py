@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from .devmem import GiB
@@ -12,8 +13,10 @@ from .guard import StageOOM
 from .models import VARIANTS, CheckpointError
 from .profiles import AUTO
 
-# what a user can fix gets one line; anything else (TypeError, KeyError, ...) is a bug: its traceback shows
+# what a user can fix gets one line (exit 2); anything else (TypeError, KeyError, ...) is a bug: its
+# traceback shows (exit 70, sysexits' EX_SOFTWARE; 1 is the estimate's "does not fit")
 USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, StageOOM)
+BUG_EXIT = 70
 
 
 def _i2v_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,3 +219,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print("this is a bug in cogvid_core, not in your input: please report it with the traceback above",
+              file=sys.stderr)
+        return BUG_EXIT

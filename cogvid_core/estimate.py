@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .devmem import GiB, precision_bytes
+from .devmem import precision_bytes
 from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
 from .profiles import PROFILES, Profile
-from .stages import COMPONENT_OF_STAGE, LABELS, STAGES
+from .stages import COMPONENT_OF_STAGE, STAGES
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
