@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -35,12 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cogvid_core import devmem  # noqa: E402
 from cogvid_core import estimate as E  # noqa: E402
 from cogvid_core import models as M  # noqa: E402
 from cogvid_core import profiles  # noqa: E402
 from cogvid_core.stages import STAGES  # noqa: E402
 
-GiB = E.GiB
+GiB = devmem.GiB
 STAGE_REC = {"text_encode": "text encode", "image_encode": "image encode", "denoise_step": "denoise",
              "decode": "decode"}
 BUDGETS_GIB = (8, 12, 16, 24, 40)
@@ -103,7 +103,7 @@ def _row_of(rec, name):
 
 def measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs):
     """Run one stage through the engine under a StageRecorder; (peak alloc, peak reserved) bytes."""
-    from cogvid_core import placement, report, sampling, session, text, vae as vae_mod
+    from cogvid_core import activations, report, sampling, session, text, vae as vae_mod
 
     tile = prof.vae_tile
     key = {"text_encode": ("te", prof.text_encoder == "stream"),
@@ -139,7 +139,7 @@ def measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs):
     elif stage == "denoise_step":
         pos, neg = inputs["prompt"]
         tr = models.transformer(v)
-        placement.apply_profile(tr, prof)
+        activations.apply_profile(tr, prof)
         c = session.Component("transformer", tr, device, dtype, prof.transformer, variant=v)
         try:
             with rec.stage("denoise", steps=1):

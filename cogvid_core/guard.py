@@ -48,7 +48,7 @@ class RunInfo:
     height: int | None = None
     width: int | None = None
     profile: object = "balanced"  # profiles.Profile or name
-    tile: object = None           # decode tile (vae.TileSpec) override
+    tile: object = None           # decode tile (profiles.TileSpec) override
     device: object = None
 
 

@@ -1,4 +1,4 @@
-"""Where weights live and when they move; placement profiles.
+"""Where weights live and when they move.
 
 Three placement modes for one module (transformer, T5 encoder or VAE):
 
@@ -20,87 +20,20 @@ API::
     placed.release()                         # nothing left on the device, hooks removed
 
 On a CPU device every mode degrades to ``resident`` (nothing to save), so CPU runs take the same
-calls. A :class:`Profile` bundles the three modes with the CFG mode and the activation savers of
-:mod:`cogvid_core.activations`; :data:`PROFILES` holds the named ones and
-:func:`resolve_profile` turns ``"auto"`` into one from a VRAM budget via ``estimate.plan``.
+calls. Which mode each component gets is a :class:`cogvid_core.profiles.Profile`'s choice.
 """
 from __future__ import annotations
 
-import dataclasses
-import gc
-import logging
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .activations import set_ff_chunking, set_low_mem_attention
-from .profiles import AUTO, MODES, PROFILES, Profile, get_profile, snap_tile
-
-log = logging.getLogger(__name__)
+from .devmem import free_memory, module_bytes, module_tensors
+from .profiles import MODES
 
 HOST = torch.device("cpu")
 _ATTR = "_cogvid_placed"
-
-
-def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
-                    variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
-                    device=None, budget_gib: float | None = None, precision: dict | None = None) -> Profile:
-    """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
-
-    ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
-    ``estimate.plan(variant, frames, height, width, budget_bytes, precision)`` picks. The budget is
-    ``budget_bytes``, else ``budget_gib``, else the device's free memory (``estimate.gpu_budget``).
-    On a CPU device ``auto`` is ``resident``.
-    """
-    if not (isinstance(name, str) and name == AUTO):
-        return get_profile(name)
-    dev = torch.device(device) if device is not None else None
-    if budget_bytes is None and budget_gib is not None:
-        budget_bytes = int(budget_gib * 1024 ** 3)
-    if budget_bytes is None:
-        if dev is None or dev.type == "cpu" or not torch.cuda.is_available():
-            return PROFILES["resident"]
-        from .estimate import gpu_budget
-        budget_bytes = gpu_budget(dev)
-        if budget_bytes is None:
-            return PROFILES["resident"]
-    if estimate_fn is not None:
-        return get_profile(estimate_fn(budget_bytes))
-    if variant is None or frames is None or height is None or width is None:
-        raise ValueError("profile 'auto' needs the variant, frames, height and width to pick from a budget")
-    from .estimate import plan
-    prof, est = plan(variant, frames, height, width, budget_bytes, precision)
-    if getattr(prof, "vae_tile", None) is not None:        # derived candidates may carry inexact tiles
-        prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
-    log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,
-             getattr(est, "peak_reserved", 0) / 1024 ** 3, budget_bytes / 1024 ** 3)
-    return get_profile(prof)
-
-
-def apply_profile(transformer: nn.Module, profile: Profile | str) -> Profile:
-    """Set the profile's activation savers on a CogVideoX transformer (and undo those it lacks)."""
-    profile = get_profile(profile)
-    set_ff_chunking(transformer, profile.ff_chunk)
-    set_low_mem_attention(transformer, profile.low_mem_attention, profile.attn_head_chunk)
-    return profile
-
-
-# ---------------------------------------------------------------------------------------------
-# Placement
-# ---------------------------------------------------------------------------------------------
-def _tensors(module: nn.Module):
-    seen = set()
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            yield t
-
-
-def _empty_cache(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def stream_root(module: nn.Module) -> nn.Module:
@@ -142,13 +75,13 @@ class Placed:
 
     # -- offload ------------------------------------------------------------------------------
     def _init_offload(self, pin: bool) -> None:
-        for t in _tensors(self.module):
+        for t in module_tensors(self.module):
             host = t.data if t.device.type == "cpu" else t.data.to(HOST)
             if pin and self.device.type == "cuda" and not host.is_pinned():
                 host = host.pin_memory()
             t.data = host
             self._host[t] = host
-        _empty_cache(self.device)
+        free_memory(self.device)
 
     def _onload(self) -> None:
         if self.mode == "offload" and not self._on_device:
@@ -161,18 +94,18 @@ class Placed:
             for t, host in self._host.items():
                 t.data = host
             self._on_device = False
-            _empty_cache(self.device)
+            free_memory(self.device)
 
     # -- stream -------------------------------------------------------------------------------
     def _init_stream(self, use_stream: bool) -> None:
         from diffusers.hooks import apply_group_offloading
 
         root = stream_root(self.module)
-        inside = {id(t) for t in _tensors(root)}
+        inside = {id(t) for t in module_tensors(root)}
         # weights to the host first: group offloading pins host copies and would leave device copies alive
         self.module.to(HOST)
-        _empty_cache(self.device)
-        self._outside = [t for t in _tensors(self.module) if id(t) not in inside]
+        free_memory(self.device)
+        self._outside = [t for t in module_tensors(self.module) if id(t) not in inside]
         for t in self._outside:            # e.g. nothing for T5 (shared embedding is encoder.embed_tokens)
             t.data = t.data.to(self.device)
         cuda = self.device.type == "cuda"
@@ -206,7 +139,7 @@ class Placed:
         """End of a use: offload mode drops the device copy; every mode frees cached device blocks."""
         self._offload()
         if self.mode != "offload":
-            _empty_cache(self.device)
+            free_memory(self.device)
 
     @contextmanager
     def use(self):
@@ -226,7 +159,7 @@ class Placed:
         if self.mode == "offload":
             self._offload()
         if self.device.type != "cpu":
-            for t in _tensors(self.module):
+            for t in module_tensors(self.module):
                 if t.device.type != "cpu":
                     t.data = t.data.to(HOST)
         self._host.clear()
@@ -235,13 +168,13 @@ class Placed:
         self.released = True
         if self.module.__dict__.get(_ATTR) is self:
             del self.module.__dict__[_ATTR]
-        _empty_cache(self.device)
+        free_memory(self.device)
 
     def device_bytes(self) -> int:
         """Bytes of this module's weights on the compute device right now."""
         if self.device.type == "cpu":
             return 0
-        return sum(t.numel() * t.element_size() for t in _tensors(self.module) if t.device.type == self.device.type)
+        return module_bytes(self.module, self.device)
 
     def __repr__(self) -> str:
         state = "released" if self.released else ("on device" if self._on_device else "host")
@@ -283,6 +216,6 @@ def unplace(module: nn.Module) -> None:
     if p is not None:
         p.release()
         return
-    device = next((t.device for t in _tensors(module)), HOST)
+    device = next((t.device for t in module_tensors(module)), HOST)
     module.to(HOST)
-    _empty_cache(device)
+    free_memory(device)

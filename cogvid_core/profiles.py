@@ -3,12 +3,15 @@
 A :class:`Profile` bundles each component's placement mode (``resident`` / ``offload`` / ``stream``,
 see :mod:`cogvid_core.placement`) with the CFG mode and the activation savers of
 :mod:`cogvid_core.activations`; :data:`PROFILES` holds the shipped ones. ``"auto"`` is not a
-profile but the request to pick one from a VRAM budget (:mod:`cogvid_core.planner`).
+profile but the request to pick one from a VRAM budget (:func:`cogvid_core.planner.resolve_profile`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
+
+from .models import SPATIAL_COMPRESSION
 
 AUTO = "auto"
 MODES = ("resident", "offload", "stream")
@@ -23,15 +26,33 @@ class TileSpec:
     overlap: float = 1 / 6
 
 
-def tile_is_exact(size: int, overlap: float, spatial: int = 8) -> bool:
-    """Whether diffusers' CogVideoX tiled encode/decode reassembles exactly ``size`` pixels per tile
-    step along one axis for this overlap. When the latent stride and the kept sample rows disagree
-    (e.g. 360 px at overlap 1/6: stride 37 latents = 296 px, kept 300 px), the output grows
-    (1360 -> 1376 px) or the encoded latent gets an extra column (90 -> 91) and sampling fails."""
+def tile_is_exact(size: int, overlap: float, spatial: int = SPATIAL_COMPRESSION) -> bool:
+    """THE tile rule: whether diffusers' CogVideoX tiled encode/decode, given this overlap factor,
+    reassembles exactly ``size`` pixels per tile step along one axis. When the latent stride and the
+    kept sample rows disagree (e.g. 360 px at overlap 1/6: stride 37 latents = 296 px, kept 300 px),
+    the output grows (1360 -> 1376 px) or the encoded latent gets an extra column (90 -> 91) and
+    sampling fails. Profile validation and the factors the VAE is given both rest on it."""
     lat = size // spatial
     decode_ok = int(lat * (1 - overlap)) * spatial == size - int(size * overlap)
     encode_ok = int(size * (1 - overlap)) == spatial * (lat - int(lat * overlap))
     return size % spatial == 0 and decode_ok and encode_ok
+
+
+def exact_overlap(size: int, overlap: float, spatial: int = SPATIAL_COMPRESSION) -> float:
+    """The overlap factor to hand diffusers for a tile side of ``size`` px asked with ``overlap``: the
+    overlap rounded to whole latent steps, nudged by a few ulps until :func:`tile_is_exact` holds
+    (diffusers truncates ``size * f``, so the exact fraction can land one below); 0.0 when none
+    does. Any tile side a multiple of ``spatial`` gets one, so the VAE accepts tiles a profile
+    would reject as given."""
+    lat = size // spatial
+    step = min(lat, max(1, round(lat * (1 - overlap))))
+    blend = size - spatial * step
+    f = blend / size
+    for _ in range(8):
+        if tile_is_exact(size, f, spatial):
+            return f
+        f = math.nextafter(f, 1.0) if int(size * f) < blend else math.nextafter(f, 0.0)
+    return 0.0
 
 
 def snap_tile(tile: TileSpec) -> TileSpec:
@@ -80,7 +101,7 @@ class Profile:
             raise ValueError(f"profile {self.name}: attn_head_chunk must be >= 1")
         if self.vae_tile is not None:
             if not isinstance(self.vae_tile, TileSpec):
-                raise ValueError(f"profile {self.name}: vae_tile must be a vae.TileSpec or None")
+                raise ValueError(f"profile {self.name}: vae_tile must be a TileSpec or None")
             check_tile(self.vae_tile)
         return self
 

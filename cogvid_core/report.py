@@ -11,18 +11,15 @@ process's peak resident host memory (Linux: VmHWM, reset per stage where the ker
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
-GIB = 1024 ** 3
+from .devmem import GiB, host_peak_rss_bytes, reset_host_peak
 
 
 @dataclass
@@ -36,55 +33,6 @@ class StageRow:
     end_alloc_gib: float | None = None       # still allocated when the stage ended
     host_peak_rss_gib: float | None = None   # process peak RSS during the stage (or since start)
     error: str | None = None
-
-
-def _read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_host_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def host_peak_rss_bytes() -> int:
-    kib = _read_status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def host_rss_bytes(trim: bool = True) -> int | None:
-    """The process's resident host memory now (None where neither /proc nor psutil tells).
-
-    ``trim``: first hand glibc's freed heap pages back (malloc_trim), so memory earlier work freed
-    is not read as still in use; whatever is live stays in the figure."""
-    if trim:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    kib = _read_status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss
 
 
 class StageRecorder:
@@ -112,7 +60,7 @@ class StageRecorder:
         self._sync()
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_host_peak()
+        reset_host_peak()
         row = StageRow(stage=name, seconds=0.0, steps=steps)
         t0 = time.perf_counter()
         try:
@@ -126,10 +74,10 @@ class StageRecorder:
             if row.steps:
                 row.s_per_step = row.seconds / row.steps
             if self._cuda:
-                row.peak_alloc_gib = torch.cuda.max_memory_allocated(self.device) / GIB
-                row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GIB
-                row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GIB
-            row.host_peak_rss_gib = host_peak_rss_bytes() / GIB
+                row.peak_alloc_gib = torch.cuda.max_memory_allocated(self.device) / GiB
+                row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GiB
+                row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GiB
+            row.host_peak_rss_gib = host_peak_rss_bytes() / GiB
             self._rows.append(row)
 
     def add(self, row: StageRow) -> None:

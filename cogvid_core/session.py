@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .activations import apply_profile
 from .devmem import module_bytes
-from .placement import apply_profile, place, placed_of, resolve_profile, unplace
+from .placement import place, placed_of, unplace
+from .planner import resolve_profile
 from .profiles import AUTO, MODES, get_profile
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -106,19 +108,6 @@ def apply_plan(transformer: Component, plan=None, frames: int | None = None, hei
     transformer.choose(profile.transformer)
     activations = plan.stage("denoise_step").activations if plan is not None else 0
     return profile, activations
-
-
-def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None):
-    """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
-    nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change)."""
-    from . import estimate as E
-    if budget_bytes is None:
-        return E.estimate(variant, frames, height, width, "balanced")
-    try:
-        return E.plan(variant, frames, height, width, budget_bytes)[1]
-    except ValueError:
-        leanest = E.candidates()[-1]
-        return E.estimate(variant, frames, height, width, leanest, budget_bytes=budget_bytes)
 
 
 def decode_bytes(latents, tile, plan=None) -> int:

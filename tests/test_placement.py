@@ -9,6 +9,7 @@ import torch
 from cogvid_core import activations as A
 from cogvid_core import models as M
 from cogvid_core import placement as P
+from cogvid_core import planner as PL
 from cogvid_core import profiles as PR
 from cogvid_core.testing import build_random
 from cogvid_core.profiles import TileSpec
@@ -95,10 +96,10 @@ def test_all_savers_together_match(tiny):
     variant, tr = tiny
     kw = _inputs(tr, variant)
     ref = _run(tr, kw)
-    P.apply_profile(tr, "lowvram")
+    A.apply_profile(tr, "lowvram")
     assert A.ff_chunk_tokens(tr) == PR.PROFILES["lowvram"].ff_chunk and A.low_mem_attention_enabled(tr)
     assert (_run(tr, kw) - ref).abs().max().item() <= 1e-5
-    P.apply_profile(tr, "resident")
+    A.apply_profile(tr, "resident")
     assert A.ff_chunk_tokens(tr) is None and not A.low_mem_attention_enabled(tr)
 
 
@@ -150,18 +151,18 @@ def test_chunked_ff_batched_bf16_is_bitwise():
 
 
 def test_resolve_profile():
-    assert P.resolve_profile("balanced") is PR.PROFILES["balanced"]
+    assert PL.resolve_profile("balanced") is PR.PROFILES["balanced"]
     with pytest.raises(ValueError, match="unknown placement profile"):
-        P.resolve_profile("turbo")
-    assert P.resolve_profile("auto", device="cpu") is PR.PROFILES["resident"]
+        PL.resolve_profile("turbo")
+    assert PL.resolve_profile("auto", device="cpu") is PR.PROFILES["resident"]
     seen = []
 
     def pick(budget):
         seen.append(budget)
         return "lowvram" if budget < 20 * 1024 ** 3 else "balanced"
 
-    assert P.resolve_profile("auto", 8 * 1024 ** 3, pick) is PR.PROFILES["lowvram"]
-    assert P.resolve_profile("auto", estimate_fn=pick, budget_gib=22) is PR.PROFILES["balanced"]
+    assert PL.resolve_profile("auto", 8 * 1024 ** 3, pick) is PR.PROFILES["lowvram"]
+    assert PL.resolve_profile("auto", estimate_fn=pick, budget_gib=22) is PR.PROFILES["balanced"]
     assert seen == [8 * 1024 ** 3, 22 * 1024 ** 3]
 
 
@@ -209,7 +210,7 @@ def test_stream_mode_hooks_on_cpu(tiny):
     variant, tr = tiny
     kw = _inputs(tr, variant)
     ref = _run(tr, kw)
-    P.apply_profile(tr, "lowvram")                                  # savers and hooks together
+    A.apply_profile(tr, "lowvram")                                  # savers and hooks together
     placed = P.place(tr, "cpu", "stream", degrade_on_cpu=False)
     assert placed.mode == "stream" and _has_hooks(tr)
     for _ in range(2):                                                # first call traces, second prefetches
@@ -219,7 +220,7 @@ def test_stream_mode_hooks_on_cpu(tiny):
     placed.release()
     assert not _has_hooks(tr)
     assert all(t.device.type == "cpu" for t in tr.parameters())
-    P.apply_profile(tr, "resident")
+    A.apply_profile(tr, "resident")
     assert torch.equal(_run(tr, kw), ref)
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import comfy_stub
-from cogvid_core import devmem, guard, loading, pipeline, placement, report, sampling, vae as vae_mod
+from cogvid_core import devmem, guard, loading, pipeline, placement, sampling, vae as vae_mod
 from cogvid_core.cli import main as cli_main
 from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
@@ -544,7 +544,7 @@ def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
         assert torch.isfinite(res.frames).all()
         del res
         gc.collect()
-        rss.append(report.host_rss_bytes())
+        rss.append(devmem.host_rss_bytes())
         gpu.append(devmem.allocated_bytes(DEVICE))
     mib = [r / 2 ** 20 for r in rss]
     # after warm-up (allocator pools filled by every variant/size/profile once), no upward trend
