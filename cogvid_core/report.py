@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -35,6 +36,8 @@ class StageRow:
     peak_reserved_gib: float | None = None   # torch peak reserved (what the caching allocator holds)
     end_alloc_gib: float | None = None       # still allocated when the stage ended
     host_peak_rss_gib: float | None = None   # process peak RSS during the stage (or since start)
+    host_peak_anon_pinned_gib: float | None = None   # peak anonymous + pinned host memory (sampled)
+    host_peak_file_gib: float | None = None  # peak file-backed resident pages (mapped checkpoints; droppable)
     error: str | None = None
 
 
@@ -87,6 +90,75 @@ def host_rss_bytes(trim: bool = True) -> int | None:
     return psutil.Process().memory_info().rss
 
 
+def host_memory() -> dict[str, int]:
+    """Host memory of this process now, by kind (bytes; empty where /proc is missing).
+
+    ``anon``: RssAnon (heap, CPU tensors, staging buffers we page-lock with cudaHostRegister);
+    ``file``: RssFile (mapped file pages: the kernel may drop them, another process may share them);
+    ``shmem``: RssShmem; ``pinned``: bytes torch's pinned-host allocator holds (cudaHostAlloc: the
+    tensors from ``pin_memory()`` plus its cache, ``allocated_bytes.current``).
+    ``anon_pinned`` is what this process owns and the kernel cannot take back: anon + shmem + pinned,
+    where cudaHostAlloc'd pages are not already in RssAnon/RssShmem (see PINNED_IN_RSS).
+    """
+    out = {}
+    for key, field in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem")):
+        kib = _read_status_kib(field)
+        if kib is not None:
+            out[key] = kib * 1024
+    out["pinned"] = pinned_host_bytes()
+    if "anon" in out:
+        out["anon_pinned"] = out["anon"] + out.get("shmem", 0) + (0 if PINNED_IN_RSS else out["pinned"])
+    return out
+
+
+# How cudaHostAlloc'd memory (torch's pinned allocator) shows up in /proc/self/status: measured on
+# the H200 machine by bench/bench_hostmem.py --case diag (see bench/hostmem_h200.json, "diag").
+PINNED_IN_RSS = False
+
+
+def pinned_host_bytes() -> int:
+    """Bytes torch's pinned-host allocator holds now (in use + cached); 0 without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0
+    try:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+    except (RuntimeError, AttributeError):
+        return 0
+
+
+class HostMemoryPeak:
+    """Samples :func:`host_memory` on a thread (every ``interval`` s) and keeps each kind's peak:
+    the kernel keeps no per-kind high-water mark, so a short spike between samples can be missed."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        for k, v in host_memory().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "HostMemoryPeak":
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="cogvid-host-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def gib(self, kind: str) -> float | None:
+        return self.peak[kind] / GIB if kind in self.peak else None
+
+
 class StageRecorder:
     """Context manager per stage; collects :class:`StageRow` s. Nested stages are allowed (each resets
     the peak statistics, so an outer stage then reports only what came after the inner one began:
@@ -114,6 +186,7 @@ class StageRecorder:
             torch.cuda.reset_peak_memory_stats(self.device)
         _reset_host_peak()
         row = StageRow(stage=name, seconds=0.0, steps=steps)
+        sampler = HostMemoryPeak().__enter__()
         t0 = time.perf_counter()
         try:
             yield row
@@ -130,6 +203,8 @@ class StageRecorder:
                 row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GIB
                 row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GIB
             row.host_peak_rss_gib = host_peak_rss_bytes() / GIB
+            sampler.__exit__()
+            row.host_peak_anon_pinned_gib, row.host_peak_file_gib = sampler.gib("anon_pinned"), sampler.gib("file")
             self._rows.append(row)
 
     def add(self, row: StageRow) -> None:
@@ -145,21 +220,24 @@ class StageRecorder:
             return max(vals) if vals else None
         return dict(stage="total", seconds=sum(r.seconds for r in self._rows),
                     peak_alloc_gib=mx("peak_alloc_gib"), peak_reserved_gib=mx("peak_reserved_gib"),
-                    host_peak_rss_gib=mx("host_peak_rss_gib"))
+                    host_peak_rss_gib=mx("host_peak_rss_gib"), host_peak_anon_pinned_gib=mx("host_peak_anon_pinned_gib"),
+                    host_peak_file_gib=mx("host_peak_file_gib"))
 
     def table(self) -> str:
         """Markdown table, one line per stage plus a total line."""
         def f(v, spec=".2f"):
             return "-" if v is None else format(v, spec)
-        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB "
+                 "| host anon+pinned GiB | host file-backed GiB |", "|---|---|---|---|---|---|---|---|"]
         for r in self._rows:
             name = r.stage + (" (failed)" if r.error else "")
             lines.append(f"| {name} | {f(r.seconds)} | {f(r.s_per_step)} | {f(r.peak_alloc_gib)} | "
-                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} |")
+                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} | {f(r.host_peak_anon_pinned_gib)} | "
+                         f"{f(r.host_peak_file_gib)} |")
         t = self.total()
         lines.append(f"| **total** | {f(t['seconds'])} | - | {f(t['peak_alloc_gib'])} | "
-                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} |")
+                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} | "
+                     f"{f(t['host_peak_anon_pinned_gib'])} | {f(t['host_peak_file_gib'])} |")
         return "\n".join(lines)
 
     def to_json(self, **extra) -> str:

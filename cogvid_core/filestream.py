@@ -1,0 +1,441 @@
+"""Weights read from the user's safetensors files block by block: no full host copy of a model.
+
+A file-backed model is built on the meta device and carries a :class:`WeightIndex` (per tensor:
+file, byte range, file dtype, target dtype, fp8 scale) instead of weights. Placing it
+(:class:`FilePlacement`, chosen by ``placement.Placed``) reads tensors with ``pread`` straight into
+a few page-locked staging buffers sized for the largest block, copies each buffer to the device on
+a side CUDA stream while the previous block computes, and converts dtypes there (fp16/fp32 -> bf16,
+fp8 storage, ComfyUI scaled fp8): the page cache may keep the file (the kernel can drop it), the
+process owns only the staging buffers plus whatever is on the device.
+
+* ``resident``: everything read once onto the device.
+* ``offload``:  tensors outside the block list stay on the device; ``acquire`` streams every block
+  in, ``offload`` drops them (nothing kept on the host).
+* ``stream``:   forward hooks on each block fetch it (and prefetch the next ``depth``, wrapping round
+  to the first blocks for the next call) and drop it after it ran.
+
+On a CPU device the same code runs without streams (the "device copy" is a copy of the staging
+buffer), which is what the tests exercise; ``placement.place`` degrades CPU placements to resident.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import CheckpointError
+
+_ATTR = "_cogvid_weight_index"
+_ALIGN = 64
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Where one tensor lives in a safetensors file and what it becomes on the device."""
+    path: str
+    start: int                 # absolute byte offset of the data in the file
+    nbytes: int
+    dtype: torch.dtype         # as stored
+    shape: tuple[int, ...]
+    target: torch.dtype        # as computed with
+    scale: "TensorSource | None" = None   # ComfyUI scaled fp8: weight * scale (float32), then target
+
+
+WeightIndex = dict      # {model tensor name: TensorSource}
+
+
+# =============================================================================== index
+def read_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """{key: (dtype, shape, start, end)} with absolute byte offsets, from the safetensors header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise CheckpointError(f"{Path(path).name} is truncated or corrupt ({e}): download it again") from e
+    out = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        if v["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{Path(path).name}: tensor {key} has dtype {v['dtype']}, which this pack does "
+                                  "not read; use a bf16, fp16, fp32 or fp8 checkpoint")
+        a, b = v["data_offsets"]
+        out[key] = (_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + a, 8 + n + b)
+    return out
+
+
+def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=None, keep_fp8: bool = False,
+                  ignore=lambda k: False) -> WeightIndex:
+    """What ``loading.load_weights`` would read into ``model``, recorded instead of read.
+
+    Same names, prefixes, scales and target dtypes as ``load_weights`` (its helpers decide), so a
+    file-backed model computes bit for bit what a loaded one does. Raises CheckpointError on
+    tensors the model does not have."""
+    from . import loading as L
+
+    index, unexpected = {}, []
+    for path in map(Path, files):
+        header = read_header(path)
+        prefix = L._strip_prefix(header)
+        scales = {k[len(prefix):]: _source(path, v, torch.float32) for k, v in header.items()
+                  if k.endswith(".scale_weight")}
+        for key, v in header.items():
+            name = key[len(prefix):]
+            if key in L._MARKERS or name.endswith(L._SCALE_SUFFIXES) or ignore(name):
+                continue
+            owner, _, leaf = name.rpartition(".")
+            try:
+                module = model.get_submodule(owner)
+            except AttributeError:
+                unexpected.append(name)
+                continue
+            if leaf not in module._parameters and leaf not in module._buffers:
+                unexpected.append(name)
+                continue
+            scale = scales.get(f"{name[:-len('weight')]}scale_weight") if name.endswith("weight") else None
+            probe = torch.empty(0, dtype=torch.float32 if scale is not None else v[0], device="meta")
+            target = L._target_dtype(name, probe, module, dtype, storage_dtype, keep_fp8)
+            index[name] = _source(path, v, target, scale)
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
+                              "a different model or version")
+    return index
+
+
+def _source(path: Path, entry, target, scale=None) -> TensorSource:
+    dt, shape, a, b = entry
+    return TensorSource(str(path), a, b - a, dt, shape, target, scale)
+
+
+def attach(model: nn.Module, index: WeightIndex, finalize=None) -> nn.Module:
+    """Make a meta-device ``model`` file-backed: placeholders get the target dtypes, ``finalize`` ties
+    shared tensors (T5 embeddings), and every tensor must have a source."""
+    for name, src in index.items():
+        _assign(model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+    if finalize is not None:
+        finalize(model)
+    covered = {_slot(model, n) for n in index}
+    missing = [n for n, _ in _named_tensors(model) if _slot(model, n) not in covered]
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors missing from the checkpoint (e.g. {missing[0]}): the file "
+                              "is truncated or a different model; download it again")
+    object.__setattr__(model, _ATTR, index)
+    return model
+
+
+def lazy_load(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=None, keep_fp8: bool = False,
+              ignore=lambda k: False, finalize=None) -> nn.Module:
+    """``loading.load_weights``'s drop-in that reads nothing: the meta ``model`` becomes file-backed
+    and its weights are read when it is placed (``placement.place``)."""
+    index = index_weights(model, files, dtype, storage_dtype=storage_dtype, keep_fp8=keep_fp8, ignore=ignore)
+    return attach(model, index, finalize)
+
+
+def index_of(model: nn.Module) -> WeightIndex | None:
+    return model.__dict__.get(_ATTR)
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def _slot(model: nn.Module, name: str):
+    owner, _, leaf = name.rpartition(".")
+    return id(model.get_submodule(owner)), leaf
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if leaf in module._buffers:
+        module._buffers[leaf] = t
+    else:
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+
+# =============================================================================== reading
+class _Layout:
+    """Where each tensor of one group (a block, or everything outside the blocks) sits in a staging
+    buffer: file ranges merged into runs read with one ``pread`` each."""
+
+    def __init__(self, items: list[tuple[str, TensorSource]]):
+        self.items = items
+        srcs = {(s.path, s.start): s for _, s in items}
+        srcs.update({(s.scale.path, s.scale.start): s.scale for _, s in items if s.scale is not None})
+        self.offset, self.runs, pos = {}, [], 0
+        for key in sorted(srcs):
+            s = srcs[key]
+            last = self.runs[-1] if self.runs else None
+            at = None if last is None else last[3] + (s.start - last[1])
+            if last is None or last[0] != s.path or s.start != last[1] + last[2] or at % _ALIGN:
+                pos = -(-pos // _ALIGN) * _ALIGN
+                self.runs.append([s.path, s.start, 0, pos])
+                at = pos
+            self.runs[-1][2] += s.nbytes
+            self.offset[key] = at
+            pos = at + s.nbytes
+        self.nbytes = pos
+
+
+def _pread_into(fd: int, dst: torch.Tensor, offset: int, name: str) -> None:
+    view, got = memoryview(dst.numpy()), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise CheckpointError(f"{name} ends early (byte {offset + got}): the file is truncated; download it again")
+        got += n
+
+
+def _raw(flat: torch.Tensor, at: int, s: TensorSource) -> torch.Tensor:
+    return flat[at:at + s.nbytes].view(s.dtype).view(s.shape)
+
+
+def _convert(flat: torch.Tensor, layout: _Layout, s: TensorSource) -> torch.Tensor:
+    """The same arithmetic as ``loading.load_weights``, done where ``flat`` is (the device)."""
+    t = _raw(flat, layout.offset[(s.path, s.start)], s)
+    if s.scale is not None:
+        t = t.to(torch.float32) * _raw(flat, layout.offset[(s.scale.path, s.scale.start)], s.scale).to(torch.float32)
+    if s.target in _FP8 and t.dtype not in _FP8:
+        t = t.to(torch.float32).clamp(-torch.finfo(s.target).max, torch.finfo(s.target).max)
+    return t.to(s.target)       # a view of ``flat`` when nothing changes: blocks are dropped whole
+
+
+def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+    """A host buffer; page-locked through cudaHostRegister on ordinary (anonymous) memory, so it is
+    counted in RssAnon and never rounded up to a power of two like torch's pinned allocator does."""
+    buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    if pin:
+        rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
+        if int(getattr(rc, "value", rc)) != 0:
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True), False
+        return buf, True
+    return buf, False
+
+
+class _Reader:
+    """Reads groups of tensors from files onto a device through ``buffers`` staging buffers.
+
+    One worker thread does the ``pread`` (it releases the GIL) and queues the host-to-device copy and
+    the dtype conversion on a side stream; the caller waits on the returned event before use. A
+    staging buffer is reused only after the copy out of it finished (its event)."""
+
+    def __init__(self, size: int, device: torch.device, buffers: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.buffer_bytes = max(size, 1)
+        self._bufs = [_staging(size, self.cuda) for _ in range(max(1, buffers))]
+        self._free: list = [None] * len(self._bufs)
+        self._next = 0
+        self._fds: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cogvid-filestream")
+        self.side = torch.cuda.Stream(device) if self.cuda else None
+
+    def staging_bytes(self) -> int:
+        return sum(b.numel() for b, _ in self._bufs)
+
+    def submit(self, layout: _Layout):
+        k, self._next = self._next, (self._next + 1) % len(self._bufs)
+        return self._pool.submit(self._read, layout, k)
+
+    def read_now(self, layout: _Layout) -> dict[str, torch.Tensor]:
+        tensors, ready = self.submit(layout).result()
+        self.wait(tensors, ready)
+        return tensors
+
+    def wait(self, tensors: dict, ready) -> None:
+        """Make ``tensors`` safe to use (and later free) on the current stream."""
+        if ready is None:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(ready)
+        for t in tensors.values():
+            t.record_stream(cur)
+
+    def _fd(self, path: str) -> int:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        return self._fds[path]
+
+    def _read(self, layout: _Layout, k: int):
+        buf, _ = self._bufs[k]
+        if layout.nbytes > buf.numel():
+            raise ValueError(f"{layout.nbytes} bytes do not fit a {buf.numel()}-byte staging buffer")
+        if self._free[k] is not None:
+            self._free[k].synchronize()
+        for path, start, nbytes, at in layout.runs:
+            _pread_into(self._fd(path), buf[at:at + nbytes], start, Path(path).name)
+        host = buf[:layout.nbytes]
+        if not self.cuda:
+            flat = host.clone()
+            return {n: _convert(flat, layout, s) for n, s in layout.items}, None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.side):
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+            flat.copy_(host, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+            tensors = {n: _convert(flat, layout, s) for n, s in layout.items}
+            ready = torch.cuda.Event()
+            ready.record(self.side)
+        self._free[k] = copied
+        return tensors, ready
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        for buf, registered in self._bufs:
+            if registered:
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self._bufs = []
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+# =============================================================================== placement
+class FilePlacement:
+    """A file-backed model placed on ``device`` in one mode (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList | None, device, mode: str, *,
+                 depth: int = 2, buffers: int = 2):
+        index = index_of(model)
+        if index is None:
+            raise ValueError(f"{type(model).__name__} is not file-backed (no weight index attached)")
+        self.model, self.device, self.mode, self.depth = model, torch.device(device), mode, max(1, depth)
+        prefix = _block_prefix(model, blocks) if blocks is not None else None
+        groups: dict[int, list] = {}
+        outside = []
+        for name, src in index.items():
+            i = _block_of(name, prefix)
+            (outside if i is None else groups.setdefault(i, [])).append((name, src))
+        self.blocks = list(blocks) if prefix is not None else []
+        self.layouts = [_Layout(groups.get(i, [])) for i in range(len(self.blocks))]
+        largest = max([_item_bytes(it) for it in outside] + [lay.nbytes for lay in self.layouts] + [1])
+        self._reader = _Reader(largest, self.device, buffers)
+        self._live: dict[int, list[str]] = {}
+        self._pending: dict = {}
+        self._hooks: list = []
+        for part in _chunks(outside, self._reader.buffer_bytes):
+            for name, t in self._reader.read_now(_Layout(part)).items():
+                _assign(model, name, t)
+        if mode == "resident":
+            self._fetch_all()
+        if mode == "stream":
+            for i, block in enumerate(self.blocks):
+                self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
+                self._hooks.append(block.register_forward_hook(self._post_hook(i)))
+
+    # -- block traffic ------------------------------------------------------------------------
+    def _schedule(self, i: int) -> None:
+        if i not in self._live and i not in self._pending:
+            self._pending[i] = self._reader.submit(self.layouts[i])
+
+    def _fetch(self, i: int) -> None:
+        if i in self._live:
+            return
+        self._schedule(i)
+        tensors, ready = self._pending.pop(i).result()
+        self._reader.wait(tensors, ready)
+        for name, t in tensors.items():
+            _assign(self.model, name, t)
+        self._live[i] = list(tensors)
+
+    def _drop(self, i: int) -> None:
+        for name in self._live.pop(i, ()):
+            src = index_of(self.model)[name]
+            _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+
+    def _pre_hook(self, i: int):
+        def hook(module, args):
+            self._fetch(i)
+            n = len(self.blocks)
+            for j in range(i + 1, i + 1 + min(self.depth, n - 1)):   # wraps: the next call starts at 0
+                self._schedule(j % n)
+        return hook
+
+    def _post_hook(self, i: int):
+        def hook(module, args, output):
+            self._drop(i)
+        return hook
+
+    # -- Placed's calls -----------------------------------------------------------------------
+    def acquire(self) -> None:
+        """Offload mode: every block onto the device (the next read while the previous copies)."""
+        if self.mode == "offload":
+            self._fetch_all()
+
+    def _fetch_all(self) -> None:
+        n = len(self.blocks)
+        for i in range(n):
+            for j in range(i, min(n, i + 1 + self.depth)):
+                self._schedule(j)
+            self._fetch(i)
+
+    def offload(self) -> None:
+        """End of a use: no block left on the device (prefetched ones included)."""
+        if self.mode == "resident":
+            return
+        for i, fut in list(self._pending.items()):
+            fut.exception()          # wait; an error surfaces when the block is fetched for real
+        self._pending.clear()
+        for i in list(self._live):
+            self._drop(i)
+
+    def release(self) -> None:
+        """Nothing left anywhere: hooks removed, every tensor back to a meta placeholder."""
+        self.offload()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._reader.close()
+        index = index_of(self.model)
+        for name, src in index.items():
+            _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+
+    def staging_bytes(self) -> int:
+        return self._reader.staging_bytes()
+
+
+def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, m in model.named_modules():
+        if m is blocks:
+            return name + "."
+    raise ValueError("the block list is not part of the model")
+
+
+def _block_of(name: str, prefix: str | None) -> int | None:
+    if prefix is None or not name.startswith(prefix):
+        return None
+    return int(name[len(prefix):].split(".", 1)[0])
+
+
+def _chunks(items: list, limit: int):
+    """Groups of tensors that fit one staging buffer (tensors outside the blocks are read in several
+    passes; one larger than a buffer gets its own)."""
+    part, size = [], 0
+    for item in items:
+        nbytes = _item_bytes(item)
+        if part and size + nbytes > limit:
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += nbytes
+    if part:
+        yield part
+
+
+def _item_bytes(item) -> int:
+    src = item[1]
+    return src.nbytes + (src.scale.nbytes if src.scale is not None else 0) + 2 * _ALIGN
