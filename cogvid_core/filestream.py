@@ -33,6 +33,7 @@ from .models import CheckpointError
 
 _ATTR = "_cogvid_weight_index"
 _ALIGN = 64
+_PIECE = 32 * 2 ** 20      # bytes per pread: a block is read by several threads at once
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -231,7 +232,7 @@ class _Reader:
     the dtype conversion on a side stream; the caller waits on the returned event before use. A
     staging buffer is reused only after the copy out of it finished (its event)."""
 
-    def __init__(self, size: int, device: torch.device, buffers: int):
+    def __init__(self, size: int, device: torch.device, buffers: int, io_threads: int = 4):
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffer_bytes = max(size, 1)
@@ -240,6 +241,9 @@ class _Reader:
         self._next = 0
         self._fds: dict[str, int] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cogvid-filestream")
+        # one thread copying from the page cache reached ~5 GB/s on the H200 machine: T5 blocks (little
+        # compute per byte) then wait on the reads
+        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="cogvid-pread")
         self.side = torch.cuda.Stream(device) if self.cuda else None
 
     def staging_bytes(self) -> int:
@@ -274,8 +278,9 @@ class _Reader:
             raise ValueError(f"{layout.nbytes} bytes do not fit a {buf.numel()}-byte staging buffer")
         if self._free[k] is not None:
             self._free[k].synchronize()
-        for path, start, nbytes, at in layout.runs:
-            _pread_into(self._fd(path), buf[at:at + nbytes], start, Path(path).name)
+        pieces = [(self._fd(path), start + a, at + a, min(_PIECE, nbytes - a), Path(path).name)
+                  for path, start, nbytes, at in layout.runs for a in range(0, nbytes, _PIECE)]
+        list(self._io.map(lambda p: _pread_into(p[0], buf[p[2]:p[2] + p[3]], p[1], p[4]), pieces))
         host = buf[:layout.nbytes]
         if not self.cuda:
             flat = host.clone()
@@ -293,6 +298,7 @@ class _Reader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._io.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         for buf, registered in self._bufs:

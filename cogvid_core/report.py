@@ -97,8 +97,8 @@ def host_memory() -> dict[str, int]:
     ``file``: RssFile (mapped file pages: the kernel may drop them, another process may share them);
     ``shmem``: RssShmem; ``pinned``: bytes torch's pinned-host allocator holds (cudaHostAlloc: the
     tensors from ``pin_memory()`` plus its cache, ``allocated_bytes.current``).
-    ``anon_pinned`` is what this process owns and the kernel cannot take back: anon + shmem + pinned,
-    where cudaHostAlloc'd pages are not already in RssAnon/RssShmem (see PINNED_IN_RSS).
+    ``anon_pinned`` is what this process owns and the kernel cannot take back: anon + shmem (+ pinned
+    where cudaHostAlloc'd pages are not already in RSS, see PINNED_IN_RSS).
     """
     out = {}
     for key, field in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem")):
@@ -111,9 +111,11 @@ def host_memory() -> dict[str, int]:
     return out
 
 
-# How cudaHostAlloc'd memory (torch's pinned allocator) shows up in /proc/self/status: measured on
-# the H200 machine by bench/bench_hostmem.py --case diag (see bench/hostmem_h200.json, "diag").
-PINNED_IN_RSS = False
+# cudaHostAlloc'd memory (torch's pinned allocator: pin_memory(), group offloading) is counted in
+# RssShmem, not RssAnon: 1 GiB from torch.empty(pin_memory=True) raised RssShmem by 1.000 GiB and left
+# RssAnon alone (H200, driver with CUDA 13, torch 2.11; bench/hostmem_h200.json "diag"). Memory
+# page-locked with cudaHostRegister stays in RssAnon. So anon + shmem already holds all pinned memory.
+PINNED_IN_RSS = True
 
 
 def pinned_host_bytes() -> int:
