@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cogvid_core import filestream as FS  # noqa: E402
+from cogvid_core import fileindex as FI  # noqa: E402
 from cogvid_core import guard, report  # noqa: E402
 from cogvid_core import loading as L  # noqa: E402
 from cogvid_core import models as M  # noqa: E402
@@ -63,13 +63,13 @@ def build(component: str, weights: str, folder: Path):
         _, config, files, _ = L._transformer_source(folder, None, False)
         with torch.device("meta"):
             model = CogVideoXTransformer3DModel.from_config(config)
-        FS.lazy_load(model, files, torch.bfloat16)
+        FI.lazy_load(model, files, torch.bfloat16)
         return L._finish(model)
     from transformers import T5Config, T5EncoderModel
     te = folder / "text_encoder"
     with torch.device("meta"):
         model = T5EncoderModel(T5Config.from_pretrained(str(te)))
-    FS.lazy_load(model, L._weight_files(te, ("model",)), torch.bfloat16, finalize=L._tie_embeddings)
+    FI.lazy_load(model, L._weight_files(te, ("model",)), torch.bfloat16, finalize=L._tie_embeddings)
     return L._finish(model)
 
 

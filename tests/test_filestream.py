@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_placement import _inputs, _run
 
-from cogvid_core import filestream as FS
+from cogvid_core import fileindex as FI
 from cogvid_core import loading as L
 from cogvid_core import models as M
 from cogvid_core import placement as P
@@ -25,7 +25,7 @@ def _lazy_transformer(source, dtype=torch.float32, storage_dtype=None):
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel.from_config(config)
     keep = fp8 and storage_dtype is None or storage_dtype in L.FP8_DTYPES
-    FS.lazy_load(model, files, dtype, storage_dtype=storage_dtype, keep_fp8=keep)
+    FI.lazy_load(model, files, dtype, storage_dtype=storage_dtype, keep_fp8=keep)
     return L._finish(model)
 
 
@@ -35,7 +35,7 @@ def _lazy_t5(path, dtype=torch.float32):
     config = T5Config(**L.t5_config_from_shapes(L._plain(L.read_shapes(path))))
     with torch.device("meta"):
         model = T5EncoderModel(config)
-    FS.lazy_load(model, [path], dtype, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
+    FI.lazy_load(model, [path], dtype, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
                  finalize=L._tie_embeddings)
     return L._finish(model)
 
@@ -167,4 +167,4 @@ def test_unknown_tensor_is_refused(tiny_ckpts):
     with torch.device("meta"):
         t5 = T5EncoderModel(config)
     with pytest.raises(CheckpointError, match="do not belong"):
-        FS.lazy_load(t5, [path], torch.float32)
+        FI.lazy_load(t5, [path], torch.float32)
