@@ -36,6 +36,7 @@ from cogvid_core import guard, report  # noqa: E402
 from cogvid_core import loading as L  # noqa: E402
 from cogvid_core import models as M  # noqa: E402
 from cogvid_core import placement as P  # noqa: E402
+from cogvid_core.sources import weight_files  # noqa: E402
 
 GIB = 1024 ** 3
 CASES = {   # name: (component, weights, placement mode)
@@ -69,7 +70,7 @@ def build(component: str, weights: str, folder: Path):
     te = folder / "text_encoder"
     with torch.device("meta"):
         model = T5EncoderModel(T5Config.from_pretrained(str(te)))
-    FI.lazy_load(model, L._weight_files(te, ("model",)), torch.bfloat16, finalize=L._tie_embeddings)
+    FI.lazy_load(model, weight_files(te, ("model",)), torch.bfloat16, finalize=L._tie_embeddings)
     return L._finish(model)
 
 

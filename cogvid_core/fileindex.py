@@ -21,7 +21,6 @@ _ATTR = "_cogvid_weight_index"
 _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -67,30 +66,25 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
     file-backed model computes bit for bit what a loaded one does. Raises CheckpointError on
     tensors the model does not have."""
     from . import loading as L
+    from .checkpoints import MARKERS, SCALE_SUFFIXES, strip_prefix
 
     index, unexpected = {}, []
     for path in map(Path, files):
         header = read_header(path)
-        prefix = L._strip_prefix(header)
+        prefix = strip_prefix(header)
         scales = {k[len(prefix):]: _source(path, v, torch.float32) for k, v in header.items()
                   if k.endswith(".scale_weight")}
         for key, v in header.items():
             name = key[len(prefix):]
-            if key in L._MARKERS or name.endswith(L._SCALE_SUFFIXES) or ignore(name):
+            if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
                 continue
-            owner, _, leaf = name.rpartition(".")
-            try:
-                module = model.get_submodule(owner)
-            except AttributeError:
+            slot = L._slot(model, name)
+            if slot is None:
                 unexpected.append(name)
                 continue
-            if leaf not in module._parameters and leaf not in module._buffers:
-                unexpected.append(name)
-                continue
-            scale = scales.get(f"{name[:-len('weight')]}scale_weight") if name.endswith("weight") else None
-            probe = torch.empty(0, dtype=torch.float32 if scale is not None else v[0], device="meta")
-            target = L._target_dtype(name, probe, module, dtype, storage_dtype, keep_fp8)
-            index[name] = _source(path, v, target, scale)
+            scale = scales.get(L._scale_name(name))
+            probe = torch.empty(v[1], dtype=torch.float32 if scale is not None else v[0], device="meta")
+            index[name] = _source(path, v, L.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8), scale)
     if unexpected:
         raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
                               "a different model or version")

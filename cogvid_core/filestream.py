@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .fileindex import _FP8, TensorSource, _assign, index_of
+from .fileindex import TensorSource, _assign, index_of
 from .models import CheckpointError
 
 _ALIGN = 64
@@ -71,13 +71,12 @@ def _raw(flat: torch.Tensor, at: int, s: TensorSource) -> torch.Tensor:
 
 
 def _convert(flat: torch.Tensor, layout: _Layout, s: TensorSource) -> torch.Tensor:
-    """The same arithmetic as ``loading.load_weights``, done where ``flat`` is (the device)."""
-    t = _raw(flat, layout.offset[(s.path, s.start)], s)
-    if s.scale is not None:
-        t = t.to(torch.float32) * _raw(flat, layout.offset[(s.scale.path, s.scale.start)], s.scale).to(torch.float32)
-    if s.target in _FP8 and t.dtype not in _FP8:
-        t = t.to(torch.float32).clamp(-torch.finfo(s.target).max, torch.finfo(s.target).max)
-    return t.to(s.target)       # a view of ``flat`` when nothing changes: blocks are dropped whole
+    """``loading.load_weights``' own arithmetic (dequantise, saturate, cast), done where ``flat`` is."""
+    from .loading import _cast, _dequantised
+
+    scale = None if s.scale is None else _raw(flat, layout.offset[(s.scale.path, s.scale.start)], s.scale)
+    # a view of ``flat`` when nothing changes: fine, blocks are dropped whole
+    return _cast(_dequantised(_raw(flat, layout.offset[(s.path, s.start)], s), scale), s.target, flat.device)
 
 
 def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:

@@ -11,6 +11,7 @@ from cogvid_core import fileindex as FI
 from cogvid_core import loading as L
 from cogvid_core import models as M
 from cogvid_core import placement as P
+from cogvid_core.checkpoints import plain_shapes, read_shapes, t5_config_from_shapes
 from cogvid_core.models import CheckpointError
 from cogvid_core.testing import write_checkpoints
 
@@ -32,7 +33,7 @@ def _lazy_transformer(source, dtype=torch.float32, storage_dtype=None):
 def _lazy_t5(path, dtype=torch.float32):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(**L.t5_config_from_shapes(L._plain(L.read_shapes(path))))
+    config = T5Config(**t5_config_from_shapes(plain_shapes(read_shapes(path))))
     with torch.device("meta"):
         model = T5EncoderModel(config)
     FI.lazy_load(model, [path], dtype, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
@@ -163,7 +164,7 @@ def test_unknown_tensor_is_refused(tiny_ckpts):
     from transformers import T5Config, T5EncoderModel
 
     path = tiny_ckpts[V15]["single"]["transformer"]
-    config = T5Config(**L.t5_config_from_shapes(L._plain(L.read_shapes(tiny_ckpts[V15]["single"]["text_encoder"]))))
+    config = T5Config(**t5_config_from_shapes(plain_shapes(read_shapes(tiny_ckpts[V15]["single"]["text_encoder"]))))
     with torch.device("meta"):
         t5 = T5EncoderModel(config)
     with pytest.raises(CheckpointError, match="do not belong"):
