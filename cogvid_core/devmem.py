@@ -7,6 +7,7 @@ import ctypes
 import gc
 import resource
 import sys
+import threading
 
 import torch
 
@@ -127,3 +128,74 @@ def host_rss_bytes(trim: bool = True) -> int | None:
     except ImportError:
         return None
     return psutil.Process().memory_info().rss
+
+
+def host_memory() -> dict[str, int]:
+    """Host memory of this process now, by kind (bytes; empty where /proc is missing).
+
+    ``anon``: RssAnon (heap, CPU tensors, staging buffers we page-lock with cudaHostRegister);
+    ``file``: RssFile (mapped file pages: the kernel may drop them, another process may share them);
+    ``shmem``: RssShmem; ``pinned``: bytes torch's pinned-host allocator holds (cudaHostAlloc: the
+    tensors from ``pin_memory()`` plus its cache, ``allocated_bytes.current``).
+    ``anon_pinned`` is what this process owns and the kernel cannot take back: anon + shmem (+ pinned
+    where cudaHostAlloc'd pages are not already in RSS, see PINNED_IN_RSS).
+    """
+    out = {}
+    for key, field in (("anon", "RssAnon"), ("file", "RssFile"), ("shmem", "RssShmem")):
+        kib = _read_status_kib(field)
+        if kib is not None:
+            out[key] = kib * 1024
+    out["pinned"] = pinned_host_bytes()
+    if "anon" in out:
+        out["anon_pinned"] = out["anon"] + out.get("shmem", 0) + (0 if PINNED_IN_RSS else out["pinned"])
+    return out
+
+
+# cudaHostAlloc'd memory (torch's pinned allocator: pin_memory(), group offloading) is counted in
+# RssShmem, not RssAnon: 1 GiB from torch.empty(pin_memory=True) raised RssShmem by 1.000 GiB and left
+# RssAnon alone (H200, driver with CUDA 13, torch 2.11; bench/hostmem_h200.json "diag"). Memory
+# page-locked with cudaHostRegister stays in RssAnon. So anon + shmem already holds all pinned memory.
+PINNED_IN_RSS = True
+
+
+def pinned_host_bytes() -> int:
+    """Bytes torch's pinned-host allocator holds now (in use + cached); 0 without CUDA."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0
+    try:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+    except (RuntimeError, AttributeError):
+        return 0
+
+
+class HostMemoryPeak:
+    """Samples :func:`host_memory` on a thread (every ``interval`` s) and keeps each kind's peak:
+    the kernel keeps no per-kind high-water mark, so a short spike between samples can be missed."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        for k, v in host_memory().items():
+            self.peak[k] = max(self.peak.get(k, 0), v)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "HostMemoryPeak":
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="cogvid-host-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def gib(self, kind: str) -> float | None:
+        return self.peak[kind] / GiB if kind in self.peak else None

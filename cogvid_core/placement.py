@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from . import filestream
 from .devmem import free_memory, module_bytes, module_tensors
 from .profiles import MODES
 
@@ -63,7 +64,11 @@ class Placed:
         self._on_device = False
         self._root: nn.Module | None = None
         self._outside: list = []          # stream: tensors outside the streamed root (kept resident)
-        if mode == "resident":
+        self._files = None                # file-backed model (filestream): read from its safetensors files
+        if filestream.index_of(module) is not None:
+            self._files = filestream.FilePlacement(module, self._block_list(), device, mode)
+            self._on_device = mode == "resident"
+        elif mode == "resident":
             module.to(device)
             self._on_device = True
         elif mode == "offload":
@@ -72,6 +77,13 @@ class Placed:
             self._init_stream(use_stream)
         else:
             raise ValueError(f"placement mode must be one of {MODES}, got {mode!r}")
+
+    def _block_list(self) -> nn.ModuleList | None:
+        try:
+            root = stream_root(self.module)
+        except ValueError:
+            return None
+        return next(c for c in root.children() if isinstance(c, (nn.ModuleList, nn.Sequential)) and len(c) > 1)
 
     # -- offload ------------------------------------------------------------------------------
     def _init_offload(self, pin: bool) -> None:
@@ -84,12 +96,18 @@ class Placed:
         free_memory(self.device)
 
     def _onload(self) -> None:
+        if self._files is not None and self.mode == "offload" and not self._on_device:
+            self._files.acquire()
+            self._on_device = True
         if self.mode == "offload" and not self._on_device:
             for t, host in self._host.items():
                 t.data = host.to(self.device, non_blocking=True)
             self._on_device = True
 
     def _offload(self) -> None:
+        if self._files is not None:
+            self._files.offload()         # stream: drops prefetched blocks too
+            self._on_device = self.mode == "resident"
         if self.mode == "offload" and self._on_device:
             for t, host in self._host.items():
                 t.data = host
@@ -154,11 +172,13 @@ class Placed:
         """Nothing of this module left on the device: hooks removed, weights in host memory."""
         if self.released:
             return
+        if self._files is not None:       # back to meta placeholders: the files still hold the weights
+            self._files.release()
         if self.mode == "stream":
             self._remove_stream()
         if self.mode == "offload":
             self._offload()
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" and self._files is None:
             for t in module_tensors(self.module):
                 if t.device.type != "cpu":
                     t.data = t.data.to(HOST)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .devmem import GiB, host_peak_rss_bytes, reset_host_peak
+from .devmem import GiB, HostMemoryPeak, host_peak_rss_bytes, reset_host_peak
 
 
 @dataclass
@@ -32,6 +32,8 @@ class StageRow:
     peak_reserved_gib: float | None = None   # torch peak reserved (what the caching allocator holds)
     end_alloc_gib: float | None = None       # still allocated when the stage ended
     host_peak_rss_gib: float | None = None   # process peak RSS during the stage (or since start)
+    host_peak_anon_pinned_gib: float | None = None   # peak anonymous + pinned host memory (sampled)
+    host_peak_file_gib: float | None = None  # peak file-backed resident pages (mapped checkpoints; droppable)
     error: str | None = None
 
 
@@ -62,6 +64,7 @@ class StageRecorder:
             torch.cuda.reset_peak_memory_stats(self.device)
         reset_host_peak()
         row = StageRow(stage=name, seconds=0.0, steps=steps)
+        sampler = HostMemoryPeak().__enter__()
         t0 = time.perf_counter()
         try:
             yield row
@@ -78,6 +81,8 @@ class StageRecorder:
                 row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GiB
                 row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GiB
             row.host_peak_rss_gib = host_peak_rss_bytes() / GiB
+            sampler.__exit__()
+            row.host_peak_anon_pinned_gib, row.host_peak_file_gib = sampler.gib("anon_pinned"), sampler.gib("file")
             self._rows.append(row)
 
     def add(self, row: StageRow) -> None:
@@ -93,21 +98,24 @@ class StageRecorder:
             return max(vals) if vals else None
         return dict(stage="total", seconds=sum(r.seconds for r in self._rows),
                     peak_alloc_gib=mx("peak_alloc_gib"), peak_reserved_gib=mx("peak_reserved_gib"),
-                    host_peak_rss_gib=mx("host_peak_rss_gib"))
+                    host_peak_rss_gib=mx("host_peak_rss_gib"), host_peak_anon_pinned_gib=mx("host_peak_anon_pinned_gib"),
+                    host_peak_file_gib=mx("host_peak_file_gib"))
 
     def table(self) -> str:
         """Markdown table, one line per stage plus a total line."""
         def f(v, spec=".2f"):
             return "-" if v is None else format(v, spec)
-        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB "
+                 "| host anon+pinned GiB | host file-backed GiB |", "|---|---|---|---|---|---|---|---|"]
         for r in self._rows:
             name = r.stage + (" (failed)" if r.error else "")
             lines.append(f"| {name} | {f(r.seconds)} | {f(r.s_per_step)} | {f(r.peak_alloc_gib)} | "
-                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} |")
+                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} | {f(r.host_peak_anon_pinned_gib)} | "
+                         f"{f(r.host_peak_file_gib)} |")
         t = self.total()
         lines.append(f"| **total** | {f(t['seconds'])} | - | {f(t['peak_alloc_gib'])} | "
-                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} |")
+                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} | "
+                     f"{f(t['host_peak_anon_pinned_gib'])} | {f(t['host_peak_file_gib'])} |")
         return "\n".join(lines)
 
     def to_json(self, **extra) -> str:
