@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from . import common as C
 from . import memory
+from .video import as_video
 
 TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
 
@@ -46,7 +47,10 @@ class CogVidDecode(io.ComfyNode):
                 C.PLAN.Input("plan", optional=True,
                              tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate (its VAE tile)"),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
+            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps"),
+                     io.Video.Output(display_name="video",
+                                     tooltip="The same frames at the model's frame rate as core's VIDEO "
+                                             "(core's Save Video, Get Video Components)")],
         )
 
     @classmethod
@@ -62,7 +66,7 @@ class CogVidDecode(io.ComfyNode):
                                                     profile=getattr(plan, "profile", None) or "balanced"))
         finally:
             memory.release(vae)
-        return io.NodeOutput(frames, float(latent.fps))
+        return io.NodeOutput(frames, float(latent.fps), as_video(frames, latent.fps))
 
 
 NODES = [CogVidDecode]

@@ -297,8 +297,8 @@ def test_nodes_bad_input(comfy, models_root, tiny_ckpts):  # noqa: F811
 
     # a VAE tile larger than the frame: decoded untiled, same frames as tile off
     latent = run(nodes["CogVidSampler"], frames=17, **samp)[0]
-    big, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="480x320", overlap=0.1667).args
-    off, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args
+    big, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="480x320", overlap=0.1667).args[:2]
+    off, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args[:2]
     assert torch.equal(big, off)
 
 
@@ -367,7 +367,7 @@ def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypa
             raise torch.OutOfMemoryError(OOM)
         return real(v, latents, device=device, tile=tile, **kw)
     monkeypatch.setattr(vae_mod, "decode", picky)
-    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.1667).args
+    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.1667).args[:2]
     assert tiles == [None, (360, 240), (176, 120), (88, 64)]
     assert images.shape == (17, 64, 96, 3)
 
@@ -379,7 +379,7 @@ def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypa
     assert e.value.latents is latent
     assert guard.leftovers(vae.module.decoder) == []          # no hooks left behind
     monkeypatch.setattr(vae_mod, "decode", real)               # re-decode, no re-sampling
-    again, _ = run(nodes["CogVidDecode"], vae=vae, latent=e.value.latents, tile="off", overlap=0.0).args
+    again, _ = run(nodes["CogVidDecode"], vae=vae, latent=e.value.latents, tile="off", overlap=0.0).args[:2]
     assert again.shape == (17, 64, 96, 3)
 
 
