@@ -3,7 +3,6 @@ settings of the value in hand, however many copies of one loaded module exist.""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from cogvid_core.activations import ff_chunk_tokens, low_mem_attention_enabled
 from cogvid_core.placement import Placed
 from cogvid_core.profiles import PROFILES
 from cogvid_core.testing import build_random
-from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
+from test_nodes import _image, _load, comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 
 
@@ -97,15 +96,7 @@ def test_use_ends_on_any_exception(transformer, monkeypatch, error):
 
 
 # ------------------------------------------------------------------------------- through the nodes
-@pytest.fixture
-def comfy(models_root):  # noqa: F811
-    mods = comfy_stub.install(str(models_root))
-    nodes = load_pack(f"cogvid_comp_{os.getpid()}_{id(mods)}")
-    yield nodes, mods
-    comfy_stub.uninstall()
-
-
-def test_one_loader_two_samplers_with_different_plans(comfy, observed):
+def test_one_loader_two_samplers_with_different_plans(comfy, observed):  # noqa: F811
     nodes, _ = comfy
     seen, watch = observed
     tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")

@@ -2,8 +2,9 @@
 
 Same weights (the tiny HF folder both load), same seed, same settings; frames in [0, 1] must
 agree to BOUND. Covers both variants, both schedulers and both CFG modes. The bound is what is
-measured (CPU fp32, torch 2.13, diffusers 0.42.1: largest max abs frame difference MEASURED), with
-little headroom, and a CFG of 6.1 instead of 6.0 exceeds it: the comparison can fail.
+measured, with 2x headroom: on CPU in fp32 (torch 2.13, diffusers 0.42.1) the max abs frame
+differences were 1.6e-6 to 4.7e-6 over the 8 cases (largest: 5B/dpm/sequential), while a CFG of
+6.1 instead of 6.0 gives 1.2e-3: the comparison can fail.
 """
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 from cogvid_core import models, pipeline
 
 STEPS = 3
-BOUND = 2e-5
+BOUND = 1e-5
 _REFERENCES: dict = {}
 
 
