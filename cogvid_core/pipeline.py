@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import devmem, guard, loading, models, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, models, planner, sampling, session, text, vae as vae_mod
+from .profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +80,76 @@ def check_precision(variant: models.Variant, dtype: torch.dtype) -> None:
         raise ValueError(f"{variant.label} produces NaN (black frames) in fp16: use bf16")
 
 
-def _stage(recorder, name, **kw):
-    return recorder.stage(name, **kw) if recorder is not None else nullcontext()
+@dataclass
+class _Run:
+    """What every stage of one run shares."""
+    sources: Sources
+    job: Job
+    device: torch.device
+    dtype: torch.dtype
+    storage: torch.dtype | None
+    variant: models.Variant
+    frames: int
+    height: int
+    width: int
+    profile: Profile
+    recorder: object = None
+    interrupt: object = None
+    cache_dir: object = None
+
+    @property
+    def info(self) -> guard.RunInfo:
+        return guard.RunInfo(variant=self.variant, frames=self.frames, height=self.height, width=self.width,
+                             profile=self.profile, device=self.device)
+
+    def check(self) -> None:
+        if self.interrupt is not None:
+            self.interrupt()
+
+    def stage(self, name, **kw):
+        return self.recorder.stage(name, **kw) if self.recorder is not None else nullcontext()
+
+    def component(self, kind: str, module, **kw) -> session.Component:
+        return session.Component(kind, module, self.device, self.dtype, profile=self.profile, **kw)
 
 
 def _free():
     devmem.free_memory(host_cache=True)    # a model was just dropped: its pinned host copy too
 
 
+def _then_free(stage, *args):
+    """Run a stage that loads and drops a model, then hand back what that model held."""
+    try:
+        return stage(*args)
+    finally:
+        _free()
+
+
 def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",
              vram_budget_gib: float | None = None, recorder=None, progress=None, interrupt=None,
              cache_dir=None) -> Result:
-    from . import activations, planner
+    run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir)
+    run.recorder, run.interrupt = recorder, interrupt
+    image = _open_image(job.image)
+    run.check()
+    pos, neg = _then_free(_encode_prompts, run)
+    run.check()
+    vc = _load_vae(run)
+    latent = _then_free(_encode_image, run, vc, image)
+    run.check()
+    lat = _then_free(_denoise, run, pos, neg, latent, progress)
+    try:
+        frames_out = _decode(run, vc, lat)
+    finally:
+        del vc
+        _free()
+    notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
+    return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
+                  notes=notes, settings=profile_settings(run.profile))
 
+
+def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir) -> _Run:
+    """Everything decided before a model loads: device, dtypes, variant, video shape, profile."""
     device = pick_device(device)
     dtype, storage = session.precision(precision)
     variant, config = loading.peek_transformer(sources.transformer, cache_dir=cache_dir)
@@ -99,72 +157,76 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     frames, height, width = resolve_shape(variant, config, job)
     if not job.prompt.strip():
         log.warning("the prompt is empty: the video follows the image only")
-    prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width,
-                                     device=device, budget_gib=vram_budget_gib,
-                                     precision={"transformer": precision})
-    image = _open_image(job.image)
-    info = guard.RunInfo(variant=variant, frames=frames, height=height, width=width, profile=prof, device=device)
-    check = interrupt if interrupt is not None else (lambda: None)
+    prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
+                           budget_gib=vram_budget_gib, precision={"transformer": precision})
+    return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir)
 
-    check()
-    with _stage(recorder, "load text encoder"):
-        t5, tok = loading.load_text_encoder(sources.text_encoder, dtype=dtype, tokenizer=sources.tokenizer,
-                                            cache_dir=cache_dir)
-    t5c = session.Component("t5", t5, device, dtype, prof.text_encoder, tokenizer=tok)
+
+def _encode_prompts(run: _Run):
+    """T5 loaded, both prompts encoded (the negative only with CFG), T5 released."""
+    with run.stage("load text encoder"):
+        t5, tok = loading.load_text_encoder(run.sources.text_encoder, dtype=run.dtype, tokenizer=run.sources.tokenizer,
+                                            cache_dir=run.cache_dir)
+    t5c = run.component("t5", t5, tokenizer=tok)
+    del t5
+    job = run.job
     try:
-        with _stage(recorder, "text encode"), guard.oom_guard("text_encode", info):
-            # no local name for the module: it would keep T5 (9.5 GB at bf16) in RAM until the run ends
-            pos = text.encode_prompt(t5c.acquire(), tok, job.prompt, device)
-            check()
-            neg = text.encode_prompt(t5c.acquire(), tok, job.negative_prompt, device) if job.cfg > 1 else None
+        with run.stage("text encode"), guard.oom_guard("text_encode", run.info), t5c.use() as module:
+            pos = text.encode_prompt(module, tok, job.prompt, run.device)
+            run.check()
+            neg = text.encode_prompt(module, tok, job.negative_prompt, run.device) if job.cfg > 1 else None
     finally:
         t5c.release()
-        del t5, t5c
-        _free()
+    return pos, neg
 
-    check()
-    with _stage(recorder, "load vae"):
-        vae = loading.load_vae(sources.vae, dtype=dtype, variant=variant, cache_dir=cache_dir)
-    vc = session.Component("vae", vae, device, dtype, prof.vae, variant=variant)
+
+def _load_vae(run: _Run) -> session.Component:
+    with run.stage("load vae"):
+        vae = loading.load_vae(run.sources.vae, dtype=run.dtype, variant=run.variant, cache_dir=run.cache_dir)
+    return run.component("vae", vae, variant=run.variant)
+
+
+def _encode_image(run: _Run, vc: session.Component, image):
+    prof = run.profile
     try:
-        with _stage(recorder, "image encode"), guard.oom_guard("image_encode", info):
-            latent = vae_mod.encode_image(vc.acquire(), image, height, width, variant, job.resize, device,
-                                          tile=prof.vae_tile if prof.encode_tiled else None)
+        with run.stage("image encode"), guard.oom_guard("image_encode", run.info), vc.use() as vae:
+            return vae_mod.encode_image(vae, image, run.height, run.width, run.variant, run.job.resize, run.device,
+                                        tile=prof.vae_tile if prof.encode_tiled else None)
     finally:
         vc.release()
-        _free()
 
-    check()
-    with _stage(recorder, "load transformer"):
-        tr, _ = loading.load_transformer(sources.transformer, dtype=dtype, storage_dtype=storage,
-                                         cache_dir=cache_dir)
-    activations.apply_profile(tr, prof)
-    tc = session.Component("transformer", tr, device, dtype, prof.transformer, variant=variant)
-    sched = loading.load_scheduler(sources.scheduler, job.scheduler)
+
+def _denoise(run: _Run, pos, neg, latent, progress):
+    """Transformer loaded, the video sampled, transformer released."""
+    with run.stage("load transformer"):
+        tr, _ = loading.load_transformer(run.sources.transformer, dtype=run.dtype, storage_dtype=run.storage,
+                                         cache_dir=run.cache_dir)
+    tc = run.component("transformer", tr, variant=run.variant)
+    del tr
+    job = run.job
+    sched = loading.load_scheduler(run.sources.scheduler, job.scheduler)
     try:
-        with _stage(recorder, "denoise", steps=job.steps), guard.oom_guard("denoise_step", info):
-            lat = sampling.sample(tc.acquire(), variant, pos.embeds, neg.embeds if neg else None, latent, frames,
-                                  steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
-                                  seed=job.seed, device=device, dtype=dtype, cfg_mode=prof.cfg_mode,
-                                  progress=progress, interrupt=interrupt)
+        with run.stage("denoise", steps=job.steps), guard.oom_guard("denoise_step", run.info), tc.use() as module:
+            return sampling.sample(module, run.variant, pos.embeds, neg.embeds if neg else None, latent, run.frames,
+                                   steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
+                                   seed=job.seed, device=run.device, dtype=run.dtype, cfg_mode=run.profile.cfg_mode,
+                                   progress=progress, interrupt=run.interrupt)
     finally:
         tc.release()
-        del tr, tc
-        _free()
 
+
+def _decode(run: _Run, vc: session.Component, lat):
     try:
-        with _stage(recorder, "decode"):
-            frames_out = guard.decode(vc.acquire(), lat, device, tile=prof.vae_tile, interrupt=interrupt, info=info)
-    except Exception as e:   # the sampled latents stay available: decode them again, no re-sampling
+        with run.stage("decode"), vc.use() as vae:
+            return guard.decode(vae, lat, run.device, tile=run.profile.vae_tile, interrupt=run.interrupt,
+                                info=run.info)
+    except BaseException as e:
+        # Any failure, interrupts included (ComfyUI 2026's derives from BaseException), keeps the
+        # sampled latents reachable to decode again without re-sampling; it is always re-raised.
         e.latents = lat
         raise
     finally:
         vc.release()
-        del vae, vc
-        _free()
-    notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
-    return Result(frames=frames_out, latents=lat, variant=variant, fps=variant.fps, profile=prof.name, notes=notes,
-                  settings=profile_settings(prof))
 
 
 def profile_settings(prof) -> dict:

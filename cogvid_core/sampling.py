@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
@@ -54,6 +55,115 @@ def _device_dtype(module):
     return p.device, p.dtype
 
 
+def check_args(variant: Variant, config, frames: int, height: int, width: int, steps: int, cfg: float,
+               negative, cfg_mode: str) -> None:
+    check_video_shape(variant, dict(config), frames, height, width)
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if cfg_mode not in ("batched", "sequential"):
+        raise ValueError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
+    if cfg > 1.0 and negative is None:
+        raise ValueError("cfg > 1 needs a negative prompt embedding (an empty prompt is fine)")
+
+
+def image_latents(image: ImageLatent, variant: Variant, n_lat: int, channels: int, generator, device, dtype):
+    """The start frame's latent followed by zeros for the other latent frames [1, F, C, h, w]. Its
+    sample is the generator's first draw, as in diffusers."""
+    mean, std = image.mean.to(device), image.std.to(device)
+    noise = randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+    first = (mean + std * noise).to(dtype).permute(0, 2, 1, 3, 4)            # [1, 1, C, h, w]
+    # 1.5 was trained with the start latent divided by the scaling factor, 1.0 multiplied
+    first = first / image.scale if variant.invert_scale_latents else first * image.scale
+    h, w = first.shape[-2:]
+    return torch.cat([first, first.new_zeros(1, n_lat - 1, channels, h, w)], dim=1)
+
+
+def initial_noise(scheduler, steps: int, shape, generator, device, dtype) -> torch.Tensor:
+    """Sets the scheduler's timesteps; the generator's second draw, scaled to the first step."""
+    scheduler.set_timesteps(steps, device=device)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return latents * scheduler.init_noise_sigma
+
+
+def scheduler_stepper(scheduler, generator):
+    """``step(noise_pred, old_pred, i, latents) -> (latents, old_pred)`` for either scheduler (DPM
+    also takes the previous step's prediction and timestep); its noise, if any, comes from `generator`."""
+    kwargs = {}
+    params = inspect.signature(scheduler.step).parameters
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = generator
+    timesteps = scheduler.timesteps
+    if isinstance(scheduler, CogVideoXDPMScheduler):
+        def step(noise_pred, old_pred, i, latents):
+            return scheduler.step(noise_pred, old_pred, timesteps[i], timesteps[i - 1] if i > 0 else None,
+                                  latents, **kwargs, return_dict=False)
+    else:
+        def step(noise_pred, old_pred, i, latents):
+            return scheduler.step(noise_pred, timesteps[i], latents, **kwargs, return_dict=False)[0], None
+    return step
+
+
+@dataclass
+class Denoiser:
+    """The transformer call and classifier-free guidance of one run (fixed over its steps)."""
+    transformer: torch.nn.Module
+    positive: torch.Tensor
+    negative: torch.Tensor | None      # None: no CFG
+    rope: object
+    ofs: torch.Tensor | None
+    cfg: float
+    steps: int
+    dynamic_cfg: bool
+    cfg_mode: str
+
+    def run(self, x, embeds, t):
+        return self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
+                                ofs=self.ofs, image_rotary_emb=self.rope, return_dict=False)[0].float()
+
+    def predict(self, x, t):
+        """The noise prediction, or with CFG the (uncond, cond) pair, batched or one branch at a time."""
+        if self.negative is None:
+            return self.run(x, self.positive, t)
+        if self.cfg_mode == "batched":
+            return self.run(torch.cat([x, x]), torch.cat([self.negative, self.positive]), t).chunk(2)
+        return self.run(x, self.negative, t), self.run(x, self.positive, t)
+
+    def guide(self, pred, t):
+        if self.negative is None:
+            return pred
+        uncond, cond = pred
+        scale = dynamic_guidance(self.cfg, self.steps, t) if self.dynamic_cfg else self.cfg
+        return uncond + scale * (cond - uncond)
+
+
+def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dtype, progress=None,
+            interrupt=None) -> torch.Tensor:
+    """The loop: interrupt check, prediction, guidance, scheduler step, finite check, progress."""
+    timesteps = scheduler.timesteps
+    step = scheduler_stepper(scheduler, generator)
+    old_pred = None
+    with torch.inference_mode():
+        for i, t in enumerate(timesteps):
+            if interrupt is not None:
+                interrupt()
+            x = torch.cat([scheduler.scale_model_input(latents, t), image_latents], dim=2)
+            pred = denoiser.predict(x, t)
+            del x
+            noise_pred = denoiser.guide(pred, t)
+            del pred
+            latents, old_pred = step(noise_pred, old_pred, i, latents)
+            latents = latents.to(dtype)
+            del noise_pred
+            if not torch.isfinite(latents).all():   # stop now: the rest would only make a black video
+                raise FloatingPointError(f"the latents became NaN/inf at step {i + 1}/{len(timesteps)} in {dtype}: "
+                                         "use bf16 (CogVideoX1.5 overflows in fp16) or fp32")
+            if progress is not None:
+                progress(i + 1, len(timesteps))
+    return latents
+
+
 def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torch.Tensor | None,
            image: ImageLatent, frames: int, steps: int = 50, cfg: float = 6.0, dynamic_cfg: bool = True,
            scheduler="dpm", seed: int = 0, device=None, dtype=None, cfg_mode: str = "batched",
@@ -65,14 +175,8 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     (half the activation memory, same result up to kernel rounding).
     """
     config = transformer.config
-    check_video_shape(variant, dict(config), frames, image.height, image.width)
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if cfg_mode not in ("batched", "sequential"):
-        raise ValueError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
+    check_args(variant, config, frames, image.height, image.width, steps, cfg, negative, cfg_mode)
     use_cfg = cfg > 1.0
-    if use_cfg and negative is None:
-        raise ValueError("cfg > 1 needs a negative prompt embedding (an empty prompt is fine)")
     w_device, w_dtype = _device_dtype(transformer)
     device = torch.device(device) if device is not None else w_device
     dtype = dtype or w_dtype
@@ -82,69 +186,14 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     n_lat, pad = latent_frames(variant, frames)
     h, w = image.height // SPATIAL_COMPRESSION, image.width // SPATIAL_COMPRESSION
     channels = config.in_channels // 2
-
-    # 1. the start frame's latent, drawn first as in diffusers
-    mean, std = image.mean.to(device), image.std.to(device)
-    noise = randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-    first = (mean + std * noise).to(dtype).permute(0, 2, 1, 3, 4)            # [1, 1, C, h, w]
-    # 1.5 was trained with the start latent divided by the scaling factor, 1.0 multiplied
-    first = first / image.scale if variant.invert_scale_latents else first * image.scale
-    image_latents = torch.cat([first, first.new_zeros(1, n_lat - 1, channels, h, w)], dim=1)
-    del mean, std, noise, first
-
-    # 2. the initial noise
-    scheduler.set_timesteps(steps, device=device)
-    timesteps = scheduler.timesteps
-    latents = randn_tensor((1, n_lat, channels, h, w), generator=generator, device=device, dtype=dtype)
-    latents = latents * scheduler.init_noise_sigma
+    # the generator's draws in diffusers' order: start-frame latent, initial noise, then scheduler noise
+    start = image_latents(image, variant, n_lat, channels, generator, device, dtype)
+    latents = initial_noise(scheduler, steps, (1, n_lat, channels, h, w), generator, device, dtype)
 
     rope = rotary_embedding(config, image.height, image.width, n_lat, device) if config.use_rotary_positional_embeddings else None
     ofs = latents.new_full((1,), 2.0) if config.ofs_embed_dim is not None else None
-    pos = positive.to(device, dtype)
-    neg = negative.to(device, dtype) if use_cfg else None
-    step_kwargs = {}
-    params = inspect.signature(scheduler.step).parameters
-    if "eta" in params:
-        step_kwargs["eta"] = 0.0
-    if "generator" in params:
-        step_kwargs["generator"] = generator
-    is_dpm = isinstance(scheduler, CogVideoXDPMScheduler)
-
-    def run(x, embeds):
-        return transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
-                           ofs=ofs, image_rotary_emb=rope, return_dict=False)[0].float()
-
-    old_pred = None
-    with torch.inference_mode():
-        for i, t in enumerate(timesteps):
-            if interrupt is not None:
-                interrupt()
-            x = torch.cat([scheduler.scale_model_input(latents, t), image_latents], dim=2)
-            if not use_cfg:
-                noise_pred = run(x, pos)
-            elif cfg_mode == "batched":
-                uncond, cond = run(torch.cat([x, x]), torch.cat([neg, pos])).chunk(2)
-                noise_pred = None
-            else:
-                uncond = run(x, neg)
-                cond = run(x, pos)
-                noise_pred = None
-            del x
-            if use_cfg:
-                scale = dynamic_guidance(cfg, steps, t) if dynamic_cfg else cfg
-                noise_pred = uncond + scale * (cond - uncond)
-                del uncond, cond
-            if is_dpm:
-                latents, old_pred = scheduler.step(noise_pred, old_pred, t, timesteps[i - 1] if i > 0 else None,
-                                                   latents, **step_kwargs, return_dict=False)
-            else:
-                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            latents = latents.to(dtype)
-            del noise_pred
-            if not torch.isfinite(latents).all():   # stop now: the rest would only make a black video
-                raise FloatingPointError(f"the latents became NaN/inf at step {i + 1}/{len(timesteps)} in {dtype}: "
-                                         "use bf16 (CogVideoX1.5 overflows in fp16) or fp32")
-            if progress is not None:
-                progress(i + 1, len(timesteps))
+    denoiser = Denoiser(transformer, positive.to(device, dtype), negative.to(device, dtype) if use_cfg else None,
+                        rope, ofs, cfg, steps, dynamic_cfg, cfg_mode)
+    latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt)
     return VideoLatents(samples=latents.cpu(), frames=frames, height=image.height, width=image.width,
                         variant_key=variant.key, fps=variant.fps, drop_first=pad)

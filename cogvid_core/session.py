@@ -1,13 +1,17 @@
-"""Holders for loaded components and a prompt cache, shared by front ends (ComfyUI nodes, CLI).
+"""Loaded components as values, and a prompt cache, shared by front ends (ComfyUI nodes, CLI).
 
-A `Component` is one loaded model (transformer, T5 or VAE) plus what a front end needs to use it:
-its variant, compute device, dtype and placement mode. `acquire()` puts it where it computes,
-`release()` gives the accelerator back (weights to the host). No ComfyUI import here.
+A `Component` is one loaded model (transformer, T5 or VAE) plus how to use it: its variant,
+compute device, dtype, placement choice and, once a plan is applied, the plan's profile. It is a
+value: `with_plan()` returns a configured copy, so two samplers fed from one loader never change
+each other's settings. Only at the moment of use (`use()`, or `configure()` before `acquire()`)
+does the shared module take the settings of the value in hand. No ComfyUI import here.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +20,7 @@ from .activations import apply_profile
 from .devmem import module_bytes
 from .placement import place, placed_of, unplace
 from .planner import resolve_profile
-from .profiles import AUTO, MODES, get_profile
+from .profiles import AUTO, MODES, Profile, get_profile
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP8 = "fp8_e4m3fn"
@@ -37,34 +41,54 @@ def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
 PLACEMENTS = (AUTO, *MODES)
 # What "auto" means for a component used without a plan: T5 and VAE visit the GPU only while they run.
 AUTO_MODE = {"t5": "offload", "vae": "offload", "transformer": "offload"}
+# The profile field that holds each kind's placement mode.
+PROFILE_FIELD = {"transformer": "transformer", "t5": "text_encoder", "vae": "vae"}
+# A profile with no activation savers: what a transformer used without a plan runs with.
+NO_SAVERS = Profile("no plan", description="the module as loaded: no activation savers")
+_CONFIGURED = "configured_mode"   # extra: the placement mode of the value that configured the module last
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Component:
     kind: str                        # "transformer" | "t5" | "vae"
-    module: torch.nn.Module
+    module: torch.nn.Module          # shared by every copy
     device: torch.device             # where it computes
     dtype: torch.dtype
-    placement: str = AUTO            # the user's choice: auto or one of placement.MODES
+    placement: str = AUTO            # the user's choice: auto or one of profiles.MODES
     variant: object = None           # models.Variant when known
     source: str = ""
     tokenizer: object = None         # T5 only
-    mode: str | None = None          # the mode in force for the next acquire (auto resolved)
+    profile: Profile | None = None   # the applied plan's profile (with_plan); None: no plan
+    loras: tuple = ()                # reserved: LoRAs to apply per use
+    # ONE dict per loaded module, shared by every copy (dataclasses.replace passes it on): the ComfyUI
+    # patcher lives here (one per module, so ComfyUI counts the weights once), and the mode the module
+    # was last configured for, which `acquire()` honours whichever copy the patcher calls it on.
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
 
-    def choose(self, planned: str | None = None) -> str:
-        """Mode for the next use: the user's explicit choice, else the plan's, else the kind's default."""
+    @property
+    def mode(self) -> str:
+        """Placement mode of this value: the user's explicit choice, else the profile's, else the kind's default."""
         if self.placement != AUTO:
-            self.mode = self.placement
+            mode = self.placement
+        elif self.profile is not None:
+            mode = getattr(self.profile, PROFILE_FIELD[self.kind])
         else:
-            self.mode = planned or AUTO_MODE[self.kind]
-        if self.kind == "vae" and self.mode == "stream":
-            self.mode = "offload"   # the VAE has no block list to stream
-        return self.mode
+            mode = AUTO_MODE[self.kind]
+        return "offload" if self.kind == "vae" and mode == "stream" else mode   # the VAE has no block list
+
+    @property
+    def patcher(self):
+        """The ComfyUI patcher over this module, when a front end made one (ComfyUI's cache looks for it)."""
+        return self.extra.get("patcher")
+
+    def with_plan(self, profile: Profile | str | None) -> "Component":
+        """A copy that uses ``profile`` (its placement mode when ours is auto, its activation savers);
+        this value, and every other copy, is unchanged."""
+        return dataclasses.replace(self, profile=None if profile is None else get_profile(profile))
 
     def total_bytes(self) -> int:
         return module_bytes(self.module)
@@ -75,10 +99,19 @@ class Component:
             return 0
         return module_bytes(self.module, self.device)
 
+    def configure(self) -> None:
+        """Give the shared module this value's settings: activation savers (transformer) and the
+        placement mode the next `acquire()` uses. Moves no weights (a front end may first have to make
+        room, e.g. ComfyUI's load_models_gpu)."""
+        if self.kind == "transformer":
+            apply_profile(self.module, self.profile or NO_SAVERS)
+        self.extra[_CONFIGURED] = self.mode
+
     def acquire(self) -> torch.nn.Module:
-        """Make the module computable on self.device in the chosen mode."""
-        mode = self.mode or self.choose()
-        return place(self.module, self.device, mode).acquire()
+        """Make the module computable on self.device, in the mode it was last configured for (this
+        value's own when never configured): a patcher made with another copy still honours the
+        settings of the value in use."""
+        return place(self.module, self.device, self.extra.get(_CONFIGURED, self.mode)).acquire()
 
     def done(self) -> None:
         """End of a use: offload drops the device copy, stream keeps only its hooks, resident stays."""
@@ -90,23 +123,45 @@ class Component:
         """Nothing of this component left on the device (ComfyUI evicting it, or unloading all)."""
         unplace(self.module)
 
+    @contextmanager
+    def use(self):
+        """``with component.use() as module:``: the shared module configured for this value and
+        computable on its device inside; the use ends (`done()`) however the block exits."""
+        self.configure()
+        try:
+            yield self.acquire()
+        finally:
+            self.done()
 
-def apply_plan(transformer: Component, plan=None, frames: int | None = None, height: int | None = None,
-               width: int | None = None, fallback: str = AUTO):
-    """Settings for one sampling run: the plan's profile (an estimate.Estimate), else `fallback`
-    (a profile name; 'auto' picks from the device's free memory, resident on CPU). Sets the
-    transformer's activation savers and mode. Returns (profile, activation bytes of a denoise step,
-    0 when unknown)."""
+
+def _profile_for(transformer: Component, plan, frames, height, width, fallback: str) -> Profile:
     profile = getattr(plan, "profile", None) if plan is not None else None
     if profile is None and fallback != AUTO:
         profile = fallback
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
                                   frames=frames, height=height, width=width)
-    profile = get_profile(profile)
-    apply_profile(transformer.module, profile)
-    transformer.choose(profile.transformer)
+    return get_profile(profile)
+
+
+def plan_for(transformer: Component, plan=None, frames: int | None = None, height: int | None = None,
+             width: int | None = None, fallback: str = AUTO) -> tuple[Component, Profile, int]:
+    """Settings for one sampling run: the plan's profile (an estimate.Estimate), else `fallback`
+    (a profile name; 'auto' picks from the device's free memory, resident on CPU). Returns (the
+    transformer configured with it, a copy; the profile; activation bytes of a denoise step, 0 when
+    unknown). `transformer` itself is unchanged."""
+    profile = _profile_for(transformer, plan, frames, height, width, fallback)
     activations = plan.stage("denoise_step").activations if plan is not None else 0
+    return transformer.with_plan(profile), profile, activations
+
+
+def apply_plan(transformer: Component, plan=None, frames: int | None = None, height: int | None = None,
+               width: int | None = None, fallback: str = AUTO):
+    """Transitional, for nodes/sampler.py until it takes `plan_for`'s copy: configures the shared
+    module for the planned copy now (its next `acquire()` honours it). Returns (profile, activation
+    bytes). Remove with that call."""
+    configured, profile, activations = plan_for(transformer, plan, frames, height, width, fallback)
+    configured.configure()
     return profile, activations
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import comfy_stub
-from cogvid_core import devmem, guard, loading, pipeline, placement, sampling, vae as vae_mod
+from cogvid_core import devmem, guard, loading, pipeline, vae as vae_mod
 from cogvid_core.cli import main as cli_main
 from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
@@ -347,7 +347,8 @@ def test_oom_message_reports_free_memory(monkeypatch):
         with guard.oom_guard("denoise_step", info):
             big = torch.zeros(1000)        # noqa: F841  (a tensor of the failed stage)
             raise torch.OutOfMemoryError(OOM)
-    assert e.value.stage == "denoise_step" and e.value.needed == need or e.value.needed > 0
+    assert e.value.stage == "denoise_step" and e.value.free == 3 * 1024 ** 3
+    assert e.value.needed == guard.stage_need("denoise_step", info) and e.value.needed > 0
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
@@ -406,6 +407,47 @@ def test_pipeline_decode_failure_keeps_latents(tiny_ckpts, start_png, monkeypatc
         pipeline.generate(pipeline.Sources.from_model(str(tiny_ckpts[V15]["hf"])), job, precision="fp32",
                           device="cpu", profile="balanced")
     assert e.value.stage == "decode" and e.value.latents.samples.shape[1] >= 5
+
+
+class Interrupted(BaseException):
+    """Like ComfyUI 2026's InterruptProcessingException: not an Exception."""
+
+
+@pytest.mark.parametrize("error", [Interrupted, KeyboardInterrupt])
+def test_pipeline_interrupt_in_decode_keeps_latents_and_cleans_up(error, tiny_ckpts, start_png, monkeypatch):
+    def decode(*a, **k):
+        raise error("stop")
+    monkeypatch.setattr(vae_mod, "decode", decode)
+    loaded = _spy_loads(monkeypatch)
+    job = pipeline.Job(image=start_png["rgb"], prompt="x", steps=1, cfg=1.0, height=32, width=32)
+    with pytest.raises(error) as e:     # re-raised as it came, never swallowed
+        pipeline.generate(pipeline.Sources.from_model(str(tiny_ckpts[V15]["hf"])), job, precision="fp32",
+                          device="cpu", profile="balanced")
+    assert e.value.latents.samples.shape[1] >= 5
+    assert loaded and guard.leftovers(*[r() for r in loaded]) == []
+
+
+def test_a_bug_is_not_turned_into_a_user_error(comfy, tiny_ckpts, start_png, monkeypatch):
+    """A TypeError inside a stage reaches the caller as itself, with the traceback of where it
+    happened: the pipeline and the nodes never dress a bug up as a one-line user error."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    def buggy(self, *a, **k):
+        raise TypeError("a bug")
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", buggy)
+    job = pipeline.Job(image=start_png["rgb"], prompt="x", steps=1, cfg=1.0, height=32, width=32)
+    with pytest.raises(TypeError, match="^a bug$") as e:
+        pipeline.generate(pipeline.Sources.from_model(str(tiny_ckpts[V15]["hf"])), job, precision="fp32",
+                          device="cpu", profile="lowvram")
+    assert type(e.value) is TypeError and e.traceback[-1].name == "buggy"
+    nodes, _ = comfy
+    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
+    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
+    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    with pytest.raises(TypeError, match="^a bug$") as e:
+        run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
+            cfg=1.0, dynamic_cfg=False, scheduler="dpm", seed=0)
+    assert type(e.value) is TypeError and e.traceback[-1].name == "buggy"
 
 
 # ------------------------------------------------------------------------------- 3. cancel
