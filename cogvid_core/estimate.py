@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .devmem import precision_bytes
-from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
+from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
 from .profiles import PROFILES, Profile
 from .stages import COMPONENT_OF_STAGE, STAGES
 
@@ -72,11 +72,7 @@ def _sizes(module, blocks) -> ComponentSize:
     import torch
 
     params = sum(p.numel() for p in module.parameters())
-    # TODO(issue 10): count with the loading code's fp8 "which layers" predicate once it has one home;
-    # this count (every Linear/Conv weight) is larger than what loading stores in 8 bits today
-    # (Linear weights of the repeated blocks only): fp8 estimates run ~18 MiB low for the 1.5 transformer.
-    matrix = sum(m.weight.numel() for m in module.modules()
-                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)) and m.weight is not None)
+    matrix = sum(p.numel() for name, p in module.named_parameters() if is_fp8_layer(name, p.shape))
     largest = max((p.numel() for p in module.parameters()), default=0)
     bufs = sum(b.numel() for b in module.buffers() if b.is_floating_point())
     blocks = list(blocks) if blocks is not None else []

@@ -144,3 +144,14 @@ def test_report_dict_and_chart():
 
 def test_gpu_budget_cpu_is_none():
     assert PL.gpu_budget("cpu") is None
+
+
+@pytest.mark.parametrize("key", ["cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"])
+def test_fp8_weight_bytes_are_what_fp8_storage_loads(tiny_ckpts, key):
+    """The estimate counts the layers fp8 storage keeps in 8 bits with the loader's own predicate."""
+    import torch
+
+    from cogvid_core import devmem, loading
+    module, _ = loading.load_transformer(tiny_ckpts[key]["hf"], torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
+    size = E.component_sizes(key, tiny=True)["transformer"]
+    assert E.weight_bytes(size, "fp8_e4m3fn", 2) == devmem.module_bytes(module)
