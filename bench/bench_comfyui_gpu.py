@@ -285,9 +285,10 @@ def gpu_state(sampler: MemSampler) -> dict:
         out["torch_allocated"] = torch.cuda.memory_allocated()
         out["torch_reserved"] = torch.cuda.memory_reserved()
         try:
-            st = torch.cuda.host_memory_stats()
-            out["pinned_allocated"] = st.get("allocated_bytes.current")
-            out["pinned_reserved"] = st.get("reserved_bytes.current")
+            st = torch.cuda.host_memory_stats()    # allocated_bytes: blocks held (cache included); active: in use
+            out["pinned_stats"] = {k: v for k, v in st.items() if "bytes" in k and k.endswith((".current", ".peak"))}
+            out["pinned_held"] = st.get("allocated_bytes.current")
+            out["pinned_active"] = st.get("active_bytes.current")
         except (RuntimeError, AttributeError) as e:
             out["pinned_error"] = f"{type(e).__name__}: {e}"
     return out
@@ -560,11 +561,11 @@ def table(results: list[dict], cli: dict, classes: dict) -> str:
                              f"{fmt(load_seconds(q, classes[wf['workflow']]), '.1f')} | {fmt(q.get('s_per_step'), '.3f')} | "
                              f"{fmt(ratio, '.3f')} | {fmt(q.get('decode_s'), '.1f')} | {gib(q['nvml_peak'])} | "
                              f"{gib(q.get('torch_peak_reserved'))} | {gib(hp.get('rss_hwm'))} ({gib(hp.get('rss_anon'))} / "
-                             f"{gib(hp.get('rss_file'))}) | {gib(after.get('pinned_reserved'))} |")
+                             f"{gib(hp.get('rss_file'))}) | {gib(after.get('pinned_held'))} |")
             u, f_, last = wf["after_unload_models"], wf["after_free_memory"], wf["queues"][-1]["after"]
             free.append(f"| {res['card']} | {wf['workflow']} | {gib(res['before']['nvml'])} | {gib(last['nvml'])} | "
-                        f"{gib(u['nvml'])} | {gib(f_['nvml'])} | {gib(u.get('pinned_reserved'))} / "
-                        f"{gib(f_.get('pinned_reserved'))} | {gib(res['before']['host'].get('rss'))} / "
+                        f"{gib(u['nvml'])} | {gib(f_['nvml'])} | {gib(u.get('pinned_held'))} / "
+                        f"{gib(f_.get('pinned_held'))} | {gib(res['before']['host'].get('rss'))} / "
                         f"{gib(f_['host'].get('rss'))} |")
     clil = ["| command line, same plan | s/step (progress) | s/step (report: denoise stage / steps) | wall s "
             "| NVML peak GiB | host peak RSS GiB | profile |", "|---" * 7 + "|"]
