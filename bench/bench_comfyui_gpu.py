@@ -236,7 +236,6 @@ def start_comfyui(comfy_dir: str, comfy_args: list[str]):
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=not args.disable_all_custom_nodes,
                                        init_api_nodes=not args.disable_api_nodes))
     hook_breaker_ac10a0.restore_functions()
-    main.cuda_malloc_warning()
     main.hijack_progress(server)
     queue = execution.PromptQueue(server)
     threading.Thread(target=main.prompt_worker, daemon=True, args=(queue, server)).start()
