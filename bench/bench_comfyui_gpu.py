@@ -18,7 +18,11 @@ input folder) change, plus --frames/--size for quick checks. Cards are emulated 
 device's used memory where NVML does not list the process), torch peak reserved, host peak RSS
 (anonymous / file-backed), pinned host memory; after each workflow's queues the two /free calls
 and what GPU and pinned host memory is left. The command line runs the same plan for comparison
-(its per-step time read from its progress line the same way).
+(its per-step time read from its progress line the same way). Per-step times are the spacing of
+the progress callbacks, which run on the host: with full-size models the launch queue keeps the host
+within a fraction of a step of the GPU, so steps 2..N give the GPU's pace; with a few blocks
+(--layers) the host runs ahead and the figure says nothing (the CLI report's denoise stage, synced,
+is printed beside it).
 
     python3 bench/bench_comfyui_gpu.py --comfyui ~/ComfyUI --models /tmp/cogvid-models \\
         --make-checkpoints full --steps 3 --json comfyui_gpu.json
@@ -543,7 +547,7 @@ def load_seconds(row: dict, prompt_classes: dict) -> float | None:
 
 def table(results: list[dict], cli: dict, classes: dict) -> str:
     lines = ["| card | workflow | queue | wall s | to step 1 s | load s | s/step | x CLI | decode s | NVML peak GiB "
-             "| torch peak reserved GiB | host peak RSS GiB (anon / file) | pinned GiB after |", "|---" * 13 + "|"]
+             "| torch peak reserved GiB | host peak RSS GiB (anon / file / shmem) | pinned GiB after |", "|---" * 13 + "|"]
     free = ["| card | workflow | GPU GiB before 1st queue | after last queue | after unload_models | after free_memory "
             "| pinned GiB after unload / free | host RSS GiB before / after free |", "|---" * 8 + "|"]
     for res in results:
@@ -560,7 +564,7 @@ def table(results: list[dict], cli: dict, classes: dict) -> str:
                              f"{fmt(load_seconds(q, classes[wf['workflow']]), '.1f')} | {fmt(q.get('s_per_step'), '.3f')} | "
                              f"{fmt(ratio, '.3f')} | {fmt(q.get('decode_s'), '.1f')} | {gib(q['nvml_peak'])} | "
                              f"{gib(q.get('torch_peak_reserved'))} | {gib(hp.get('rss_hwm'))} ({gib(hp.get('rss_anon'))} / "
-                             f"{gib(hp.get('rss_file'))}) | {gib(after.get('pinned_held'))} |")
+                             f"{gib(hp.get('rss_file'))} / {gib(hp.get('rss_shmem'))}) | {gib(after.get('pinned_held'))} |")
             u, f_, last = wf["after_unload_models"], wf["after_free_memory"], wf["queues"][-1]["after"]
             free.append(f"| {res['card']} | {wf['workflow']} | {gib(res['before']['nvml'])} | {gib(last['nvml'])} | "
                         f"{gib(u['nvml'])} | {gib(f_['nvml'])} | {gib(u.get('pinned_held'))} / "
@@ -604,23 +608,28 @@ def main(argv=None) -> int:
     base, yaml = prepare(args, work)
     total = MemSampler(os.getpid()).total_bytes()
     runs = [parse_run(s) for s in (args.run or DEFAULT_RUNS)]
-    results = [run_worker(args, card, wfs, extra, base, yaml, total, work) for card, wfs, extra in runs]
     names = sorted({w for _, wfs, _ in runs for w in wfs})
     workflows = {w: json.loads(workflow_path(w, Path(args.pack)).read_text()) for w in names}
-    model_dir = Path(args.models).resolve() / "CogVideo" / "CogVideoX1.5-5B-I2V"
-    cli = {} if args.no_cli else {w: run_cli(args, workflows[w], model_dir, base / "input" / IMAGE_NAME, work, w)
-                                  for w in names}
     classes = {w: {str(n["id"]): n["type"] for n in wf["nodes"]} for w, wf in workflows.items()}
-    text = table(results, cli, classes)
+    model_dir = Path(args.models).resolve() / "CogVideo" / "CogVideoX1.5-5B-I2V"
     sampler = MemSampler(os.getpid())
+    results, cli = [], {}
+
+    def save():     # after every worker and CLI run: a run cut short by a time limit still leaves its JSON
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "card": sampler.device_name(), "gpu_total_bytes": total, "comfyui": comfy_version(args.comfyui),
+                "driver_versions": versions(), "args": vars(args), "runs": results, "cli": cli,
+                "table": table(results, cli, classes)}, indent=1, default=str))
+    for card, wfs, extra in runs:
+        results.append(run_worker(args, card, wfs, extra, base, yaml, total, work))
+        save()
+    for w in [] if args.no_cli else names:
+        cli[w] = run_cli(args, workflows[w], model_dir, base / "input" / IMAGE_NAME, work, w)
+        save()
     log(f"\n{sampler.device_name() or platform.processor() or 'CPU'}, ComfyUI {comfy_version(args.comfyui)}, "
-        f"{args.steps} steps, {args.queues} queues per workflow\n\n{text}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({
-            "command": shlex.join([sys.executable, *sys.argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "card": sampler.device_name(), "gpu_total_bytes": total, "comfyui": comfy_version(args.comfyui),
-            "driver_versions": versions(), "args": vars(args), "runs": results, "cli": cli, "table": text}, indent=1,
-            default=str))
+        f"{args.steps} steps, {args.queues} queues per workflow\n\n{table(results, cli, classes)}")
     return 0 if all("error" not in r for r in results) else 1
 
 
