@@ -14,6 +14,7 @@ weights to stay, then calls `partially_load`; `LoadedModel.model_unload` asks
 """
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -25,12 +26,22 @@ HOST = torch.device("cpu")
 
 
 class _Handle(torch.nn.Module):
-    """What ModelPatcher sees as `.model`; the engine module is kept out of its module tree."""
+    """What ModelPatcher sees as `.model`; the engine module is kept out of its module tree.
+
+    It refers to its component weakly: the component owns the patcher, which owns this handle, and
+    a strong reference back would make a cycle. Core tracks loaded models through weak references
+    and finalizers, and a model that dies only when the garbage collector runs (e.g. inside our own
+    release, halfway through core's `free_memory` loop) changes `current_loaded_models` under that
+    loop: with real ComfyUI 0.3.64 that crashed POST /free."""
 
     def __init__(self, component):
         super().__init__()
-        self.component = component
+        self._component = weakref.ref(component)
         self.device = HOST
+
+    @property
+    def component(self):
+        return self._component()
 
 
 # ComfyUI logs "Requested to load <class name>": name the handle after what it holds.

@@ -10,12 +10,14 @@ the ComfyUI checkout named by COMFYUI_DIR, in a subprocess started with ComfyUI'
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
 import subprocess
 import sys
 import traceback
+import weakref
 
 import pytest
 import torch
@@ -41,19 +43,23 @@ class Workflow:
         self.acquires = {c.kind: 0 for c in self.components}
         self.releases = dict(self.acquires)
         for comp in self.components:
-            comp.acquire = self._count(comp.acquire, self.acquires, comp.kind)
-            comp.release = self._count(comp.release, self.releases, comp.kind)
+            self._count(comp, "acquire", self.acquires)
+            self._count(comp, "release", self.releases)
 
     @property
     def components(self):
         return (self.tr, self.t5, self.vae)
 
     @staticmethod
-    def _count(fn, counter, kind):
+    def _count(comp, method, counter):
+        """Count calls of comp.<method>, referring to comp weakly: a cycle through it would keep our
+        models alive until a garbage collection, which is not how ComfyUI holds them."""
+        original, kind, ref = getattr(type(comp), method), comp.kind, weakref.ref(comp)
+
         def counted():
             counter[kind] += 1
-            return fn()
-        return counted
+            return original(ref())
+        setattr(comp, method, counted)
 
     def run(self, node_id, **inputs):
         return self.nodes[node_id].EXECUTE_NORMALIZED(**inputs)
@@ -233,6 +239,15 @@ def test_loader_outputs_visible_to_ram_cache(comfy):
     for comp in w.components:
         assert isinstance(comp.patcher, mods["comfy.model_patcher"].ModelPatcher)
         assert comp.patcher.component is comp and comp.patcher.model_size() == comp.total_bytes()
+    # no reference cycle through the patcher: dropped outputs leave core's list at once, not at a
+    # later garbage collection in the middle of core's free_memory loop
+    gc.disable()
+    try:
+        patchers = [weakref.ref(c.patcher) for c in w.components]
+        del w, comp
+        assert [p() for p in patchers] == [None, None, None]
+    finally:
+        gc.enable()
 
 def test_interrupt_is_not_an_exception(comfy):
     """Cancel (a BaseException in 2026) stops the sampler and releases the transformer."""
