@@ -105,7 +105,9 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
         return before - self.loaded_size()
 
     def detach(self, unpatch_all=True):
-        # unpatch_all=False: core re-requests a loaded model (every queue); the placement stays.
+        # unpatch_all=False: core re-requests a loaded model (every queue); the placement stays. Core's
+        # own steps run (injections ejected, callbacks), never its weight unpatching: it would move
+        # the handle, while our weights move only through the placement.
         super().detach(unpatch_all=False)
         if unpatch_all:
             self.component.release()
@@ -116,11 +118,15 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
         """A new patcher over the same component (core's `is_clone` is true for it). Accepts core's
         2026 `clone(disable_dynamic=False, model_override=None, force_deepcopy=False)`; disable_dynamic
         changes nothing for a model that is never dynamic."""
-        if kwargs.get("force_deepcopy") or (len(args) > 2 and args[2]):
-            raise ValueError(f"a private copy (force_deepcopy) of the CogVideoX {self.component.kind} is not "
+        override = kwargs.get("model_override", args[1] if len(args) > 1 else None)
+        if kwargs.get("force_deepcopy") or (len(args) > 2 and args[2]) or not (
+                override is None or isinstance(override[0], _Handle)):
+            raise ValueError(f"a private copy (force_deepcopy, or another model) of the CogVideoX {self.component.kind} is not "
                              "supported: its weights are placed by this pack and shared by every node; "
                              "use a loader node to load a second copy")
-        return super().clone(*args, **kwargs)
+        twin = super().clone(*args, **kwargs)
+        twin.owner = self.component     # the component owns only its own patcher: a clone keeps it alive
+        return twin
 
 
 def patcher(component) -> CogVidPatcher:

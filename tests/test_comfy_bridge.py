@@ -11,7 +11,6 @@ the ComfyUI checkout named by COMFYUI_DIR, in a subprocess started with ComfyUI'
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import os
 import subprocess
@@ -23,9 +22,8 @@ import pytest
 import torch
 
 import comfy_stub
-from test_nodes import load_pack, models_root  # noqa: F401,F811  (models_root: a fixture, used by name)
+from test_nodes import comfy, load_pack, models_root  # noqa: F401  (comfy, models_root: fixtures used by name)
 
-_counter = itertools.count()
 
 
 # ------------------------------------------------------------------ scenarios (stub or real ComfyUI)
@@ -197,14 +195,7 @@ SCENARIOS = {f.__name__: f for f in (scenario_requeue, scenario_free, scenario_l
                                      scenario_clone)}
 
 
-# ------------------------------------------------------------------ against the stub (always)
-@pytest.fixture
-def comfy(models_root):
-    mods = comfy_stub.install(str(models_root))
-    nodes = load_pack(f"cogvid_bridge_{next(_counter)}")
-    yield nodes, mods
-    comfy_stub.uninstall()
-
+# ------------------------------------------------------------------ against the stub (always; `comfy`: test_nodes.py's)
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_bridge_on_stub(comfy, name):
     nodes, mods = comfy
