@@ -18,7 +18,18 @@ except ImportError:  # imported outside ComfyUI (the engine's tests, library use
 
 if ComfyExtension is not None:
     class CogVidExtension(ComfyExtension):
+        """ComfyUI >= 2026 awaits on_load before get_node_list; 0.3.64 has on_load but never calls it,
+        so get_node_list runs it itself when it has not run (registering folders twice is harmless)."""
+        _loaded = False
+
+        async def on_load(self):
+            from .nodes import common
+            common.register_folders()   # models/CogVideo must exist before the loaders list models
+            self._loaded = True
+
         async def get_node_list(self):
+            if not self._loaded:
+                await self.on_load()
             from .nodes import node_list
             return node_list()
 

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import platform
 import sys
 import tempfile
@@ -35,10 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cogvid_core import devmem  # noqa: E402
 from cogvid_core import estimate as E  # noqa: E402
 from cogvid_core import models as M  # noqa: E402
+from cogvid_core import profiles  # noqa: E402
+from cogvid_core.stages import STAGES  # noqa: E402
 
-GiB = E.GiB
+GiB = devmem.GiB
 STAGE_REC = {"text_encode": "text encode", "image_encode": "image encode", "denoise_step": "denoise",
              "decode": "decode"}
 BUDGETS_GIB = (8, 12, 16, 24, 40)
@@ -101,7 +103,7 @@ def _row_of(rec, name):
 
 def measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs):
     """Run one stage through the engine under a StageRecorder; (peak alloc, peak reserved) bytes."""
-    from cogvid_core import placement, report, sampling, session, text, vae as vae_mod
+    from cogvid_core import activations, report, sampling, session, text, vae as vae_mod
 
     tile = prof.vae_tile
     key = {"text_encode": ("te", prof.text_encoder == "stream"),
@@ -137,7 +139,7 @@ def measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs):
     elif stage == "denoise_step":
         pos, neg = inputs["prompt"]
         tr = models.transformer(v)
-        placement.apply_profile(tr, prof)
+        activations.apply_profile(tr, prof)
         c = session.Component("transformer", tr, device, dtype, prof.transformer, variant=v)
         try:
             with rec.stage("denoise", steps=1):
@@ -164,7 +166,6 @@ def measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs):
 
 
 def run_grid(args) -> dict:
-    from cogvid_core import placement
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -179,7 +180,7 @@ def run_grid(args) -> dict:
             shapes = [s for s in shapes if "x".join(map(str, s)) in args.shapes]
         for frames, h, w in shapes:
             for pname in args.profiles:
-                prof = placement.PROFILES[pname]
+                prof = profiles.PROFILES[pname]
                 if args.tile:
                     th, tw = (int(x) for x in args.tile.lower().split("x"))
                     prof = prof.replace(vae_tile=dataclasses.replace(prof.vae_tile, height=th, width=tw))
@@ -187,7 +188,7 @@ def run_grid(args) -> dict:
                 row = dict(variant=v.key, frames=frames, height=h, width=w, profile=pname, stages={},
                            tile=[t.height, t.width, t.overlap] if t else None,
                            settings={k: getattr(prof, k) for k in SETTINGS})
-                for stage in E.STAGES:
+                for stage in STAGES:
                     t = time.perf_counter()
                     alloc, reserved, shared = measure_stage(stage, models, v, frames, h, w, prof, device, cache, inputs)
                     row["stages"][stage] = dict(alloc=alloc, reserved=reserved, shared=shared,
@@ -217,9 +218,8 @@ def _version(name):
 
 # ------------------------------------------------------------------------------ comparison
 def predict(row, constants_path=None, tiny=False):
-    from cogvid_core import placement
     tile = row.get("tile", None)   # the decode tile the row ran with (profiles' defaults change)
-    prof = placement.PROFILES[row["profile"]]
+    prof = profiles.PROFILES[row["profile"]]
     if row.get("settings"):        # the settings the row ran with, not today's profile of that name
         prof = prof.replace(**row["settings"])
     return E.estimate(row["variant"], row["frames"], row["height"], row["width"], prof,
@@ -229,13 +229,13 @@ def predict(row, constants_path=None, tiny=False):
 def compare(data, constants_path=None, out=sys.stdout) -> dict:
     tiny = data["env"].get("tiny", False)
     errs, wrong, lines = [], [], []
-    head = f"{'variant':<20}{'shape':>14} {'profile':<9}" + "".join(f"{STAGE_REC[s]:>24}" for s in E.STAGES)
+    head = f"{'variant':<20}{'shape':>14} {'profile':<9}" + "".join(f"{STAGE_REC[s]:>24}" for s in STAGES)
     lines.append("peak allocated GiB per stage: predicted / measured / error ('*' = measured once, shared)")
     lines.append(head)
     for row in data["rows"]:
         est = predict(row, constants_path, tiny)
         cells = []
-        for s in E.STAGES:
+        for s in STAGES:
             m = row["stages"][s]
             p = est.stage(s).peak_allocated
             if m["alloc"] is None:
@@ -246,7 +246,7 @@ def compare(data, constants_path=None, out=sys.stdout) -> dict:
             cells.append(f"{p / GiB:7.2f} /{m['alloc'] / GiB:6.2f}{'*' if m['shared'] else ' '}/{e * 100:+5.1f}%")
         shape = f"{row['frames']}x{row['height']}x{row['width']}"
         lines.append(f"{M.VARIANTS[row['variant']].label:<20}{shape:>14} {row['profile']:<9}" + "".join(f"{c:>24}" for c in cells))
-        meas_res = [row["stages"][s]["reserved"] for s in E.STAGES]
+        meas_res = [row["stages"][s]["reserved"] for s in STAGES]
         if None not in meas_res:
             peak_m = max(meas_res)
             # a wrong 'fits' is possible for some budget iff the needed estimate is below the real peak
@@ -287,7 +287,7 @@ def fit(data, start: dict | None = None) -> dict:
 
     tiny = data["env"].get("tiny", False)
     base = {**E.DEFAULT_CONSTANTS, **(start or {})}
-    rows = [r for r in data["rows"] if all(r["stages"][s]["alloc"] is not None for s in E.STAGES)]
+    rows = [r for r in data["rows"] if all(r["stages"][s]["alloc"] is not None for s in STAGES)]
     if not rows:
         raise SystemExit("no measured rows to fit")
     def loss(x):
@@ -295,7 +295,7 @@ def fit(data, start: dict | None = None) -> dict:
         total = 0.0
         for r in rows:
             est = predict(r, c, tiny)
-            for s in E.STAGES:
+            for s in STAGES:
                 m = r["stages"][s]
                 e_a = (est.stage(s).peak_allocated - m["alloc"]) / m["alloc"]
                 e_r = (est.stage(s).peak_reserved - m["reserved"]) / m["reserved"]
@@ -313,7 +313,7 @@ def fit(data, start: dict | None = None) -> dict:
     under = 0.0
     for r in rows:
         est = predict(r, fitted, tiny)
-        peak_m = max(r["stages"][s]["reserved"] for s in E.STAGES)
+        peak_m = max(r["stages"][s]["reserved"] for s in STAGES)
         under = max(under, peak_m / est.peak_reserved - 1)
     fitted["reserved_margin"] = round(under + 0.02, 3)
     return fitted

@@ -5,7 +5,7 @@ host memory, and reused by every recipe. Per recipe and stage (text encode, imag
 decode) it records peak allocated / peak reserved GiB (peak stats reset at each stage start),
 seconds, s/step, ratios to the diffusers everything-resident run, and the max abs frame difference
 to that run (same seed). Our side goes through the engine: text.encode_prompt, vae.encode_image,
-sampling.sample, vae.decode, with placement.place()/use() and placement.apply_profile().
+sampling.sample, vae.decode, with placement.place()/use() and activations.apply_profile().
 
     python bench/bench_memory.py                              # 1.5-I2V, 81x768x1360, 3 steps
     python bench/bench_memory.py --variant 1.0                # 5B-I2V, 49x480x720
@@ -30,14 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from cogvid_core import activations as A  # noqa: E402
 from cogvid_core import models as M  # noqa: E402
 from cogvid_core import placement as P  # noqa: E402
+from cogvid_core import planner as PL  # noqa: E402
+from cogvid_core import profiles as PR  # noqa: E402
 from cogvid_core.report import StageRecorder  # noqa: E402
-from cogvid_core.vae import TileSpec  # noqa: E402
+from cogvid_core.profiles import TileSpec  # noqa: E402
 
 DIFFUSERS_RECIPES = ("diffusers-resident", "diffusers-model-offload", "diffusers-group-offload",
                      "diffusers-sequential-offload")
-OURS = tuple(f"ours-{name}" for name in P.PROFILES)
+OURS = tuple(f"ours-{name}" for name in PR.PROFILES)
 ALL = DIFFUSERS_RECIPES + OURS
 DEFAULT_RECIPES = ("diffusers-resident", "ours-lowvram", "ours-balanced", "diffusers-model-offload")
 BASELINE = "diffusers-resident"
@@ -142,7 +145,7 @@ def reset_models(models: Models, pipe=None):
         for t in list(m.parameters()) + list(m.buffers()):
             if t.device.type != "cpu":
                 t.data = t.data.to("cpu")
-    P.apply_profile(models.transformer, "resident")
+    A.apply_profile(models.transformer, "resident")
     models.vae.disable_tiling()
     models.vae.disable_slicing()
     cleanup(models.device)
@@ -224,13 +227,13 @@ def run_ours(recipe, models: Models, args, rec: StageRecorder):
     dev = models.device
     name = recipe.removeprefix("ours-")
     if name.startswith("auto@"):     # what `--profile auto --vram-budget N` picks
-        prof = P.resolve_profile("auto", budget_gib=float(name[5:]), variant=models.variant, frames=args.frames,
-                                 height=args.height, width=args.width, device=dev)
+        prof = PL.resolve_profile(PR.AUTO, budget_gib=float(name[5:]), variant=models.variant, frames=args.frames,
+                                  height=args.height, width=args.width, device=dev)
         log(f"{recipe}: plan picked {prof.name}")
     else:
-        prof = P.get_profile(name)
+        prof = PR.get_profile(name)
     t0 = time.perf_counter()
-    P.apply_profile(models.transformer, prof)
+    A.apply_profile(models.transformer, prof)
     pt5 = P.place(models.text_encoder, dev, prof.text_encoder)
     pvae = P.place(models.vae, dev, prof.vae)
     ptr = P.place(models.transformer, dev, prof.transformer)

@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cogvid_core import guard, models as M, pipeline, report, session, testing  # noqa: E402
+from cogvid_core import devmem, models as M, pipeline, session, testing  # noqa: E402
 
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
 MIB = 2 ** 20
 STAGES = ("text_encode", "denoise", "decode")
-REAL_EMPTY_HOST_CACHE = guard.empty_host_cache    # --keep-host-cache replaces guard's
+REAL_EMPTY_HOST_CACHE = devmem.empty_host_cache    # --keep-host-cache replaces guard's
 
 
 class Cancelled(Exception):
@@ -67,7 +67,7 @@ def gpu(device) -> tuple[int, int]:
         return 0, 0
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
-    return guard.allocated_bytes(device), int(torch.cuda.memory_reserved(device))
+    return devmem.allocated_bytes(device), int(torch.cuda.memory_reserved(device))
 
 
 def stage_class(stage):
@@ -216,7 +216,7 @@ def cancel_nodes(ckpts, sizes, device, precision):
 # ------------------------------------------------------------------------------- 3. soak
 def soak(ckpts, sizes, device, profiles, image, n=20):
     runs = [(V15, 0), (V10, 0), (V15, 1), (V10, 1), (V15, 2)]
-    rows, base, rss_before = [], gpu(device), report.host_rss_bytes()
+    rows, base, rss_before = [], gpu(device), devmem.host_rss_bytes()
     for i in range(n):
         key, s = runs[i % len(runs)]
         frames, h, w = sizes[key][s % len(sizes[key])]
@@ -231,7 +231,7 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
         alloc, reserved = gpu(device)
         rows.append(dict(run=i + 1, variant=key, frames=frames, height=h, width=w, profile=profile, cfg=cfg,
                          seconds=round(time.perf_counter() - t0, 2), finite=finite,
-                         rss_mib=report.host_rss_bytes() / MIB,
+                         rss_mib=devmem.host_rss_bytes() / MIB,
                          alloc_mib=alloc / MIB, reserved_mib=reserved / MIB, host_pinned_mib=host_pinned(device)))
         r = rows[-1]
         pinned = r["host_pinned_mib"].get("allocated_bytes.current")
@@ -252,7 +252,7 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
     released = device.type == "cuda" and REAL_EMPTY_HOST_CACHE()
     gc.collect()
     verdict.update(extra_host_release=bool(released),
-                   rss_after_extra_release_mib=report.host_rss_bytes() / MIB,
+                   rss_after_extra_release_mib=devmem.host_rss_bytes() / MIB,
                    host_pinned_after_extra_release_mib=host_pinned(device))
     return rows, verdict
 
@@ -292,7 +292,7 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     root = args.ckpt_dir or Path(tempfile.mkdtemp(prefix="cogvid_rel_"))
     if args.keep_host_cache:
-        guard.empty_host_cache = lambda: False
+        devmem.empty_host_cache = lambda: False
     ckpts = write(root, args.tiny, None if args.tiny else args.layers, testing.DTYPES[precision])
     ckpts["precision"] = precision
     # (frames, height, width) per variant; 1.0 is pinned to 480x720
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
     env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else
                platform.processor() or "cpu", alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                layers=None if args.tiny else args.layers, tiny=args.tiny, keep_host_cache=args.keep_host_cache,
-               rss_start_mib=report.host_rss_bytes() / MIB)
+               rss_start_mib=devmem.host_rss_bytes() / MIB)
     log(json.dumps(env))
     # warm-up: CUDA context, cuBLAS/cuDNN workspaces and kernels, so "before" already holds them
     pipeline.generate(pipeline.Sources.from_model(str(ckpts[V15])), job(*sizes[V15][2], steps=1, image=image),

@@ -11,7 +11,7 @@
   copies of Q and K exist at once. Per element it is the very same ``apply_rotary_emb`` call.
 
 Both are installed through diffusers' extension points (module attribute replacement,
-``set_attn_processor``) and removed the same way.
+``set_attn_processor``) and removed the same way; :func:`apply_profile` sets both as a profile says.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from torch import nn
 
 from diffusers.models.attention_processor import Attention, CogVideoXAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb
+
+from .profiles import Profile, get_profile
 
 
 def _blocks(transformer: nn.Module):
@@ -183,3 +185,11 @@ def set_low_mem_attention(transformer: nn.Module, enabled: bool, head_chunk: int
 
 def low_mem_attention_enabled(transformer: nn.Module) -> bool:
     return isinstance(_blocks(transformer)[0].attn1.processor, LowMemCogVideoXAttnProcessor)
+
+
+def apply_profile(transformer: nn.Module, profile: Profile | str) -> Profile:
+    """Set the profile's activation savers on a CogVideoX transformer (and undo those it lacks)."""
+    profile = get_profile(profile)
+    set_ff_chunking(transformer, profile.ff_chunk)
+    set_low_mem_attention(transformer, profile.low_mem_attention, profile.attn_head_chunk)
+    return profile

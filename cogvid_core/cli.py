@@ -5,12 +5,18 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
+from .devmem import GiB
 from .guard import StageOOM
-from .models import CheckpointError
+from .models import VARIANTS, CheckpointError
+from .profiles import AUTO
 
-USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, TypeError, StageOOM)
+# what a user can fix gets one line (exit 2); anything else (TypeError, KeyError, ...) is a bug: its
+# traceback shows (exit 70, sysexits' EX_SOFTWARE; 1 is the estimate's "does not fit")
+USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, StageOOM)
+BUG_EXIT = 70
 
 
 def _i2v_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +38,7 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8_e4m3fn"], default="bf16")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    p.add_argument("--profile", default="auto", help="memory profile: auto, resident, balanced, lowvram")
+    p.add_argument("--profile", default=AUTO, help="memory profile: auto, resident, balanced, lowvram")
     p.add_argument("--vram-budget", type=float, help="GiB the run may use (default: what the GPU has free)")
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
     p.add_argument("--fps", type=float, help="default: the variant's (8 for 1.0, 16 for 1.5)")
@@ -115,6 +121,66 @@ def run_demo(args) -> int:
     return run_i2v(build_parser().parse_args(["i2v", *argv]))
 
 
+def _estimate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=sorted(VARIANTS))
+    p.add_argument("--frames", type=int, default=None, help="default: the variant's")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--profile", default=AUTO,
+                   help="placement profile name; 'auto' picks the fastest that fits the budget")
+    p.add_argument("--precision", default="bf16", help="transformer storage: bf16, fp16, fp32, fp8_e4m3fn")
+    p.add_argument("--text-encoder-precision", default="bf16")
+    p.add_argument("--vae-precision", default="bf16")
+    p.add_argument("--tile", default=None, help="decode tile HEIGHTxWIDTH in pixels (default: the profile's)")
+    p.add_argument("--budget-gib", type=float, default=None, help="default: free memory of --device")
+    p.add_argument("--reserve-gib", type=float, default=0.0, help="keep this much of the free memory unused")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--keep-loaded", action="store_true", help="resident models stay on the GPU in every stage")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
+
+
+def _estimate_budget(args) -> int | None:
+    from .planner import gpu_budget
+
+    if args.budget_gib is not None:
+        return int((args.budget_gib - args.reserve_gib) * GiB)
+    dev = None if args.device in (None, "", "auto") else args.device
+    return gpu_budget(dev, int(args.reserve_gib * GiB))
+
+
+def run_estimate(args) -> int:
+    """Print the estimate (of the given profile, or for 'auto' of the plan's pick); exit 1 when it does
+    not fit the budget."""
+    from .estimate import estimate
+    from .models import check_video_shape, transformer_config
+    from .planner import plan
+
+    v = VARIANTS[args.variant]
+    frames, height, width = args.frames or v.default_frames, args.height or v.default_height, args.width or v.default_width
+    check_video_shape(v, transformer_config(v), frames, height, width)
+    precision = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
+    tile = None
+    if args.tile:
+        th, tw = (int(x) for x in args.tile.lower().split("x"))
+        tile = (th, tw, 1 / 6)
+    budget = _estimate_budget(args)
+    if args.profile == AUTO and budget is None:
+        print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
+        est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded)
+    elif args.profile == AUTO:
+        _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded)
+    else:
+        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded)
+    if args.chart:
+        from PIL import Image
+
+        from .chart import chart_image
+        Image.fromarray(chart_image(est)).save(args.chart)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
+    return 0 if est.fits is not False else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import testing
 
@@ -129,12 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=4)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", default="demo/demo.mp4")
-    try:
-        from . import estimate
-        est = sub.add_parser("estimate", help="predict peak VRAM per stage and pick settings that fit")
-        estimate.add_arguments(est)
-    except (ImportError, AttributeError):
-        pass
+    _estimate_arguments(sub.add_parser("estimate", help="predict peak VRAM per stage and pick settings that fit"))
     return parser
 
 
@@ -151,11 +212,15 @@ def main(argv=None) -> int:
             from . import testing
             testing.run(args)
             return 0
-        from . import estimate
-        return estimate.run(args)
+        return run_estimate(args)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print("this is a bug in cogvid_core, not in your input: please report it with the traceback above",
+              file=sys.stderr)
+        return BUG_EXIT

@@ -14,29 +14,24 @@ First principles, then calibration:
   the decoded tiles and the full video that accumulate on the GPU (diffusers' tiled decode);
 - peak reserved = peak allocated + a fragmentation share of the activations.
 The multipliers live in calibration.json with the card and versions they were fitted on
-(`bench/bench_estimate.py --write-calibration`).
+(`bench/bench_estimate.py --write-calibration`). Picking settings that fit a budget is
+:mod:`cogvid_core.planner`'s; the chart is :mod:`cogvid_core.chart`'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, t5_config, transformer_config, vae_config
+from .devmem import precision_bytes
+from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
+from .profiles import PROFILES, Profile
+from .stages import COMPONENT_OF_STAGE, STAGES
 
-GiB = 1024 ** 3
-STAGES = ("text_encode", "image_encode", "denoise_step", "decode")
-STAGE_LABELS = {"text_encode": "text encode", "image_encode": "image encode",
-                "denoise_step": "denoise step", "decode": "decode"}
-COMPONENT_OF_STAGE = {"text_encode": "text_encoder", "image_encode": "vae",
-                      "denoise_step": "transformer", "decode": "vae"}
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
-BYTES_PER_ELEMENT = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-                     "fp8": 1, "fp8_e4m3": 1, "fp8-e4m3": 1, "fp8_e4m3fn": 1, "float8_e4m3fn": 1}
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 # Starting constants, fitted by hand on the REFERENCE.md anchors (H100, diffusers recipes).
@@ -66,7 +61,7 @@ DEFAULT_CONSTANTS = {
 @dataclass(frozen=True)
 class ComponentSize:
     params: int            # all parameters
-    matrix_params: int     # weights of Linear/Conv layers (what fp8 storage stores in 1 byte)
+    matrix_params: int     # weights fp8 storage stores in 1 byte (see _sizes)
     buffer_elems: int      # buffers cast with the model (1.0's learned positional embedding)
     block_params: int      # one repeated block (for streaming)
     blocks: int
@@ -77,6 +72,9 @@ def _sizes(module, blocks) -> ComponentSize:
     import torch
 
     params = sum(p.numel() for p in module.parameters())
+    # TODO(issue 10): count with the loading code's fp8 "which layers" predicate once it has one home;
+    # this count (every Linear/Conv weight) is larger than what loading stores in 8 bits today
+    # (Linear weights of the repeated blocks only): fp8 estimates run ~18 MiB low for the 1.5 transformer.
     matrix = sum(m.weight.numel() for m in module.modules()
                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)) and m.weight is not None)
     largest = max((p.numel() for p in module.parameters()), default=0)
@@ -105,21 +103,14 @@ def component_sizes(variant_key: str, tiny: bool = False) -> dict[str, Component
 
 def weight_bytes(size: ComponentSize, precision: str, compute_bytes: int = 2) -> int:
     """Bytes of a component's weights stored in `precision` (fp8: matrices 1 byte, rest compute)."""
-    b = _bytes(precision)
+    b = precision_bytes(precision)
     if b == 1:
         return size.matrix_params + (size.params - size.matrix_params + size.buffer_elems) * compute_bytes
     return (size.params + size.buffer_elems) * b
 
 
-def _bytes(precision: str) -> int:
-    try:
-        return BYTES_PER_ELEMENT[str(precision).replace("torch.", "")]
-    except KeyError:
-        raise ValueError(f"unknown precision {precision!r}; use one of bf16, fp16, fp32, fp8_e4m3") from None
-
-
 def _compute_bytes(precision: str) -> int:
-    return 4 if _bytes(precision) == 4 else 2
+    return 4 if precision_bytes(precision) == 4 else 2
 
 
 # ---------------------------------------------------------------- calibration
@@ -141,55 +132,30 @@ def calibration(path: Path | dict | None = None) -> dict:
     return data
 
 
-# ---------------------------------------------------------------- profiles (placement.py's)
-def _profiles() -> dict:
-    from . import placement
-    return placement.PROFILES
-
-
-def _resolve_profile(profile):
+# ---------------------------------------------------------------- what a profile asks for
+def _profile(profile: Profile | str) -> Profile:
     if isinstance(profile, str):
-        profiles = _profiles()
-        if profile not in profiles:
-            raise ValueError(f"unknown placement profile {profile!r}; known: {', '.join(profiles)}")
-        return profiles[profile]
+        if profile not in PROFILES:
+            raise ValueError(f"unknown placement profile {profile!r}; known: {', '.join(PROFILES)}")
+        return PROFILES[profile]
     return profile
 
 
-def _pget(profile, name, default=None):
-    if isinstance(profile, dict):
-        return profile.get(name, default)
-    return getattr(profile, name, default)
-
-
-def _profile_name(profile) -> str:
-    return str(_pget(profile, "name", "custom"))
-
-
-def _tile_of(profile, tile):
-    """The decode tile: explicit argument, else the profile's; None = no spatial tiling."""
-    t = tile if tile is not None else _pget(profile, "vae_tile", None)
+def _tile_of(profile: Profile, tile):
+    """The decode tile as (h, w, overlap): the explicit argument ((h, w[, overlap]) or a TileSpec),
+    else the profile's; None (or False given) = no spatial tiling."""
+    t = tile if tile is not None else profile.vae_tile
     if t is None or t is False:
         return None
-    if isinstance(t, dict):
-        return (int(t.get("height", 240)), int(t.get("width", 360)), float(t.get("overlap", 1 / 6)))
     if isinstance(t, (tuple, list)):
         h, w = int(t[0]), int(t[1])
         return (h, w, float(t[2]) if len(t) > 2 else 1 / 6)
-    return (int(_pget(t, "height", 240)), int(_pget(t, "width", 360)), float(_pget(t, "overlap", 1 / 6)))
+    return (int(t.height), int(t.width), float(t.overlap))
 
 
 # ---------------------------------------------------------------- token and tile arithmetic
-def latent_frames(variant: Variant, frames: int) -> int:
-    """Latent frames the transformer sees (1.5 pads an odd count by one)."""
-    lf = (frames - 1) // 4 + 1
-    if variant.patch_size_t and lf % variant.patch_size_t:
-        lf += variant.patch_size_t - lf % variant.patch_size_t
-    return lf
-
-
 def video_tokens(variant: Variant, frames: int, height: int, width: int) -> int:
-    lf = latent_frames(variant, frames) // (variant.patch_size_t or 1)
+    lf = latent_frames(variant, frames)[0] // (variant.patch_size_t or 1)
     return lf * (height // 16) * (width // 16)
 
 
@@ -271,50 +237,13 @@ class Estimate:
         return next(s for s in self.stages if s.name == name)
 
     def advice(self) -> str:
-        if self.fits is not False:
-            return ""
-        worst = self.peak_stage
-        comp = COMPONENT_OF_STAGE[worst]
-        s = self.stage(worst)
-        if s.weights >= s.activations:
-            if self.keep_loaded:
-                return (f"the {STAGE_LABELS[worst]} is the peak and mostly weights: offload the models it does not "
-                        f"use, stream the {comp} or store it in fp8; or use the 'lowvram' profile")
-            return (f"the {STAGE_LABELS[worst]} is the peak and mostly weights: stream the {comp} "
-                    f"or store it in fp8; or use the 'lowvram' profile")
-        if worst == "decode":
-            return "the decode is the peak: use smaller VAE tiles (e.g. 192x288 or 128x192)"
-        if worst == "denoise_step":
-            return ("the denoise step's activations are the peak: sequential CFG, smaller feed-forward chunks, "
-                    "low-memory attention, or fewer frames / a smaller size")
-        return "use the 'lowvram' profile"
+        """What to change when it does not fit ("" when it fits or there is no budget)."""
+        from .chart import advice
+        return advice(self)
 
     def report(self) -> str:
-        g = lambda b: f"{b / GiB:6.2f}"
-        tile = f"{self.tile[1]}x{self.tile[0]}" if self.tile else "off"
-        lines = [f"{VARIANTS[self.variant_key].label}: {self.frames} frames at {self.width}x{self.height} "
-                 f"({self.tokens} tokens), profile {self.profile_name}, CFG {self.cfg_mode}, "
-                 f"FF chunk {self.ff_chunk or 'off'}, VAE tile {tile}",
-                 "precision: " + ", ".join(f"{k} {v}" for k, v in self.precision.items()),
-                 f"{'stage':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}  GiB"]
-        for s in self.stages:
-            lines.append(f"{STAGE_LABELS[s.name]:<14}{g(s.weights):>8}{g(s.activations):>8}"
-                         f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}")
-        lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(self.peak_allocated):>8}{g(self.peak_reserved):>10}"
-                     f"  ({STAGE_LABELS[self.peak_stage]})")
-        lines.append(f"needed: peak reserved + {self.margin * 100:.0f}% calibration margin = "
-                     f"{self.needed_bytes / GiB:.2f} GiB")
-        if self.budget_bytes is None:
-            lines.append("budget: unknown (no CUDA device): no verdict")
-        elif self.fits:
-            lines.append(f"FITS: needs ~{self.needed_bytes / GiB:.2f} GiB, budget {self.budget_bytes / GiB:.2f} GiB "
-                         f"({(self.budget_bytes - self.needed_bytes) / GiB:.2f} GiB spare)")
-        else:
-            lines.append(f"DOES NOT FIT: needs ~{self.needed_bytes / GiB:.2f} GiB, budget "
-                         f"{self.budget_bytes / GiB:.2f} GiB: {self.advice()}")
-        if self.calibration_source:
-            lines.append(f"calibration: {self.calibration_source}")
-        return "\n".join(lines)
+        from .chart import report_text
+        return report_text(self)
 
     def to_dict(self) -> dict:
         return {"variant": self.variant_key, "frames": self.frames, "height": self.height, "width": self.width,
@@ -343,285 +272,124 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
         w += int((stream_buffer_mult - 1) * size.buffer_elems * _compute_bytes(precision))
     else:  # offload (and streaming of models without repeated blocks): whole model while in use
         w = full
-    if active and _bytes(precision) == 1:
+    if active and precision_bytes(precision) == 1:
         w += size.largest_layer * 2  # per-layer upcast to bf16
     return w
 
 
-def estimate(variant, frames: int, height: int, width: int, profile="balanced",
+def estimate(variant, frames: int, height: int, width: int, profile: Profile | str = "balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
-    variant: Variant or its key; profile: placement Profile (or its name in placement.PROFILES);
+    variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
     precision: storage precision per component; tile: decode tile override ((h, w[, overlap]) in
-    pixels or a vae.TileSpec), else the profile's vae_tile.
+    pixels or a TileSpec; False: untiled), else the profile's vae_tile.
     keep_loaded: False (the pipeline / CLI): each component is on the GPU only during its own stage
     and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
     placed "resident" stay on the GPU through every stage.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
-    profile = _resolve_profile(profile)
+    profile = _profile(profile)
     precision = {**DEFAULT_PRECISION, **(precision or {})}
     cal = calibration(calibration_path)
     c = cal["constants"]
-    sizes = component_sizes(v.key, tiny)
-    tcfg, vcfg, t5cfg = transformer_config(v, tiny), vae_config(v, tiny), t5_config(tiny)
-    modes = {k: str(_pget(profile, k, "resident")) for k in COMPONENTS}
-    cfg_mode = str(_pget(profile, "cfg_mode", "batched"))
-    ff_chunk = _pget(profile, "ff_chunk", None) or None
-    low_mem = bool(_pget(profile, "low_mem_attention", False))
     tile_t = _tile_of(profile, tile)
-    stream_blocks = int(c["stream_blocks"])
+    vcfg = vae_config(v, tiny)
+    video_bytes = _video_bytes(v, frames, height, width, precision)
+    acts = {"text_encode": _text_encode_bytes(c, t5_config(tiny), precision),
+            "image_encode": _image_encode_bytes(c, vcfg, precision, height, width,
+                                                tile_t if profile.encode_tiled else None),
+            "denoise_step": _denoise_step_bytes(c, v, transformer_config(v, tiny), precision, profile,
+                                                frames, height, width),
+            "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
+    weights = _stage_weights(component_sizes(v.key, tiny), precision, profile, keep_loaded, c)
+    stages = [_stage(name, weights[name], acts[name], c, video_bytes) for name in STAGES]
+    src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
+    return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
+                    profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
+                    keep_loaded, profile, float(c["reserved_margin"]))
 
-    def weights_in(stage: str) -> int:
-        return sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k, stream_blocks,
-                                keep_loaded, c["stream_buffer_mult"]) for k in COMPONENTS)
 
-    # text encode: T5 on 226 tokens (+ relative-position attention scores in fp32)
+def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict) -> dict:
+    modes = {k: str(getattr(profile, k)) for k in COMPONENTS}
+    return {stage: sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k,
+                                    int(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
+                       for k in COMPONENTS) for stage in STAGES}
+
+
+def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: int) -> StageEstimate:
+    """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
+    a = int(activations + c["fixed_bytes"])
+    alloc = weights + a
+    if name == "decode":
+        reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
+    else:
+        reserved = alloc + c["reserved_frag"] * a
+    return StageEstimate(name, weights, a, alloc, int(reserved))
+
+
+def _text_encode_bytes(c: dict, t5cfg: dict, precision: dict) -> float:
+    """T5 on 226 tokens, + relative-position attention scores in fp32."""
     tb = _compute_bytes(precision["text_encoder"])
-    t5_act = (c["t5_act_units"] * MAX_TEXT_TOKENS * t5cfg["d_model"] * tb
-              + 3 * MAX_TEXT_TOKENS * t5cfg["d_ff"] * tb
-              + 2 * t5cfg["num_heads"] * MAX_TEXT_TOKENS ** 2 * 4)
+    return (c["t5_act_units"] * MAX_TEXT_TOKENS * t5cfg["d_model"] * tb
+            + 3 * MAX_TEXT_TOKENS * t5cfg["d_ff"] * tb
+            + 2 * t5cfg["num_heads"] * MAX_TEXT_TOKENS ** 2 * 4)
 
-    # image encode: the encoder's first level at full resolution (or one tile), 3 frames (causal padding)
-    vb = _compute_bytes(precision["vae"])
-    c0 = vcfg["block_out_channels"][0]
+
+def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width: int, tile) -> float:
+    """The encoder's first level at full resolution (or its largest tile), 3 frames (causal padding)."""
     eh, ew = (height, width)
-    if _pget(profile, "encode_tiled", False) and tile_t is not None:
-        eh, ew = max(decode_tiles(height, width, tile_t), key=lambda t: t[0] * t[1])
-    enc_act = c["enc_act_mult"] * c0 * 3 * eh * ew * vb
+    if tile is not None:
+        eh, ew = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
+    return c["enc_act_mult"] * vcfg["block_out_channels"][0] * 3 * eh * ew * _compute_bytes(precision["vae"])
 
-    # denoise step
+
+def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profile: Profile, frames: int,
+                        height: int, width: int) -> float:
+    """Live hidden states + the larger of the attention and feed-forward phases, + latents and RoPE."""
     xb = _compute_bytes(precision["transformer"])
-    batch = 2 if cfg_mode == "batched" else 1
+    batch = 2 if profile.cfg_mode == "batched" else 1
     n = tokens(v, frames, height, width)
     dim = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     unit = batch * n * dim * xb
+    ff_chunk = profile.ff_chunk or None
     chunk = min(int(ff_chunk), n) if ff_chunk else n
-    attn_units = c["step_attn_units_lowmem"] if low_mem else c["step_attn_units"]
+    attn_units = c["step_attn_units_lowmem"] if profile.low_mem_attention else c["step_attn_units"]
     if chunk < n:   # chunk intermediates + the full output the chunks are written into
         ff_bytes = c["step_ff_units_chunked"] * batch * chunk * dim * xb + c["step_ff_chunk_live_units"] * unit
     else:
         ff_bytes = c["step_ff_units"] * unit
     step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
-    lf = latent_frames(v, frames)
+    lf = latent_frames(v, frames)[0]
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
     step_act += 2 * video_tokens(v, frames, height, width) * tcfg["attention_head_dim"] * 4  # RoPE cos/sin
+    return step_act
 
-    # decode: tile activations for one temporal chunk + decoded tiles + the assembled video
+
+def _decoded_latent_frames(v: Variant, frames: int) -> int:
+    """Latent frames the decode sees: 1.5's padding frame is dropped first."""
     drop = 1 if v.patch_size_t and ((frames - 1) // 4 + 1) % v.patch_size_t else 0
-    dec_lf = lf - drop
+    return latent_frames(v, frames)[0] - drop
+
+
+def _video_bytes(v: Variant, frames: int, height: int, width: int, precision: dict) -> int:
+    out_frames = 4 * (_decoded_latent_frames(v, frames) - 1) + 1
+    return 3 * out_frames * height * width * _compute_bytes(precision["vae"])
+
+
+def _decode_bytes(c: dict, v: Variant, vcfg: dict, precision: dict, frames: int, height: int, width: int,
+                  tile) -> float:
+    """Tile activations for one temporal chunk + decoded tiles + the assembled video."""
+    vb = _compute_bytes(precision["vae"])
+    dec_lf = _decoded_latent_frames(v, frames)
     out_frames = 4 * (dec_lf - 1) + 1
     chunk_lat = 2 + dec_lf % 2 if dec_lf > 2 else dec_lf
     chunk_out = 4 * (chunk_lat - 1) + 1
-    tiles = decode_tiles(height, width, tile_t)
+    tiles = decode_tiles(height, width, tile)
     th, tw = max(tiles, key=lambda t: t[0] * t[1])
-    tile_act = c["dec_tile_mult"] * c0 * chunk_out * th * tw * vb
+    tile_act = c["dec_tile_mult"] * vcfg["block_out_channels"][0] * chunk_out * th * tw * vb
     tiles_bytes = sum(3 * out_frames * a * b * vb for a, b in tiles)
-    video_bytes = 3 * out_frames * height * width * vb
-    dec_act = max(tile_act + c["dec_accum_mult"] * tiles_bytes, c["dec_post_mult"] * video_bytes)
-    dec_act += dec_lf * 16 * (height // 8) * (width // 8) * vb
-
-    acts = {"text_encode": t5_act, "image_encode": enc_act, "denoise_step": step_act, "decode": dec_act}
-    stages = []
-    for name in STAGES:
-        w = weights_in(name)
-        a = int(acts[name] + c["fixed_bytes"])
-        alloc = w + a
-        if name == "decode":
-            reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
-        else:
-            reserved = alloc + c["reserved_frag"] * a
-        stages.append(StageEstimate(name, w, a, alloc, int(reserved)))
-    src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
-    return Estimate(v.key, frames, height, width, _profile_name(profile), precision, cfg_mode, ff_chunk, tile_t, n,
-                    stages, budget_bytes, src, keep_loaded, profile, float(c["reserved_margin"]))
-
-
-# ---------------------------------------------------------------- plan
-def candidates(base_profiles: dict | None = None) -> list:
-    """Profiles from fastest to slowest: resident, balanced, lowvram, then lowvram with smaller
-    feed-forward chunks and VAE tiles (the slowest last)."""
-    profiles = base_profiles if base_profiles is not None else _profiles()
-    out = [profiles[k] for k in ("resident", "balanced") if k in profiles]
-    low = profiles.get("lowvram")
-    if low is None:
-        return out
-    lows = [low]
-    chunk0 = _pget(low, "ff_chunk", None) or 16384
-    t0 = _tile_of(low, None) or (240, 360, 1 / 6)
-    chunks = [None] + [c for c in (4096, 2048, 1024) if c < chunk0]
-    # multiples of 40 px: with overlap 0.2 they split into whole latent steps (placement validates it)
-    tiles = [None] + [(th, tw, t0[2]) for th, tw in ((200, 320), (160, 240), (120, 160), (80, 120))
-                      if th * tw < t0[0] * t0[1]]
-    # fewest and mildest changes first: each step down a list costs a little speed
-    combos = sorted(((i, j) for i in range(len(chunks)) for j in range(len(tiles)) if i or j),
-                    key=lambda ij: (ij[0] + ij[1], ij[0]))
-    for i, j in combos:
-        change = {}
-        if chunks[i]:
-            change["ff_chunk"] = chunks[i]
-        if tiles[j]:
-            change["vae_tile"] = tiles[j]
-        prof = _replace(low, change)
-        try:
-            if hasattr(prof, "validate"):
-                prof.validate()
-        except ValueError:
-            continue   # a tile the decode cannot use at this overlap
-        lows.append(prof)
-    # Streamed weights cross PCIe once per transformer call: a batched CFG step moves them once, one
-    # branch at a time twice (1.43x s/step at 1.0 on an H100), so each batched variant comes first.
-    for prof in lows:
-        if _pget(prof, "cfg_mode", "sequential") == "sequential" and _pget(prof, "transformer", "") == "stream":
-            out.append(_replace(prof, {"cfg_mode": "batched"}))
-        out.append(prof)
-    return out
-
-
-def _replace(profile, changes: dict):
-    name = _profile_name(profile)
-    tag = []
-    if "ff_chunk" in changes:
-        tag.append(f"ff{changes['ff_chunk']}")
-    if "cfg_mode" in changes:
-        tag.append(f"cfg-{changes['cfg_mode']}")
-    if "vae_tile" in changes:
-        th, tw, ov = changes["vae_tile"]
-        tag.append(f"tile{tw}x{th}")
-        tile_cls = type(_pget(profile, "vae_tile")) if _pget(profile, "vae_tile") is not None else None
-        if tile_cls is not None and tile_cls not in (tuple, list, dict):
-            changes = dict(changes, vae_tile=tile_cls(height=th, width=tw, overlap=ov))
-    changes = dict(changes, name=f"{name}+{'+'.join(tag)}")
-    if isinstance(profile, dict):
-        return {**profile, **changes}
-    if dataclasses.is_dataclass(profile):
-        fields = {f.name for f in dataclasses.fields(profile)}
-        return dataclasses.replace(profile, **{k: v for k, v in changes.items() if k in fields})
-    raise TypeError(f"cannot derive a profile from {type(profile).__name__}")
-
-
-def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
-         profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
-         keep_loaded: bool = False):
-    """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes.
-
-    Raises ValueError saying what the smallest option needs when none fits."""
-    last = None
-    for prof in candidates(profiles):
-        est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
-                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded)
-        if est.fits:
-            return prof, est
-        last = est
-    if last is None:
-        raise ValueError("no placement profiles to choose from")
-    raise ValueError(f"{frames} frames at {width}x{height} needs ~{last.needed_bytes / GiB:.1f} GiB with profile "
-                     f"{last.profile_name} (peak: {STAGE_LABELS[last.peak_stage]}), the budget is "
-                     f"{budget_bytes / GiB:.1f} GiB: reduce frames or size, or free GPU memory")
-
-
-def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
-    """Free bytes on a CUDA device minus a reserve; None for CPU (or no CUDA)."""
-    import torch
-
-    dev = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else None)
-    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
-        return None
-    free, _total = torch.cuda.mem_get_info(dev)
-    return max(0, int(free) - int(reserve_bytes))
-
-
-# ---------------------------------------------------------------- command line
-def add_arguments(p) -> None:
-    p.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=sorted(VARIANTS))
-    p.add_argument("--frames", type=int, default=None, help="default: the variant's")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--profile", default="auto",
-                   help="placement profile name; 'auto' picks the fastest that fits the budget")
-    p.add_argument("--precision", default="bf16", help="transformer storage: bf16, fp16, fp32, fp8_e4m3fn")
-    p.add_argument("--text-encoder-precision", default="bf16")
-    p.add_argument("--vae-precision", default="bf16")
-    p.add_argument("--tile", default=None, help="decode tile HEIGHTxWIDTH in pixels (default: the profile's)")
-    p.add_argument("--budget-gib", type=float, default=None, help="default: free memory of --device")
-    p.add_argument("--reserve-gib", type=float, default=0.0, help="keep this much of the free memory unused")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--keep-loaded", action="store_true", help="resident models stay on the GPU in every stage")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
-    p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
-
-
-def run(args) -> int:
-    import sys
-
-    v = VARIANTS[args.variant]
-    frames = args.frames or v.default_frames
-    height = args.height or v.default_height
-    width = args.width or v.default_width
-    from .models import check_video_shape
-    check_video_shape(v, transformer_config(v), frames, height, width)
-    precision = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
-    tile = None
-    if args.tile:
-        th, tw = (int(x) for x in args.tile.lower().split("x"))
-        tile = (th, tw, 1 / 6)
-    if args.budget_gib is not None:
-        budget = int((args.budget_gib - args.reserve_gib) * GiB)
-    else:
-        dev = None if args.device in (None, "", "auto") else args.device
-        budget = gpu_budget(dev, int(args.reserve_gib * GiB))
-    if args.profile == "auto":
-        if budget is None:
-            print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
-            est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded)
-        else:
-            _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded)
-    else:
-        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded)
-    if args.chart:
-        from PIL import Image
-        Image.fromarray(chart_image(est)).save(args.chart)
-    print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
-    return 0 if est.fits is not False else 1
-
-
-# ---------------------------------------------------------------- chart
-STAGE_COLORS = {"weights": (70, 110, 190), "activations": (230, 150, 60), "reserved": (200, 200, 200)}
-
-
-def chart_image(est: Estimate, width: int = 640, height: int = 360):
-    """Bars per stage (weights + activations, reserved outline) against the budget line: uint8 HxWx3."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    left, right, top, bottom = 48, width - 12, 28, height - 36
-    top_val = max([est.peak_reserved] + ([est.budget_bytes] if est.budget_bytes else [])) * 1.1 or 1
-    y = lambda b: bottom - (bottom - top) * b / top_val
-    d.text((left, 6), f"{VARIANTS[est.variant_key].label} {est.frames}f {est.width}x{est.height} "
-                      f"[{est.profile_name}]", fill=(0, 0, 0))
-    step = max(1, math.ceil(top_val / GiB / 6))
-    for gb in range(0, int(top_val / GiB) + 1, step):
-        yy = y(gb * GiB)
-        d.line([(left, yy), (right, yy)], fill=(235, 235, 235))
-        d.text((4, yy - 6), f"{gb}G", fill=(90, 90, 90))
-    n = len(est.stages)
-    slot = (right - left) / n
-    for i, s in enumerate(est.stages):
-        x0, x1 = left + slot * i + slot * 0.2, left + slot * (i + 1) - slot * 0.2
-        d.rectangle([x0, y(s.peak_reserved), x1, bottom], fill=STAGE_COLORS["reserved"])
-        d.rectangle([x0, y(s.weights), x1, bottom], fill=STAGE_COLORS["weights"])
-        d.rectangle([x0, y(s.peak_allocated), x1, y(s.weights)], fill=STAGE_COLORS["activations"])
-        d.text((x0, bottom + 4), STAGE_LABELS[s.name], fill=(0, 0, 0))
-        d.text((x0, y(s.peak_reserved) - 12), f"{s.peak_reserved / GiB:.1f}", fill=(0, 0, 0))
-    d.line([(left, bottom), (right, bottom)], fill=(0, 0, 0))
-    if est.budget_bytes:
-        yy = y(est.budget_bytes)
-        color = (0, 150, 0) if est.fits else (210, 0, 0)
-        d.line([(left, yy), (right, yy)], fill=color, width=2)
-        d.text((right - 150, yy - 13), f"budget {est.budget_bytes / GiB:.1f} GiB", fill=color)
-    d.text((left, height - 16), "blue weights, orange activations, grey reserved", fill=(90, 90, 90))
-    return np.asarray(img, dtype=np.uint8).copy()
+    dec_act = max(tile_act + c["dec_accum_mult"] * tiles_bytes,
+                  c["dec_post_mult"] * _video_bytes(v, frames, height, width, precision))
+    return dec_act + dec_lf * 16 * (height // 8) * (width // 8) * vb

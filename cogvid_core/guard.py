@@ -8,15 +8,16 @@ failed computation are cleared before it is raised, so their tensors are freed a
 """
 from __future__ import annotations
 
-import gc
 import logging
 import traceback
 from dataclasses import dataclass, replace
 
 import torch
 
+from .devmem import GiB, device_free_bytes, free_memory
+from .stages import LABELS
+
 log = logging.getLogger(__name__)
-GiB = 1024 ** 3
 TILE_FLOOR = 64          # smallest decode tile side (pixels) the retry goes down to
 
 # what to change when a stage runs out of memory
@@ -26,8 +27,6 @@ ADVICE = {
     "denoise_step": "use the 'lowvram' profile (or 'balanced'), fewer frames or a smaller size",
     "decode": "use a smaller VAE tile (e.g. 240x160 or 192x128) or fewer frames",
 }
-LABELS = {"text_encode": "text encode", "image_encode": "image encode", "denoise_step": "denoise",
-          "decode": "decode"}
 
 
 class StageOOM(torch.OutOfMemoryError):
@@ -48,51 +47,9 @@ class RunInfo:
     frames: int | None = None
     height: int | None = None
     width: int | None = None
-    profile: object = "balanced"  # placement.Profile or name
-    tile: object = None           # decode tile (vae.TileSpec) override
+    profile: object = "balanced"  # profiles.Profile or name
+    tile: object = None           # decode tile (profiles.TileSpec) override
     device: object = None
-
-
-def free_memory(device=None, host_cache: bool = False) -> None:
-    """Return cached device blocks to the driver; with ``host_cache`` also the pinned host blocks
-    torch keeps after pinned tensors die (offloaded/streamed weights of a model no longer loaded):
-    without it those stay in this process's RSS, GBs per model, until the process exits."""
-    gc.collect()
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.empty_cache()
-        if host_cache and torch.cuda.is_initialized():
-            empty_host_cache()
-
-
-def empty_host_cache() -> bool:
-    """Free torch's cached pinned host blocks; False where this torch has no such call."""
-    fn = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
-    for name in ("_accelerator_emptyHostCache", "_host_emptyCache"):   # older torch: the same call
-        fn = fn or getattr(torch._C, name, None)
-    if fn is None:
-        return False
-    fn()
-    return True
-
-
-def device_free_bytes(device) -> int | None:
-    """Free bytes on a CUDA device, None elsewhere (the CPU has no meaningful figure here)."""
-    try:
-        dev = torch.device(device) if device is not None else None
-    except (TypeError, RuntimeError):
-        return None
-    if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return int(torch.cuda.mem_get_info(dev)[0])
-
-
-def allocated_bytes(device=None) -> int:
-    """Device memory allocated by tensors now (CUDA), 0 on CPU: before/after checks use one path."""
-    dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(dev)
-        return int(torch.cuda.memory_allocated(dev))
-    return 0
 
 
 def stage_need(stage: str, info: RunInfo | None) -> int | None:
@@ -159,7 +116,7 @@ class oom_guard:
 
 def smaller_tile(tile, floor: int = TILE_FLOOR):
     """Half the tile's sides (multiples of 8, at least ``floor``); None when it cannot shrink."""
-    from .vae import TileSpec
+    from .profiles import TileSpec
     if tile is None:
         return TileSpec()
     h = max(floor, (tile.height // 2) // 8 * 8)

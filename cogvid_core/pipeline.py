@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import guard, loading, models, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, models, sampling, session, text, vae as vae_mod
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,13 @@ def _stage(recorder, name, **kw):
 
 
 def _free():
-    guard.free_memory(host_cache=True)    # a model was just dropped: its pinned host copy too
+    devmem.free_memory(host_cache=True)    # a model was just dropped: its pinned host copy too
 
 
 def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",
              vram_budget_gib: float | None = None, recorder=None, progress=None, interrupt=None,
              cache_dir=None) -> Result:
-    from . import placement
+    from . import activations, planner
 
     device = pick_device(device)
     dtype, storage = session.precision(precision)
@@ -99,7 +99,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     frames, height, width = resolve_shape(variant, config, job)
     if not job.prompt.strip():
         log.warning("the prompt is empty: the video follows the image only")
-    prof = placement.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width,
+    prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width,
                                      device=device, budget_gib=vram_budget_gib,
                                      precision={"transformer": precision})
     image = _open_image(job.image)
@@ -138,7 +138,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     with _stage(recorder, "load transformer"):
         tr, _ = loading.load_transformer(sources.transformer, dtype=dtype, storage_dtype=storage,
                                          cache_dir=cache_dir)
-    placement.apply_profile(tr, prof)
+    activations.apply_profile(tr, prof)
     tc = session.Component("transformer", tr, device, dtype, prof.transformer, variant=variant)
     sched = loading.load_scheduler(sources.scheduler, job.scheduler)
     try:

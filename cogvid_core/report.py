@@ -11,18 +11,15 @@ process's peak resident host memory (Linux: VmHWM, reset per stage where the ker
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import resource
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
-GIB = 1024 ** 3
+from .devmem import GiB, HostMemoryPeak, host_peak_rss_bytes, reset_host_peak
 
 
 @dataclass
@@ -35,56 +32,9 @@ class StageRow:
     peak_reserved_gib: float | None = None   # torch peak reserved (what the caching allocator holds)
     end_alloc_gib: float | None = None       # still allocated when the stage ended
     host_peak_rss_gib: float | None = None   # process peak RSS during the stage (or since start)
+    host_peak_anon_pinned_gib: float | None = None   # peak anonymous + pinned host memory (sampled)
+    host_peak_file_gib: float | None = None  # peak file-backed resident pages (mapped checkpoints; droppable)
     error: str | None = None
-
-
-def _read_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_host_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) for this process; False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def host_peak_rss_bytes() -> int:
-    kib = _read_status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def host_rss_bytes(trim: bool = True) -> int | None:
-    """The process's resident host memory now (None where neither /proc nor psutil tells).
-
-    ``trim``: first hand glibc's freed heap pages back (malloc_trim), so memory earlier work freed
-    is not read as still in use; whatever is live stays in the figure."""
-    if trim:
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    kib = _read_status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.Process().memory_info().rss
 
 
 class StageRecorder:
@@ -112,8 +62,9 @@ class StageRecorder:
         self._sync()
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        _reset_host_peak()
+        reset_host_peak()
         row = StageRow(stage=name, seconds=0.0, steps=steps)
+        sampler = HostMemoryPeak().__enter__()
         t0 = time.perf_counter()
         try:
             yield row
@@ -126,10 +77,12 @@ class StageRecorder:
             if row.steps:
                 row.s_per_step = row.seconds / row.steps
             if self._cuda:
-                row.peak_alloc_gib = torch.cuda.max_memory_allocated(self.device) / GIB
-                row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GIB
-                row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GIB
-            row.host_peak_rss_gib = host_peak_rss_bytes() / GIB
+                row.peak_alloc_gib = torch.cuda.max_memory_allocated(self.device) / GiB
+                row.peak_reserved_gib = torch.cuda.max_memory_reserved(self.device) / GiB
+                row.end_alloc_gib = torch.cuda.memory_allocated(self.device) / GiB
+            row.host_peak_rss_gib = host_peak_rss_bytes() / GiB
+            sampler.__exit__()
+            row.host_peak_anon_pinned_gib, row.host_peak_file_gib = sampler.gib("anon_pinned"), sampler.gib("file")
             self._rows.append(row)
 
     def add(self, row: StageRow) -> None:
@@ -145,21 +98,24 @@ class StageRecorder:
             return max(vals) if vals else None
         return dict(stage="total", seconds=sum(r.seconds for r in self._rows),
                     peak_alloc_gib=mx("peak_alloc_gib"), peak_reserved_gib=mx("peak_reserved_gib"),
-                    host_peak_rss_gib=mx("host_peak_rss_gib"))
+                    host_peak_rss_gib=mx("host_peak_rss_gib"), host_peak_anon_pinned_gib=mx("host_peak_anon_pinned_gib"),
+                    host_peak_file_gib=mx("host_peak_file_gib"))
 
     def table(self) -> str:
         """Markdown table, one line per stage plus a total line."""
         def f(v, spec=".2f"):
             return "-" if v is None else format(v, spec)
-        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| stage | seconds | s/step | peak alloc GiB | peak reserved GiB | host peak RSS GiB "
+                 "| host anon+pinned GiB | host file-backed GiB |", "|---|---|---|---|---|---|---|---|"]
         for r in self._rows:
             name = r.stage + (" (failed)" if r.error else "")
             lines.append(f"| {name} | {f(r.seconds)} | {f(r.s_per_step)} | {f(r.peak_alloc_gib)} | "
-                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} |")
+                         f"{f(r.peak_reserved_gib)} | {f(r.host_peak_rss_gib)} | {f(r.host_peak_anon_pinned_gib)} | "
+                         f"{f(r.host_peak_file_gib)} |")
         t = self.total()
         lines.append(f"| **total** | {f(t['seconds'])} | - | {f(t['peak_alloc_gib'])} | "
-                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} |")
+                     f"{f(t['peak_reserved_gib'])} | {f(t['host_peak_rss_gib'])} | "
+                     f"{f(t['host_peak_anon_pinned_gib'])} | {f(t['host_peak_file_gib'])} |")
         return "\n".join(lines)
 
     def to_json(self, **extra) -> str:

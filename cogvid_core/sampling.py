@@ -15,27 +15,16 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resi
 from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .models import Variant, check_video_shape
+from .models import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames
 from .vae import ImageLatent, VideoLatents
 
 SCHEDULERS = ("dpm", "ddim")
-TEMPORAL = 4   # VAE temporal compression
-SPATIAL = 8    # VAE spatial compression
-
-
-def latent_frames(variant: Variant, frames: int) -> tuple[int, int]:
-    """(latent frames incl. padding, padding frames dropped before decode)."""
-    n = (frames - 1) // TEMPORAL + 1
-    pad = 0
-    if variant.patch_size_t and n % variant.patch_size_t:
-        pad = variant.patch_size_t - n % variant.patch_size_t
-    return n + pad, pad
 
 
 def rotary_embedding(config, height: int, width: int, num_latent_frames: int, device):
     """RoPE tables for the video tokens, as the diffusers I2V pipeline builds them."""
     p, p_t = config.patch_size, config.patch_size_t
-    gh, gw = height // (SPATIAL * p), width // (SPATIAL * p)
+    gh, gw = height // (SPATIAL_COMPRESSION * p), width // (SPATIAL_COMPRESSION * p)
     base_h, base_w = config.sample_height // p, config.sample_width // p
     if p_t is None:
         crops = get_resize_crop_region_for_grid((gh, gw), base_w, base_h)
@@ -91,7 +80,7 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     generator = torch.Generator("cpu").manual_seed(int(seed))
 
     n_lat, pad = latent_frames(variant, frames)
-    h, w = image.height // SPATIAL, image.width // SPATIAL
+    h, w = image.height // SPATIAL_COMPRESSION, image.width // SPATIAL_COMPRESSION
     channels = config.in_channels // 2
 
     # 1. the start frame's latent, drawn first as in diffusers

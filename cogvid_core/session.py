@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .placement import MODES, apply_profile, get_profile, place, placed_of, resolve_profile, unplace
+from .activations import apply_profile
+from .devmem import module_bytes
+from .placement import place, placed_of, unplace
+from .planner import resolve_profile
+from .profiles import AUTO, MODES, get_profile
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP8 = "fp8_e4m3fn"
@@ -30,15 +34,6 @@ def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
     return PRECISIONS[name], None
 
 
-def module_bytes(module: torch.nn.Module, device: torch.device | None = None) -> int:
-    total = 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if device is None or t.device.type == device.type:
-            total += t.numel() * t.element_size()
-    return total
-
-
-AUTO = "auto"
 PLACEMENTS = (AUTO, *MODES)
 # What "auto" means for a component used without a plan: T5 and VAE visit the GPU only while they run.
 AUTO_MODE = {"t5": "offload", "vae": "offload", "transformer": "offload"}
@@ -113,19 +108,6 @@ def apply_plan(transformer: Component, plan=None, frames: int | None = None, hei
     transformer.choose(profile.transformer)
     activations = plan.stage("denoise_step").activations if plan is not None else 0
     return profile, activations
-
-
-def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None):
-    """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
-    nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change)."""
-    from . import estimate as E
-    if budget_bytes is None:
-        return E.estimate(variant, frames, height, width, "balanced")
-    try:
-        return E.plan(variant, frames, height, width, budget_bytes)[1]
-    except ValueError:
-        leanest = E.candidates()[-1]
-        return E.estimate(variant, frames, height, width, leanest, budget_bytes=budget_bytes)
 
 
 def decode_bytes(latents, tile, plan=None) -> int:

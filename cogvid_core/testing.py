@@ -34,11 +34,6 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-    rescale_betas_zero_snr=True, timestep_spacing="trailing", snr_shift_scale=1.0,
-)
 MODEL_INDEX = {
     "_class_name": "CogVideoXImageToVideoPipeline",
     "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
@@ -211,16 +206,9 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 
 # ----------------------------------------------------------------------------- fp8 variants
-def _is_block_linear_weight(name: str, t: torch.Tensor) -> bool:
-    # Only the repeated blocks' Linear weights: embeddings, norms and in/out projections stay in
-    # the high-precision dtype, as kijai's fp8 files and ComfyUI's scaled fp8 files do.
-    return (t.ndim == 2 and name.endswith(".weight") and ("transformer_blocks." in name or "encoder.block." in name)
-            and "relative_attention_bias" not in name)
-
-
 def to_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kijai-style fp8: block Linear weights cast to float8_e4m3fn, no scales."""
-    return {n: t.to(FP8) if _is_block_linear_weight(n, t) else t for n, t in tensors.items()}
+    """kijai-style fp8: the fp8 layers (``models.is_fp8_layer``) cast to float8_e4m3fn, no scales."""
+    return {n: t.to(FP8) if M.is_fp8_layer(n, t.shape) else t for n, t in tensors.items()}
 
 
 def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -230,7 +218,7 @@ def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
     for n, t in tensors.items():
-        if _is_block_linear_weight(n, t):
+        if M.is_fp8_layer(n, t.shape):
             scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
             out[n] = (t.float() / scale).to(FP8)
             out[n[: -len("weight")] + "scale_weight"] = scale.reshape(())
@@ -276,7 +264,7 @@ def write_tokenizer(folder: Path, seed: int = 0) -> Path:
 def write_scheduler(folder: Path) -> Path:
     from diffusers import CogVideoXDPMScheduler
 
-    CogVideoXDPMScheduler(**getattr(M, "SCHEDULER_CONFIG", SCHEDULER_CONFIG)).save_pretrained(folder)
+    CogVideoXDPMScheduler(**M.SCHEDULER_CONFIG).save_pretrained(folder)
     return folder
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import Variant
+from .profiles import TileSpec, exact_overlap
 
 RESIZE_MODES = ("crop", "stretch", "pad")
 
@@ -32,14 +33,6 @@ class VideoLatents:
     variant_key: str
     fps: int
     drop_first: int         # latent frames to drop before decode (1.5 padding)
-
-
-@dataclass(frozen=True)
-class TileSpec:
-    """Sample-space tile size for decode; overlap is a fraction of the tile."""
-    height: int = 240
-    width: int = 360
-    overlap: float = 1 / 6
 
 
 def prepare_image(image, height: int, width: int, resize: str = "crop") -> torch.Tensor:
@@ -153,23 +146,11 @@ def set_tiling(vae, tile: TileSpec | None) -> None:
     if not 0 <= tile.overlap < 0.5:
         raise ValueError(f"tile overlap must be in [0, 0.5); got {tile.overlap}")
     vae.enable_tiling(tile_sample_min_height=tile.height, tile_sample_min_width=tile.width)
-    # diffusers steps int(latent_tile * (1 - f)) latents but keeps tile - int(tile * f) pixels of each
-    # tile: unless both agree the video comes out too large with repeated strips (e.g. 1376 wide for
-    # 1360 with 360-wide tiles). Set factors for which they agree (attributes: 0 would mean "default").
-    vae.tile_overlap_factor_height = _exact_overlap(tile.height, tile.overlap)
-    vae.tile_overlap_factor_width = _exact_overlap(tile.width, tile.overlap)
-
-
-def _exact_overlap(size: int, overlap: float) -> float:
-    lat = size // 8
-    step = min(lat, max(1, round(lat * (1 - overlap))))
-    blend = size - 8 * step
-    f = blend / size
-    for _ in range(8):
-        if int(lat * (1 - f)) == step and int(size * f) == blend:
-            return f
-        f = math.nextafter(f, 1.0) if int(size * f) < blend else math.nextafter(f, 0.0)
-    return 0.0
+    # factors for which diffusers' latent steps and kept pixels agree, else the video comes out too
+    # large with repeated strips (e.g. 1376 wide for 1360 with 360-wide tiles at 1/6); set as
+    # attributes because enable_tiling treats a factor of 0 as "keep the default"
+    vae.tile_overlap_factor_height = exact_overlap(tile.height, tile.overlap)
+    vae.tile_overlap_factor_width = exact_overlap(tile.width, tile.overlap)
 
 
 def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None,

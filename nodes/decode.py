@@ -5,13 +5,14 @@ from comfy_api.latest import io
 
 from . import common as C
 from . import memory
+from .video import as_video
 
 TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
 
 
 def tile_spec(tile: str, overlap: float, plan):
     """Widget -> vae.TileSpec (None = no spatial tiling); auto = the plan's tile, else diffusers' 360x240."""
-    from cogvid_core.vae import TileSpec
+    from cogvid_core.profiles import TileSpec
     if tile == "off":
         return None
     if tile == "auto":
@@ -46,7 +47,10 @@ class CogVidDecode(io.ComfyNode):
                 C.PLAN.Input("plan", optional=True,
                              tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate (its VAE tile)"),
             ],
-            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps")],
+            outputs=[io.Image.Output(display_name="images"), io.Float.Output(display_name="fps"),
+                     io.Video.Output(display_name="video",
+                                     tooltip="The same frames at the model's frame rate as core's VIDEO "
+                                             "(core's Save Video, Get Video Components)")],
         )
 
     @classmethod
@@ -59,7 +63,7 @@ class CogVidDecode(io.ComfyNode):
         with memory.in_use(vae, "decode", info) as module:      # guard.decode retries with smaller tiles
             frames = guard.decode(module(), latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
                                   interrupt=C.interrupt, info=info)
-        return io.NodeOutput(frames, float(latent.fps))
+        return io.NodeOutput(frames, float(latent.fps), as_video(frames, latent.fps))
 
 
 NODES = [CogVidDecode]

@@ -9,8 +9,8 @@ AUTO = "auto"
 
 
 def profile_names() -> list[str]:
-    from cogvid_core import placement
-    return [AUTO, *placement.PROFILES]
+    from cogvid_core import profiles
+    return [AUTO, *profiles.PROFILES]
 
 
 class CogVidVRAMEstimate(io.ComfyNode):
@@ -44,17 +44,18 @@ class CogVidVRAMEstimate(io.ComfyNode):
     def execute(cls, variant, frames, width, height, profile, budget_gib) -> io.NodeOutput:
         import torch
         from cogvid_core import estimate as E
-        from cogvid_core import session
+        from cogvid_core import planner
+        from cogvid_core.chart import chart_image
         from cogvid_core.models import VARIANTS
         v = next((x for x in VARIANTS.values() if x.label == variant), None)
         if v is None:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         if profile == AUTO:
-            est = session.best_estimate(v, frames, height, width, budget)
+            est = planner.best_estimate(v, frames, height, width, budget)
         else:
             est = E.estimate(v, frames, height, width, profile, budget_bytes=budget)
-        chart = torch.from_numpy(E.chart_image(est)).float().div(255).unsqueeze(0)
+        chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(), chart, est)
 
 

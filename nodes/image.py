@@ -40,8 +40,8 @@ class CogVidImageEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
         from cogvid_core import guard
-        from cogvid_core.models import V15
-        from cogvid_core.placement import get_profile
+        from cogvid_core.models import DEFAULT_VARIANT
+        from cogvid_core.profiles import get_profile
         from cogvid_core.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         tile = profile.vae_tile if profile is not None and profile.encode_tiled else None
@@ -50,7 +50,7 @@ class CogVidImageEncode(io.ComfyNode):
         info = guard.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
                              profile=profile or "balanced")
         with memory.in_use(vae, "image_encode", info) as module:
-            latent = encode_image(module(), image, height, width, vae.variant or V15, resize=resize,
+            latent = encode_image(module(), image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,
                                   device=vae.device, tile=tile)
         return io.NodeOutput(latent)
 

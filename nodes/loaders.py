@@ -38,13 +38,13 @@ def _common_inputs(component: str, single: str, placement_tip: str) -> list:
 def _source(component: str, model: str) -> str:
     """A listed option -> local path; a hub repo is downloaded (only the needed sub-folders) into
     models/CogVideo/<repo name> first, so it shows up there as a local folder afterwards."""
-    from cogvid_core import loading
+    from cogvid_core import sources
     src = C.resolve_model(component, model)
     if src not in C.HUB_REPOS:
         return src
     local = os.path.join(C.download_dir(), src.split("/")[-1])
     folders = [C.SUBFOLDER[component]] + (["tokenizer"] if component == "t5" else [])
-    return str([loading.resolve(src, sub, local_dir=local) for sub in folders][0])
+    return str([sources.resolve(src, sub, local_dir=local) for sub in folders][0])
 
 
 class CogVidTransformerLoader(io.ComfyNode):
@@ -122,9 +122,9 @@ class CogVidVAELoader(io.ComfyNode):
         dtype, _storage = session.precision(precision)
         dev = C.compute_device(device)
         src = _source("vae", model)
-        # The VAE weights serve both variants; a single file says nothing about the latent scaling
-        # rule, which the sampler takes from the transformer's variant anyway.
-        module = loading.load_vae(src, dtype, device="cpu", variant=None if os.path.isdir(src) else "cogvideox1.5-5b-i2v")
+        # The VAE weights serve both variants: the latent scaling rule is the transformer's variant's,
+        # applied by the sampler, so the VAE needs none.
+        module = loading.load_vae(src, dtype, device="cpu")
         comp = session.Component("vae", module, dev, dtype, placement, source=model)
         return io.NodeOutput(memory.expose(comp))
 

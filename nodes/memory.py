@@ -171,9 +171,9 @@ def free_for_load(nbytes: int, device) -> None:
     """Before a big load from disk: ask ComfyUI to make room on the compute device, and hand back
     the pinned host memory of models dropped since (torch caches it; it would stay in RAM)."""
     if device.type != "cpu":
-        from cogvid_core import guard
+        from cogvid_core import devmem
         mm.free_memory(nbytes + mm.minimum_inference_memory(), device)
-        guard.free_memory(device, host_cache=True)
+        devmem.free_memory(device, host_cache=True)
 
 
 def acquire(component, memory_required: int = 0):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 
 import folder_paths
-from comfy_api.latest import io, ui
+from comfy_api.latest import InputImpl, Types, io, ui
 
 from . import common as C
 
@@ -39,6 +40,13 @@ class CogVidSaveVideo(io.ComfyNode):
         file = f"{filename}_{counter:05}_.mp4"
         write_mp4(images[..., :3], os.path.join(folder, file), fps)
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
+
+
+def as_video(frames, fps: float):
+    """IMAGE frames + fps as core's VIDEO, so core's Save Video / Get Video Components connect.
+    The frames are shared, not copied; NTSC-like rates (23.976) keep a small exact fraction."""
+    rate = Fraction(float(fps)).limit_denominator(1001)
+    return InputImpl.VideoFromComponents(Types.VideoComponents(images=frames, frame_rate=rate))
 
 
 NODES = [CogVidSaveVideo]

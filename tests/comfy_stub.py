@@ -381,3 +381,38 @@ def uninstall() -> None:
     for name in ("comfy_api", "comfy_api.latest", "comfy", "comfy.model_management", "comfy.model_patcher",
                  "comfy.utils", "folder_paths"):
         sys.modules.pop(name, None)
+
+
+# ------------------------------------------------------------------ core's VIDEO type (appended)
+# comfy_api.latest.InputImpl.VideoFromComponents / Types.VideoComponents as in ComfyUI 0.3.64 and
+# 2026: a video made of an IMAGE batch and a Fraction frame rate, read back by get_components().
+@dataclass
+class VideoComponents:
+    images: torch.Tensor
+    frame_rate: object
+    audio: object = None
+    metadata: dict | None = None
+
+
+class VideoFromComponents:
+    def __init__(self, components: VideoComponents):
+        self._components = components
+
+    def get_components(self) -> VideoComponents:
+        return VideoComponents(images=self._components.images, audio=self._components.audio,
+                               frame_rate=self._components.frame_rate)
+
+    def get_dimensions(self) -> tuple[int, int]:
+        return self._components.images.shape[2], self._components.images.shape[1]
+
+
+_install_without_video = install
+
+
+def install(base_dir: str) -> dict:  # noqa: F811  (extends the install above with the VIDEO type)
+    mods = _install_without_video(base_dir)
+    latest = mods["comfy_api.latest"]
+    latest.io.Video = _type("VIDEO")
+    latest.InputImpl = types.SimpleNamespace(VideoFromComponents=VideoFromComponents)
+    latest.Types = types.SimpleNamespace(VideoComponents=VideoComponents)
+    return mods

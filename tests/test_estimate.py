@@ -1,29 +1,26 @@
-"""CPU checks of the memory estimate's arithmetic (no GPU numbers asserted)."""
+"""The memory estimate and the planner with the shipped profiles, on the CPU (no GPU figures asserted)."""
+import json
+
 import numpy as np
 import pytest
 
 from cogvid_core import estimate as E
-from cogvid_core.models import V10, V15
-
-TILE = (240, 360, 1 / 6)
-PROFILES = {
-    "resident": dict(name="resident", transformer="resident", text_encoder="resident", vae="resident",
-                     cfg_mode="batched", ff_chunk=None, low_mem_attention=False, vae_tile=TILE),
-    "balanced": dict(name="balanced", transformer="resident", text_encoder="offload", vae="offload",
-                     cfg_mode="sequential", ff_chunk=16384, low_mem_attention=True, vae_tile=TILE),
-    "lowvram": dict(name="lowvram", transformer="stream", text_encoder="stream", vae="offload",
-                    cfg_mode="sequential", ff_chunk=8192, low_mem_attention=True, vae_tile=TILE),
-}
+from cogvid_core import planner as PL
+from cogvid_core.chart import chart_image
+from cogvid_core.devmem import GiB
+from cogvid_core.models import V10, V15, latent_frames
+from cogvid_core.profiles import PROFILES, TileSpec, tile_is_exact
+from cogvid_core.stages import STAGES
 
 
 def est(variant=V15, frames=81, h=768, w=1360, profile="balanced", **kw):
-    return E.estimate(variant, frames, h, w, PROFILES[profile] if isinstance(profile, str) else profile, **kw)
+    return E.estimate(variant, frames, h, w, profile, **kw)
 
 
 def test_token_count_matches_patching():
     assert E.tokens(V15, 81, 768, 1360) == 226 + 11 * 48 * 85      # 21 latent -> 22 padded, /2
     assert E.tokens(V10, 49, 480, 720) == 226 + 13 * 30 * 45
-    assert E.latent_frames(V15, 81) == 22 and E.latent_frames(V10, 49) == 13
+    assert latent_frames(V15, 81) == (22, 1) and latent_frames(V10, 49) == (13, 0)
 
 
 def test_weight_bytes_are_params_times_element_size():
@@ -66,18 +63,23 @@ def test_profiles_ordered(variant, frames, h, w):
 
 
 def test_cfg_sequential_and_chunking_lower_the_step():
-    base = dict(PROFILES["resident"])
+    base = PROFILES["resident"]
     a = est(profile=base).stage("denoise_step")
-    b = est(profile=dict(base, cfg_mode="sequential")).stage("denoise_step")
-    c = est(profile=dict(base, cfg_mode="sequential", ff_chunk=4096, low_mem_attention=True)).stage("denoise_step")
+    b = est(profile=base.replace(cfg_mode="sequential")).stage("denoise_step")
+    c = est(profile=base.replace(cfg_mode="sequential", ff_chunk=4096, low_mem_attention=True)).stage("denoise_step")
     assert a.weights == b.weights == c.weights
     assert a.activations > b.activations > c.activations
 
 
+def test_unknown_profile_name_is_a_user_error():
+    with pytest.raises(ValueError, match="unknown placement profile 'turbo'; known: resident, balanced, lowvram"):
+        est(profile="turbo")
+
+
 def test_smaller_tiles_lower_the_decode():
-    big = est(profile="lowvram", tile=(480, 720)).stage("decode").activations
-    mid = est(profile="lowvram", tile=(240, 360)).stage("decode").activations
-    small = est(profile="lowvram", tile=(120, 160)).stage("decode").activations
+    big = est(profile="lowvram", tile=TileSpec(480, 720, 0.2)).stage("decode").activations
+    mid = est(profile="lowvram", tile=TileSpec(240, 360, 0.2)).stage("decode").activations
+    small = est(profile="lowvram", tile=TileSpec(120, 160, 0.2)).stage("decode").activations
     assert big > mid > small
     assert E.decode_tiles(768, 1360, None) == [(768, 1360)]
     assert len(E.decode_tiles(768, 1360, (240, 360, 1 / 6))) == 4 * 5   # diffusers' overlap stepping
@@ -87,15 +89,18 @@ def test_plan_picks_fastest_fitting():
     need = {p: est(profile=p).needed_bytes for p in PROFILES}
     for budget, want in ((need["resident"] + 1, "resident"), (need["resident"] - 1, "balanced"),
                          (need["balanced"] - 1, "lowvram")):
-        prof, e = E.plan(V15, 81, 768, 1360, budget, profiles=PROFILES)
-        assert E._profile_name(prof).startswith(want) and e.fits
+        prof, e = PL.plan(V15, 81, 768, 1360, budget)
+        assert prof.name.startswith(want) and e.fits
     # below plain lowvram: a lowvram variant with smaller chunks / tiles, never a faster profile
-    prof, e = E.plan(V15, 81, 768, 1360, need["lowvram"] - 1, profiles=PROFILES)
-    assert prof["name"].startswith("lowvram+") and e.needed_bytes <= need["lowvram"] - 1
+    prof, e = PL.plan(V15, 81, 768, 1360, need["lowvram"] - 1)
+    assert prof.name.startswith("lowvram+") and e.needed_bytes <= need["lowvram"] - 1
+    prof, e = PL.plan(V15, 81, 768, 1360, 80 * GiB)
+    assert prof is PROFILES["resident"] and e.fits
 
 
 def test_candidates_fastest_first():
-    names = [c["name"] for c in E.candidates(PROFILES)]
+    cands = PL.candidates()
+    names = [c.name for c in cands]
     assert names[:4] == ["resident", "balanced", "lowvram+cfg-batched", "lowvram"]
     assert all(n.startswith("lowvram+") for n in names[4:]) and len(names) > 5
     # streamed weights: each batched-CFG variant (one weight pass per step) right before its twin
@@ -103,17 +108,26 @@ def test_candidates_fastest_first():
         if n.endswith("+cfg-batched"):
             assert names[i + 1] == n.removesuffix("+cfg-batched").removesuffix("+") or \
                 names[i + 1] + "+cfg-batched" == n
+    # every derived tile keeps diffusers' tiled decode exact (the one tile rule)
+    for c in cands:
+        assert tile_is_exact(c.vae_tile.height, c.vae_tile.overlap) and tile_is_exact(c.vae_tile.width, c.vae_tile.overlap)
 
 
 def test_plan_raises_with_actionable_message():
     with pytest.raises(ValueError) as info:
-        E.plan(V15, 81, 768, 1360, 512 * 1024 ** 2, profiles=PROFILES)
+        PL.plan(V15, 81, 768, 1360, 512 * 1024 ** 2)
     msg = str(info.value)
     assert "81 frames at 1360x768" in msg and "GiB" in msg and "lowvram" in msg and "reduce frames or size" in msg
 
 
+def test_best_estimate_without_budget_or_fit():
+    assert PL.best_estimate(V15, 81, 768, 1360, None).profile_name == "balanced"
+    lean = PL.best_estimate(V15, 81, 768, 1360, 512 * 1024 ** 2)
+    assert lean.profile_name == PL.candidates()[-1].name and lean.fits is False
+
+
 def test_report_dict_and_chart():
-    e = est(profile="balanced", budget_bytes=8 * E.GiB)
+    e = est(profile="balanced", budget_bytes=8 * GiB)
     text = e.report()
     for label in ("text encode", "image encode", "denoise step", "decode", "overall peak"):
         assert label in text
@@ -121,24 +135,12 @@ def test_report_dict_and_chart():
     if not e.fits:
         assert e.advice() and e.advice() in text
     d = e.to_dict()
-    assert set(d["stages"]) == set(E.STAGES) and d["fits"] == e.fits
-    import json
+    assert set(d["stages"]) == set(STAGES) and d["fits"] == e.fits
     json.dumps(d)
-    img = E.chart_image(e, 640, 360)
+    img = chart_image(e, 640, 360)
     assert img.shape == (360, 640, 3) and img.dtype == np.uint8 and img.std() > 0
     assert est(profile="balanced").fits is None   # no budget, no verdict
 
 
 def test_gpu_budget_cpu_is_none():
-    assert E.gpu_budget("cpu") is None
-
-
-def test_placement_profiles_if_present():
-    placement = pytest.importorskip("cogvid_core.placement")
-    profiles = getattr(placement, "PROFILES", None)
-    if not profiles or not all(k in profiles for k in ("resident", "balanced", "lowvram")):
-        pytest.skip("placement.PROFILES not complete yet")
-    peaks = [E.estimate(V15, 81, 768, 1360, profiles[k]).peak_allocated for k in ("resident", "balanced", "lowvram")]
-    assert peaks[0] >= peaks[1] >= peaks[2]
-    prof, e = E.plan(V15, 81, 768, 1360, 80 * E.GiB)
-    assert e.fits
+    assert PL.gpu_budget("cpu") is None

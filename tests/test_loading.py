@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from cogvid_core import checkpoints as C
 from cogvid_core import loading as L
 from cogvid_core import models as M
+from cogvid_core import sources as S
 from cogvid_core import testing as T
 from cogvid_core.models import CheckpointError
 
@@ -74,8 +76,11 @@ def test_vae_layouts_match_and_decode_finite(tiny_ckpts, key):
     with torch.no_grad():
         out = single.decode(torch.randn(1, 16, 2, 4, 6, generator=torch.Generator().manual_seed(0))).sample
     assert torch.isfinite(out).all() and out.std() > 1e-3
-    with pytest.raises(CheckpointError, match="variant"):
-        L.load_vae(ck["single"]["vae"])
+    # The weights serve every variant: a single file loads without one (the sampler applies the
+    # transformer's variant's scaling rule); the config records the rule only when told.
+    plain = L.load_vae(ck["single"]["vae"], dtype=torch.float32)
+    _same_weights(hf, plain)
+    assert "invert_scale_latents" not in M.vae_config()
 
 
 def test_text_encoder_layouts(tiny_ckpts, tmp_path):
@@ -115,12 +120,12 @@ def test_scheduler(tiny_ckpts):
 # ----------------------------------------------------------------------------- detection and errors
 def test_identify(tiny_ckpts):
     s10, s15 = tiny_ckpts[M.V10.key]["single"], tiny_ckpts[M.V15.key]["single"]
-    assert L.identify(s10["transformer"]) == "CogVideoX transformer (1.0 I2V)"
-    assert L.identify(s15["transformer"]) == "CogVideoX transformer (1.5 I2V)"
-    assert L.identify(s15["transformer_fp8"]) == "CogVideoX transformer (1.5 I2V) (fp8)"
-    assert L.identify(s15["vae"]) == "CogVideoX VAE"
-    assert L.identify(s15["text_encoder"]) == "T5 text encoder"
-    assert L.identify(s15["text_encoder_fp8_scaled"]) == "T5 text encoder (fp8 scaled)"
+    assert C.identify(s10["transformer"]) == "CogVideoX transformer (1.0 I2V)"
+    assert C.identify(s15["transformer"]) == "CogVideoX transformer (1.5 I2V)"
+    assert C.identify(s15["transformer_fp8"]) == "CogVideoX transformer (1.5 I2V) (fp8)"
+    assert C.identify(s15["vae"]) == "CogVideoX VAE"
+    assert C.identify(s15["text_encoder"]) == "T5 text encoder"
+    assert C.identify(s15["text_encoder_fp8_scaled"]) == "T5 text encoder (fp8 scaled)"
 
 
 def test_detection_ignores_file_names(tiny_ckpts, tmp_path):
@@ -155,7 +160,7 @@ def test_text_to_video_transformer_refused(tmp_path, patch_t):
     model = CogVideoXTransformer3DModel(**dict(M.transformer_config(variant, tiny=True), in_channels=16))
     path = tmp_path / "t2v.safetensors"
     save_file(model.state_dict(), str(path))
-    assert L.identify(path).startswith("CogVideoX text-to-video transformer")
+    assert C.identify(path).startswith("CogVideoX text-to-video transformer")
     with pytest.raises(CheckpointError, match="text-to-video.*image-to-video"):
         L.load_transformer(path)
 
@@ -167,7 +172,7 @@ def test_other_checkpoints_refused(tmp_path):
     flux = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2), "img_in.weight": torch.zeros(2, 2)}, str(flux))
     for path in (sd, flux):
-        assert "Stable Diffusion / Flux" in L.identify(path)
+        assert "Stable Diffusion / Flux" in C.identify(path)
         with pytest.raises(CheckpointError, match="Stable Diffusion / Flux.*not a CogVideoX transformer"):
             L.load_transformer(path)
         with pytest.raises(CheckpointError, match="not a T5 text encoder"):
@@ -213,13 +218,13 @@ def test_missing_tensor(tiny_ckpts, tmp_path):
 # ----------------------------------------------------------------------------- sources
 def test_resolve_sources(tiny_ckpts, tmp_path):
     hf = tiny_ckpts[M.V15.key]["hf"]
-    assert L.resolve(hf, "transformer") == hf / "transformer"
-    assert L.resolve(hf / "vae", "vae") == hf / "vae"
-    assert L.resolve(str(hf), "tokenizer") == hf / "tokenizer"
+    assert S.resolve(hf, "transformer") == hf / "transformer"
+    assert S.resolve(hf / "vae", "vae") == hf / "vae"
+    assert S.resolve(str(hf), "tokenizer") == hf / "tokenizer"
     with pytest.raises(CheckpointError, match="not found"):
-        L.resolve(tmp_path / "nothing" / "here" / "x", "transformer")
+        S.resolve(tmp_path / "nothing" / "here" / "x", "transformer")
     with pytest.raises(CheckpointError, match="no transformer/ sub-folder"):
-        L.resolve(tmp_path, "transformer")
+        S.resolve(tmp_path, "transformer")
 
 
 def _offline(monkeypatch):
@@ -237,7 +242,7 @@ def test_offline_hub_cache(tiny_ckpts, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snap.name)
     cache = tmp_path / "hub"
-    folder = L.resolve("THUDM/CogVideoX1.5-5B-I2V", "transformer", cache_dir=cache)
+    folder = S.resolve("THUDM/CogVideoX1.5-5B-I2V", "transformer", cache_dir=cache)
     assert folder == snap / "transformer"
     model, variant = L.load_transformer("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache,
                                         progress=False)
@@ -246,7 +251,7 @@ def test_offline_hub_cache(tiny_ckpts, tmp_path, monkeypatch):
     assert tok("a cat").input_ids[-1] == 1
     with pytest.raises(CheckpointError, match=r"could not download transformer/ of THUDM/CogVideoX-5b-I2V: .*"
                                               r"check the repo id, your network, or put the folder under models/CogVideo"):
-        L.resolve("THUDM/CogVideoX-5b-I2V", "transformer", cache_dir=cache)
+        S.resolve("THUDM/CogVideoX-5b-I2V", "transformer", cache_dir=cache)
 
 
 # ----------------------------------------------------------------------------- fp8
@@ -297,3 +302,39 @@ def test_layers_caps_depth_in_every_layout(tmp_path):
     single, _ = L.load_transformer(str(tmp_path / "single" / "cogvideox1_5-5b-i2v_transformer_fp32.safetensors"),
                                    torch.float32)
     assert len(single.transformer_blocks) == 1
+
+
+# ----------------------------------------------------------------------------- the variant table
+def test_every_variant_is_recognised_by_its_own_config_and_shapes():
+    from diffusers import CogVideoXTransformer3DModel
+
+    assert len({tuple(sorted(v.traits.items())) for v in M.VARIANTS.values()}) == len(M.VARIANTS)
+    for v in M.VARIANTS.values():
+        assert v.task == M.IMAGE_TO_VIDEO and set(v.traits) == set(M.RECOGNISED_BY)
+        for tiny in (False, True):
+            assert M.variant_from_transformer_config(M.transformer_config(v, tiny)) is v
+        with torch.device("meta"):
+            model = CogVideoXTransformer3DModel(**M.transformer_config(v, tiny=True))
+        shapes = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+        assert M.variant_from_transformer_config(C.transformer_config_from_shapes(shapes)) is v
+
+
+def test_unknown_structure_refused_with_the_table_labels():
+    cfg = dict(M.transformer_config(M.V15), ofs_embed_dim=None)  # 1.5 patching without its ofs embedding
+    with pytest.raises(CheckpointError, match="matches no known variant.*CogVideoX-5B-I2V or CogVideoX1.5-5B-I2V"):
+        M.variant_from_transformer_config(cfg)
+    with pytest.raises(CheckpointError, match="no rotary embeddings"):
+        M.variant_from_transformer_config(dict(M.transformer_config(M.V10), use_rotary_positional_embeddings=False))
+
+
+def test_fp8_files_hold_exactly_the_fp8_layers(tiny_ckpts):
+    """One predicate decides the fp8 layers: the writer's files and load-time quantisation agree with it."""
+    s = tiny_ckpts[M.V15.key]["single"]
+    for key in ("transformer_fp8", "text_encoder_fp8_scaled"):
+        raw = C.plain_shapes(C.read_shapes(s[key]))
+        dtypes = {k: d for k, (_, d) in C.read_shapes(s[key]).items()}
+        fp8 = {k for k, d in dtypes.items() if d.startswith("F8") and k != "scaled_fp8"}
+        assert fp8 and fp8 == {k for k, shape in raw.items() if M.is_fp8_layer(k, shape)}, key
+    quant, _ = L.load_transformer(s["transformer"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
+    stored = {k for k, t in quant.state_dict().items() if t.dtype == torch.float8_e4m3fn}
+    assert stored == {k for k, t in quant.state_dict().items() if M.is_fp8_layer(k, t.shape)}

@@ -139,7 +139,7 @@ def test_full_workflow_15_hub_folder(comfy):
                  cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=1, plan=plan)[0]
     assert comfy_stub.ProgressBar.updates[-2:] == [(1, 2), (2, 2)]
     assert any(c[0] == "load_models_gpu" for c in mm.calls)
-    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="auto", overlap=0.1667, plan=plan).args
+    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="auto", overlap=0.1667, plan=plan).args[:2]
     assert images.shape == (17, 64, 96, 3) and images.dtype == torch.float32
     assert 0 <= images.min() and images.max() <= 1 and fps == 16.0
     out = run(nodes["CogVidSaveVideo"], images=images, fps=fps, filename_prefix="cogvid/test")
@@ -161,7 +161,7 @@ def test_single_files_5b_and_ddim(comfy):
     lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(40, 40), width=96, height=64, resize="pad")[0]
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=9, steps=2,
                  cfg=1.0, dynamic_cfg=False, scheduler="ddim", seed=3)[0]
-    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args
+    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args[:2]
     assert images.shape == (9, 64, 96, 3) and fps == 8.0
     with pytest.raises(ValueError, match="4N\\+1|frames"):
         run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=10, steps=1,
@@ -254,7 +254,7 @@ REAL_SCRIPT = textwrap.dedent(r"""
     loaded = [type(m).__name__ for m in mm.loaded_models()]
     (latent,), _ = call("CogVidSampler", transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=2,
                         cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=0, plan=plan)
-    (images, fps), _ = call("CogVidDecode", vae=vae, latent=latent, tile="auto", overlap=0.1667, plan=plan)
+    (images, fps, _video), _ = call("CogVidDecode", vae=vae, latent=latent, tile="auto", overlap=0.1667, plan=plan)
     _, ui = call("CogVidSaveVideo", images=images, fps=fps, filename_prefix="cogvid/real")
     n_before = len(mm.current_loaded_models)
     mm.unload_all_models()

@@ -1,14 +1,18 @@
 """Activation savers are exact; placements give the resident result and leave nothing behind."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from cogvid_core import activations as A
 from cogvid_core import models as M
 from cogvid_core import placement as P
+from cogvid_core import planner as PL
+from cogvid_core import profiles as PR
 from cogvid_core.testing import build_random
-from cogvid_core.vae import TileSpec
+from cogvid_core.profiles import TileSpec
 
 VARIANTS = [M.V15, M.V10]
 
@@ -92,22 +96,22 @@ def test_all_savers_together_match(tiny):
     variant, tr = tiny
     kw = _inputs(tr, variant)
     ref = _run(tr, kw)
-    P.apply_profile(tr, "lowvram")
-    assert A.ff_chunk_tokens(tr) == P.PROFILES["lowvram"].ff_chunk and A.low_mem_attention_enabled(tr)
+    A.apply_profile(tr, "lowvram")
+    assert A.ff_chunk_tokens(tr) == PR.PROFILES["lowvram"].ff_chunk and A.low_mem_attention_enabled(tr)
     assert (_run(tr, kw) - ref).abs().max().item() <= 1e-5
-    P.apply_profile(tr, "resident")
+    A.apply_profile(tr, "resident")
     assert A.ff_chunk_tokens(tr) is None and not A.low_mem_attention_enabled(tr)
 
 
 # ------------------------------------------------------------------------------- profiles
 def test_profiles_validate():
-    assert {"resident", "balanced", "lowvram"} <= set(P.PROFILES)
-    for p in P.PROFILES.values():
+    assert {"resident", "balanced", "lowvram"} <= set(PR.PROFILES)
+    for p in PR.PROFILES.values():
         assert p.validate() is p
-    res = P.PROFILES["resident"]
+    res = PR.PROFILES["resident"]
     assert (res.transformer, res.text_encoder, res.vae, res.cfg_mode) == ("resident",) * 3 + ("batched",)
     assert res.ff_chunk is None and not res.low_mem_attention
-    low = P.PROFILES["lowvram"]
+    low = PR.PROFILES["lowvram"]
     assert low.transformer == "stream" and low.text_encoder == "stream" and low.cfg_mode == "sequential"
     with pytest.raises(ValueError, match="placement must be one of"):
         res.replace(transformer="gpu")
@@ -125,12 +129,12 @@ def test_profiles_validate():
 
 
 def test_tile_exactness_rule():
-    assert P.tile_is_exact(240, 1 / 6) and P.tile_is_exact(360, 0.2) and P.tile_is_exact(240, 0.2)
-    assert not P.tile_is_exact(360, 1 / 6) and not P.tile_is_exact(192, 0.2)
-    assert P.snap_tile(TileSpec(240, 360, 0.2)) == TileSpec(240, 360, 0.2)
-    assert P.snap_tile(TileSpec(192, 288, 0.2)) == TileSpec(160, 280, 0.2)
-    derived = P.dataclasses.replace(P.PROFILES["lowvram"], name="lowvram+tile", vae_tile=TileSpec(192, 288, 0.2))
-    assert P.get_profile(derived).vae_tile == TileSpec(160, 280, 0.2)   # a planner's inexact tile is snapped
+    assert PR.tile_is_exact(240, 1 / 6) and PR.tile_is_exact(360, 0.2) and PR.tile_is_exact(240, 0.2)
+    assert not PR.tile_is_exact(360, 1 / 6) and not PR.tile_is_exact(192, 0.2)
+    assert PR.snap_tile(TileSpec(240, 360, 0.2)) == TileSpec(240, 360, 0.2)
+    assert PR.snap_tile(TileSpec(192, 288, 0.2)) == TileSpec(160, 280, 0.2)
+    derived = dataclasses.replace(PR.PROFILES["lowvram"], name="lowvram+tile", vae_tile=TileSpec(192, 288, 0.2))
+    assert PR.get_profile(derived).vae_tile == TileSpec(160, 280, 0.2)   # a planner's inexact tile is snapped
 
 
 def test_chunked_ff_batched_bf16_is_bitwise():
@@ -147,18 +151,18 @@ def test_chunked_ff_batched_bf16_is_bitwise():
 
 
 def test_resolve_profile():
-    assert P.resolve_profile("balanced") is P.PROFILES["balanced"]
+    assert PL.resolve_profile("balanced") is PR.PROFILES["balanced"]
     with pytest.raises(ValueError, match="unknown placement profile"):
-        P.resolve_profile("turbo")
-    assert P.resolve_profile("auto", device="cpu") is P.PROFILES["resident"]
+        PL.resolve_profile("turbo")
+    assert PL.resolve_profile("auto", device="cpu") is PR.PROFILES["resident"]
     seen = []
 
     def pick(budget):
         seen.append(budget)
         return "lowvram" if budget < 20 * 1024 ** 3 else "balanced"
 
-    assert P.resolve_profile("auto", 8 * 1024 ** 3, pick) is P.PROFILES["lowvram"]
-    assert P.resolve_profile("auto", estimate_fn=pick, budget_gib=22) is P.PROFILES["balanced"]
+    assert PL.resolve_profile("auto", 8 * 1024 ** 3, pick) is PR.PROFILES["lowvram"]
+    assert PL.resolve_profile("auto", estimate_fn=pick, budget_gib=22) is PR.PROFILES["balanced"]
     assert seen == [8 * 1024 ** 3, 22 * 1024 ** 3]
 
 
@@ -206,7 +210,7 @@ def test_stream_mode_hooks_on_cpu(tiny):
     variant, tr = tiny
     kw = _inputs(tr, variant)
     ref = _run(tr, kw)
-    P.apply_profile(tr, "lowvram")                                  # savers and hooks together
+    A.apply_profile(tr, "lowvram")                                  # savers and hooks together
     placed = P.place(tr, "cpu", "stream", degrade_on_cpu=False)
     assert placed.mode == "stream" and _has_hooks(tr)
     for _ in range(2):                                                # first call traces, second prefetches
@@ -216,7 +220,7 @@ def test_stream_mode_hooks_on_cpu(tiny):
     placed.release()
     assert not _has_hooks(tr)
     assert all(t.device.type == "cpu" for t in tr.parameters())
-    P.apply_profile(tr, "resident")
+    A.apply_profile(tr, "resident")
     assert torch.equal(_run(tr, kw), ref)
 
 

@@ -3,7 +3,7 @@ errors leak nothing, repeated runs stay flat, a finished video is never lost, an
 never runs pickles, eval/exec or the network on its own.
 
 Everything runs on CPU with the tiny checkpoints; the memory checks use the same code path on
-CUDA (`guard.allocated_bytes`) when a GPU is there.
+CUDA (`devmem.allocated_bytes`) when a GPU is there.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 import comfy_stub
-from cogvid_core import guard, loading, pipeline, placement, report, sampling, vae as vae_mod
+from cogvid_core import devmem, guard, loading, pipeline, placement, sampling, vae as vae_mod
 from cogvid_core.cli import main as cli_main
 from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
@@ -297,8 +297,8 @@ def test_nodes_bad_input(comfy, models_root, tiny_ckpts):  # noqa: F811
 
     # a VAE tile larger than the frame: decoded untiled, same frames as tile off
     latent = run(nodes["CogVidSampler"], frames=17, **samp)[0]
-    big, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="480x320", overlap=0.1667).args
-    off, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args
+    big, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="480x320", overlap=0.1667).args[:2]
+    off, _ = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.0).args[:2]
     assert torch.equal(big, off)
 
 
@@ -332,7 +332,7 @@ def test_oom_in_sampling_names_stage_need_and_setting(tiny_ckpts, start_png, tmp
     from diffusers import CogVideoXTransformer3DModel
     monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", _raise_oom)
     code, err = cli(capsys, *i2v_args(tiny_ckpts, start_png, tmp_path, "--profile", "balanced"))
-    line = assert_user_error(code, err, "out of GPU memory in denoise", r"needs ~\d+\.\d\d GiB \(estimate, profile "
+    line = assert_user_error(code, err, "out of GPU memory in denoise step", r"needs ~\d+\.\d\d GiB \(estimate, profile "
                              "balanced\\)", "lowvram", "fewer frames", "Tried to allocate 2.00 GiB")
     assert isinstance(guard.StageOOM("x", "decode"), torch.OutOfMemoryError)   # ComfyUI still sees an OOM
     assert line
@@ -367,7 +367,7 @@ def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypa
             raise torch.OutOfMemoryError(OOM)
         return real(v, latents, device=device, tile=tile, **kw)
     monkeypatch.setattr(vae_mod, "decode", picky)
-    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.1667).args
+    images, fps = run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="off", overlap=0.1667).args[:2]
     assert tiles == [None, (360, 240), (176, 120), (88, 64)]
     assert images.shape == (17, 64, 96, 3)
 
@@ -379,7 +379,7 @@ def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypa
     assert e.value.latents is latent
     assert guard.leftovers(vae.module.decoder) == []          # no hooks left behind
     monkeypatch.setattr(vae_mod, "decode", real)               # re-decode, no re-sampling
-    again, _ = run(nodes["CogVidDecode"], vae=vae, latent=e.value.latents, tile="off", overlap=0.0).args
+    again, _ = run(nodes["CogVidDecode"], vae=vae, latent=e.value.latents, tile="off", overlap=0.0).args[:2]
     assert again.shape == (17, 64, 96, 3)
 
 
@@ -450,7 +450,7 @@ def test_cancel_stops_within_one_step_and_leaks_nothing(stage, tiny_ckpts, start
         if calls["n"] >= 1:
             raise Cancelled(stage)
     loaded = _spy_loads(monkeypatch)
-    before = guard.allocated_bytes(DEVICE)
+    before = devmem.allocated_bytes(DEVICE)
     job = pipeline.Job(image=start_png["rgb"], prompt="a fox", negative_prompt="blur", steps=4, cfg=6.0,
                        height=32, width=48)
     with pytest.raises(Cancelled) as e:
@@ -462,7 +462,7 @@ def test_cancel_stops_within_one_step_and_leaks_nothing(stage, tiny_ckpts, start
     del e
     gc.collect()
     assert [r() for r in loaded if r() is not None] == []      # the run keeps no model alive
-    assert guard.allocated_bytes(DEVICE) == before
+    assert devmem.allocated_bytes(DEVICE) == before
 
 
 def test_node_cancel_during_decode_removes_hooks(comfy):
@@ -473,7 +473,7 @@ def test_node_cancel_during_decode_removes_hooks(comfy):
     lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
                  cfg=1.0, dynamic_cfg=False, scheduler="dpm", seed=0)[0]
-    before = guard.allocated_bytes(vae.device)
+    before = devmem.allocated_bytes(vae.device)
     mm.interrupt_processing = True
     with pytest.raises(comfy_stub.InterruptProcessingException):
         run(nodes["CogVidDecode"], vae=vae, latent=latent, tile="auto", overlap=0.1667)
@@ -481,7 +481,7 @@ def test_node_cancel_during_decode_removes_hooks(comfy):
     for comp in (tr, t5, vae):
         comp.release()
     assert guard.leftovers(tr.module, t5.module, vae.module) == []
-    assert guard.allocated_bytes(vae.device) == before
+    assert devmem.allocated_bytes(vae.device) == before
 
 
 def test_node_cancel_during_text_encode_stops_before_second_prompt(comfy, monkeypatch):
@@ -497,14 +497,14 @@ def test_node_cancel_during_text_encode_stops_before_second_prompt(comfy, monkey
         mm.interrupt_processing = True
         return real(self, *a, **k)
     monkeypatch.setattr(T5EncoderModel, "forward", pressed_cancel)
-    before = guard.allocated_bytes(t5.device)
+    before = devmem.allocated_bytes(t5.device)
     with pytest.raises(comfy_stub.InterruptProcessingException):
         run(nodes["CogVidTextEncode"], t5=t5, positive="a cat never cached", negative="a dog never cached")
     assert calls["n"] == 1
     for comp in (tr, t5, vae):
         comp.release()
     assert guard.leftovers(tr.module, t5.module, vae.module) == []
-    assert guard.allocated_bytes(t5.device) == before
+    assert devmem.allocated_bytes(t5.device) == before
 
 
 def test_each_model_is_freed_when_its_stage_ends(tiny_ckpts, start_png, monkeypatch):
@@ -534,7 +534,7 @@ def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
     runs = [(V10, None, None), (V15, 32, 32), (V15, 32, 48), (V15, 48, 32), (V15, 32, 32)]
     profiles = ["resident", "balanced", "lowvram"]
     rss, gpu = [], []
-    base_gpu = guard.allocated_bytes(DEVICE)
+    base_gpu = devmem.allocated_bytes(DEVICE)
     for i in range(20):
         key, h, w = runs[i % len(runs)]
         job = pipeline.Job(image=start_png["rgb"], prompt=f"run {i % 3}", height=h, width=w, steps=1,
@@ -544,8 +544,8 @@ def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
         assert torch.isfinite(res.frames).all()
         del res
         gc.collect()
-        rss.append(report.host_rss_bytes())
-        gpu.append(guard.allocated_bytes(DEVICE))
+        rss.append(devmem.host_rss_bytes())
+        gpu.append(devmem.allocated_bytes(DEVICE))
     mib = [r / 2 ** 20 for r in rss]
     # after warm-up (allocator pools filled by every variant/size/profile once), no upward trend
     assert max(rss[-5:]) <= max(rss[4:8]) + 64 * 2 ** 20, f"RSS grows over the runs (MiB): {mib}"

@@ -1,0 +1,28 @@
+"""The command line: a user's mistake is one `error:` line (exit 2), a bug shows its traceback."""
+from cogvid_core import estimate as E
+from cogvid_core.cli import BUG_EXIT, main
+
+
+def test_estimate_subcommand_prints_the_report(capsys):
+    assert main(["estimate", "--profile", "lowvram", "--budget-gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "profile lowvram" in out and "FITS" in out
+
+
+def test_user_error_is_one_line(capsys):
+    assert main(["estimate", "--profile", "turbo", "--budget-gib", "80"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown placement profile 'turbo'") and "Traceback" not in err
+
+
+def test_bug_shows_its_traceback(capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise TypeError("estimate() got an unexpected keyword argument 'x'")
+
+    monkeypatch.setattr(E, "estimate", broken)
+    code = main(["estimate", "--profile", "lowvram", "--budget-gib", "80"])
+    err = capsys.readouterr().err
+    assert code == BUG_EXIT and code not in (0, 1, 2)
+    assert "Traceback (most recent call last)" in err and "in broken" in err
+    assert "TypeError: estimate() got an unexpected keyword argument 'x'" in err
+    assert "error: " not in err

@@ -1,0 +1,171 @@
+"""File-backed models (filestream): the same weights and outputs as loaded ones, and never a full copy."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_placement import _inputs, _run
+
+from cogvid_core import fileindex as FI
+from cogvid_core import loading as L
+from cogvid_core import models as M
+from cogvid_core import placement as P
+from cogvid_core.checkpoints import plain_shapes, read_shapes, t5_config_from_shapes
+from cogvid_core.models import CheckpointError
+from cogvid_core.testing import write_checkpoints
+
+V15 = M.V15.key
+
+
+def _lazy_transformer(source, dtype=torch.float32, storage_dtype=None):
+    """What ``load_transformer(..., lazy=True)`` is to return once loading is wired (see filestream)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    _, config, files, fp8 = L._transformer_source(source, None, False)
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel.from_config(config)
+    keep = fp8 and storage_dtype is None or storage_dtype in L.FP8_DTYPES
+    FI.lazy_load(model, files, dtype, storage_dtype=storage_dtype, keep_fp8=keep)
+    return L._finish(model)
+
+
+def _lazy_t5(path, dtype=torch.float32):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(**t5_config_from_shapes(plain_shapes(read_shapes(path))))
+    with torch.device("meta"):
+        model = T5EncoderModel(config)
+    FI.lazy_load(model, [path], dtype, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
+                 finalize=L._tie_embeddings)
+    return L._finish(model)
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Tiny 1.5 single files with 6 blocks: enough to tell "a few blocks" from "all of them"."""
+    root = tmp_path_factory.mktemp("deep")
+    return write_checkpoints(root, V15, tiny=True, dtype=torch.float32, layouts=("single",), layers=6)["single"]
+
+
+def _bits(model) -> dict:
+    return {k: v.view(torch.uint8) if v.dtype.is_floating_point else v for k, v in model.state_dict().items()}
+
+
+def _same_bits(a, b):
+    sa, sb = _bits(a), _bits(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def _live_block_bytes(model, blocks) -> list[int]:
+    return [sum(t.numel() * t.element_size() for t in b.parameters() if not t.is_meta) for b in blocks]
+
+
+# ------------------------------------------------------------------------------- same weights as the loader
+@pytest.mark.parametrize("case", ["fp32->bf16", "fp8 file", "fp8 storage"])
+def test_resident_weights_match_loader(tiny_ckpts, case):
+    single = tiny_ckpts[V15]["single"]
+    path = single["transformer_fp8" if case == "fp8 file" else "transformer"]
+    dtype = torch.bfloat16 if case == "fp32->bf16" else torch.float32
+    storage = torch.float8_e4m3fn if case == "fp8 storage" else None
+    ref, _ = L.load_transformer(path, dtype=dtype, storage_dtype=storage)
+    lazy = _lazy_transformer(path, dtype, storage)
+    assert all(t.is_meta for t in lazy.parameters())                     # nothing read before placement
+    placed = P.place(lazy, "cpu", "stream")                              # CPU: degrades to resident
+    assert placed.mode == "resident" and not any(t.is_meta for t in lazy.parameters())
+    _same_bits(ref, lazy)
+    assert type(lazy.transformer_blocks[0].attn1.to_q) is type(ref.transformer_blocks[0].attn1.to_q)
+    placed.release()
+    assert all(t.is_meta for t in lazy.parameters())                     # released: no copy kept anywhere
+
+
+def test_scaled_fp8_t5_matches_loader(tiny_ckpts):
+    path = tiny_ckpts[V15]["single"]["text_encoder_fp8_scaled"]
+    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"])
+    lazy = _lazy_t5(path)
+    P.place(lazy, "cpu", "resident")
+    _same_bits(ref, lazy)
+    assert lazy.shared is lazy.encoder.embed_tokens
+
+
+# ------------------------------------------------------------------------------- streaming
+def test_stream_equals_resident_and_holds_few_blocks(deep):
+    path = deep["transformer"]
+    ref, _ = L.load_transformer(path, dtype=torch.float32)
+    kw = _inputs(ref, M.V15)
+    want = _run(ref, kw)
+    lazy = _lazy_transformer(path)
+    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+    blocks = lazy.transformer_blocks
+    assert len(blocks) == 6 and placed.mode == "stream"
+    full = [sum(t.numel() * t.element_size() for t in b.parameters()) for b in ref.transformer_blocks]
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(_live_block_bytes(lazy, blocks))) for b in blocks]
+    with placed.use():
+        for _ in range(2):                      # the second call starts on blocks prefetched at the end of the first
+            assert torch.equal(_run(lazy, kw), want)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 2 * len(blocks)
+    depth = placed._files.depth
+    for live in seen:                           # the running block plus at most `depth` prefetched ones
+        assert sum(b > 0 for b in live) <= depth + 1
+        assert sum(live) <= (depth + 1) * max(full) < sum(full)
+    assert sum(_live_block_bytes(lazy, blocks)) == 0          # after use: no block left
+    assert not lazy.patch_embed.proj.weight.is_meta          # outside the blocks: resident
+    placed.release()
+    assert all(t.is_meta for t in lazy.parameters())
+
+
+def test_offload_reads_all_blocks_per_use(tiny_ckpts):
+    path = tiny_ckpts[V15]["single"]["text_encoder"]
+    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"])
+    ids = torch.randint(0, ref.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).last_hidden_state
+    lazy = _lazy_t5(path)
+    placed = P.place(lazy, "cpu", "offload", degrade_on_cpu=False)
+    blocks = lazy.encoder.block
+    assert sum(_live_block_bytes(lazy, blocks)) == 0
+    with placed.use() as m, torch.no_grad():
+        assert all(b > 0 for b in _live_block_bytes(lazy, blocks))
+        assert torch.equal(m(ids).last_hidden_state, want)
+    assert sum(_live_block_bytes(lazy, blocks)) == 0
+    streamed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)   # re-placing releases the old one
+    assert placed.released
+    with streamed.use() as m, torch.no_grad():
+        assert torch.equal(m(ids).last_hidden_state, want)
+    streamed.release()
+
+
+def test_staging_sized_for_the_largest_block(tiny_ckpts):
+    lazy = _lazy_transformer(tiny_ckpts[V15]["single"]["transformer"])
+    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+    largest = max(lay.nbytes for lay in placed._files.layouts)
+    assert largest <= placed._files.staging_bytes() // 2 < 2 * largest
+    placed.release()
+
+
+# ------------------------------------------------------------------------------- errors a user can act on
+def test_truncated_file_is_reported(tiny_ckpts, tmp_path):
+    src = tiny_ckpts[V15]["single"]["transformer"]
+    cut = tmp_path / "cut.safetensors"
+    shutil.copyfile(src, cut)
+    lazy = _lazy_transformer(cut)                              # header intact: indexing succeeds
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size - 1024)
+    with pytest.raises(CheckpointError, match="truncated"):
+        P.place(lazy, "cpu", "resident")
+
+
+def test_unknown_tensor_is_refused(tiny_ckpts):
+    from transformers import T5Config, T5EncoderModel
+
+    path = tiny_ckpts[V15]["single"]["transformer"]
+    config = T5Config(**t5_config_from_shapes(plain_shapes(read_shapes(tiny_ckpts[V15]["single"]["text_encoder"]))))
+    with torch.device("meta"):
+        t5 = T5EncoderModel(config)
+    with pytest.raises(CheckpointError, match="do not belong"):
+        FI.lazy_load(t5, [path], torch.float32)
