@@ -135,12 +135,14 @@ def comfy_lowvram() -> bool:
 
 
 def budget_bytes(budget_gib: float, device) -> int | None:
-    """User budget, or 0 = what the GPU has free minus ComfyUI's reserve (None: no GPU, no verdict)."""
+    """User budget, or 0 = what the GPU has free (as ComfyUI's patchers count it) minus ComfyUI's
+    reserve (None: no GPU, no verdict)."""
     if budget_gib > 0:
         return int(budget_gib * 1024 ** 3)
     if device.type == "cpu":
         return None
-    free = mm.get_free_memory(device)
+    from . import memory
+    free = memory.free_vram(device)      # counts what idle dynamic-VRAM models give back (ComfyUI 2026)
     return max(0, int(free - mm.extra_reserved_memory()))
 
 

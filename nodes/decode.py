@@ -59,13 +59,10 @@ class CogVidDecode(io.ComfyNode):
         spec = tile_spec(tile, overlap, plan)
         if vae.device.type != "cpu":
             memory.make_room(session.decode_bytes(latent, spec, plan), vae.device)
-        try:
-            module = memory.acquire(vae)
-            frames = guard.decode(module, latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
-                                  interrupt=C.interrupt, info=guard.RunInfo(device=vae.device,
-                                                    profile=getattr(plan, "profile", None) or "balanced"))
-        finally:
-            memory.release(vae)
+        info = guard.RunInfo(device=vae.device, profile=getattr(plan, "profile", None) or "balanced")
+        with memory.in_use(vae, "decode", info) as module:      # guard.decode retries with smaller tiles
+            frames = guard.decode(module(), latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
+                                  interrupt=C.interrupt, info=info)
         return io.NodeOutput(frames, float(latent.fps), as_video(frames, latent.fps))
 
 

@@ -49,13 +49,9 @@ class CogVidImageEncode(io.ComfyNode):
         frames = vae.variant.default_frames if vae.variant is not None else None
         info = guard.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
                              profile=profile or "balanced")
-        try:
-            module = memory.acquire(vae)
-            with guard.oom_guard("image_encode", info):
-                latent = encode_image(module, image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,
-                                      device=vae.device, tile=tile)
-        finally:
-            memory.release(vae)
+        with memory.in_use(vae, "image_encode", info) as module:
+            latent = encode_image(module(), image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,
+                                  device=vae.device, tile=tile)
         return io.NodeOutput(latent)
 
 

@@ -72,7 +72,7 @@ class CogVidTransformerLoader(io.ComfyNode):
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
         comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model)
-        return io.NodeOutput(comp)
+        return io.NodeOutput(memory.expose(comp))
 
 
 class CogVidT5Loader(io.ComfyNode):
@@ -99,7 +99,7 @@ class CogVidT5Loader(io.ComfyNode):
         memory.free_for_load(0, dev)
         module, tokenizer = loading.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
         comp = session.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer)
-        return io.NodeOutput(comp)
+        return io.NodeOutput(memory.expose(comp))
 
 
 class CogVidVAELoader(io.ComfyNode):
@@ -126,7 +126,7 @@ class CogVidVAELoader(io.ComfyNode):
         # applied by the sampler, so the VAE needs none.
         module = loading.load_vae(src, dtype, device="cpu")
         comp = session.Component("vae", module, dev, dtype, placement, source=model)
-        return io.NodeOutput(comp)
+        return io.NodeOutput(memory.expose(comp))
 
 
 NODES = [CogVidTransformerLoader, CogVidT5Loader, CogVidVAELoader]

@@ -48,21 +48,19 @@ class CogVidSampler(io.ComfyNode):
         from cogvid_core import guard, session
         from cogvid_core.sampling import sample
         variant = transformer.variant
-        fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         h, w = image_latent.height, image_latent.width
+        fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
+        if plan is None and fallback == "auto" and transformer.device.type != "cpu":
+            # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
+            fallback = session.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device)).profile
         profile, activations = session.apply_plan(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
-        try:
-            module = memory.acquire(transformer, memory_required=activations)
-            with guard.oom_guard("denoise_step", info):
-                latents = sample(module, variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
-                                 image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg,
-                                 scheduler=scheduler,
-                                 seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
-                                 progress=C.progress_callback(steps), interrupt=C.interrupt)
-        finally:
-            memory.release(transformer)
+        with memory.in_use(transformer, "denoise_step", info, memory_required=activations) as module:
+            latents = sample(module(), variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
+                             image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
+                             seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
+                             progress=C.progress_callback(steps), interrupt=C.interrupt)
         return io.NodeOutput(latents)
 
 

@@ -29,22 +29,15 @@ class CogVidTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, positive, negative) -> io.NodeOutput:
-        from cogvid_core import guard, session
+        from cogvid_core import session
         from cogvid_core.text import encode_prompt
-
-        def encode(prompt):
-            def run():
-                module = memory.acquire(t5)
-                return encode_prompt(module, t5.tokenizer, prompt, device=t5.device)
-            return session.PROMPTS.get_or_encode(t5, prompt, run)
-
-        try:
-            with guard.oom_guard("text_encode", guard.RunInfo(device=t5.device)):
-                pos = encode(positive)
-                C.interrupt()      # Cancel pressed during the first prompt: stop before the second
-                neg = encode(negative)
-        finally:
-            memory.release(t5)
+        with memory.in_use(t5, "text_encode") as module:       # T5 placed only on a prompt-cache miss
+            def encode(prompt):
+                return session.PROMPTS.get_or_encode(
+                    t5, prompt, lambda: encode_prompt(module(), t5.tokenizer, prompt, device=t5.device))
+            pos = encode(positive)
+            C.interrupt()      # Cancel pressed during the first prompt: stop before the second
+            neg = encode(negative)
         return io.NodeOutput({"positive": pos, "negative": neg})
 
 

@@ -124,8 +124,8 @@ class ComfyExtension:
 
 
 # ------------------------------------------------------------------ comfy.model_management
-class InterruptProcessingException(Exception):
-    pass
+class InterruptProcessingException(BaseException):
+    """A BaseException since 2026 (an `except Exception` no longer swallows Cancel)."""
 
 
 class VRAMState(Enum):
@@ -138,11 +138,16 @@ class VRAMState(Enum):
 
 
 class _MM(types.ModuleType):
+    """Core's bookkeeping, simplified: one list of loaded patchers (most recent first, where core
+    keeps LoadedModel wrappers) and a device of `total_memory` bytes whose free memory is what the
+    loaded patchers do not hold."""
+
     def __init__(self):
         super().__init__("comfy.model_management")
         self.VRAMState = VRAMState
         self.vram_state = VRAMState.NORMAL_VRAM
         self.current_loaded_models = []      # patchers, most recent first
+        self.total_memory = 64 * 1024 ** 3
         self.calls = []
         self.interrupt_processing = False
         self.InterruptProcessingException = InterruptProcessingException
@@ -160,25 +165,42 @@ class _MM(types.ModuleType):
         return 1024 ** 3 * 0.8 + self.extra_reserved_memory()
 
     def get_free_memory(self, dev=None, torch_free_too=False):
-        free = 64 * 1024 ** 3
+        free = self.total_memory - sum(p.loaded_size() for p in self.current_loaded_models)
         return (free, free) if torch_free_too else free
 
-    def free_memory(self, memory_required, device, keep_loaded=()):
+    def loaded_models(self, only_currently_used=False):
+        return list(self.current_loaded_models)
+
+    def free_memory(self, memory_required, device, keep_loaded=(), **kwargs_2026):
+        """As core: least recently used first, each asked to free what is still missing, partially
+        (`partially_unload`) where that covers it, else fully (`detach`) and dropped from the list."""
         self.calls.append(("free_memory", memory_required, device))
         unloaded = []
-        for p in list(self.current_loaded_models):
-            if p not in keep_loaded and torch.device(p.load_device) == torch.device(device):
-                p.detach()
-                self.current_loaded_models.remove(p)
-                unloaded.append(p)
+        for p in reversed(list(self.current_loaded_models)):
+            if p in keep_loaded or torch.device(p.load_device) != torch.device(device):
+                continue
+            to_free = memory_required - self.get_free_memory(device)
+            if to_free <= 0:
+                continue
+            if to_free < p.loaded_size() and p.partially_unload(p.offload_device, to_free) >= to_free:
+                continue
+            p.detach(unpatch_all=True)
+            self.current_loaded_models.remove(p)
+            unloaded.append(p)
         return unloaded
 
     def load_models_gpu(self, models, memory_required=0, force_patch_weights=False,
                         minimum_memory_required=None, force_full_load=False):
+        """As core: a model (or a clone of it) already loaded is detached keeping its weights
+        (`detach(unpatch_all=False)`), room is made on the device, then it is (re)loaded."""
         self.calls.append(("load_models_gpu", list(models), memory_required))
         for p in models:
-            if p in self.current_loaded_models:
-                self.current_loaded_models.remove(p)
+            for q in [q for q in self.current_loaded_models if p.is_clone(q)]:
+                self.current_loaded_models.remove(q)
+                q.detach(unpatch_all=False)
+            need = p.model_size() - p.loaded_size()
+            if torch.device(p.load_device).type != "cpu":
+                self.free_memory(need * 1.1 + max(self.minimum_inference_memory(), memory_required), p.load_device)
             p.partially_load(p.load_device, 1e32)
             self.current_loaded_models.insert(0, p)
 
@@ -192,9 +214,19 @@ class _MM(types.ModuleType):
 
 
 class ModelPatcher:
-    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+    """The 2026 signatures (comfy/model_patcher.py): fast_disk, clone's dynamic-VRAM arguments,
+    partially_unload's force_patch_weights, get_free_memory adding what idle dynamic models hold."""
+    dynamic_vram_held = 0        # what idle dynamic-VRAM models hold and give back on demand
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False, fast_disk=False):
         self.model, self.load_device, self.offload_device, self.size = model, load_device, offload_device, size
+        self.weight_inplace_update, self.fast_disk = weight_inplace_update, fast_disk
         self.parent = None
+        if getattr(model, "device", None) is None:
+            model.device = offload_device
+
+    def is_dynamic(self):
+        return False
 
     def model_size(self):
         return self.size
@@ -202,7 +234,25 @@ class ModelPatcher:
     def loaded_size(self):
         return 0
 
+    def get_free_memory(self, device):
+        return sys.modules["comfy.model_management"].get_free_memory(device) + self.dynamic_vram_held
+
+    def is_clone(self, other):
+        return hasattr(other, "model") and self.model is other.model
+
+    def clone(self, disable_dynamic=False, model_override=None, force_deepcopy=False):
+        if force_deepcopy:
+            raise RuntimeError("Cannot create non-dynamic delegate: cached_patcher_init is not initialized.")
+        model = model_override[0] if model_override is not None else self.model
+        n = self.__class__(model, self.load_device, self.offload_device, self.model_size(),
+                           weight_inplace_update=self.weight_inplace_update, fast_disk=self.fast_disk)
+        n.parent = self
+        return n
+
     def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        return 0
+
+    def partially_unload(self, device_to, memory_to_free=0, force_patch_weights=False):
         return 0
 
     def detach(self, unpatch_all=True):
