@@ -69,8 +69,6 @@ class ComponentSize:
 
 
 def _sizes(module, blocks) -> ComponentSize:
-    import torch
-
     params = sum(p.numel() for p in module.parameters())
     matrix = sum(p.numel() for name, p in module.named_parameters() if is_fp8_layer(name, p.shape))
     largest = max((p.numel() for p in module.parameters()), default=0)

@@ -155,16 +155,6 @@ def plan_for(transformer: Component, plan=None, frames: int | None = None, heigh
     return transformer.with_plan(profile), profile, activations
 
 
-def apply_plan(transformer: Component, plan=None, frames: int | None = None, height: int | None = None,
-               width: int | None = None, fallback: str = AUTO):
-    """Transitional, for nodes/sampler.py until it takes `plan_for`'s copy: configures the shared
-    module for the planned copy now (its next `acquire()` honours it). Returns (profile, activation
-    bytes). Remove with that call."""
-    configured, profile, activations = plan_for(transformer, plan, frames, height, width, fallback)
-    configured.configure()
-    return profile, activations
-
-
 def decode_bytes(latents, tile, plan=None) -> int:
     """Peak reserved bytes of the decode stage: the plan's, else estimated for these latents."""
     if plan is not None:

@@ -130,13 +130,13 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
 
 
 def patcher(component) -> CogVidPatcher:
-    """The component's patcher, made once. It is also set as `component.patcher`: ComfyUI's
-    RAM-pressure cache (2026, comfy_execution/caching.py @dec8fb2) recognises model outputs by that
-    attribute and evicts old ones first; without it a 10+ GB loader output counts as nearly nothing."""
+    """The component's patcher, made once per loaded module and kept in its shared `extra`, so every
+    copy of the value answers `component.patcher` with it: ComfyUI's RAM-pressure cache (2026,
+    comfy_execution/caching.py @dec8fb2) recognises model outputs by that attribute and evicts old ones
+    first; without it a 10+ GB loader output counts as nearly nothing."""
     p = component.extra.get("patcher")
     if p is None:
         p = component.extra["patcher"] = CogVidPatcher(component)
-    component.patcher = p
     return p
 
 
@@ -178,6 +178,7 @@ def free_for_load(nbytes: int, device) -> None:
 
 def acquire(component, memory_required: int = 0):
     """ComfyUI frees what it must (its models, or ours no longer used), then ours is placed."""
+    component.configure()   # the shared module takes THIS value's settings (another sampler may have set its own)
     mm.load_models_gpu([patcher(component)], memory_required=memory_required, force_full_load=True)
     return component.module
 

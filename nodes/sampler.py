@@ -45,15 +45,15 @@ class CogVidSampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
                 plan=None) -> io.NodeOutput:
-        from cogvid_core import guard, session
+        from cogvid_core import guard, planner, session
         from cogvid_core.sampling import sample
         variant = transformer.variant
         h, w = image_latent.height, image_latent.width
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
-            fallback = session.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device)).profile
-        profile, activations = session.apply_plan(transformer, plan, frames, h, w, fallback)
+            fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device)).profile
+        transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
         with memory.in_use(transformer, "denoise_step", info, memory_required=activations) as module:

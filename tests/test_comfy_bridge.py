@@ -27,6 +27,29 @@ from test_nodes import comfy, load_pack, models_root  # noqa: F401  (comfy, mode
 
 
 # ------------------------------------------------------------------ scenarios (stub or real ComfyUI)
+_COUNTERS: dict = {}     # id(shared module) -> (kind, acquires, releases) of the Workflow that loaded it
+
+
+def _count_calls():
+    """Count Component.acquire/release per loaded module, once per process. Components are frozen
+    values, so the count wraps the class (counting only modules a Workflow registered) and holds no
+    reference to a component: a cycle through one would keep our models alive until a garbage
+    collection, which is not how ComfyUI holds them."""
+    from cogvid_core import session
+    if getattr(session.Component, "_counted", False):
+        return
+    for method, slot in (("acquire", 1), ("release", 2)):
+        original = getattr(session.Component, method)
+
+        def counted(self, _original=original, _slot=slot):
+            entry = _COUNTERS.get(id(self.module))
+            if entry is not None:
+                entry[_slot][entry[0]] += 1
+            return _original(self)
+        setattr(session.Component, method, counted)
+    session.Component._counted = True
+
+
 class Workflow:
     """The shipped workflow's graph on the tiny 1.5 checkpoint (small video), counting what ComfyUI makes our
     components do: acquire (placed for a use) and release (all weights off the device)."""
@@ -40,24 +63,13 @@ class Workflow:
         self.vae = self.run("CogVidVAELoader", model=model, **kw)[0]
         self.acquires = {c.kind: 0 for c in self.components}
         self.releases = dict(self.acquires)
-        for comp in self.components:
-            self._count(comp, "acquire", self.acquires)
-            self._count(comp, "release", self.releases)
+        for comp in self.components:        # keyed by the shared module: every copy of a value counts
+            _COUNTERS[id(comp.module)] = (comp.kind, self.acquires, self.releases)
+        _count_calls()
 
     @property
     def components(self):
         return (self.tr, self.t5, self.vae)
-
-    @staticmethod
-    def _count(comp, method, counter):
-        """Count calls of comp.<method>, referring to comp weakly: a cycle through it would keep our
-        models alive until a garbage collection, which is not how ComfyUI holds them."""
-        original, kind, ref = getattr(type(comp), method), comp.kind, weakref.ref(comp)
-
-        def counted():
-            counter[kind] += 1
-            return original(ref())
-        setattr(comp, method, counted)
 
     def run(self, node_id, **inputs):
         return self.nodes[node_id].EXECUTE_NORMALIZED(**inputs)
@@ -117,6 +129,7 @@ def scenario_lowvram(nodes, mm):
     """ComfyUI started with --lowvram and no plan wired: the sampler streams the transformer.
     (Under --cpu core forces vram_state to DISABLED, so the state --lowvram gives on a GPU is set.)"""
     from cogvid_core.activations import ff_chunk_tokens
+    from cogvid_core.placement import placed_of
     w = Workflow(nodes)
     w.prepare()
     saved, mm.vram_state = mm.vram_state, mm.VRAMState.LOW_VRAM
@@ -124,7 +137,7 @@ def scenario_lowvram(nodes, mm):
         w.sample(seed=2)
     finally:
         mm.vram_state = saved
-    assert w.tr.mode == "stream" and ff_chunk_tokens(w.tr.module) == 8192
+    assert placed_of(w.tr.module).requested == "stream" and ff_chunk_tokens(w.tr.module) == 8192
 
 
 class _Device:
@@ -240,18 +253,19 @@ def test_loader_outputs_visible_to_ram_cache(comfy):
     finally:
         gc.enable()
 
-def test_interrupt_is_not_an_exception(comfy):
+def test_interrupt_is_not_an_exception(comfy, monkeypatch):
     """Cancel (a BaseException in 2026) stops the sampler and releases the transformer."""
+    from cogvid_core import session
     nodes, mods = comfy
     mm = mods["comfy.model_management"]
     w = Workflow(nodes)
     w.prepare()
     done = []
-    w.tr.done = lambda: done.append(1)
+    monkeypatch.setattr(session.Component, "done", lambda self: done.append(self.kind))
     mm.interrupt_processing = True
     with pytest.raises(comfy_stub.InterruptProcessingException):
         w.sample(seed=2, steps=3)
-    assert done == [1] and not issubclass(comfy_stub.InterruptProcessingException, Exception)
+    assert done == ["transformer"] and not issubclass(comfy_stub.InterruptProcessingException, Exception)
 
 # -------------------------------------------------------------- against a real ComfyUI (optional)
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
