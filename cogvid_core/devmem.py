@@ -153,7 +153,7 @@ def host_memory() -> dict[str, int]:
 
 # cudaHostAlloc'd memory (torch's pinned allocator: pin_memory(), group offloading) is counted in
 # RssShmem, not RssAnon: 1 GiB from torch.empty(pin_memory=True) raised RssShmem by 1.000 GiB and left
-# RssAnon alone (H200, driver with CUDA 13, torch 2.11; bench/hostmem_h200.json "diag"). Memory
+# RssAnon alone (H200, driver with CUDA 13, torch 2.11; bench/hostmem_h200_run1.json "diag"). Memory
 # page-locked with cudaHostRegister stays in RssAnon. So anon + shmem already holds all pinned memory.
 PINNED_IN_RSS = True
 

@@ -34,7 +34,7 @@ COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
 CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
-# Starting constants, fitted by hand on the REFERENCE.md anchors (H100, diffusers recipes).
+# Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
     "t5_act_units": 12.0,          # x 226 x d_model x bytes, + attention scores
     "enc_act_mult": 1.9,           # x 128 ch x 3 frames (causal pad) x H x W x bytes
