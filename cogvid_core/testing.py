@@ -356,3 +356,55 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def write_lora(path: str | Path, variant_key: str, targets=("attn", "ff"), rank: int = 4, seed: int = 0, *,
+               layout: str = "peft", alpha: float | None = None, tiny: bool | str = True,
+               width: int | None = None, layers: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """A random LoRA safetensors file for one variant's transformer, in a real on-disk layout.
+
+    ``targets``: "attn" (attn1.to_q/k/v/to_out.0) and "ff" (ff.net.0.proj, ff.net.2) in every block,
+    or literal module names ("proj_out"). ``layout``: "peft" (``transformer.<m>.lora_A.weight`` as
+    CogVideoX training scripts save), "alpha" (plus ``<m>.alpha`` tensors), "metadata" (diffusers'
+    ``lora_adapter_metadata`` header with ``lora_alpha``), "attn_procs" (diffusers' older
+    ``attn1.processor.to_q_lora.down.weight`` names). ``width`` replaces the model width (1920: a
+    CogVideoX-2B-shaped LoRA). lora_B is non-zero (unlike a fresh training init) so it has an effect.
+    """
+    from safetensors.torch import save_file
+
+    variant = M.VARIANTS[variant_key]
+    shapes = tensor_shapes("transformer", variant, tiny, layers)
+    cfg = M.transformer_config(variant, tiny)
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    wide = {inner: width, 4 * inner: 4 * width} if width else {}
+    suffixes = {"attn": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
+                "ff": ("ff.net.0.proj", "ff.net.2")}
+    modules = []
+    for target in targets:
+        if target in suffixes:
+            modules += [n[: -len(".weight")] for n in shapes
+                        if n.endswith(".weight") and n[: -len(".weight")].endswith(suffixes[target])]
+        else:
+            modules.append(target)
+    tensors, old_names = {}, {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+    for m in modules:
+        out_f, in_f = (wide.get(d, d) for d in shapes[f"{m}.weight"][:2])
+        down = random_tensor("lora", f"{m}.down", (rank, in_f), dtype, seed)
+        up = random_tensor("lora", f"{m}.up", (out_f, rank), dtype, seed)
+        if layout == "attn_procs":
+            head, _, leaf = m.partition(".attn1.")
+            base = f"transformer.{head}.attn1.processor.{old_names[leaf]}" if leaf else f"transformer.{m}.lora"
+            tensors.update({f"{base}.down.weight": down, f"{base}.up.weight": up})
+            continue
+        tensors.update({f"transformer.{m}.lora_A.weight": down, f"transformer.{m}.lora_B.weight": up})
+        if layout == "alpha":
+            tensors[f"transformer.{m}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+    metadata = None
+    if layout == "metadata":
+        config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank, "target_modules": modules}
+        metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()}),
+                    "format": "pt"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
