@@ -192,13 +192,13 @@ def _scale(module: str, rank: int, alpha: torch.Tensor | None, cfg: dict) -> flo
 
 
 # =============================================================================== checking
-def _linears(transformer: nn.Module) -> dict[str, nn.Module]:
+def _modules(transformer: nn.Module) -> dict[str, nn.Module]:
     return dict(transformer.named_modules())
 
 
 def check(transformer: nn.Module, lora: LoraWeights) -> None:
     """Raise :class:`LoraError` unless every layer of ``lora`` fits a Linear layer of ``transformer``."""
-    modules = _linears(transformer)
+    modules = _modules(transformer)
     missing = [n for n in lora.layers if n not in modules]
     if missing:
         raise LoraError(_unmatched_message(transformer, lora, missing))
@@ -254,25 +254,27 @@ def lora_bytes(loras, dtype: torch.dtype = torch.bfloat16) -> int:
 
 
 class _Delta:
-    """All LoRAs of one Linear as one pair of matrices: ``[A1; A2]`` and ``[s1 B1, s2 B2]``
-    (s = strength * scale), so k LoRAs cost two GEMMs per call; copied to the compute
-    device/dtype at the first call of the run and reused."""
+    """All LoRAs of one Linear as one pair of matrices, ``[A1; A2]`` and ``[s1 B1, s2 B2]``
+    (s = strength * scale), so k LoRAs cost two GEMMs per call. Built on the compute device in
+    the compute dtype at the first call of the run (the scale applied in fp32 there) and reused;
+    no host copy is made."""
 
     def __init__(self, parts: list[tuple[LoraLayer, float]]):
-        self.down = torch.cat([p.down.float() for p, _ in parts])
-        self.up = torch.cat([p.up.float() * (s * p.scale) for p, s in parts], dim=1)
-        biases = [p.bias.float() * (s * p.scale) for p, s in parts if p.bias is not None]
-        self.bias = torch.stack(biases).sum(0) if biases else None
+        self.parts = parts
         self.copies: dict[tuple, tuple] = {}
+
+    def _build(self, device, dtype) -> tuple:
+        down = torch.cat([p.down.to(device, dtype) for p, _ in self.parts])
+        up = torch.cat([(p.up.to(device, torch.float32) * (s * p.scale)).to(dtype) for p, s in self.parts], dim=1)
+        biases = [p.bias.to(device, torch.float32) * (s * p.scale) for p, s in self.parts if p.bias is not None]
+        return down, up, torch.stack(biases).sum(0).to(dtype) if biases else None
 
     def __call__(self, module, args, output):
         x = args[0]
         key = (x.device, x.dtype)
-        got = self.copies.get(key)
-        if got is None:
-            got = self.copies[key] = tuple(None if t is None else t.to(x.device, x.dtype)
-                                           for t in (self.down, self.up, self.bias))
-        down, up, bias = got
+        if key not in self.copies:
+            self.copies[key] = self._build(x.device, x.dtype)
+        down, up, bias = self.copies[key]
         return output + F.linear(F.linear(x, down), up, bias).to(output.dtype)
 
 
@@ -288,7 +290,7 @@ def applied(transformer: nn.Module, loras: Sequence):
     for lw, s in active:
         for name, layer in lw.layers.items():
             per_layer.setdefault(name, []).append((layer, s))
-    modules = _linears(transformer)
+    modules = _modules(transformer)
     handles = []
     try:
         for name, parts in per_layer.items():

@@ -95,6 +95,9 @@ def _transformer(tiny_ckpts, key, **kw):
 
 
 # ----------------------------------------------------------------------------- exactness vs diffusers
+_BASE = {}   # variant -> frames without LoRA, to show the LoRA's effect is far above the tolerance
+
+
 @pytest.mark.parametrize("variant_key", list(models.VARIANTS))
 @pytest.mark.parametrize("case", ["one", "two"])
 def test_matches_diffusers(monkeypatch, tiny_ckpts, lora_files, variant_key, case):
@@ -112,7 +115,9 @@ def test_matches_diffusers(monkeypatch, tiny_ckpts, lora_files, variant_key, cas
     loras = [(lora.load_lora(p), s) for p, s in zip(paths, strengths)]
     ours = _our_frames(monkeypatch, folder, loras, profile, image)
     monkeypatch.undo()
-    base = _our_frames(monkeypatch, folder, [], "resident", image)
+    if variant_key not in _BASE:
+        _BASE[variant_key] = _our_frames(monkeypatch, folder, [], "resident", image)
+    base = _BASE[variant_key]
     diff = (ours - ref).abs().max().item()
     effect = (ours - base).abs().max().item()
     print(f"{variant_key}/{case}: max abs frame diff vs diffusers {diff:.2e}, LoRA effect {effect:.2e}")
@@ -168,6 +173,24 @@ def test_layer_delta_is_peft_formula(tiny_ckpts, lora_files):
             got = module(x)
     want = base + (x @ layer.down.T @ layer.up.T) * (layer.scale * -0.7)
     assert (got - want).abs().max() < 1e-6
+
+
+def test_lora_b_bias(tmp_path, tiny_ckpts):
+    # PEFT's lora_bias: lora_B has a bias, scaled with the rest of the LoRA's output
+    tr = _transformer(tiny_ckpts, K10)
+    module = tr.get_submodule("proj_out")
+    g = torch.Generator().manual_seed(1)
+    a, b, bias = (torch.randn(shape, generator=g) for shape in ((3, module.in_features), (module.out_features, 3),
+                                                                  (module.out_features,)))
+    path = tmp_path / "bias.safetensors"
+    save_file({"transformer.proj_out.lora_A.weight": a, "transformer.proj_out.lora_B.weight": b,
+               "transformer.proj_out.lora_B.bias": bias}, str(path))
+    x = torch.randn(4, module.in_features, generator=g)
+    with torch.inference_mode():
+        base = module(x)
+        with lora.applied(tr, [(lora.load_lora(path), 0.5)]):
+            got = module(x)
+    assert (got - (base + 0.5 * (x @ a.T @ b.T + bias))).abs().max() < 1e-5
 
 
 def test_ff_chunking(tiny_ckpts, lora_files):
