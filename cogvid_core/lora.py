@@ -72,11 +72,11 @@ def load_lora(path, name: str | None = None) -> LoraWeights:
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
     what = describe_foreign(tensors.keys())
+    if not what and not any("lora" in k.lower() for k in tensors):
+        what = "a model checkpoint (no lora_* tensors)"
     if what:
         raise LoraError(f"{path.name} is {what}, not a CogVideoX LoRA: pick a LoRA trained for CogVideoX 5B I2V")
     layers = _layers(path, _peft_keys(path, tensors), _adapter_config(metadata))
-    if not layers:
-        raise LoraError(f"{path.name} holds no LoRA layers (no lora_A/lora_B weights): not a LoRA file")
     return LoraWeights(name=name or path.stem, path=str(path), layers=layers)
 
 

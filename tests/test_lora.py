@@ -253,6 +253,7 @@ def _fake(path, keys, shape=(4, 8)):
               "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight"]),
     ("Wan", ["diffusion_model.blocks.0.self_attn.q.lora_A.weight",
              "diffusion_model.blocks.0.self_attn.q.lora_B.weight"]),
+    ("model checkpoint", ["transformer_blocks.0.attn1.to_q.weight", "proj_out.weight"]),
     ("DoRA", ["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight",
               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight",
               "transformer.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"]),
