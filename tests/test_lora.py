@@ -57,7 +57,7 @@ def _inputs(tr, batch=1):
     cfg = tr.config
     variant = models.variant_from_transformer_config(dict(cfg))
     frames, h, w = models.default_size(variant, dict(cfg))
-    n_lat, _ = sampling.latent_frames(variant, frames)
+    n_lat, _ = models.latent_frames(variant, frames)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(batch, n_lat, cfg.in_channels, h // 8, w // 8, generator=g)
     text = torch.randn(batch, models.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g)
