@@ -25,6 +25,9 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae", help="override: VAE folder, single .safetensors file or repo id")
     p.add_argument("--text-encoder", help="override: T5 folder, single t5xxl .safetensors file or repo id")
     p.add_argument("--tokenizer", help="T5 tokenizer folder (needed with a single T5 file)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a CogVideoX LoRA .safetensors file and its strength (default 1.0, negative inverts "
+                        "it); repeat for several")
     p.add_argument("--image", required=True, help="start image")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
@@ -47,13 +50,33 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="OUT.mp4 for an H.264 video, else a folder of PNG frames")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``FILE[:STRENGTH]`` -> (file, strength); a colon not followed by a number belongs to the path."""
+    path, sep, tail = spec.rpartition(":")
+    strength = 1.0
+    if sep:
+        try:
+            strength = float(tail)
+        except ValueError:
+            path = spec
+    else:
+        path = tail
+    if not path:
+        raise ValueError(f"--lora {spec!r}: give FILE[:STRENGTH], e.g. --lora orbit.safetensors:0.8")
+    if strength != strength or abs(strength) == float("inf"):
+        raise ValueError(f"--lora {spec!r}: the strength must be a finite number")
+    if not Path(path).is_file():
+        raise ValueError(f"--lora {spec!r}: LoRA file not found: {path}")
+    return path, strength
+
+
 def run_i2v(args) -> int:
     from . import pipeline, video
     from .report import StageRecorder
 
     sources = pipeline.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
                                text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
-                               scheduler=args.model)
+                               scheduler=args.model, loras=tuple(parse_lora(x) for x in args.lora))
     job = pipeline.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
                        dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,

@@ -273,7 +273,8 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
 
 def estimate(variant, frames: int, height: int, width: int, profile: Profile | str = "balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
-             calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False) -> Estimate:
+             calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
+             lora_bytes: int = 0) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -282,6 +283,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     keep_loaded: False (the pipeline / CLI): each component is on the GPU only during its own stage
     and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
     placed "resident" stay on the GPU through every stage.
+    lora_bytes: the LoRAs' device bytes (lora.lora_bytes), weights of the denoise stage.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
@@ -298,6 +300,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                                                 frames, height, width),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
     weights = _stage_weights(component_sizes(v.key, tiny), precision, profile, keep_loaded, c)
+    weights["denoise_step"] += int(lora_bytes)
     stages = [_stage(name, weights[name], acts[name], c, video_bytes) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import devmem, guard, loading, models, planner, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, lora, models, planner, sampling, session, text, vae as vae_mod
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Sources:
     text_encoder: str
     tokenizer: str | None = None
     scheduler: str | None = None
+    loras: tuple = ()             # ((LoRA .safetensors path, strength), ...), applied in this order
 
     @classmethod
     def from_model(cls, model: str) -> "Sources":
@@ -96,6 +97,7 @@ class _Run:
     recorder: object = None
     interrupt: object = None
     cache_dir: object = None
+    loras: tuple = ()             # ((lora.LoraWeights, strength), ...)
 
     @property
     def info(self) -> guard.RunInfo:
@@ -157,9 +159,13 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
     frames, height, width = resolve_shape(variant, config, job)
     if not job.prompt.strip():
         log.warning("the prompt is empty: the video follows the image only")
+    # read before any model loads, so a bad LoRA file fails in a second, not after the T5 stage
+    loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
     prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
-                           budget_gib=vram_budget_gib, precision={"transformer": precision})
-    return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir)
+                                   budget_gib=vram_budget_gib, precision={"transformer": precision},
+                                   lora_bytes=lora.lora_bytes(loras, dtype))
+    return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
+                loras=loras)
 
 
 def _encode_prompts(run: _Run):
@@ -203,6 +209,8 @@ def _denoise(run: _Run, pos, neg, latent, progress):
                                          cache_dir=run.cache_dir)
     tc = run.component("transformer", tr, variant=run.variant)
     del tr
+    if run.loras:
+        tc = tc.with_loras(run.loras)   # checked against this transformer here; hooked only inside use()
     job = run.job
     sched = loading.load_scheduler(run.sources.scheduler, job.scheduler)
     try:

@@ -82,14 +82,15 @@ def _derive(profile: Profile, **changes) -> Profile:
 
 def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
          profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
-         keep_loaded: bool = False) -> tuple[Profile, Estimate]:
+         keep_loaded: bool = False, lora_bytes: int = 0) -> tuple[Profile, Estimate]:
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes.
 
     Raises ValueError saying what the smallest option needs when none fits."""
     last = None
     for prof in candidates(profiles):
         est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
-                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded)
+                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
+                       lora_bytes=lora_bytes)
         if est.fits:
             return prof, est
         last = est
@@ -100,15 +101,17 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
                      f"{budget_bytes / GiB:.1f} GiB: reduce frames or size, or free GPU memory")
 
 
-def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None) -> Estimate:
+def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None,
+                  lora_bytes: int = 0) -> Estimate:
     """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
     nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change)."""
     if budget_bytes is None:
-        return estimate(variant, frames, height, width, "balanced")
+        return estimate(variant, frames, height, width, "balanced", lora_bytes=lora_bytes)
     try:
-        return plan(variant, frames, height, width, budget_bytes)[1]
+        return plan(variant, frames, height, width, budget_bytes, lora_bytes=lora_bytes)[1]
     except ValueError:
-        return estimate(variant, frames, height, width, candidates()[-1], budget_bytes=budget_bytes)
+        return estimate(variant, frames, height, width, candidates()[-1], budget_bytes=budget_bytes,
+                        lora_bytes=lora_bytes)
 
 
 def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
@@ -121,12 +124,14 @@ def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
 
 def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
-                    device=None, budget_gib: float | None = None, precision: dict | None = None) -> Profile:
+                    device=None, budget_gib: float | None = None, precision: dict | None = None,
+                    lora_bytes: int = 0) -> Profile:
     """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
 
     ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
     :func:`plan` picks. The budget is ``budget_bytes``, else ``budget_gib``, else the device's free
-    memory (:func:`gpu_budget`). On a CPU device ``auto`` is ``resident``.
+    memory (:func:`gpu_budget`). On a CPU device ``auto`` is ``resident``. ``lora_bytes``: the
+    LoRAs' device bytes, counted with the transformer's weights.
     """
     if not (isinstance(name, str) and name == AUTO):
         return get_profile(name)
@@ -143,7 +148,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
         return get_profile(estimate_fn(budget_bytes))
     if variant is None or frames is None or height is None or width is None:
         raise ValueError("profile 'auto' needs the variant, frames, height and width to pick from a budget")
-    prof, est = plan(variant, frames, height, width, budget_bytes, precision)
+    prof, est = plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes)
     if prof.vae_tile is not None:        # derived candidates may carry inexact tiles
         prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
     log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
+from . import lora as lora_mod
 from .activations import apply_profile
 from .devmem import module_bytes
 from .placement import place, placed_of, unplace
@@ -46,6 +47,7 @@ PROFILE_FIELD = {"transformer": "transformer", "t5": "text_encoder", "vae": "vae
 # A profile with no activation savers: what a transformer used without a plan runs with.
 NO_SAVERS = Profile("no plan", description="the module as loaded: no activation savers")
 _CONFIGURED = "configured_mode"   # extra: the placement mode of the value that configured the module last
+_LORA_HOOKS = "lora_hooks"        # extra: the LoRA hooks of the value in use (an ExitStack), until done()
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +61,7 @@ class Component:
     source: str = ""
     tokenizer: object = None         # T5 only
     profile: Profile | None = None   # the applied plan's profile (with_plan); None: no plan
-    loras: tuple = ()                # reserved: LoRAs to apply per use
+    loras: tuple = ()                # ((lora.LoraWeights, strength), ...) active while this value is in use
     # ONE dict per loaded module, shared by every copy (dataclasses.replace passes it on): the ComfyUI
     # patcher lives here (one per module, so ComfyUI counts the weights once), and the mode the module
     # was last configured for, which `acquire()` honours whichever copy the patcher calls it on.
@@ -90,6 +92,24 @@ class Component:
         this value, and every other copy, is unchanged."""
         return dataclasses.replace(self, profile=None if profile is None else get_profile(profile))
 
+    def with_loras(self, loras) -> "Component":
+        """A copy that applies ``loras`` ((LoraWeights, strength) pairs) after its own while in use;
+        checked against the module now (lora.LoraError). The base weights are never changed, so this
+        value and every other copy run without them."""
+        if self.kind != "transformer":
+            raise ValueError(f"a LoRA applies to the CogVideoX transformer, not to the {self.kind}")
+        pairs = tuple((lw, float(strength)) for lw, strength in loras)
+        for lw, _ in pairs:
+            lora_mod.check(self.module, lw)
+        return dataclasses.replace(self, loras=self.loras + pairs)
+
+    def with_lora(self, weights, strength: float = 1.0) -> "Component":
+        return self.with_loras([(weights, strength)])
+
+    def lora_bytes(self) -> int:
+        """Device bytes this value's LoRAs take while it samples (the estimate's extra weight term)."""
+        return lora_mod.lora_bytes(self.loras, self.dtype)
+
     def total_bytes(self) -> int:
         return module_bytes(self.module)
 
@@ -105,6 +125,13 @@ class Component:
         room, e.g. ComfyUI's load_models_gpu)."""
         if self.kind == "transformer":
             apply_profile(self.module, self.profile or NO_SAVERS)
+        self._unhook_loras()   # a value configured before and never done: its LoRAs end here
+        if self.loras:
+            # Every front end configures right before a use and ends it with done(): the hooks live
+            # exactly that long, on the shared module, whichever patcher or placement then runs it.
+            hooks = ExitStack()
+            hooks.enter_context(lora_mod.applied(self.module, self.loras))
+            self.extra[_LORA_HOOKS] = hooks
         self.extra[_CONFIGURED] = self.mode
 
     def acquire(self) -> torch.nn.Module:
@@ -114,10 +141,17 @@ class Component:
         return place(self.module, self.device, self.extra.get(_CONFIGURED, self.mode)).acquire()
 
     def done(self) -> None:
-        """End of a use: offload drops the device copy, stream keeps only its hooks, resident stays."""
+        """End of a use: the LoRAs come off; offload drops the device copy, stream keeps only its
+        hooks, resident stays."""
+        self._unhook_loras()
         placed = placed_of(self.module)
         if placed is not None:
             placed.offload()
+
+    def _unhook_loras(self) -> None:
+        hooks = self.extra.pop(_LORA_HOOKS, None)
+        if hooks is not None:
+            hooks.close()
 
     def release(self) -> None:
         """Nothing of this component left on the device (ComfyUI evicting it, or unloading all)."""
@@ -140,7 +174,7 @@ def _profile_for(transformer: Component, plan, frames, height, width, fallback: 
         profile = fallback
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
-                                  frames=frames, height=height, width=width)
+                                  frames=frames, height=height, width=width, lora_bytes=transformer.lora_bytes())
     return get_profile(profile)
 
 

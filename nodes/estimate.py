@@ -35,13 +35,16 @@ class CogVidVRAMEstimate(io.ComfyNode):
                 io.Float.Input("budget_gib", default=0.0, min=0.0, max=1024.0, step=0.5,
                                tooltip="GPU memory to plan for in GiB; 0 = what the GPU has free now minus "
                                        "ComfyUI's reserve (--reserve-vram)"),
+                io.Float.Input("lora_mib", default=0.0, min=0.0, max=65536.0, step=1.0, optional=True,
+                               tooltip="GPU memory the LoRAs take while sampling, in MiB (about the sum of "
+                                       "their .safetensors sizes at bf16; 0 = no LoRA)"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      C.PLAN.Output(display_name="plan")],
         )
 
     @classmethod
-    def execute(cls, variant, frames, width, height, profile, budget_gib) -> io.NodeOutput:
+    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0) -> io.NodeOutput:
         import torch
         from cogvid_core import estimate as E
         from cogvid_core import planner
@@ -51,10 +54,11 @@ class CogVidVRAMEstimate(io.ComfyNode):
         if v is None:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
+        lora_bytes = int(lora_mib * 1024 ** 2)
         if profile == AUTO:
-            est = planner.best_estimate(v, frames, height, width, budget)
+            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes)
         else:
-            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget)
+            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(), chart, est)
 
