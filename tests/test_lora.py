@@ -1,8 +1,9 @@
 """LoRA: read once, applied per run by hooks; equal to diffusers' load_lora_weights + set_adapters.
 
-Exactness runs our whole pipeline (text, image encode, sampling under ``lora.applied``, decode)
+Exactness runs our whole pipeline (text, image encode, sampling with the LoRAs of pipeline.Sources, decode)
 against diffusers' CogVideoXImageToVideoPipeline with the same LoRA files (fp32, CPU, tiny models).
 """
+import dataclasses
 import pickle
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cogvid_core import activations, guard, loading, lora, models, pipeline, placement, sampling, testing
+from cogvid_core import activations, guard, loading, lora, models, pipeline, profiles, sampling, testing
 
 K10, K15 = models.VARIANTS
 STEPS = 2
@@ -38,18 +39,12 @@ def _diffusers_frames(folder, files, strengths, frames, h, w, image):
     return out.permute(0, 2, 3, 1)
 
 
-def _our_frames(monkeypatch, folder, loras, profile, image):
-    original = sampling.sample
-
-    def sample_with_lora(transformer, *args, **kwargs):   # the lead wires this into Component later
-        with lora.applied(transformer, loras):
-            return original(transformer, *args, **kwargs)
-
-    monkeypatch.setattr(sampling, "sample", sample_with_lora)
+def _our_frames(folder, loras, profile, image):
+    """Our pipeline with ``loras`` ((file, strength) pairs) through Sources.loras, the CLI's path."""
     job = pipeline.Job(image=image, prompt="a boat on a lake", negative_prompt="blurry", steps=STEPS, cfg=6.0,
                        scheduler="dpm", seed=11)
-    return pipeline.generate(pipeline.Sources.from_model(folder), job, precision="fp32", device="cpu",
-                             profile=profile).frames
+    sources = dataclasses.replace(pipeline.Sources.from_model(folder), loras=tuple(loras))
+    return pipeline.generate(sources, job, precision="fp32", device="cpu", profile=profile).frames
 
 
 def _inputs(tr, batch=1):
@@ -100,7 +95,7 @@ _BASE = {}   # variant -> frames without LoRA, to show the LoRA's effect is far 
 
 @pytest.mark.parametrize("variant_key", list(models.VARIANTS))
 @pytest.mark.parametrize("case", ["one", "two"])
-def test_matches_diffusers(monkeypatch, tiny_ckpts, lora_files, variant_key, case):
+def test_matches_diffusers(tiny_ckpts, lora_files, variant_key, case):
     folder = str(tiny_ckpts[variant_key]["hf"])
     variant = models.VARIANTS[variant_key]
     frames, h, w = models.default_size(variant, models.transformer_config(variant, tiny=True))
@@ -110,13 +105,11 @@ def test_matches_diffusers(monkeypatch, tiny_ckpts, lora_files, variant_key, cas
         paths, strengths, profile = [files["peft"]], [1.0], "resident"
     else:   # streamed placement, sequential CFG and a feed-forward chunked below the sequence length
         paths, strengths = [files["metadata"], files["attn_procs"]], [0.8, -0.6]
-        profile = placement.PROFILES["lowvram"].replace(ff_chunk=40)
+        profile = profiles.PROFILES["lowvram"].replace(ff_chunk=40)
     ref = _diffusers_frames(folder, paths, strengths, frames, h, w, image)
-    loras = [(lora.load_lora(p), s) for p, s in zip(paths, strengths)]
-    ours = _our_frames(monkeypatch, folder, loras, profile, image)
-    monkeypatch.undo()
+    ours = _our_frames(folder, list(zip(paths, strengths)), profile, image)
     if variant_key not in _BASE:
-        _BASE[variant_key] = _our_frames(monkeypatch, folder, [], "resident", image)
+        _BASE[variant_key] = _our_frames(folder, [], "resident", image)
     base = _BASE[variant_key]
     diff = (ours - ref).abs().max().item()
     effect = (ours - base).abs().max().item()

@@ -80,7 +80,7 @@ def _image(h=70, w=110):
 
 def test_schemas(comfy):
     nodes, _ = comfy
-    expected = {"CogVidTransformerLoader", "CogVidT5Loader", "CogVidVAELoader", "CogVidTextEncode",
+    expected = {"CogVidTransformerLoader", "CogVidLoraLoader", "CogVidT5Loader", "CogVidVAELoader", "CogVidTextEncode",
                 "CogVidImageEncode", "CogVidSampler", "CogVidDecode", "CogVidVRAMEstimate", "CogVidSaveVideo"}
     assert set(nodes) == expected
     for node_id, cls in nodes.items():
