@@ -52,11 +52,14 @@ class CogVidSampler(io.ComfyNode):
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
-            fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device)).profile
+            fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device),
+                                             lora_bytes=transformer.lora_bytes()).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
-        with memory.in_use(transformer, "denoise_step", info, memory_required=activations) as module:
+        # the LoRAs' merged matrices are built on the device during the run, beside the weights ComfyUI counts
+        with memory.in_use(transformer, "denoise_step", info,
+                           memory_required=activations + transformer.lora_bytes()) as module:
             latents = sample(module(), variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
                              image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
                              seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
