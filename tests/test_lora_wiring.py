@@ -251,3 +251,20 @@ def test_estimate_node_lora_mib(lora_nodes):
     more = run(nodes["CogVidVRAMEstimate"], **kw, lora_mib=300.0)[2]
     assert more.stage("denoise_step").weights - plain.stage("denoise_step").weights == 300 * 1024 ** 2
     assert more.stage("decode").weights == plain.stage("decode").weights
+
+
+def test_shipped_lora_workflow_matches_the_nodes(lora_nodes):
+    import json
+    nodes, _ = lora_nodes
+    wf = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "cogvideox1.5_i2v_lora_24gb.json").read_text())
+    by_id = {n["id"]: n for n in wf["nodes"]}
+    links = {l[0]: l[1:5] for l in wf["links"]}            # id -> (from node, from slot, to node, to slot)
+    lora_node = next(n for n in wf["nodes"] if n["type"] == "CogVidLoraLoader")
+    into, out = links[lora_node["inputs"][0]["link"]], links[lora_node["outputs"][0]["links"][0]]
+    assert by_id[into[0]]["type"] == "CogVidTransformerLoader" and by_id[out[2]]["type"] == "CogVidSampler"
+    for n in wf["nodes"]:                                   # widget values: one per widget input, in order
+        if n["type"] in nodes:
+            widgets = [i for i in nodes[n["type"]].GET_SCHEMA().inputs if i.io_type in
+                       ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")]
+            extra = sum(bool(i.kwargs.get("control_after_generate")) for i in widgets)
+            assert len(n["widgets_values"]) == len(widgets) + extra, n["type"]
