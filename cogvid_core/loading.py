@@ -21,7 +21,7 @@ from .models import CheckpointError, Variant
 from .sources import is_repo_id, resolve, weight_files
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-log = logging.getLogger("cogvid")
+log = logging.getLogger(__name__)
 
 
 # =============================================================================== weights

@@ -180,12 +180,12 @@ def test_short_ram_is_reported(tiny_ckpts, monkeypatch, caplog):
     from cogvid_core import devmem
 
     monkeypatch.setattr(devmem, "host_available_bytes", lambda: 1024)
-    with caplog.at_level("WARNING", logger="cogvid"):
+    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
         L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
     assert "reads it from disk again" in caplog.text
     caplog.clear()
     monkeypatch.setattr(devmem, "host_available_bytes", lambda: 2 ** 40)
-    with caplog.at_level("WARNING", logger="cogvid"):
+    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
         L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
     assert "from disk" not in caplog.text
 
