@@ -140,16 +140,17 @@ def table(results: list[dict]) -> str:
 
     def ratio(r, key):
         return f(r.get(key) / base[key], ".3f") if base and r.get(key) and base.get(key) else "-"
-    lines = ["| recipe | host anon+pinned GiB per stage | peak | file-backed peak GiB | s/step | x ref | "
-             "load + 1st step s | x ref |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| recipe | host anon+pinned GiB per stage | peak | estimated peak | file-backed peak GiB | s/step | "
+             "x ref | load + 1st step s | x ref |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
             last = r["error"].strip().splitlines()[-1] if r["error"].strip() else "?"
-            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | |")
+            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | |")
             continue
         per = ", ".join(f"{s['stage']} {f(s['host_peak_anon_pinned_gib'])}" for s in r["stages"])
+        est = max((o for o, _ in r.get("host_estimate_gib", {}).values()), default=None)   # hostplan, GPU runs
         lines.append(f"| {r['recipe']}{' (' + r['profile'] + ')' if r.get('profile') else ''} | {per} | "
-                     f"{f(r['host_peak_anon_pinned_gib'])} | {f(r['host_peak_file_gib'])} | {f(r['s_per_step'])} | "
+                     f"{f(r['host_peak_anon_pinned_gib'])} | {f(est)} | {f(r['host_peak_file_gib'])} | {f(r['s_per_step'])} | "
                      f"{ratio(r, 's_per_step')} | {f(r['load_plus_first_s'], '.1f')} | {ratio(r, 'load_plus_first_s')} |")
     return "\n".join(lines)
 
