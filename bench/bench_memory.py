@@ -4,7 +4,9 @@ Full-size random-weight models (bf16) are built once, directly on the GPU, warme
 host memory, and reused by every recipe. Per recipe and stage (text encode, image encode, denoise,
 decode) it records peak allocated / peak reserved GiB (peak stats reset at each stage start),
 seconds, s/step, ratios to the diffusers everything-resident run, and the max abs frame difference
-to that run (same seed). Our side goes through the engine: text.encode_prompt, vae.encode_image,
+to that run (same seed), and host memory (peak RSS; anonymous + pinned, and file-backed pages,
+separately). The models here live in host memory, not in files: for the file-backed path (the
+loaders' default) and issue 12's host targets see bench_hostrun.py. Our side goes through the engine: text.encode_prompt, vae.encode_image,
 sampling.sample, vae.decode, with placement.place()/use() and activations.apply_profile().
 
     python bench/bench_memory.py                              # 1.5-I2V, 81x768x1360, 3 steps
@@ -272,6 +274,7 @@ def summarize(name, rec: StageRecorder, setup_s, frames, base, error=None):
     s = dict(recipe=name, setup_s=setup_s, stages=rec.rows(), total=tot, error=error,
              peak_alloc_gib=tot["peak_alloc_gib"], peak_reserved_gib=tot["peak_reserved_gib"],
              host_peak_rss_gib=tot["host_peak_rss_gib"], seconds=tot["seconds"],
+             host_anon_pinned_gib=tot.get("host_peak_anon_pinned_gib"), host_file_gib=tot.get("host_peak_file_gib"),
              s_per_step=rows.get("denoise", {}).get("s_per_step"),
              decode_s=rows.get("decode", {}).get("seconds"))
     if base is not None and frames is not None and base.get("frames") is not None:
@@ -292,8 +295,9 @@ def table(results, base):
     def f(v, spec=".2f"):
         return "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
     head = ("| recipe | peak alloc GiB | peak reserved GiB | reserved per stage: text / image / step / decode | "
-            "s/step | x resident | decode s | x resident | whole run s | max abs frame diff | host RSS GiB |")
-    lines = [head, "|" + "---|" * 11]
+            "s/step | x resident | decode s | x resident | whole run s | max abs frame diff | host RSS GiB | "
+            "host anon+pinned GiB | host file-backed GiB |")
+    lines = [head, "|" + "---|" * 13]
     for s in results:
         st = {r["stage"]: r for r in s["stages"]}
         per = " / ".join(f(st.get(k, {}).get("peak_reserved_gib")) for k in STAGES)
@@ -302,7 +306,8 @@ def table(results, base):
             f"| {name} | {f(s['peak_alloc_gib'])} | {f(s['peak_reserved_gib'])} | {per} | {f(s['s_per_step'])} | "
             f"{f(ratio(s['s_per_step'], base and base['s_per_step']), '.3f')} | {f(s['decode_s'])} | "
             f"{f(ratio(s['decode_s'], base and base['decode_s']), '.3f')} | {f(s['seconds'], '.1f')} | "
-            f"{f(s.get('max_abs_diff'), '.4f')} | {f(s['host_peak_rss_gib'])} |")
+            f"{f(s.get('max_abs_diff'), '.4f')} | {f(s['host_peak_rss_gib'])} | {f(s.get('host_anon_pinned_gib'))} | "
+            f"{f(s.get('host_file_gib'))} |")
     return "\n".join(lines)
 
 

@@ -52,7 +52,14 @@ def log(*a):
 
 
 def host_pinned(device) -> dict:
-    """torch's pinned host allocator: bytes in use / held (its cache included), where torch reports them."""
+    """torch's pinned host allocator: bytes in use / held (its cache included), where torch reports them.
+
+    Judge pinned memory by ``allocated_bytes.current`` (what the allocator holds from the driver) or
+    RssShmem (where cudaHostAlloc'd pages show up), never ``active_bytes.current``: in torch 2.11 that
+    statistic is not decremented when a cached block is handed back by ``empty_host_cache``, so it
+    climbs by each released block while the memory is gone (bench/hostmem_h200_run1.json "diag":
+    1 GiB pinned, freed and released leaves active 1.0 GiB, allocated 0 and RssShmem back at 0.008;
+    the soak's 63 -> 101 GB was that drift, RSS flat)."""
     try:
         st = torch.cuda.host_memory_stats() if device.type == "cuda" else {}
     except (RuntimeError, AttributeError):
@@ -232,8 +239,10 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
         rows.append(dict(run=i + 1, variant=key, frames=frames, height=h, width=w, profile=profile, cfg=cfg,
                          seconds=round(time.perf_counter() - t0, 2), finite=finite,
                          rss_mib=devmem.host_rss_bytes() / MIB,
-                         alloc_mib=alloc / MIB, reserved_mib=reserved / MIB, host_pinned_mib=host_pinned(device)))
+                         alloc_mib=alloc / MIB, reserved_mib=reserved / MIB, host_pinned_mib=host_pinned(device),
+                         shmem_mib=devmem.host_memory().get("shmem", 0) / MIB))
         r = rows[-1]
+        r["pinned_mib"] = r["host_pinned_mib"].get("allocated_bytes.current", 0.0)
         pinned = r["host_pinned_mib"].get("allocated_bytes.current")
         log(f"soak {i + 1:2d} {key:20s} {frames}x{h}x{w} {profile:9s} cfg {cfg:.0f} {r['seconds']:6.2f}s "
             f"RSS {r['rss_mib']:8.1f} MiB  pinned {pinned if pinned is None else round(pinned, 1)}  "
@@ -248,6 +257,10 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
                    rss_runs_5_8_max_mib=warm, rss_last5_max_mib=max(rss_mib[-5:]),
                    rss_growth_mib=max(rss_mib[-5:]) - warm, all_finite=all(r["finite"] for r in rows))
     verdict["rss_flat"] = verdict["rss_growth_mib"] <= 64
+    for key in ("pinned_mib", "shmem_mib"):   # see host_pinned: not active_bytes
+        vals = [r[key] for r in rows]
+        verdict[key.replace("_mib", "_growth_mib")] = max(vals[-5:]) - max(vals[4:8] or vals[:1])
+    verdict["pinned_flat"] = verdict["pinned_growth_mib"] <= 64 and verdict["shmem_growth_mib"] <= 64
     # diagnosis only, after the last run: what an extra pinned-cache release would still return
     released = device.type == "cuda" and REAL_EMPTY_HOST_CACHE()
     gc.collect()

@@ -30,18 +30,21 @@ def advice(est) -> str:
     return "use the 'lowvram' profile"
 
 
-def report_text(est) -> str:
-    """The per-stage table, the overall peak and the verdict, as the CLI and the estimate node show it."""
+def report_text(est, host_available: int | None = None) -> str:
+    """The per-stage table, the overall peak and the verdict, as the CLI and the estimate node show it;
+    with ``host_available`` (MemAvailable) also whether this machine's RAM holds the plan."""
+    from .hostplan import verdict
+
     g = lambda b: f"{b / GiB:6.2f}"
     tile = f"{est.tile[1]}x{est.tile[0]}" if est.tile else "off"
     lines = [f"{VARIANTS[est.variant_key].label}: {est.frames} frames at {est.width}x{est.height} "
              f"({est.tokens} tokens), profile {est.profile_name}, CFG {est.cfg_mode}, "
              f"FF chunk {est.ff_chunk or 'off'}, VAE tile {tile}",
              "precision: " + ", ".join(f"{k} {v}" for k, v in est.precision.items()),
-             f"{'stage':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}  GiB"]
+             f"{'stage':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}{'host':>7}{'file':>7}  GiB"]
     for s in est.stages:
         lines.append(f"{LABELS[s.name]:<14}{g(s.weights):>8}{g(s.activations):>8}"
-                     f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}")
+                     f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}{g(s.host_bytes):>7}{g(s.host_file_bytes):>7}")
     lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(est.peak_allocated):>8}{g(est.peak_reserved):>10}"
                  f"  ({LABELS[est.peak_stage]})")
     lines.append(f"needed: peak reserved + {est.margin * 100:.0f}% calibration margin = "
@@ -54,6 +57,10 @@ def report_text(est) -> str:
     else:
         lines.append(f"DOES NOT FIT: needs ~{est.needed_bytes / GiB:.2f} GiB, budget "
                      f"{est.budget_bytes / GiB:.2f} GiB: {advice(est)}")
+    lines.append("host: RAM the process owns (anonymous + pinned); file: checkpoint bytes re-read per use, "
+                 "which the page cache keeps when RAM allows (else read from disk, slower)")
+    if host_available is not None or est.host_peak_bytes:
+        lines.append(verdict(est.host_peak_bytes, host_available, max(s.host_file_bytes for s in est.stages)))
     if est.calibration_source:
         lines.append(f"calibration: {est.calibration_source}")
     return "\n".join(lines)

@@ -102,11 +102,15 @@ def run_i2v(args) -> int:
     print(rec.table())
     print(f"profile {result.profile}: " + ", ".join(f"{k} {v}" for k, v in result.settings.items())
           + (" (on the CPU every placement is resident)" if device.type == "cpu" else ""))
+    if result.host_estimate:
+        print("host RAM estimate (anonymous + pinned; file pages the page cache would keep): " + ", ".join(
+            f"{k} {o / GiB:.2f} ({f / GiB:.2f})" for k, (o, f) in result.host_estimate.items()) + " GiB")
     print(f"{result.frames.shape[0]} frames "
           f"{result.frames.shape[2]}x{result.frames.shape[1]} @ {fps:g} fps -> {out}")
     if args.report:
+        host = {k: dict(host_anon_pinned_gib=o / GiB, host_file_gib=f / GiB) for k, (o, f) in result.host_estimate.items()}
         args.report.write_text(rec.to_json(profile=result.profile, settings=result.settings,
-                                           variant=result.variant.key, out=str(out)))
+                                           variant=result.variant.key, out=str(out), host_estimate=host))
     return 0
 
 

@@ -81,15 +81,22 @@ def allocated_bytes(device=None) -> int:
     return 0
 
 
-def _read_status_kib(field: str) -> int | None:
+def _read_status_kib(field: str, path: str = "/proc/self/status") -> int | None:
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable: RAM the kernel can hand out without swapping (free + droppable page cache);
+    None where /proc/meminfo is missing."""
+    kib = _read_status_kib("MemAvailable", "/proc/meminfo")
+    return None if kib is None else kib * 1024
 
 
 def reset_host_peak() -> bool:

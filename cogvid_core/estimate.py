@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .devmem import precision_bytes
+from .hostplan import host_stages
 from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
 from .profiles import PROFILES, Profile
 from .stages import COMPONENT_OF_STAGE, STAGES
@@ -179,6 +180,8 @@ class StageEstimate:
     activations: int       # bytes of activations (and transients) at the stage's peak
     peak_allocated: int
     peak_reserved: int
+    host_bytes: int = 0        # host RAM the process owns (anonymous + pinned): see hostplan
+    host_file_bytes: int = 0   # file pages the stage re-reads, which the page cache would like to keep
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,6 +220,10 @@ class Estimate:
         return max(s.peak_reserved for s in self.stages)
 
     @property
+    def host_peak_bytes(self) -> int:
+        return max(s.host_bytes for s in self.stages)
+
+    @property
     def peak_stage(self) -> str:
         return max(self.stages, key=lambda s: s.peak_reserved).name
 
@@ -235,9 +242,9 @@ class Estimate:
         from .chart import advice
         return advice(self)
 
-    def report(self) -> str:
+    def report(self, host_available: int | None = None) -> str:
         from .chart import report_text
-        return report_text(self)
+        return report_text(self, host_available)
 
     def to_dict(self) -> dict:
         return {"variant": self.variant_key, "frames": self.frames, "height": self.height, "width": self.width,
@@ -245,7 +252,7 @@ class Estimate:
                 "ff_chunk": self.ff_chunk, "vae_tile": list(self.tile) if self.tile else None,
                 "tokens": self.tokens, "stages": {s.name: s.to_dict() for s in self.stages},
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
-                "peak_stage": self.peak_stage, "needed_bytes": self.needed_bytes, "margin": self.margin,
+                "peak_stage": self.peak_stage, "host_peak_bytes": self.host_peak_bytes, "needed_bytes": self.needed_bytes, "margin": self.margin,
                 "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "advice": self.advice(), "keep_loaded": self.keep_loaded,
                 "calibration": self.calibration_source}
@@ -299,9 +306,12 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
             "denoise_step": _denoise_step_bytes(c, v, transformer_config(v, tiny), precision, profile,
                                                 frames, height, width),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
-    weights = _stage_weights(component_sizes(v.key, tiny), precision, profile, keep_loaded, c)
+    sizes = component_sizes(v.key, tiny)
+    weights = _stage_weights(sizes, precision, profile, keep_loaded, c)
     weights["denoise_step"] += int(lora_bytes)
-    stages = [_stage(name, weights[name], acts[name], c, video_bytes) for name in STAGES]
+    host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
+                       video_bytes, weight_bytes, tiny)
+    stages = [_stage(name, weights[name], acts[name], c, video_bytes, host[name]) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
@@ -315,7 +325,7 @@ def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: 
                        for k in COMPONENTS) for stage in STAGES}
 
 
-def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: int) -> StageEstimate:
+def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: int, host=(0, 0)) -> StageEstimate:
     """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
     a = int(activations + c["fixed_bytes"])
     alloc = weights + a
@@ -323,7 +333,7 @@ def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: in
         reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
     else:
         reserved = alloc + c["reserved_frag"] * a
-    return StageEstimate(name, weights, a, alloc, int(reserved))
+    return StageEstimate(name, weights, a, alloc, int(reserved), *host)
 
 
 def _text_encode_bytes(c: dict, t5cfg: dict, precision: dict) -> float:

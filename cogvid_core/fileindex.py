@@ -55,6 +55,11 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[i
                                   "not read; use a bf16, fp16, fp32 or fp8 checkpoint")
         a, b = v["data_offsets"]
         out[key] = (_DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + a, 8 + n + b)
+    # the eager load finds a cut file when it reads it; a file-backed one reads at placement, so
+    # check the length now: the error belongs to the loader, not to a sampler minutes later
+    end = max((e for *_, e in out.values()), default=0)
+    if os.path.getsize(path) < end:
+        raise CheckpointError(f"{Path(path).name} is truncated or corrupt (ends before byte {end}): download it again")
     return out
 
 

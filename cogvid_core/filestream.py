@@ -203,8 +203,9 @@ class FilePlacement:
         for part in _chunks(outside, self._reader.buffer_bytes):
             for name, t in self._reader.read_now(_Layout(part)).items():
                 _assign(model, name, t)
-        if mode == "resident":
+        if mode == "resident":          # read once: the staging buffers are not needed again
             self._fetch_all()
+            self._reader.close()
         if mode == "stream":
             for i, block in enumerate(self.blocks):
                 self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))

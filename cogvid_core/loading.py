@@ -6,6 +6,7 @@ the config its shapes imply is ``checkpoints``'; the fp8 storage rule is ``model
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .models import CheckpointError, Variant
 from .sources import is_repo_id, resolve, weight_files
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+log = logging.getLogger(__name__)
 
 
 # =============================================================================== weights
@@ -144,10 +146,48 @@ def _finish(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+# =============================================================================== file-backed
+def _reader(file_backed: bool, device):
+    """``load_weights``, or its file-backed drop-in (``fileindex.lazy_load``) for a host load.
+
+    File-backed (the default for the transformer and T5): the model keeps meta placeholders and a
+    per-tensor index into the user's safetensors files; ``placement.place`` reads the weights block
+    by block through two pinned staging buffers (``filestream``), so the process never owns a full
+    host copy (T5 at text encode held two: 21.8 GiB for a 9.5 GB model, issue 12) and the kernel
+    may drop the page cache under pressure. ``file_backed=False`` (or a non-host ``device``, which
+    asks for the weights there now) is the eager load: every tensor read now.
+    """
+    if not file_backed or torch.device(device).type != "cpu":
+        return load_weights
+    from .fileindex import lazy_load
+
+    def lazy(model, files, dtype, _device, **kw):
+        lazy_load(model, files, dtype, **kw)
+        _warn_if_short(files)
+    return lazy
+
+
+def _warn_if_short(files) -> None:
+    """Where RAM is smaller than the model the run still works (blocks are re-read from disk at
+    every use instead of from the page cache): say so, and why it is slower."""
+    from .devmem import host_available_bytes
+
+    total = sum(Path(f).stat().st_size for f in files)
+    avail = host_available_bytes()
+    if avail is not None and avail < total:
+        log.warning("%s: %.1f GiB of weights but %.1f GiB of RAM available: the page cache cannot keep the "
+                    "file, so every use reads it from disk again (each denoise step reads the whole "
+                    "transformer: expect steps at disk speed, e.g. ~%.0f s per step at 1 GB/s)",
+                    Path(files[0]).name, total / 2 ** 30, avail / 2 ** 30, total / 1e9)
+
+
 # =============================================================================== transformer
 def load_transformer(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
-                     storage_dtype: torch.dtype | None = None, cache_dir=None, progress: bool = True):
+                     storage_dtype: torch.dtype | None = None, cache_dir=None, progress: bool = True,
+                     file_backed: bool = True):
     """(CogVideoXTransformer3DModel, Variant) from a folder, single file or repo id.
+
+    File-backed by default (see :func:`_reader`): nothing is read until the model is placed.
 
     fp8 files keep their fp8 Linear weights (upcast per layer at call time, see Fp8Linear) unless
     ``storage_dtype`` says otherwise; ``storage_dtype=torch.float8_e4m3fn`` on a bf16/fp32 file
@@ -159,7 +199,7 @@ def load_transformer(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel.from_config(config)
     keep = fp8 and storage_dtype is None or storage_dtype in FP8_DTYPES
-    load_weights(model, files, dtype, device, storage_dtype=storage_dtype, keep_fp8=keep)
+    _reader(file_backed, device)(model, files, dtype, device, storage_dtype=storage_dtype, keep_fp8=keep)
     return _finish(model), variant
 
 
@@ -214,12 +254,12 @@ def load_vae(source, dtype: torch.dtype = torch.bfloat16, device="cpu", variant:
 
 # =============================================================================== T5
 def load_text_encoder(source, dtype: torch.dtype = torch.bfloat16, device="cpu", tokenizer=None,
-                      cache_dir=None, progress: bool = True):
+                      cache_dir=None, progress: bool = True, file_backed: bool = True):
     """(T5EncoderModel, tokenizer) from a hub folder / repo id or a ComfyUI ``t5xxl_*.safetensors``.
 
     The tokenizer comes from ``tokenizer`` (a folder, or an already built tokenizer), else the
     ``tokenizer/`` folder beside ``text_encoder/`` (or beside the single file). ComfyUI scaled
-    fp8 files are dequantised to ``dtype`` on load.
+    fp8 files are dequantised to ``dtype`` on load (file-backed: when read, see :func:`_reader`).
     """
     from transformers import T5Config, T5EncoderModel
 
@@ -234,8 +274,8 @@ def load_text_encoder(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
     with torch.device("meta"):
         model = T5EncoderModel(config)
     # decoder/lm_head live in full T5 files; the encoder-only model ignores them.
-    load_weights(model, files, dtype, device, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
-                 finalize=_tie_embeddings)
+    _reader(file_backed, device)(model, files, dtype, device, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
+                                 finalize=_tie_embeddings)
     return _finish(model), _tokenizer_for(source, path, tokenizer, cache_dir, progress)
 
 

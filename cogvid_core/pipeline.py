@@ -56,6 +56,7 @@ class Result:
     profile: str
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)   # the profile's choices, for the run summary
+    host_estimate: dict = field(default_factory=dict)  # {stage: (owned, file) bytes}: estimate.host_plan
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -147,7 +148,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
         _free()
     notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
-                  notes=notes, settings=profile_settings(run.profile))
+                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision))
 
 
 def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir) -> _Run:
@@ -235,6 +236,18 @@ def _decode(run: _Run, vc: session.Component, lat):
         raise
     finally:
         vc.release()
+
+
+def _host_estimate(run: _Run, precision: str) -> dict:
+    """What the estimate said this run's host RAM would be, per stage, to set beside the measured rows
+    (GPU runs: on the CPU the weights themselves are the host memory, which the estimate does not model)."""
+    from . import estimate as E
+    if run.device.type != "cuda":
+        return {}
+    other = "bf16" if precision == session.FP8 else precision
+    est = E.estimate(run.variant, run.frames, run.height, run.width, run.profile,
+                     precision={"transformer": precision, "text_encoder": other, "vae": other})
+    return {s.name: (s.host_bytes, s.host_file_bytes) for s in est.stages}
 
 
 def profile_settings(prof) -> dict:

@@ -231,10 +231,13 @@ def placed_of(module: nn.Module) -> Placed | None:
 
 
 def unplace(module: nn.Module) -> None:
-    """Release the module's placement (or just move it to the host when it has none)."""
+    """Release the module's placement (or just move it to the host when it has none; a file-backed
+    module without one holds no weights at all)."""
     p = placed_of(module)
     if p is not None:
         p.release()
+        return
+    if filestream.index_of(module) is not None:   # never placed: meta placeholders, nothing to move
         return
     device = next((t.device for t in module_tensors(module)), HOST)
     module.to(HOST)

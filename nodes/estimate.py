@@ -49,6 +49,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
         from cogvid_core import estimate as E
         from cogvid_core import planner
         from cogvid_core.chart import chart_image
+        from cogvid_core.devmem import host_available_bytes
         from cogvid_core.models import VARIANTS
         v = next((x for x in VARIANTS.values() if x.label == variant), None)
         if v is None:
@@ -60,7 +61,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
         else:
             est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
-        return io.NodeOutput(est.report(), chart, est)
+        return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)
 
 
 NODES = [CogVidVRAMEstimate]

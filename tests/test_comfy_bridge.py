@@ -198,6 +198,22 @@ def scenario_clone(nodes, mm):
     assert ours(mm) == [twin] and w.releases["transformer"] == 0
 
 
+def scenario_file_backed(nodes, mm):
+    """The loaders' transformer and T5 are file-backed: unloading leaves meta placeholders and the
+    weight index (no host copy kept), and the next use reads the weights from the files again, bit
+    for bit the same video."""
+    from cogvid_core.fileindex import index_of
+    w = Workflow(nodes)
+    first = w.queue(seed=1)
+    mm.unload_all_models()
+    for c in (w.tr, w.t5):
+        assert index_of(c.module) is not None and all(t.is_meta for t in c.module.parameters()), c.kind
+    assert index_of(w.vae.module) is None                               # the VAE is read into memory
+    assert torch.equal(w.queue(seed=1), first)                          # transformer re-read from its file
+    w.prepare(prompt="another prompt")                                   # not cached: T5 re-read from its file
+    assert not any(t.is_meta for t in w.t5.module.parameters())
+
+
 def _core_clone_takes_kwargs(p):
     import inspect
     base = next(c for c in type(p).__mro__ if c.__name__ == "ModelPatcher")
@@ -205,7 +221,7 @@ def _core_clone_takes_kwargs(p):
 
 
 SCENARIOS = {f.__name__: f for f in (scenario_requeue, scenario_free, scenario_lowvram, scenario_other_model,
-                                     scenario_clone)}
+                                     scenario_clone, scenario_file_backed)}
 
 
 # ------------------------------------------------------------------ against the stub (always; `comfy`: test_nodes.py's)

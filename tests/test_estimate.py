@@ -155,3 +155,35 @@ def test_fp8_weight_bytes_are_what_fp8_storage_loads(tiny_ckpts, key):
     module, _ = loading.load_transformer(tiny_ckpts[key]["hf"], torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
     size = E.component_sizes(key, tiny=True)["transformer"]
     assert E.weight_bytes(size, "fp8_e4m3fn", 2) == devmem.module_bytes(module)
+
+
+# ----------------------------------------------------------------------------- host RAM (issue 12)
+def test_host_bytes_per_stage():
+    from cogvid_core import hostplan as H
+
+    sizes = E.component_sizes(V15.key)
+    low = E.estimate(V15, 81, 768, 1360, "lowvram")
+    res = E.estimate(V15, 81, 768, 1360, "resident")
+    staging = {k: H.staging_bytes(sizes[k], "bf16") for k in ("transformer", "text_encoder")}
+    vae = H.pinned_vae_bytes(V15.key, "bf16")
+    # a T5 block (~0.36 GiB) and a transformer block (~0.25 GiB), twice: the H200 staging_gib 0.72 / 0.49
+    assert 0.65 * GiB < staging["text_encoder"] < 0.8 * GiB and 0.45 * GiB < staging["transformer"] < 0.55 * GiB
+    assert E.weight_bytes(sizes["vae"], "bf16") <= vae < 1.5 * E.weight_bytes(sizes["vae"], "bf16")
+    assert low.stage("text_encode").host_bytes == H.BASE_BYTES + staging["text_encoder"]      # VAE not loaded yet
+    assert low.stage("denoise_step").host_bytes == H.BASE_BYTES + staging["transformer"] + vae  # VAE pinned (offload)
+    assert res.stage("denoise_step").host_bytes == H.BASE_BYTES + staging["transformer"]       # VAE on the GPU
+    # streamed: the whole file is re-read at every use; resident reads it once
+    assert low.stage("denoise_step").host_file_bytes == E.weight_bytes(sizes["transformer"], "bf16")
+    assert res.stage("denoise_step").host_file_bytes == 0
+    assert low.host_peak_bytes == low.stage("decode").host_bytes < 6 * GiB      # issue 12's small-profile target
+    kept = E.estimate(V15, 81, 768, 1360, "lowvram", keep_loaded=True)
+    assert kept.stage("text_encode").host_bytes == low.stage("text_encode").host_bytes + staging["transformer"] + vae
+    assert low.to_dict()["stages"]["denoise_step"]["host_bytes"] == low.stage("denoise_step").host_bytes
+
+
+def test_report_says_whether_host_ram_suffices():
+    est = E.estimate(V15, 81, 768, 1360, "lowvram")
+    assert "enough" in est.report(host_available=64 * GiB)
+    assert "only 2.0 GiB available" in est.report(host_available=2 * GiB)
+    assert "from disk at every use" in est.report(host_available=8 * GiB)   # owned fits, the 10 GiB file does not
+    assert "available: unknown" in est.report()

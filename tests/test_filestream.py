@@ -19,15 +19,8 @@ V15 = M.V15.key
 
 
 def _lazy_transformer(source, dtype=torch.float32, storage_dtype=None):
-    """What ``load_transformer(..., lazy=True)`` is to return once loading is wired (see filestream)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    _, config, files, fp8 = L._transformer_source(source, None, False)
-    with torch.device("meta"):
-        model = CogVideoXTransformer3DModel.from_config(config)
-    keep = fp8 and storage_dtype is None or storage_dtype in L.FP8_DTYPES
-    FI.lazy_load(model, files, dtype, storage_dtype=storage_dtype, keep_fp8=keep)
-    return L._finish(model)
+    """The loader's default: a file-backed model."""
+    return L.load_transformer(source, dtype=dtype, storage_dtype=storage_dtype, progress=False)[0]
 
 
 def _lazy_t5(path, dtype=torch.float32):
@@ -70,7 +63,7 @@ def test_resident_weights_match_loader(tiny_ckpts, case):
     path = single["transformer_fp8" if case == "fp8 file" else "transformer"]
     dtype = torch.bfloat16 if case == "fp32->bf16" else torch.float32
     storage = torch.float8_e4m3fn if case == "fp8 storage" else None
-    ref, _ = L.load_transformer(path, dtype=dtype, storage_dtype=storage)
+    ref, _ = L.load_transformer(path, dtype=dtype, storage_dtype=storage, file_backed=False)
     lazy = _lazy_transformer(path, dtype, storage)
     assert all(t.is_meta for t in lazy.parameters())                     # nothing read before placement
     placed = P.place(lazy, "cpu", "stream")                              # CPU: degrades to resident
@@ -83,7 +76,8 @@ def test_resident_weights_match_loader(tiny_ckpts, case):
 
 def test_scaled_fp8_t5_matches_loader(tiny_ckpts):
     path = tiny_ckpts[V15]["single"]["text_encoder_fp8_scaled"]
-    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"])
+    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"],
+                                file_backed=False)
     lazy = _lazy_t5(path)
     P.place(lazy, "cpu", "resident")
     _same_bits(ref, lazy)
@@ -93,7 +87,7 @@ def test_scaled_fp8_t5_matches_loader(tiny_ckpts):
 # ------------------------------------------------------------------------------- streaming
 def test_stream_equals_resident_and_holds_few_blocks(deep):
     path = deep["transformer"]
-    ref, _ = L.load_transformer(path, dtype=torch.float32)
+    ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
     kw = _inputs(ref, M.V15)
     want = _run(ref, kw)
     lazy = _lazy_transformer(path)
@@ -121,7 +115,8 @@ def test_stream_equals_resident_and_holds_few_blocks(deep):
 
 def test_offload_reads_all_blocks_per_use(tiny_ckpts):
     path = tiny_ckpts[V15]["single"]["text_encoder"]
-    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"])
+    ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"],
+                                file_backed=False)
     ids = torch.randint(0, ref.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).last_hidden_state
@@ -158,6 +153,41 @@ def test_truncated_file_is_reported(tiny_ckpts, tmp_path):
         f.truncate(cut.stat().st_size - 1024)
     with pytest.raises(CheckpointError, match="truncated"):
         P.place(lazy, "cpu", "resident")
+
+
+def test_loaders_default_to_file_backed(tiny_ckpts):
+    single = tiny_ckpts[V15]["single"]
+    t5, _ = L.load_text_encoder(single["text_encoder"], dtype=torch.float32, tokenizer=single["tokenizer"])
+    assert FI.index_of(t5) is not None and all(t.is_meta for t in t5.parameters())
+    P.unplace(t5)                                              # never placed: nothing to move, no error
+    eager, _ = L.load_text_encoder(single["text_encoder"], dtype=torch.float32, tokenizer=single["tokenizer"],
+                                   file_backed=False)
+    assert FI.index_of(eager) is None and not any(t.is_meta for t in eager.parameters())
+    P.place(t5, "cpu", "resident")
+    _same_bits(eager, t5)
+    P.unplace(t5)                                              # released: back to placeholders, index kept
+    assert FI.index_of(t5) is not None and all(t.is_meta for t in t5.parameters())
+
+
+def test_cut_file_refused_at_load(tiny_ckpts, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(tiny_ckpts[V15]["single"]["transformer"].read_bytes()[:-1024])
+    with pytest.raises(CheckpointError, match="truncated or corrupt.*download it again"):
+        L.load_transformer(cut)
+
+
+def test_short_ram_is_reported(tiny_ckpts, monkeypatch, caplog):
+    from cogvid_core import devmem
+
+    monkeypatch.setattr(devmem, "host_available_bytes", lambda: 1024)
+    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
+        L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
+    assert "reads it from disk again" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(devmem, "host_available_bytes", lambda: 2 ** 40)
+    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
+        L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
+    assert "from disk" not in caplog.text
 
 
 def test_unknown_tensor_is_refused(tiny_ckpts):

@@ -9,13 +9,32 @@ import torch
 from safetensors.torch import save_file
 
 from cogvid_core import checkpoints as C
+from cogvid_core import fileindex as FI
 from cogvid_core import loading as L
 from cogvid_core import models as M
+from cogvid_core import placement as P
 from cogvid_core import sources as S
 from cogvid_core import testing as T
 from cogvid_core.models import CheckpointError
 
 KEYS = list(M.VARIANTS)
+
+
+def _read(model):
+    """A file-backed model (the loaders' default) placed on the host: its weights read from the files."""
+    if FI.index_of(model) is not None:
+        P.place(model, "cpu", "resident")
+    return model
+
+
+def load_transformer(*a, **k):
+    model, variant = L.load_transformer(*a, **k)
+    return _read(model), variant
+
+
+def load_text_encoder(*a, **k):
+    model, tok = L.load_text_encoder(*a, **k)
+    return _read(model), tok
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module, same_dtype: bool = True) -> None:
@@ -41,8 +60,8 @@ def _transformer_inputs(variant: M.Variant, dtype=torch.float32):
 @pytest.mark.parametrize("key", KEYS)
 def test_transformer_hf_and_single_match(tiny_ckpts, key):
     ck = tiny_ckpts[key]
-    hf, variant = L.load_transformer(ck["hf"], dtype=torch.float32)
-    single, variant2 = L.load_transformer(ck["single"]["transformer"], dtype=torch.float32)
+    hf, variant = load_transformer(ck["hf"], dtype=torch.float32)
+    single, variant2 = load_transformer(ck["single"]["transformer"], dtype=torch.float32)
     assert variant.key == variant2.key == key
     _same_weights(hf, single)
     cfg_hf, cfg_single = dict(hf.config), dict(single.config)
@@ -60,7 +79,7 @@ def test_hf_folder_is_what_diffusers_reads(tiny_ckpts, key):
         assert len(set(index["weight_map"].values())) >= 2, f"{sub} should be sharded"
     assert json.loads((folder / "model_index.json").read_text())["transformer"][1] == "CogVideoXTransformer3DModel"
     ref = CogVideoXTransformer3DModel.from_pretrained(folder, subfolder="transformer")
-    ours, _ = L.load_transformer(folder / "transformer", dtype=torch.float32)  # component folder itself
+    ours, _ = load_transformer(folder / "transformer", dtype=torch.float32)  # component folder itself
     _same_weights(ref, ours, same_dtype=False)  # diffusers keeps 1.0's pos_embedding buffer in float64
 
 
@@ -85,9 +104,9 @@ def test_vae_layouts_match_and_decode_finite(tiny_ckpts, key):
 
 def test_text_encoder_layouts(tiny_ckpts, tmp_path):
     ck = tiny_ckpts[M.V15.key]
-    hf, tok = L.load_text_encoder(ck["hf"], dtype=torch.float32)
-    single, tok2 = L.load_text_encoder(ck["single"]["text_encoder"], dtype=torch.float32)
-    scaled, _ = L.load_text_encoder(ck["single"]["text_encoder_fp8_scaled"], dtype=torch.float32)
+    hf, tok = load_text_encoder(ck["hf"], dtype=torch.float32)
+    single, tok2 = load_text_encoder(ck["single"]["text_encoder"], dtype=torch.float32)
+    scaled, _ = load_text_encoder(ck["single"]["text_encoder_fp8_scaled"], dtype=torch.float32)
     _same_weights(hf, single)
     assert hf.encoder.embed_tokens is hf.shared and single.encoder.embed_tokens is single.shared
     ids = tok(["a red car moves slowly"], return_tensors="pt", padding="max_length", max_length=16).input_ids
@@ -100,8 +119,8 @@ def test_text_encoder_layouts(tiny_ckpts, tmp_path):
     lone = tmp_path / "t5xxl_fp16.safetensors"
     shutil.copy(ck["single"]["text_encoder"], lone)
     with pytest.raises(CheckpointError, match="no tokenizer"):
-        L.load_text_encoder(lone)
-    _, tok3 = L.load_text_encoder(lone, dtype=torch.float32, tokenizer=ck["single"]["tokenizer"])
+        load_text_encoder(lone)
+    _, tok3 = load_text_encoder(lone, dtype=torch.float32, tokenizer=ck["single"]["tokenizer"])
     assert tok3("a cat").input_ids == tok("a cat").input_ids
 
 
@@ -132,23 +151,23 @@ def test_detection_ignores_file_names(tiny_ckpts, tmp_path):
     # A 1.0 transformer saved under a 1.5-sounding name is still 1.0.
     fake = tmp_path / "CogVideoX1.5-5B-I2V_transformer.safetensors"
     shutil.copy(tiny_ckpts[M.V10.key]["single"]["transformer"], fake)
-    _, variant = L.load_transformer(fake, dtype=torch.float32)
+    _, variant = load_transformer(fake, dtype=torch.float32)
     assert variant is M.V10
 
 
 def test_wrong_component_files(tiny_ckpts):
     s = tiny_ckpts[M.V15.key]["single"]
     with pytest.raises(CheckpointError, match=r"is a T5 text encoder, not a CogVideoX transformer: pick it in the T5"):
-        L.load_transformer(s["text_encoder"])
+        load_transformer(s["text_encoder"])
     with pytest.raises(CheckpointError, match=r"is a CogVideoX VAE, not a CogVideoX transformer: pick it in the VAE"):
-        L.load_transformer(s["vae"])
+        load_transformer(s["vae"])
     with pytest.raises(CheckpointError, match=r"is a CogVideoX transformer \(1.5 I2V\), not a T5 text encoder"):
-        L.load_text_encoder(s["transformer"])
+        load_text_encoder(s["transformer"])
     with pytest.raises(CheckpointError, match=r"is a T5 text encoder, not a CogVideoX VAE"):
         L.load_vae(s["text_encoder"], variant=M.V15)
     hf = tiny_ckpts[M.V15.key]["hf"]
     with pytest.raises(CheckpointError, match="AutoencoderKLCogVideoX, not a CogVideoX transformer"):
-        L.load_transformer(hf / "vae")
+        load_transformer(hf / "vae")
 
 
 @pytest.mark.parametrize("patch_t", [None, 2])
@@ -162,7 +181,7 @@ def test_text_to_video_transformer_refused(tmp_path, patch_t):
     save_file(model.state_dict(), str(path))
     assert C.identify(path).startswith("CogVideoX text-to-video transformer")
     with pytest.raises(CheckpointError, match="text-to-video.*image-to-video"):
-        L.load_transformer(path)
+        load_transformer(path)
 
 
 def test_other_checkpoints_refused(tmp_path):
@@ -174,9 +193,9 @@ def test_other_checkpoints_refused(tmp_path):
     for path in (sd, flux):
         assert "Stable Diffusion / Flux" in C.identify(path)
         with pytest.raises(CheckpointError, match="Stable Diffusion / Flux.*not a CogVideoX transformer"):
-            L.load_transformer(path)
+            load_transformer(path)
         with pytest.raises(CheckpointError, match="not a T5 text encoder"):
-            L.load_text_encoder(path)
+            load_text_encoder(path)
 
 
 def test_truncated_and_corrupt_files(tiny_ckpts, tmp_path):
@@ -186,7 +205,7 @@ def test_truncated_and_corrupt_files(tiny_ckpts, tmp_path):
         path = tmp_path / name
         path.write_bytes(blob)
         with pytest.raises(CheckpointError, match="truncated or corrupt.*download it again"):
-            L.load_transformer(path)
+            load_transformer(path)
 
 
 def test_pickle_refused(tmp_path):
@@ -194,14 +213,14 @@ def test_pickle_refused(tmp_path):
         path = tmp_path / f"diffusion_pytorch_model{suffix}"
         path.write_bytes(b"not read")
         with pytest.raises(CheckpointError, match="only .safetensors files are accepted"):
-            L.load_transformer(path)
+            load_transformer(path)
     folder = tmp_path / "transformer"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(dict(M.transformer_config(M.V15, True),
                                                         _class_name="CogVideoXTransformer3DModel")))
     (folder / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="only .safetensors"):
-        L.load_transformer(folder)
+        load_transformer(folder)
 
 
 def test_missing_tensor(tiny_ckpts, tmp_path):
@@ -212,7 +231,7 @@ def test_missing_tensor(tiny_ckpts, tmp_path):
     path = tmp_path / "partial.safetensors"
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match="missing"):
-        L.load_transformer(path)
+        load_transformer(path)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -244,10 +263,10 @@ def test_offline_hub_cache(tiny_ckpts, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     folder = S.resolve("THUDM/CogVideoX1.5-5B-I2V", "transformer", cache_dir=cache)
     assert folder == snap / "transformer"
-    model, variant = L.load_transformer("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache,
+    model, variant = load_transformer("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache,
                                         progress=False)
     assert variant is M.V15
-    _, tok = L.load_text_encoder("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache)
+    _, tok = load_text_encoder("THUDM/CogVideoX1.5-5B-I2V", dtype=torch.float32, cache_dir=cache)
     assert tok("a cat").input_ids[-1] == 1
     with pytest.raises(CheckpointError, match=r"could not download transformer/ of THUDM/CogVideoX-5b-I2V: .*"
                                               r"check the repo id, your network, or put the folder under models/CogVideo"):
@@ -258,10 +277,10 @@ def test_offline_hub_cache(tiny_ckpts, tmp_path, monkeypatch):
 @pytest.mark.parametrize("key", KEYS)
 def test_fp8_storage_close_to_bf16(tiny_ckpts, key):
     ck, variant = tiny_ckpts[key], M.VARIANTS[key]
-    ref, _ = L.load_transformer(ck["hf"], dtype=torch.bfloat16)
-    kept, _ = L.load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16)
-    quant, _ = L.load_transformer(ck["hf"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
-    upcast, _ = L.load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16, storage_dtype=torch.bfloat16)
+    ref, _ = load_transformer(ck["hf"], dtype=torch.bfloat16)
+    kept, _ = load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16)
+    quant, _ = load_transformer(ck["hf"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
+    upcast, _ = load_transformer(ck["single"]["transformer_fp8"], dtype=torch.bfloat16, storage_dtype=torch.bfloat16)
     q = kept.transformer_blocks[0].attn1.to_q
     assert isinstance(q, L.Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn
     assert quant.transformer_blocks[0].ff.net[2].weight.dtype == torch.float8_e4m3fn
@@ -295,11 +314,11 @@ def test_layers_caps_depth_in_every_layout(tmp_path):
     """--layers (the GPU reliability bench: full widths, few blocks) reaches the files and the loaders."""
     T.main([str(tmp_path), "--variant", M.V15.key, "--layers", "1"])
     hf = tmp_path / M.V15.label
-    tr, variant = L.load_transformer(str(hf), torch.float32)
+    tr, variant = load_transformer(str(hf), torch.float32)
     assert variant is M.V15 and len(tr.transformer_blocks) == 1
-    t5, _tok = L.load_text_encoder(str(hf), torch.float32)
+    t5, _tok = load_text_encoder(str(hf), torch.float32)
     assert len(t5.encoder.block) == 1
-    single, _ = L.load_transformer(str(tmp_path / "single" / "cogvideox1_5-5b-i2v_transformer_fp32.safetensors"),
+    single, _ = load_transformer(str(tmp_path / "single" / "cogvideox1_5-5b-i2v_transformer_fp32.safetensors"),
                                    torch.float32)
     assert len(single.transformer_blocks) == 1
 
@@ -335,6 +354,6 @@ def test_fp8_files_hold_exactly_the_fp8_layers(tiny_ckpts):
         dtypes = {k: d for k, (_, d) in C.read_shapes(s[key]).items()}
         fp8 = {k for k, d in dtypes.items() if d.startswith("F8") and k != "scaled_fp8"}
         assert fp8 and fp8 == {k for k, shape in raw.items() if M.is_fp8_layer(k, shape)}, key
-    quant, _ = L.load_transformer(s["transformer"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
+    quant, _ = load_transformer(s["transformer"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
     stored = {k for k, t in quant.state_dict().items() if t.dtype == torch.float8_e4m3fn}
     assert stored == {k for k, t in quant.state_dict().items() if M.is_fp8_layer(k, t.shape)}

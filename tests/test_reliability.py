@@ -575,7 +575,7 @@ def test_each_model_is_freed_when_its_stage_ends(tiny_ckpts, start_png, monkeypa
 def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
     runs = [(V10, None, None), (V15, 32, 32), (V15, 32, 48), (V15, 48, 32), (V15, 32, 32)]
     profiles = ["resident", "balanced", "lowvram"]
-    rss, gpu = [], []
+    rss, gpu, pinned = [], [], []
     base_gpu = devmem.allocated_bytes(DEVICE)
     for i in range(20):
         key, h, w = runs[i % len(runs)]
@@ -588,10 +588,13 @@ def test_soak_20_runs_stay_flat(tiny_ckpts, start_png, warm_device):
         gc.collect()
         rss.append(devmem.host_rss_bytes())
         gpu.append(devmem.allocated_bytes(DEVICE))
+        # torch's pinned allocator by allocated_bytes (active_bytes drifts in torch 2.11: bench_reliability)
+        pinned.append(devmem.pinned_host_bytes())
     mib = [r / 2 ** 20 for r in rss]
     # after warm-up (allocator pools filled by every variant/size/profile once), no upward trend
     assert max(rss[-5:]) <= max(rss[4:8]) + 64 * 2 ** 20, f"RSS grows over the runs (MiB): {mib}"
     assert all(g == base_gpu for g in gpu), gpu
+    assert max(pinned[-5:]) <= max(pinned[4:8]) + 64 * 2 ** 20, f"pinned host memory grows: {pinned}"
 
 
 # ------------------------------------------------------------------------------- 5. never lose a video

@@ -1,0 +1,210 @@
+"""Issue 12's targets in one script: host memory and speed of whole runs from safetensors files.
+
+Per recipe (diffusers resident = the reference; ours through ``pipeline.generate`` with a profile or
+``auto@GIB``, i.e. ``--profile auto --vram-budget GIB``): per stage peak anonymous + pinned host
+memory and the file-backed share (report.StageRecorder), s/step (the last step, GPU synchronised at
+each step end), load + first step (from the start of the run, before any weight is read, to the end
+of the first denoise step: loads, text encode and image encode included on both sides), and the
+ratios to the reference. Each recipe runs in its own child process: host memory is per process, and
+a recipe's freed heap would otherwise count in the next one's peaks.
+
+    python3 bench/bench_hostrun.py --dir /tmp/ck --write --steps 2 --json bench/hostrun_h200.json
+    python3 bench/bench_hostrun.py --dir /tmp/ckt --write --tiny --device cpu     # CPU smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from cogvid_core import models as M  # noqa: E402
+from cogvid_core.report import StageRecorder  # noqa: E402
+
+RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
+BASELINE = "diffusers-resident"
+PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
+GIB = 2 ** 30
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def _steps_clock(device, marks: list):
+    def mark(*_a, **_k):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return {}
+    return mark
+
+
+def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -> None:
+    from contextlib import ExitStack
+
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    with rec.stage("load"):
+        pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(folder), torch_dtype=args.dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    if not args.tiny:             # diffusers' documented recipe (its tiled encode breaks at tiny sizes)
+        pipe.vae.enable_tiling()
+    stack = ExitStack()
+    orig = pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents
+
+    def text_stage(*a, **k):
+        with rec.stage("text encode"):
+            return orig[0](*a, **k)
+
+    def image_stage(*a, **k):
+        with rec.stage("image encode"):
+            out = orig[1](*a, **k)
+        stack.enter_context(rec.stage("denoise", steps=args.steps))
+        return out
+
+    def decode_stage(*a, **k):
+        stack.close()
+        with rec.stage("decode"):
+            return orig[2](*a, **k)
+
+    pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents = text_stage, image_stage, decode_stage
+    try:
+        pipe(image=image, prompt=PROMPT, negative_prompt="", height=args.height, width=args.width,
+             num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg, use_dynamic_cfg=True,
+             generator=torch.Generator("cpu").manual_seed(42), output_type="pt", return_dict=False,
+             callback_on_step_end=lambda p, i, t, kw: mark())
+    finally:
+        stack.close()
+
+
+def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
+    from cogvid_core import pipeline
+
+    name = recipe.removeprefix("ours-")
+    budget = float(name[5:]) if name.startswith("auto@") else None
+    job = pipeline.Job(image=image, prompt=PROMPT, frames=args.frames, height=args.height, width=args.width,
+                       steps=args.steps, cfg=args.cfg, seed=42)
+    res = pipeline.generate(pipeline.Sources.from_model(str(folder)), job, precision="bf16", device=device,
+                            profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
+                            progress=lambda done, total: mark())
+    return dict(profile=res.profile, settings=res.settings,
+                host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
+
+
+def child(recipe: str, args) -> dict:
+    """One recipe in this process; returns its result row."""
+    from bench_memory import start_image
+
+    device = torch.device(args.device)
+    image = start_image(args.height, args.width)
+    rec, marks = StageRecorder(device), []
+    mark = _steps_clock(device, marks)
+    t0 = time.perf_counter()
+    extra = {}
+    if recipe == BASELINE:
+        run_diffusers(args.dir_model, args, rec, device, image, mark)
+    else:
+        extra = run_ours(recipe, args.dir_model, args, rec, device, image, mark)
+    rows = rec.rows()
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return dict(recipe=recipe, stages=rows, total=rec.total(), step_ends_s=[m - t0 for m in marks],
+                s_per_step=steps[-1] if steps else None,
+                load_plus_first_s=marks[0] - t0 if marks else None,
+                host_peak_anon_pinned_gib=max((r["host_peak_anon_pinned_gib"] or 0) for r in rows),
+                host_peak_file_gib=max((r["host_peak_file_gib"] or 0) for r in rows), **extra)
+
+
+def write_checkpoints(root: Path, tiny: bool) -> Path:
+    key = M.V15.key
+    folder = root / M.VARIANTS[key].label
+    if not (folder / "model_index.json").exists():
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "cogvid_core", "make-checkpoints", str(root), "--variant", key, "--layouts", "hf"]
+        subprocess.run(cmd + ([] if tiny else ["--full"]), check=True, stdout=subprocess.DEVNULL)
+        log(f"wrote {folder} in {time.perf_counter() - t0:.0f} s")
+    return folder
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if r["recipe"] == BASELINE and not r.get("error")), None)
+
+    def f(v, spec=".2f"):
+        return "-" if v is None else format(v, spec)
+
+    def ratio(r, key):
+        return f(r.get(key) / base[key], ".3f") if base and r.get(key) and base.get(key) else "-"
+    lines = ["| recipe | host anon+pinned GiB per stage | peak | estimated peak | file-backed peak GiB | s/step | "
+             "x ref | load + 1st step s | x ref |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("error"):
+            last = r["error"].strip().splitlines()[-1] if r["error"].strip() else "?"
+            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | |")
+            continue
+        per = ", ".join(f"{s['stage']} {f(s['host_peak_anon_pinned_gib'])}" for s in r["stages"])
+        est = max((o for o, _ in r.get("host_estimate_gib", {}).values()), default=None)   # hostplan, GPU runs
+        lines.append(f"| {r['recipe']}{' (' + r['profile'] + ')' if r.get('profile') else ''} | {per} | "
+                     f"{f(r['host_peak_anon_pinned_gib'])} | {f(est)} | {f(r['host_peak_file_gib'])} | {f(r['s_per_step'])} | "
+                     f"{ratio(r, 's_per_step')} | {f(r['load_plus_first_s'], '.1f')} | {ratio(r, 'load_plus_first_s')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", type=Path, required=True, help="checkpoint root (CogVideoX1.5-5B-I2V/ inside)")
+    ap.add_argument("--write", action="store_true", help="write random 1.5 checkpoints there first if missing")
+    ap.add_argument("--tiny", action="store_true", help="tiny checkpoints and size (CPU smoke run)")
+    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--cfg", type=float, default=6.0)
+    ap.add_argument("--frames", type=int)
+    ap.add_argument("--height", type=int)
+    ap.add_argument("--width", type=int)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--timeout", type=float, default=240, help="seconds per recipe")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    v = M.V15
+    d = M.default_size(v, M.transformer_config(v, tiny=True)) if args.tiny else \
+        (v.default_frames, v.default_height, v.default_width)
+    args.frames, args.height, args.width = args.frames or d[0], args.height or d[1], args.width or d[2]
+    args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    if args.child:
+        args.dir_model = args.dir / M.V15.label
+        print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
+        return 0
+    folder = write_checkpoints(args.dir, args.tiny) if args.write else args.dir / M.V15.label
+    log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
+    results = []
+    for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        cmd = [sys.executable, __file__, "--child", recipe, *(a for a in (argv or sys.argv[1:]) if a != "--write")]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+            row = json.loads(line[7:]) if line else dict(recipe=recipe, error=(p.stderr or p.stdout)[-600:])
+        except subprocess.TimeoutExpired:
+            row = dict(recipe=recipe, error=f"timed out after {args.timeout:.0f} s")
+        row["wall_s"] = time.perf_counter() - t0
+        log(f"## {recipe}: {row['wall_s']:.0f} s" + (f" ERROR {row['error']}" if row.get("error") else ""))
+        results.append(row)
+    out = table(results)
+    log(out)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(torch=torch.__version__, device=args.device,
+                   card=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu")
+        args.json.write_text(json.dumps(dict(env=env, frames=args.frames, height=args.height, width=args.width,
+                                             steps=args.steps, results=results, table=out), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Host RAM a plan needs per stage: what the process owns, and the file pages it would like cached.
+
+``owned`` is anonymous + pinned memory (what the kernel cannot take back: issue 12's measure);
+``file`` is the bytes of safetensors files the stage reads block by block, which the page cache
+would like to keep (the kernel drops them under pressure: the run then reads from disk, slower).
+The transformer and T5 are file-backed (``loading``'s default): on the host they own only the two
+staging buffers ``filestream`` reads blocks through. The VAE is loaded into memory; in ``offload``
+it stays there pinned. Every term says which measurement it comes from.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .devmem import GiB, precision_bytes
+from .stages import COMPONENT_OF_STAGE, STAGES
+
+# The process after CUDA init with torch, diffusers and transformers imported, no model placed:
+# RssAnon 0.78 GiB (transformer) to 0.95 GiB (T5 + tokenizer) after a release
+# (bench/hostmem_h200_run2.json, "host_after_release" of tr_file_offload and t5_file_stream).
+BASE_BYTES = int(0.85 * GiB)
+# filestream.FilePlacement's staging buffers, each sized for the largest block: their page-locked
+# bytes are the compute-time rise of a file-backed model (t5_file_stream: staging_gib 0.72, peak
+# anon+pinned 1.67 GiB vs 0.95 after release; tr_file_offload: 0.49 and 1.30 vs 0.80; same files).
+STAGING_BUFFERS = 2
+# Staging holds the file's bytes: assumed stored at the run's precision, fp8 runs from a bf16 file.
+_MIN_FILE_BYTES = 2
+
+
+@lru_cache(maxsize=None)
+def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
+    """The VAE's pinned host copy in ``offload``: ``pin_memory()`` per tensor through torch's pinned
+    allocator, which rounds each block up to a power of two (bench/hostmem_h200_run1.json "diag":
+    1 GiB pinned = 1.000 GiB of RssShmem); counted per real tensor of the config."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from .models import VARIANTS, vae_config
+
+    with torch.device("meta"):
+        vae = AutoencoderKLCogVideoX(**vae_config(VARIANTS[variant_key], tiny))
+    b = precision_bytes(precision)
+    sizes = [t.numel() * (b if t.is_floating_point() else t.element_size())
+             for t in [*vae.parameters(), *vae.buffers()]]
+    return sum(1 << max(0, (n - 1).bit_length()) for n in sizes if n)
+
+
+def staging_bytes(size, precision: str) -> int:
+    """Two buffers of the largest block (or larger single tensor outside the blocks)."""
+    per = max(precision_bytes(precision), _MIN_FILE_BYTES)
+    return STAGING_BUFFERS * max(size.block_params, size.largest_layer) * per
+
+
+def decode_host_bytes(video_bytes: int) -> int:
+    """vae.decode brings the bf16 video to the host, then ``.float() * 0.5 + 0.5``: the bf16 copy
+    and two fp32 temporaries alive at once (arithmetic from vae.decode, not measured)."""
+    return video_bytes + 2 * 2 * video_bytes
+
+
+def host_stages(sizes: dict, precision: dict, modes: dict, variant_key: str, keep_loaded: bool,
+                video_bytes: int, weight_bytes, tiny: bool = False) -> dict[str, tuple[int, int]]:
+    """{stage: (owned bytes, file bytes)}. ``modes``: placement mode per component;
+    ``weight_bytes(size, precision)`` is the estimate's own (the file is assumed that size)."""
+    vae_pinned = pinned_vae_bytes(variant_key, precision["vae"], tiny) if modes["vae"] == "offload" else 0
+    out = {}
+    for i, stage in enumerate(STAGES):
+        active = COMPONENT_OF_STAGE[stage]
+        owned, file = BASE_BYTES, 0
+        for comp in ("transformer", "text_encoder"):
+            # placed models keep their readers (and staging) between uses unless resident
+            kept = keep_loaded and modes[comp] != "resident"
+            if comp == active or kept:
+                owned += staging_bytes(sizes[comp], precision[comp])
+            if comp == active and modes[comp] != "resident":
+                file += weight_bytes(sizes[comp], precision[comp])   # read at every use
+        # the pipeline loads the VAE after the text encode and keeps it to the decode
+        if keep_loaded or i >= STAGES.index("image_encode"):
+            owned += vae_pinned
+        if stage == "decode":
+            owned += decode_host_bytes(video_bytes)
+        out[stage] = (owned, file)
+    return out
+
+
+def verdict(needed: int, available: int | None, file_bytes: int = 0) -> str:
+    """Does this machine's RAM hold the plan's peak host memory (and the files it re-reads)."""
+    if available is None:
+        return f"host RAM: needs ~{needed / GiB:.2f} GiB (anonymous + pinned); available: unknown"
+    if needed > available:
+        return (f"host RAM: needs ~{needed / GiB:.2f} GiB (anonymous + pinned) but only {available / GiB:.1f} GiB "
+                "available: close other programs, or use the 'lowvram' profile")
+    line = f"host RAM: needs ~{needed / GiB:.2f} GiB (anonymous + pinned), {available / GiB:.1f} GiB available: enough"
+    if needed + file_bytes > available:
+        line += (f"; too little to cache the {file_bytes / GiB:.1f} GiB of weights a stage re-reads: they come "
+                 "from disk at every use (each step then waits on the disk)")
+    return line
