@@ -174,7 +174,10 @@ def to_api(workflow: dict, classes: dict) -> dict:
             continue
         cls = classes[node["type"]]
         values, inputs, i = list(node.get("widgets_values") or []), {}, 0
+        optional = set(cls.INPUT_TYPES().get("optional", {}))
         for name, width in widget_names(cls):
+            if i >= len(values) and name in optional:     # a newer optional input: ComfyUI takes its default
+                continue
             if i >= len(values):
                 raise ValueError(f"node {node['id']} ({node['type']}): fewer widget values than widgets "
                                  f"({values}); the workflow and the node's inputs disagree")
