@@ -40,8 +40,11 @@ def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
 
 
 PLACEMENTS = (AUTO, *MODES)
-# What "auto" means for a component used without a plan: T5 and VAE visit the GPU only while they run.
-AUTO_MODE = {"t5": "offload", "vae": "offload", "transformer": "offload"}
+# What "auto" means for a component used without a plan: the VAE and the transformer visit the GPU only
+# while they run. T5 streams: it runs one forward pass per prompt, so streaming moves the same bytes as
+# copying it whole but never holds more than two of its blocks (offload put all 9.5 GB of T5 on the GPU
+# in the ComfyUI node path: 9.6 GiB allocated at text encode on the H200, bench/comfyui_gpu_h200_c1.json).
+AUTO_MODE = {"t5": "stream", "vae": "offload", "transformer": "offload"}
 # The profile field that holds each kind's placement mode.
 PROFILE_FIELD = {"transformer": "transformer", "t5": "text_encoder", "vae": "vae"}
 # A profile with no activation savers: what a transformer used without a plan runs with.

@@ -35,6 +35,7 @@ def loras(tmp_path_factory):
 
 
 def _component(tiny_ckpts, key=K15, **kw) -> session.Component:
+    kw.setdefault("file_backed", False)    # real host weights: the tests compare state dicts before and after
     module, variant = loading.load_transformer(tiny_ckpts[key]["single"]["transformer"], dtype=torch.float32, **kw)
     return session.Component("transformer", module, CPU, torch.float32, variant=variant)
 
