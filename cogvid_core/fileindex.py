@@ -70,7 +70,7 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
     Same names, prefixes, scales and target dtypes as ``load_weights`` (its helpers decide), so a
     file-backed model computes bit for bit what a loaded one does. Raises CheckpointError on
     tensors the model does not have."""
-    from . import loading as L
+    from . import tensors as T
     from .checkpoints import MARKERS, SCALE_SUFFIXES, strip_prefix
 
     index, unexpected = {}, []
@@ -83,13 +83,13 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
             name = key[len(prefix):]
             if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
                 continue
-            slot = L._slot(model, name)
+            slot = T.slot(model, name)
             if slot is None:
                 unexpected.append(name)
                 continue
-            scale = scales.get(L._scale_name(name))
+            scale = scales.get(T.scale_name(name))
             probe = torch.empty(v[1], dtype=torch.float32 if scale is not None else v[0], device="meta")
-            index[name] = _source(path, v, L.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8), scale)
+            index[name] = _source(path, v, T.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8), scale)
     if unexpected:
         raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
                               "a different model or version")

@@ -72,7 +72,7 @@ def _raw(flat: torch.Tensor, at: int, s: TensorSource) -> torch.Tensor:
 
 def _convert(flat: torch.Tensor, layout: _Layout, s: TensorSource) -> torch.Tensor:
     """``loading.load_weights``' own arithmetic (dequantise, saturate, cast), done where ``flat`` is."""
-    from .loading import _cast, _dequantised
+    from .tensors import cast as _cast, dequantised as _dequantised
 
     scale = None if s.scale is None else _raw(flat, layout.offset[(s.scale.path, s.scale.start)], s.scale)
     # a view of ``flat`` when nothing changes: fine, blocks are dropped whole

@@ -19,24 +19,13 @@ from .checkpoints import (MARKERS, SCALE_SUFFIXES, read_config, read_shapes, sin
                           t5_config_from_shapes, transformer_config_from_shapes, vae_config_from_shapes)
 from .models import CheckpointError, Variant
 from .sources import is_repo_id, resolve, weight_files
+from . import tensors as T
+from .tensors import FP8_DTYPES
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 log = logging.getLogger(__name__)
 
 
 # =============================================================================== weights
-def target_dtype(name: str, t: torch.Tensor, module: torch.nn.Module, dtype, storage_dtype, keep_fp8: bool):
-    """Which dtype one tensor is stored in after load (fp8 only for Linear weights: see Fp8Linear)."""
-    if not t.is_floating_point():
-        return t.dtype
-    linear_weight = isinstance(module, torch.nn.Linear) and name.endswith("weight")
-    if linear_weight and storage_dtype in FP8_DTYPES and M.is_fp8_layer(name, t.shape):
-        return storage_dtype
-    if linear_weight and keep_fp8 and t.dtype in FP8_DTYPES:
-        return t.dtype
-    return dtype
-
-
 def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, device, *,
                  storage_dtype: torch.dtype | None = None, keep_fp8: bool = False,
                  ignore=lambda k: False, finalize=None) -> None:
@@ -56,39 +45,15 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, 
                 name = key[len(prefix):]
                 if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
                     continue
-                slot = _slot(model, name)
+                slot = T.slot(model, name)
                 if slot is None:
                     unexpected.append(name)
                     continue
                 # The one place a tensor goes from a file (path, key) into the model, as ``target``.
-                t = _dequantised(_read_tensor(f, key, path), scales.get(_scale_name(name)))
-                target = target_dtype(name, t, slot[0], dtype, storage_dtype, keep_fp8)
-                _assign(*slot, _cast(t, target, device))
+                t = T.dequantised(_read_tensor(f, key, path), scales.get(T.scale_name(name)))
+                target = T.target_dtype(name, t, slot[0], dtype, storage_dtype, keep_fp8)
+                T.assign(*slot, T.cast(t, target, device))
     _check_complete(model, unexpected, finalize)
-
-
-def _slot(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | None:
-    """(owning module, parameter or buffer name) of a state-dict key, None if the model has no such tensor."""
-    owner, _, leaf = name.rpartition(".")
-    try:
-        module = model.get_submodule(owner)
-    except AttributeError:
-        return None
-    return (module, leaf) if leaf in module._parameters or leaf in module._buffers else None
-
-
-def _scale_name(name: str) -> str | None:
-    return f"{name[:-len('weight')]}scale_weight" if name.endswith("weight") else None
-
-
-def _dequantised(t: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    return t if scale is None else t.to(torch.float32) * scale.to(torch.float32)
-
-
-def _cast(t: torch.Tensor, target: torch.dtype, device) -> torch.Tensor:
-    if target in FP8_DTYPES and t.dtype not in FP8_DTYPES:  # saturate instead of overflowing to NaN
-        t = t.to(torch.float32).clamp(-torch.finfo(target).max, torch.finfo(target).max)
-    return t.to(device=device, dtype=target)
 
 
 def _check_complete(model: torch.nn.Module, unexpected: list[str], finalize) -> None:
@@ -108,13 +73,6 @@ def _read_tensor(f, key: str, path: Path) -> torch.Tensor:
         return f.get_tensor(key)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path.name} is truncated or corrupt ({e}): download it again") from e
-
-
-def _assign(module: torch.nn.Module, leaf: str, t: torch.Tensor) -> None:
-    if leaf in module._parameters:
-        module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
-    else:
-        module._buffers[leaf] = t
 
 
 # =============================================================================== fp8 compute

@@ -85,6 +85,7 @@ def lora_files(tmp_path_factory, tiny_ckpts):
 
 
 def _transformer(tiny_ckpts, key, **kw):
+    kw.setdefault("file_backed", False)    # real host weights: these tests call the module directly
     tr, _ = loading.load_transformer(tiny_ckpts[key]["single"]["transformer"], dtype=torch.float32, **kw)
     return tr
 
