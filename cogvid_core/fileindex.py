@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import tensors as T
+from .checkpoints import strip_prefix
 from .models import CheckpointError
 
 _ATTR = "_cogvid_weight_index"
@@ -70,29 +72,18 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
     Same names, prefixes, scales and target dtypes as ``load_weights`` (its helpers decide), so a
     file-backed model computes bit for bit what a loaded one does. Raises CheckpointError on
     tensors the model does not have."""
-    from . import tensors as T
-    from .checkpoints import MARKERS, SCALE_SUFFIXES, strip_prefix
-
     index, unexpected = {}, []
     for path in map(Path, files):
         header = read_header(path)
         prefix = strip_prefix(header)
         scales = {k[len(prefix):]: _source(path, v, torch.float32) for k, v in header.items()
                   if k.endswith(".scale_weight")}
-        for key, v in header.items():
-            name = key[len(prefix):]
-            if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
-                continue
-            slot = T.slot(model, name)
-            if slot is None:
-                unexpected.append(name)
-                continue
+        for key, name, slot in T.matched(model, header, prefix, ignore, unexpected):
+            v = header[key]
             scale = scales.get(T.scale_name(name))
             probe = torch.empty(v[1], dtype=torch.float32 if scale is not None else v[0], device="meta")
             index[name] = _source(path, v, T.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8), scale)
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
-                              "a different model or version")
+    T.refuse_unexpected(unexpected)
     return index
 
 

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from . import models as M
-from .checkpoints import (MARKERS, SCALE_SUFFIXES, read_config, read_shapes, single_file, stored_fp8, strip_prefix,
+from . import tensors as T
+from .checkpoints import (read_config, read_shapes, single_file, stored_fp8, strip_prefix,
                           t5_config_from_shapes, transformer_config_from_shapes, vae_config_from_shapes)
 from .models import CheckpointError, Variant
 from .sources import is_repo_id, resolve, weight_files
-from . import tensors as T
 from .tensors import FP8_DTYPES
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, 
         prefix = strip_prefix(read_shapes(path))
         with safe_open(str(path), framework="pt") as f:
             scales = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.endswith(".scale_weight")}
-            for key in f.keys():
-                name = key[len(prefix):]
-                if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
-                    continue
-                slot = T.slot(model, name)
-                if slot is None:
-                    unexpected.append(name)
-                    continue
+            for key, name, slot in T.matched(model, f.keys(), prefix, ignore, unexpected):
                 # The one place a tensor goes from a file (path, key) into the model, as ``target``.
                 t = T.dequantised(_read_tensor(f, key, path), scales.get(T.scale_name(name)))
                 target = T.target_dtype(name, t, slot[0], dtype, storage_dtype, keep_fp8)
@@ -57,9 +50,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, 
 
 
 def _check_complete(model: torch.nn.Module, unexpected: list[str], finalize) -> None:
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
-                              "a different model or version")
+    T.refuse_unexpected(unexpected)
     if finalize is not None:  # e.g. tie shared embeddings before looking for holes
         finalize(model)
     missing = [n for n, p in [*model.named_parameters(), *model.named_buffers()] if p.is_meta]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 
 from . import models as M
+from .checkpoints import MARKERS, SCALE_SUFFIXES
+from .models import CheckpointError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -51,3 +53,24 @@ def assign(module: torch.nn.Module, leaf: str, t: torch.Tensor) -> None:
         module._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
     else:
         module._buffers[leaf] = t
+
+
+def matched(model: torch.nn.Module, keys, prefix: str, ignore, unexpected: list):
+    """(key, name, slot) for each checkpoint key that fills a tensor of ``model``: the wrapper prefix
+    stripped, quantisation markers, scales and ``ignore``d names skipped; names the model lacks are
+    appended to ``unexpected`` (see :func:`refuse_unexpected`)."""
+    for key in keys:
+        name = key[len(prefix):]
+        if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
+            continue
+        found = slot(model, name)
+        if found is None:
+            unexpected.append(name)
+        else:
+            yield key, name, found
+
+
+def refuse_unexpected(unexpected: list) -> None:
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} tensors do not belong to this model (e.g. {unexpected[0]}): "
+                              "a different model or version")
