@@ -132,9 +132,5 @@ def _slot(model: nn.Module, name: str):
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner)
-    if leaf in module._buffers:
-        module._buffers[leaf] = t
-    else:
-        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    T.assign(model.get_submodule(owner), leaf, t)
 
