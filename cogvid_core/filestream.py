@@ -20,6 +20,7 @@ buffer), which is what the tests exercise; ``placement.place`` degrades CPU plac
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     return buf, False
 
 
+def _unregister(bufs: list) -> None:
+    """Unpin the staging buffers before their memory goes back to malloc: a range freed while still
+    registered makes the next cudaHostRegister at that address fail (cudaErrorHostMemoryAlreadyRegistered)."""
+    for buf, registered in bufs:
+        if registered:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    bufs.clear()
+
+
 class _Reader:
     """Reads groups of tensors from files onto a device through ``buffers`` staging buffers.
 
@@ -111,6 +121,8 @@ class _Reader:
         self.cuda = device.type == "cuda"
         self.buffer_bytes = max(size, 1)
         self._bufs = [_staging(size, self.cuda) for _ in range(max(1, buffers))]
+        # also when a reader is dropped without close() (an error left its placement behind)
+        self._unpin = weakref.finalize(self, _unregister, self._bufs)
         self._free: list = [None] * len(self._bufs)
         self._next = 0
         self._fds: dict[str, int] = {}
@@ -124,15 +136,16 @@ class _Reader:
         return sum(b.numel() for b, _ in self._bufs)
 
     def submit(self, layout: _Layout):
-        """Start reading ``layout``; call from the thread whose current stream will use the tensors."""
+        """Start reading ``layout``; call from the thread whose current stream will use the tensors.
+        The destination is made here, in the caller's grad / inference mode (ComfyUI runs nodes under
+        ``torch.inference_mode``: the worker's copy into it then runs in the same mode)."""
         k, self._next = self._next, (self._next + 1) % len(self._bufs)
-        dest = allocated = None
+        dest = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        allocated, inference = None, torch.is_inference_mode_enabled()
         if self.cuda:
-            with torch.cuda.device(self.device):
-                dest = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-                allocated = torch.cuda.Event()
-                allocated.record(torch.cuda.current_stream(self.device))
-        return self._pool.submit(self._read, layout, k, dest, allocated)
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(self.device))
+        return self._pool.submit(self._read, layout, k, dest, allocated, inference)
 
     def read_now(self, layout: _Layout) -> dict[str, torch.Tensor]:
         return self.wait(self.submit(layout).result())
@@ -153,7 +166,7 @@ class _Reader:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def _read(self, layout: _Layout, k: int, dest, allocated):
+    def _read(self, layout: _Layout, k: int, dest, allocated, inference: bool):
         buf, _ = self._bufs[k]
         if layout.nbytes > buf.numel():
             raise ValueError(f"{layout.nbytes} bytes do not fit a {buf.numel()}-byte staging buffer")
@@ -163,13 +176,15 @@ class _Reader:
                   for path, start, nbytes, at in layout.runs for a in range(0, nbytes, _PIECE)]
         list(self._io.map(lambda p: _pread_into(p[0], buf[p[2]:p[2] + p[3]], p[1], p[4]), pieces))
         host = buf[:layout.nbytes]
-        if not self.cuda:
-            return host.clone(), layout, None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.side):
-            self.side.wait_event(allocated)
-            dest.copy_(host, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.side)
+        with torch.inference_mode(inference):
+            if not self.cuda:
+                dest.copy_(host)
+                return dest, layout, None
+            with torch.cuda.device(self.device), torch.cuda.stream(self.side):
+                self.side.wait_event(allocated)
+                dest.copy_(host, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.side)
         self._free[k] = copied
         return dest, layout, copied
 
@@ -178,10 +193,7 @@ class _Reader:
         self._io.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        for buf, registered in self._bufs:
-            if registered:
-                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-        self._bufs = []
+        self._unpin()
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
