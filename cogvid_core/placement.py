@@ -192,7 +192,7 @@ class Placed:
         self.released = True
         if self.module.__dict__.get(_ATTR) is self:
             del self.module.__dict__[_ATTR]
-        free_memory(self.device, host_cache=pinned)
+        free_memory(self.device, host_cache=pinned, workspaces=True)
 
     def device_bytes(self) -> int:
         """Bytes of this module's weights on the compute device right now."""
