@@ -127,3 +127,89 @@ def test_parse_devices():
 def test_device_choices():
     assert MG.device_choices(1) == ["cuda:0", "cuda:1", "cuda:0+cuda:1"]
     assert "cuda:2+cuda:3" in MG.device_choices(4)
+
+
+# ------------------------------------------------------------------------------ the pipeline and CLI
+def _job(image_size, cfg=6.0):
+    import numpy as np
+    from PIL import Image
+
+    from cogvid_core import pipeline
+    w, h = image_size
+    img = Image.fromarray((np.random.RandomState(1).rand(h, w, 3) * 255).astype(np.uint8))
+    return pipeline.Job(image=img, prompt="a boat on a lake", negative_prompt="blurry", steps=2, cfg=cfg, seed=9)
+
+
+def _generate(tiny_ckpts, **kw):
+    from cogvid_core import pipeline
+    folder = str(tiny_ckpts[KEY]["hf"])
+    variant = M.VARIANTS[KEY]
+    _, h, w = M.default_size(variant, M.transformer_config(variant, tiny=True))
+    return pipeline.generate(pipeline.Sources.from_model(folder), _job((w, h)), precision="fp32", profile="lowvram",
+                             **kw)
+
+
+def test_pipeline_cfg_pair_equals_one_device(tiny_ckpts, monkeypatch):
+    one = _generate(tiny_ckpts, device="cpu")
+    seen = []
+    attach = MG.attach_second
+    monkeypatch.setattr(MG, "attach_second", lambda m, d: seen.append(d) or attach(m, d))
+    two = _generate(tiny_ckpts, devices="cpu,cpu")
+    assert seen == [torch.device("cpu")]
+    assert torch.equal(two.frames, one.frames)
+    assert two.frames.std() > 0.01
+
+
+def test_components_on_other_devices(tiny_ckpts, monkeypatch):
+    """T5 and the VAE on one device, the transformer on another: each stage gets its component's
+    device ("cpu:0" is a device named apart from "cpu" that a CPU machine has), the video is the same."""
+    from cogvid_core import guard, pipeline, text, vae
+    one = _generate(tiny_ckpts, device="cpu")
+    calls = {}
+
+    def spy(mod, name, pos):
+        real = getattr(mod, name)
+
+        def wrapped(*a, **k):
+            calls.setdefault(name, []).append(torch.device(k["device"] if "device" in k else a[pos]))
+            return real(*a, **k)
+        monkeypatch.setattr(mod, name, wrapped)
+    spy(text, "encode_prompt", 3)
+    spy(vae, "encode_image", 6)
+    spy(guard, "decode", 2)
+    spy(pipeline.sampling, "sample", -1)
+    other = torch.device("cpu", 0)
+    split = _generate(tiny_ckpts, devices=MG.DeviceMap((torch.device("cpu"),), other, other))
+    assert calls == {"encode_prompt": [other, other], "encode_image": [other], "decode": [other],
+                     "sample": [torch.device("cpu")]}
+    assert torch.equal(split.frames, one.frames)
+
+
+def test_cli_devices(tiny_ckpts, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cogvid_core.cli import main
+    img = tmp_path / "start.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "1",
+            "--precision", "fp32", "--out", str(tmp_path / "frames")]
+    assert main([*base, "--devices", "transformer=cpu+cpu,t5=cpu,vae=cpu"]) == 0
+    assert len(list((tmp_path / "frames").glob("*.png"))) > 0
+    assert main([*base, "--devices", "cpu,cpu,cpu"]) == 2
+    assert "one device or two" in capsys.readouterr().err
+
+
+def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
+    from cogvid_core import planner
+    from cogvid_core.estimate import estimate
+    cands = planner.one_branch(planner.candidates())
+    assert cands and all(p.cfg_mode == "sequential" for p in cands)
+    assert len({p.name for p in cands}) == len(cands) and "lowvram" in {p.name for p in cands}
+    v = M.VARIANTS[KEY]
+    budget = int(estimate(v, 81, 768, 1360, "resident").peak_reserved * 0.98)   # batched resident: just too big
+    one, _ = planner.plan(v, 81, 768, 1360, budget)
+    pair, est = planner.plan(v, 81, 768, 1360, budget, cfg_pair=True)
+    assert one.name != "resident" and pair.name == "resident+cfg-sequential" and est.fits
+    assert planner.resolve_profile("auto", budget_bytes=budget, variant=v, frames=81, height=768, width=1360,
+                                   cfg_pair=True).cfg_mode == "sequential"
