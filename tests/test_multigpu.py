@@ -213,3 +213,46 @@ def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
     assert one.name != "resident" and pair.name == "resident+cfg-sequential" and est.fits
     assert planner.resolve_profile("auto", budget_bytes=budget, variant=v, frames=81, height=768, width=1360,
                                    cfg_pair=True).cfg_mode == "sequential"
+
+
+# ------------------------------------------------------------------------------ the loader node
+from test_nodes import _image, _options, comfy, models_root, run  # noqa: E402,F401  (fixtures)
+
+
+def test_loader_device_values(comfy):
+    nodes, _ = comfy
+    tr_opts, t5_opts = _options(nodes["CogVidTransformerLoader"], "device"), _options(nodes["CogVidT5Loader"], "device")
+    assert tr_opts[:3] == ["auto", "cuda", "cpu"] and "cuda:0+cuda:1" in tr_opts and "cuda:1" in tr_opts
+    assert "cuda:1" in t5_opts and not any("+" in o for o in t5_opts)
+    assert [i.id for i in nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs][:4] == [
+        "model", "precision", "placement", "device"]
+    kw = dict(model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32", placement="auto")
+    with pytest.raises(ValueError, match="computes on one device"):
+        run(nodes["CogVidT5Loader"], device="cuda:0+cuda:1", **kw)
+    with pytest.raises(ValueError, match="ComfyUI computes on cpu"):   # the stub runs as ComfyUI --cpu does
+        run(nodes["CogVidTransformerLoader"], device="cuda:0+cuda:1", **kw)
+
+
+def test_loader_pair_samples_both_branches_at_once(comfy, monkeypatch):
+    """A pair on the loader reaches the sampler node unchanged: the second copy runs the unconditional
+    branch and the latents equal the one-device run (two CPU "devices" stand in for two GPUs)."""
+    import sys
+    nodes, _ = comfy
+    loaders = next(m for n, m in sys.modules.items() if n.endswith(".nodes.loaders") and m.__dict__.get("NODES")
+                   and nodes["CogVidTransformerLoader"] in m.NODES)
+    kw = dict(model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32", placement="auto")
+    one = run(nodes["CogVidTransformerLoader"], device="cpu", **kw)[0]
+    monkeypatch.setattr(loaders, "_devices", lambda choice, comp: (torch.device("cpu"), torch.device("cpu")))
+    pair = run(nodes["CogVidTransformerLoader"], device="cuda:0+cuda:1", **kw)[0]
+    calls = []
+    MG.second_of(pair.module).module.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    t5 = run(nodes["CogVidT5Loader"], device="cpu", **kw)[0]
+    vae = run(nodes["CogVidVAELoader"], device="cpu", **kw)[0]
+    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="a red fox runs", negative="")[0]
+    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    args = dict(conditioning=cond, image_latent=lat, frames=17, steps=2, cfg=6.0, dynamic_cfg=True, scheduler="dpm",
+                seed=1)
+    a = run(nodes["CogVidSampler"], transformer=one, **args)[0].samples
+    b = run(nodes["CogVidSampler"], transformer=pair, **args)[0].samples
+    assert len(calls) == 2
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
