@@ -85,17 +85,16 @@ def run_i2v(args) -> int:
                        resize=args.resize)
     if not Path(args.image).is_file():
         raise ValueError(f"start image not found: {args.image}")
-    devices = None
-    if args.devices:
-        from .multigpu import parse_devices
-        devices = parse_devices(args.devices)
-    device = devices.primary if devices is not None else pipeline.pick_device(args.device)
+    device, devices = _devices(args)
     rec = StageRecorder(device)
     bar = _Bar("denoise")
     result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
                                vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
                                cache_dir=args.cache_dir, devices=devices)
     bar.close()
+    from . import seqpar
+    if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
+        return 0
     fps = args.fps or result.fps
     out = args.out
     with rec.stage("write"):
@@ -118,6 +117,21 @@ def run_i2v(args) -> int:
         args.report.write_text(rec.to_json(profile=result.profile, settings=result.settings,
                                            variant=result.variant.key, out=str(out), host_estimate=host))
     return 0
+
+
+def _devices(args):
+    """(compute device, multigpu.DeviceMap or None) from --device/--devices; under torchrun, this
+    rank's device in the launched group."""
+    from . import pipeline, seqpar
+    from .multigpu import parse_devices
+    devices = parse_devices(args.devices) if args.devices else None
+    device = devices.primary if devices is not None else pipeline.pick_device(args.device)
+    if seqpar.launched():        # torchrun: one rank per GPU, the video tokens split over them
+        if devices is not None:
+            raise ValueError("--devices does not combine with torchrun (each rank computes on cuda:LOCAL_RANK): "
+                             "drop --devices, or run without torchrun")
+        device = seqpar.init(device.type)
+    return device, devices
 
 
 class _Bar:

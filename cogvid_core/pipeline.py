@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import devmem, guard, loading, lora, models, multigpu, planner, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, lora, models, multigpu, planner, sampling, seqpar, session, text, vae as vae_mod
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,8 @@ def _denoise(run: _Run, pos, neg, latent, progress):
     job = run.job
     sched = loading.load_scheduler(run.sources.scheduler, job.scheduler)
     try:
-        with run.stage("denoise", steps=job.steps), guard.oom_guard("denoise_step", run.info), tc.use() as module:
+        with run.stage("denoise", steps=job.steps), guard.oom_guard("denoise_step", run.info), tc.use() as module, \
+                seqpar.active(module):   # under torchrun: the video tokens split over the ranks
             return sampling.sample(module, run.variant, pos.embeds, neg.embeds if neg else None, latent, run.frames,
                                    steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
                                    seed=job.seed, device=run.device, dtype=run.dtype, cfg_mode=run.profile.cfg_mode,

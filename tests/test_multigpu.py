@@ -3,6 +3,8 @@ names, components on different devices. CPU runs take the very code path of two 
 "devices" that are both the CPU), so the result must equal the one-device run."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -256,3 +258,92 @@ def test_loader_pair_samples_both_branches_at_once(comfy, monkeypatch):
     b = run(nodes["CogVidSampler"], transformer=pair, **args)[0].samples
     assert len(calls) == 2
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ sequence parallel (gloo)
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _forward_rank(rank, n, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from cogvid_core import seqpar
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    torch.set_num_threads(1)
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    cfg, g = tr.config, torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
+              encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
+              timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
+              image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+    with torch.inference_mode():
+        ref = tr(**kw)[0]
+        with seqpar.sequence_parallel(tr) as mode:
+            got = tr(**kw)[0]
+        again = tr(**kw)[0]           # hooks and mode gone: the one-process path again
+    torch.save(dict(ref=ref, got=got, again=again, sent=mode.sent_bytes), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_forward_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_forward_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(r0["got"], r0["ref"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(r0["got"], r1["got"]), "every rank ends with the whole output"
+    assert torch.equal(r0["again"], r0["ref"]) and r0["ref"].abs().max() > 0.1
+    cfg = M.transformer_config(M.VARIANTS[KEY], tiny=True)
+    from cogvid_core.seqpar import alltoall_bytes
+    per_layer = alltoall_bytes(1, cfg["num_attention_heads"], M.MAX_TEXT_TOKENS, 72 // 2, cfg["attention_head_dim"], 4, 2)
+    assert r0["sent"] == cfg["num_layers"] * per_layer
+
+
+def _torchrun_rank(rank, n, port, argv, out):
+    import os
+    from contextlib import contextmanager
+
+    from cogvid_core import seqpar
+    os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real, sent = seqpar.sequence_parallel, []
+
+    @contextmanager
+    def counted(*a, **k):           # what the run sent, so the test sees the split really happened
+        with real(*a, **k) as mode:
+            yield mode
+        sent.append(mode.sent_bytes)
+    seqpar.sequence_parallel = counted
+    from cogvid_core.cli import main
+    if main(argv) != 0:
+        raise SystemExit(f"rank {rank} failed")
+    (Path(out) / f"sent{rank}").write_text(str(sum(sent)))
+
+
+def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
+    """The CLI as torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), on gloo: rank 0 writes
+    the frames, which equal a one-process run's."""
+    import numpy as np
+    import torch.multiprocessing as mp
+    from PIL import Image
+
+    from cogvid_core.cli import main
+    img = tmp_path / "start.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
+            "--precision", "fp32", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    mp.spawn(_torchrun_rank, args=(2, _free_port(), [*base, "--out", str(tmp_path / "sp")], str(tmp_path)), nprocs=2)
+    assert all(int((tmp_path / f"sent{r}").read_text()) > 0 for r in (0, 1))
+    one, sp = (sorted((tmp_path / d).glob("*.png")) for d in ("one", "sp"))
+    assert len(one) == len(sp) == 17
+    diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()
+               for a, b in zip(one, sp))
+    assert diff <= 1
