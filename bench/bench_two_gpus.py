@@ -127,7 +127,7 @@ def cfg_runs(tr, variant, args, devices) -> tuple[list, dict]:
         rows.append(dict(run=name, **row))
         log(rows[-1])
     second = MG.attach_second(tr, devices[1])
-    with MG.mirrored(tr, second) as rep:          # placed resident on the second GPU once, warmed there
+    with MG.mirrored(tr, second) as rep, MG.on_device(devices[1]):   # placed on the second GPU once, warmed there
         warm_up(rep, variant, args.tiny, args.dtype, devices[1])
     lats["parallel"], row = denoise(tr, variant, args, pos, neg, lat, "batched", devices)
     diff = {k: round((lats["parallel"] - lats[k]).abs().max().item(), 6) for k in ("batched", "sequential")}
@@ -150,23 +150,25 @@ def split_run(tr, t5, vae, tok, variant, args, devices) -> dict:
         m.to("cpu")
     reset_peaks(devices)
     enc_dev, tr_dev = devices[1], devices[0]
-    p_t5, p_vae = place(t5, enc_dev, prof.text_encoder), place(vae, enc_dev, prof.vae)
-    p_tr = place(tr, tr_dev, prof.transformer)
+    with MG.on_device(enc_dev):   # streams made and waited on where the model computes
+        p_t5, p_vae = place(t5, enc_dev, prof.text_encoder), place(vae, enc_dev, prof.vae)
+    with MG.on_device(tr_dev):
+        p_tr = place(tr, tr_dev, prof.transformer)
     t0 = time.perf_counter()
-    with p_t5.use():
+    with MG.on_device(enc_dev), p_t5.use():
         pos = text.encode_prompt(t5, tok, PROMPT, enc_dev)
         neg = text.encode_prompt(t5, tok, "", enc_dev)
     yy, xx = torch.meshgrid(torch.arange(args.height), torch.arange(args.width), indexing="ij")
     img = Image.fromarray(torch.stack([xx * 255 // args.width, yy * 255 // args.height, (xx + yy) % 256], -1)
                           .to(torch.uint8).numpy())
-    with p_vae.use():
+    with MG.on_device(enc_dev), p_vae.use():
         lat = vae_mod.encode_image(vae, img, args.height, args.width, variant, device=enc_dev, tile=prof.vae_tile)
     clock = Clock()
-    with p_tr.use():    # embeddings and the image latent cross to the transformer's GPU inside sample()
+    with MG.on_device(tr_dev), p_tr.use():    # embeddings and the image latent cross to the transformer's GPU inside sample()
         out = sampling.sample(tr, variant, pos.embeds, neg.embeds, lat, args.frames, steps=args.split_steps,
                               cfg=6.0, seed=42, scheduler=load_scheduler(None, "dpm"), device=tr_dev,
                               dtype=args.dtype, cfg_mode=prof.cfg_mode, progress=clock)
-    with p_vae.use():
+    with MG.on_device(enc_dev), p_vae.use():
         frames = vae_mod.decode(vae, out, enc_dev, tile=prof.vae_tile)
     row = dict(run="T5+VAE on one GPU, transformer on the other (lowvram)", s_per_step=round(clock.per_step(), 3),
                seconds=round(time.perf_counter() - t0, 2), peaks=peaks(devices), frames=list(frames.shape),
@@ -176,6 +178,57 @@ def split_run(tr, t5, vae, tok, variant, args, devices) -> dict:
     log(row)
     return row
 
+
+
+def seqpar_runs(variant, args) -> list:
+    """Under torchrun: one GPU (rank 0 alone) vs Ulysses sequence parallel over every rank, CFG batched;
+    per-step time, latents' max abs difference, all-to-all bytes per step, and the scaling they imply."""
+    import torch.distributed as dist
+
+    from cogvid_core import seqpar
+    dev = seqpar.init(args.device.split(":")[0])
+    n, rank = dist.get_world_size(), dist.get_rank()
+    devices = [dev]
+    tr = build_random("transformer", variant, args.tiny, args.dtype, dev, seed=0)
+    for t in [*tr.parameters(), *tr.buffers()]:        # the very same weights on every rank
+        dist.broadcast(t.data, 0)
+    warm_up(tr, variant, args.tiny, args.dtype, dev)
+    pos, neg, lat = inputs(variant, args.tiny, args.frames, args.height, args.width, args.dtype, dev)
+    one = None
+    if rank == 0:
+        one_lat, one = denoise(tr, variant, args, pos, neg, lat, "batched", devices)
+    dist.barrier()
+    with seqpar.sequence_parallel(tr) as mode:
+        sp_lat, sp = denoise(tr, variant, args, pos, neg, lat, "batched", devices)
+    per_step = mode.sent_bytes / args.steps
+    rows = []
+    if rank == 0:
+        rows.append(dict(run="1 GPU resident, CFG batched (torchrun rank 0 alone)", **one))
+        ratio = sp["s_per_step"] / one["s_per_step"]
+        rows.append(dict(run=f"sequence parallel (Ulysses) on {n} GPUs, CFG batched", **sp,
+                         ratio_to_batched=round(ratio, 3), alltoall_gib_per_step_per_rank=round(per_step / GIB, 3),
+                         max_abs_diff={"batched": round((sp_lat - one_lat).abs().max().item(), 6)},
+                         scaling=scaling(one["s_per_step"], sp["s_per_step"], per_step, n)))
+        for r in rows:
+            log(r)
+    dist.barrier()
+    dist.destroy_process_group()
+    return rows
+
+
+def scaling(t1: float, tn: float, sent_n: float, n: int) -> dict:
+    """Expected s/step on k GPUs: compute t1/k plus the all-to-all bytes a rank sends per step,
+    which scale as (k-1)/k^2 (a rank's share of the tokens times the share it sends away), at the
+    bandwidth measured here ((tn - t1/n) seconds for sent_n bytes)."""
+    comm = max(tn - t1 / n, 1e-9)
+    bandwidth = sent_n / comm
+    per_unit = sent_n / ((n - 1) / n ** 2)
+    out = {"measured_effective_gb_s": round(bandwidth / 1e9, 1)}
+    for k in (2, 4, 8):
+        sent = per_unit * (k - 1) / k ** 2
+        t = t1 / k + sent / bandwidth
+        out[f"{k}_gpus"] = dict(s_per_step=round(t, 3), speedup=round(t1 / t, 2), alltoall_gib=round(sent / GIB, 3))
+    return out
 
 
 def _f(v, spec=".2f"):
@@ -216,15 +269,18 @@ def main(argv=None) -> int:
     ap.add_argument("--split-steps", type=int, default=2, help="denoise steps of the split run")
     ap.add_argument("--skip-split", action="store_true")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
+    ap.add_argument("--seqpar", action="store_true", help="under torchrun: sequence parallel vs one GPU only")
     args = ap.parse_args(argv)
     variant = M.V15
-    if args.device == "cpu":
+    if args.seqpar:
+        devices = []
+    elif args.device == "cpu":
         devices = [torch.device("cpu")] * 2
     else:
         if torch.cuda.device_count() < 2:
             ap.error(f"two GPUs needed, torch sees {torch.cuda.device_count()}: run on the two-GPU machine or --device cpu")
         devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
-    args.dtype = torch.float32 if devices[0].type == "cpu" else torch.bfloat16
+    args.dtype = torch.float32 if args.device.startswith("cpu") else torch.bfloat16
     if args.tiny:
         args.frames, args.height, args.width = M.default_size(variant, M.transformer_config(variant, tiny=True))
     else:
@@ -234,11 +290,16 @@ def main(argv=None) -> int:
     log(f"# bench_two_gpus: {variant.label} {args.frames}x{args.height}x{args.width}, {args.dtype}, "
         f"{'tiny' if args.tiny else 'full-size'} random weights, {env}")
     t0 = time.perf_counter()
-    tr, t5, vae, tok = build(variant, args, devices)
-    warm_up(tr, variant, args.tiny, args.dtype, devices[0])
-    rows, _lats = cfg_runs(tr, variant, args, devices)
-    if not args.skip_split:
-        rows.append(split_run(tr, t5, vae, tok, variant, args, devices))
+    if args.seqpar:
+        rows = seqpar_runs(variant, args)
+        if not rows:              # ranks other than 0
+            return 0
+    else:
+        tr, t5, vae, tok = build(variant, args, devices)
+        warm_up(tr, variant, args.tiny, args.dtype, devices[0])
+        rows, _lats = cfg_runs(tr, variant, args, devices)
+        if not args.skip_split:
+            rows.append(split_run(tr, t5, vae, tok, variant, args, devices))
     out = table(rows)
     log("\n" + out + f"\n\ntotal {time.perf_counter() - t0:.1f} s")
     if args.out:

@@ -202,7 +202,8 @@ def mirrored(primary: nn.Module, second: Second):
     set_ff_chunking(replica, ff_chunk_tokens(primary))
     replica.set_attn_processor(dict(primary.attn_processors))
     placed = placed_of(primary)
-    p2 = place(replica, second.device, placed.requested if placed is not None else "resident")
+    with on_device(second.device):
+        p2 = place(replica, second.device, placed.requested if placed is not None else "resident")
     with ExitStack() as stack:
         for handle in _mirror_loras(primary, replica):
             stack.callback(handle.remove)
@@ -218,7 +219,11 @@ def _moved(value, device):
     return type(value)(_moved(v, device) for v in value)   # the RoPE (cos, sin) pair
 
 
-def _on(device: torch.device):
+def on_device(device):
+    """The CUDA current device set to ``device`` (nothing elsewhere): diffusers' group offloading makes
+    its copy stream on, and its hooks wait on, the current device's streams, so a model placed or
+    run on another GPU than the current one must be placed and run inside this."""
+    device = torch.device(device)
     return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
@@ -234,7 +239,7 @@ class ParallelCfg:
     def _uncond(self, x, t):
         s = self.second
         # grad mode is per thread: the caller's inference_mode does not reach this one
-        with torch.inference_mode(), _on(self.device):
+        with torch.inference_mode(), on_device(self.device):
             return s.run(x.to(self.device), s.negative, t.to(self.device)).to(x.device)
 
     def predict(self, x, t):

@@ -141,14 +141,19 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     run.recorder, run.interrupt = recorder, interrupt
     image = _open_image(job.image)
     run.check()
-    pos, neg = _then_free(_encode_prompts, run)
+    on = multigpu.on_device    # each stage with its component's GPU current (another card than the first)
+    with on(run.device_of("t5")):
+        pos, neg = _then_free(_encode_prompts, run)
     run.check()
     vc = _load_vae(run)
-    latent = _then_free(_encode_image, run, vc, image)
+    with on(vc.device):
+        latent = _then_free(_encode_image, run, vc, image)
     run.check()
-    lat = _then_free(_denoise, run, pos, neg, latent, progress)
+    with on(run.device):
+        lat = _then_free(_denoise, run, pos, neg, latent, progress)
     try:
-        frames_out = _decode(run, vc, lat)
+        with on(vc.device):
+            frames_out = _decode(run, vc, lat)
     finally:
         del vc
         _free()
