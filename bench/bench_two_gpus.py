@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -261,25 +262,33 @@ def build(variant, args, devices):
     return tr, t5, vae, tok
 
 
-def main(argv=None) -> int:
+def _arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny random models: the same code path in seconds")
     ap.add_argument("--device", default="cuda", help="cuda: cuda:0 and cuda:1; cpu: two CPU 'devices'")
     ap.add_argument("--steps", type=int, default=3, help="denoise steps of the CFG runs (per-step median after the first)")
     ap.add_argument("--split-steps", type=int, default=2, help="denoise steps of the split run")
     ap.add_argument("--skip-split", action="store_true")
-    ap.add_argument("--out", type=Path, help="write the results here as JSON")
+    ap.add_argument("--out", type=Path, help="write the results here as JSON (after each run)")
     ap.add_argument("--seqpar", action="store_true", help="under torchrun: sequence parallel vs one GPU only")
+    return ap
+
+
+def _devices(ap, args) -> list:
+    if args.seqpar:
+        return []            # each rank's own, from torchrun
+    if args.device == "cpu":
+        return [torch.device("cpu")] * 2
+    if torch.cuda.device_count() < 2:
+        ap.error(f"two GPUs needed, torch sees {torch.cuda.device_count()}: run on the two-GPU machine or --device cpu")
+    return [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def main(argv=None) -> int:
+    ap = _arguments()
     args = ap.parse_args(argv)
     variant = M.V15
-    if args.seqpar:
-        devices = []
-    elif args.device == "cpu":
-        devices = [torch.device("cpu")] * 2
-    else:
-        if torch.cuda.device_count() < 2:
-            ap.error(f"two GPUs needed, torch sees {torch.cuda.device_count()}: run on the two-GPU machine or --device cpu")
-        devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    devices = _devices(ap, args)
     args.dtype = torch.float32 if args.device.startswith("cpu") else torch.bfloat16
     if args.tiny:
         args.frames, args.height, args.width = M.default_size(variant, M.transformer_config(variant, tiny=True))
@@ -290,25 +299,34 @@ def main(argv=None) -> int:
     log(f"# bench_two_gpus: {variant.label} {args.frames}x{args.height}x{args.width}, {args.dtype}, "
         f"{'tiny' if args.tiny else 'full-size'} random weights, {env}")
     t0 = time.perf_counter()
+
+    def save(rows):
+        out = table(rows)
+        log("\n" + out + f"\n\n{time.perf_counter() - t0:.1f} s so far")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
+                                                width=args.width, steps=args.steps, split_steps=args.split_steps,
+                                                tiny=args.tiny, dtype=str(args.dtype), rows=rows, table=out,
+                                                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                                                command=" ".join(sys.argv)), indent=2))
     if args.seqpar:
         rows = seqpar_runs(variant, args)
-        if not rows:              # ranks other than 0
-            return 0
-    else:
-        tr, t5, vae, tok = build(variant, args, devices)
-        warm_up(tr, variant, args.tiny, args.dtype, devices[0])
-        rows, _lats = cfg_runs(tr, variant, args, devices)
-        if not args.skip_split:
+        if rows:              # rank 0 reports
+            save(rows)
+        return 0
+    tr, t5, vae, tok = build(variant, args, devices)
+    warm_up(tr, variant, args.tiny, args.dtype, devices[0])
+    rows, _lats = cfg_runs(tr, variant, args, devices)
+    save(rows)
+    if not args.skip_split:
+        try:
             rows.append(split_run(tr, t5, vae, tok, variant, args, devices))
-    out = table(rows)
-    log("\n" + out + f"\n\ntotal {time.perf_counter() - t0:.1f} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
-                                            width=args.width, steps=args.steps, split_steps=args.split_steps,
-                                            tiny=args.tiny, dtype=str(args.dtype), rows=rows, table=out,
-                                            date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                            command=" ".join(sys.argv)), indent=2))
+        except Exception as e:  # noqa: BLE001 - a failed run (OOM) is a result too; the CFG rows stand
+            log(traceback.format_exc())
+            rows.append(dict(run="T5+VAE on one GPU, transformer on the other (lowvram)", s_per_step=None,
+                             peaks=peaks(devices), error=f"{type(e).__name__}: {e}"))
+        save(rows)
     return 0
 
 
