@@ -204,11 +204,17 @@ def mirrored(primary: nn.Module, second: Second):
     placed = placed_of(primary)
     with on_device(second.device):
         p2 = place(replica, second.device, placed.requested if placed is not None else "resident")
+        module = p2.acquire()
     with ExitStack() as stack:
+        stack.callback(_offload_on, p2, second.device)
         for handle in _mirror_loras(primary, replica):
             stack.callback(handle.remove)
-        stack.callback(p2.offload)
-        yield p2.acquire()
+        yield module
+
+
+def _offload_on(placed, device) -> None:
+    with on_device(device):
+        placed.offload()
 
 
 def _moved(value, device):
