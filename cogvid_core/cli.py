@@ -41,6 +41,8 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8_e4m3fn"], default="bf16")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    p.add_argument("--devices", help="several GPUs (replaces --device): cuda:0,cuda:1 runs the two CFG branches at once, "
+                                     "one per GPU; t5=DEV, vae=DEV, transformer=DEV[+DEV] put components on other cards")
     p.add_argument("--profile", default=AUTO, help="memory profile: auto, resident, balanced, lowvram")
     p.add_argument("--vram-budget", type=float, help="GiB the run may use (default: what the GPU has free)")
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
@@ -83,13 +85,16 @@ def run_i2v(args) -> int:
                        resize=args.resize)
     if not Path(args.image).is_file():
         raise ValueError(f"start image not found: {args.image}")
-    device = pipeline.pick_device(args.device)
+    device, devices = _devices(args)
     rec = StageRecorder(device)
     bar = _Bar("denoise")
     result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
                                vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
-                               cache_dir=args.cache_dir)
+                               cache_dir=args.cache_dir, devices=devices)
     bar.close()
+    from . import seqpar
+    if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
+        return 0
     fps = args.fps or result.fps
     out = args.out
     with rec.stage("write"):
@@ -112,6 +117,21 @@ def run_i2v(args) -> int:
         args.report.write_text(rec.to_json(profile=result.profile, settings=result.settings,
                                            variant=result.variant.key, out=str(out), host_estimate=host))
     return 0
+
+
+def _devices(args):
+    """(compute device, multigpu.DeviceMap or None) from --device/--devices; under torchrun, this
+    rank's device in the launched group."""
+    from . import pipeline, seqpar
+    from .multigpu import parse_devices
+    devices = parse_devices(args.devices) if args.devices else None
+    device = devices.primary if devices is not None else pipeline.pick_device(args.device)
+    if seqpar.launched():        # torchrun: one rank per GPU, the video tokens split over them
+        if devices is not None:
+            raise ValueError("--devices does not combine with torchrun (each rank computes on cuda:LOCAL_RANK): "
+                             "drop --devices, or run without torchrun")
+        device = seqpar.init(device.type)
+    return device, devices
 
 
 class _Bar:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import devmem, guard, loading, lora, models, planner, sampling, session, text, vae as vae_mod
+from . import devmem, guard, loading, lora, models, multigpu, planner, sampling, seqpar, session, text, vae as vae_mod
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,10 @@ class _Run:
     interrupt: object = None
     cache_dir: object = None
     loras: tuple = ()             # ((lora.LoraWeights, strength), ...)
+    devices: multigpu.DeviceMap | None = None   # None: every component on `device`
+
+    def device_of(self, kind: str) -> torch.device:
+        return self.device if self.devices is None else self.devices.of(kind)
 
     @property
     def info(self) -> guard.RunInfo:
@@ -113,7 +117,7 @@ class _Run:
         return self.recorder.stage(name, **kw) if self.recorder is not None else nullcontext()
 
     def component(self, kind: str, module, **kw) -> session.Component:
-        return session.Component(kind, module, self.device, self.dtype, profile=self.profile, **kw)
+        return session.Component(kind, module, self.device_of(kind), self.dtype, profile=self.profile, **kw)
 
 
 def _free():
@@ -130,19 +134,26 @@ def _then_free(stage, *args):
 
 def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",
              vram_budget_gib: float | None = None, recorder=None, progress=None, interrupt=None,
-             cache_dir=None) -> Result:
-    run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir)
+             cache_dir=None, devices=None) -> Result:
+    """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
+    cards); it replaces ``device``."""
+    run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices)
     run.recorder, run.interrupt = recorder, interrupt
     image = _open_image(job.image)
     run.check()
-    pos, neg = _then_free(_encode_prompts, run)
+    on = multigpu.on_device    # each stage with its component's GPU current (another card than the first)
+    with on(run.device_of("t5")):
+        pos, neg = _then_free(_encode_prompts, run)
     run.check()
     vc = _load_vae(run)
-    latent = _then_free(_encode_image, run, vc, image)
+    with on(vc.device):
+        latent = _then_free(_encode_image, run, vc, image)
     run.check()
-    lat = _then_free(_denoise, run, pos, neg, latent, progress)
+    with on(run.device):
+        lat = _then_free(_denoise, run, pos, neg, latent, progress)
     try:
-        frames_out = _decode(run, vc, lat)
+        with on(vc.device):
+            frames_out = _decode(run, vc, lat)
     finally:
         del vc
         _free()
@@ -151,9 +162,12 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
                   notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision))
 
 
-def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir) -> _Run:
+def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir,
+             devices=None) -> _Run:
     """Everything decided before a model loads: device, dtypes, variant, video shape, profile."""
-    device = pick_device(device)
+    if isinstance(devices, str):
+        devices = multigpu.parse_devices(devices)
+    device = devices.primary if devices is not None else pick_device(device)
     dtype, storage = session.precision(precision)
     variant, config = loading.peek_transformer(sources.transformer, cache_dir=cache_dir)
     check_precision(variant, dtype)
@@ -164,9 +178,11 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
     loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
     prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
                                    budget_gib=vram_budget_gib, precision={"transformer": precision},
-                                   lora_bytes=lora.lora_bytes(loras, dtype))
+                                   lora_bytes=lora.lora_bytes(loras, dtype),
+                                   devices=devices.gpus() if devices is not None else (),
+                                   cfg_pair=devices is not None and devices.second is not None)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
-                loras=loras)
+                loras=loras, devices=devices)
 
 
 def _encode_prompts(run: _Run):
@@ -179,9 +195,9 @@ def _encode_prompts(run: _Run):
     job = run.job
     try:
         with run.stage("text encode"), guard.oom_guard("text_encode", run.info), t5c.use() as module:
-            pos = text.encode_prompt(module, tok, job.prompt, run.device)
+            pos = text.encode_prompt(module, tok, job.prompt, t5c.device)
             run.check()
-            neg = text.encode_prompt(module, tok, job.negative_prompt, run.device) if job.cfg > 1 else None
+            neg = text.encode_prompt(module, tok, job.negative_prompt, t5c.device) if job.cfg > 1 else None
     finally:
         t5c.release()
     return pos, neg
@@ -197,7 +213,7 @@ def _encode_image(run: _Run, vc: session.Component, image):
     prof = run.profile
     try:
         with run.stage("image encode"), guard.oom_guard("image_encode", run.info), vc.use() as vae:
-            return vae_mod.encode_image(vae, image, run.height, run.width, run.variant, run.job.resize, run.device,
+            return vae_mod.encode_image(vae, image, run.height, run.width, run.variant, run.job.resize, vc.device,
                                         tile=prof.vae_tile if prof.encode_tiled else None)
     finally:
         vc.release()
@@ -208,6 +224,9 @@ def _denoise(run: _Run, pos, neg, latent, progress):
     with run.stage("load transformer"):
         tr, _ = loading.load_transformer(run.sources.transformer, dtype=run.dtype, storage_dtype=run.storage,
                                          cache_dir=run.cache_dir)
+    second = run.devices.second if run.devices is not None else None
+    if second is not None:   # before placing: the copy shares the weights (or the file index), never a placement
+        multigpu.attach_second(tr, second)
     tc = run.component("transformer", tr, variant=run.variant)
     del tr
     if run.loras:
@@ -215,19 +234,21 @@ def _denoise(run: _Run, pos, neg, latent, progress):
     job = run.job
     sched = loading.load_scheduler(run.sources.scheduler, job.scheduler)
     try:
-        with run.stage("denoise", steps=job.steps), guard.oom_guard("denoise_step", run.info), tc.use() as module:
+        with run.stage("denoise", steps=job.steps), guard.oom_guard("denoise_step", run.info), tc.use() as module, \
+                seqpar.active(module):   # under torchrun: the video tokens split over the ranks
             return sampling.sample(module, run.variant, pos.embeds, neg.embeds if neg else None, latent, run.frames,
                                    steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
                                    seed=job.seed, device=run.device, dtype=run.dtype, cfg_mode=run.profile.cfg_mode,
                                    progress=progress, interrupt=run.interrupt)
     finally:
         tc.release()
+        multigpu.detach_second(tc.module)
 
 
 def _decode(run: _Run, vc: session.Component, lat):
     try:
         with run.stage("decode"), vc.use() as vae:
-            return guard.decode(vae, lat, run.device, tile=run.profile.vae_tile, interrupt=run.interrupt,
+            return guard.decode(vae, lat, vc.device, tile=run.profile.vae_tile, interrupt=run.interrupt,
                                 info=run.info)
     except BaseException as e:
         # Any failure, interrupts included (ComfyUI 2026's derives from BaseException), keeps the

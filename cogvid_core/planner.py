@@ -43,6 +43,18 @@ def candidates(base_profiles: dict[str, Profile] | None = None) -> list[Profile]
     return out
 
 
+def one_branch(profiles: list[Profile]) -> list[Profile]:
+    """Candidates for a CFG pair (two GPUs, one branch each: batched CFG is off): each candidate in
+    its sequential form, once, fastest first; a profile already sequential keeps its name."""
+    out: dict[Profile, Profile] = {}
+    for prof in profiles:
+        seq = prof if prof.cfg_mode == "sequential" else _derive(prof, cfg_mode="sequential")
+        key = dataclasses.replace(seq, name="")
+        if key not in out or prof.cfg_mode == "sequential":
+            out[key] = seq
+    return list(out.values())
+
+
 def _lowvram_variants(low: Profile) -> list[Profile]:
     """``low`` with smaller feed-forward chunks and/or tiles, fewest and mildest changes first
     (each step down a list costs a little speed); tiles the decode cannot use are left out."""
@@ -82,12 +94,13 @@ def _derive(profile: Profile, **changes) -> Profile:
 
 def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
          profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
-         keep_loaded: bool = False, lora_bytes: int = 0) -> tuple[Profile, Estimate]:
-    """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes.
+         keep_loaded: bool = False, lora_bytes: int = 0, cfg_pair: bool = False) -> tuple[Profile, Estimate]:
+    """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes (``cfg_pair``:
+    the per-GPU budget of a CFG pair, among :func:`one_branch` candidates).
 
     Raises ValueError saying what the smallest option needs when none fits."""
     last = None
-    for prof in candidates(profiles):
+    for prof in (one_branch if cfg_pair else list)(candidates(profiles)):
         est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
                        calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
                        lora_bytes=lora_bytes)
@@ -125,13 +138,15 @@ def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
 def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     device=None, budget_gib: float | None = None, precision: dict | None = None,
-                    lora_bytes: int = 0) -> Profile:
+                    lora_bytes: int = 0, devices=(), cfg_pair: bool = False) -> Profile:
     """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
 
     ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
     :func:`plan` picks. The budget is ``budget_bytes``, else ``budget_gib``, else the device's free
     memory (:func:`gpu_budget`). On a CPU device ``auto`` is ``resident``. ``lora_bytes``: the
-    LoRAs' device bytes, counted with the transformer's weights.
+    LoRAs' device bytes, counted with the transformer's weights. ``devices``: every GPU the run uses
+    (components on different cards, a CFG pair): the free-memory budget is the smallest one's;
+    ``cfg_pair``: each GPU runs one CFG branch (:func:`plan`).
     """
     if not (isinstance(name, str) and name == AUTO):
         return get_profile(name)
@@ -141,14 +156,16 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     if budget_bytes is None:
         if dev is None or dev.type == "cpu" or not torch.cuda.is_available():
             return PROFILES["resident"]
-        budget_bytes = gpu_budget(dev)
+        budgets = [b for b in (gpu_budget(d) for d in (devices or [dev])) if b is not None]
+        budget_bytes = min(budgets) if budgets else None
         if budget_bytes is None:
             return PROFILES["resident"]
     if estimate_fn is not None:
         return get_profile(estimate_fn(budget_bytes))
     if variant is None or frames is None or height is None or width is None:
         raise ValueError("profile 'auto' needs the variant, frames, height and width to pick from a budget")
-    prof, est = plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes)
+    prof, est = plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes,
+                     cfg_pair=cfg_pair)
     if prof.vae_tile is not None:        # derived candidates may carry inexact tiles
         prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
     log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,

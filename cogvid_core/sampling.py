@@ -17,6 +17,7 @@ from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from .models import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames
+from .multigpu import cfg_parallel
 from .vae import ImageLatent, VideoLatents
 
 SCHEDULERS = ("dpm", "ddim")
@@ -172,7 +173,8 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
 
     progress(done, total) is called after each step; interrupt() is called before each step
     and may raise to abort. cfg_mode "sequential" runs the two CFG branches one after the other
-    (half the activation memory, same result up to kernel rounding).
+    (half the activation memory, same result up to kernel rounding). A transformer with a second
+    device (multigpu.attach_second) runs the two branches at once, one per device, as "sequential" does.
     """
     config = transformer.config
     check_args(variant, config, frames, image.height, image.width, steps, cfg, negative, cfg_mode)
@@ -194,6 +196,7 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     ofs = latents.new_full((1,), 2.0) if config.ofs_embed_dim is not None else None
     denoiser = Denoiser(transformer, positive.to(device, dtype), negative.to(device, dtype) if use_cfg else None,
                         rope, ofs, cfg, steps, dynamic_cfg, cfg_mode)
-    latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt)
+    with cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
+        latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt)
     return VideoLatents(samples=latents.cpu(), frames=frames, height=image.height, width=image.width,
                         variant_key=variant.key, fps=variant.fps, drop_first=pad)

@@ -12,7 +12,9 @@ _MODEL_TIP = ("models/CogVideo folders (hub layout), single .safetensors files f
               "(downloaded once into models/CogVideo, only the needed sub-folders)")
 _PRECISION_TIP = ("Weight precision. bf16 is right for both models; fp16 gives black frames with CogVideoX1.5; "
                   "fp8_e4m3fn (transformer) stores the block weights in 8 bits (half the memory) and computes in bf16")
-_DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda or cpu to force one"
+_DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda, cuda:N or cpu to force one"
+_PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one per GPU, each GPU holding a copy of "
+             "the transformer (or streaming it from the files) and one branch's activations")
 
 
 def placement_modes() -> list[str]:
@@ -31,8 +33,30 @@ def _common_inputs(component: str, single: str, placement_tip: str) -> list:
         io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
         io.Combo.Input("precision", options=precisions, default="bf16", tooltip=_PRECISION_TIP),
         _placement_input(placement_tip),
-        io.Combo.Input("device", options=list(C.DEVICES), default="auto", tooltip=_DEVICE_TIP),
+        io.Combo.Input("device", options=_device_options(component), default="auto",
+                       tooltip=_DEVICE_TIP + (_PAIR_TIP if component == "transformer" else "")),
     ]
+
+
+def _device_options(component: str) -> list[str]:
+    import torch
+    from cogvid_core.multigpu import PAIR_SEPARATOR, device_choices
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    extra = device_choices(gpus)
+    return list(C.DEVICES) + (extra if component == "transformer" else [d for d in extra if PAIR_SEPARATOR not in d])
+
+
+def _devices(choice: str, component: str):
+    """A device value -> (compute device, the second GPU of a CFG pair or None)."""
+    from cogvid_core.multigpu import PAIR_SEPARATOR, parse_pair
+    if choice in C.DEVICES:
+        return C.compute_device(choice), None
+    if PAIR_SEPARATOR in choice and component != "transformer":
+        raise ValueError(f"device {choice!r}: a GPU pair runs the transformer's two CFG branches; the {component} "
+                         "computes on one device: choose cuda:N, cuda, auto or cpu")
+    C.compute_device("cuda")   # refused when ComfyUI computes on the CPU (--cpu)
+    devs = parse_pair(choice)
+    return devs[0], (devs[1] if len(devs) > 1 else None)
 
 
 def _source(component: str, model: str) -> str:
@@ -66,11 +90,14 @@ class CogVidTransformerLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core import loading, session
+        from cogvid_core import multigpu
         dtype, storage = session.precision(precision)
-        dev = C.compute_device(device)
+        dev, second = _devices(device, "transformer")
         src = _source("transformer", model)
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
+        if second is not None:      # the sampler finds the copy on the module (cogvid_core.multigpu)
+            multigpu.attach_second(module, second)
         comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model)
         return io.NodeOutput(memory.expose(comp))
 
@@ -94,7 +121,7 @@ class CogVidT5Loader(io.ComfyNode):
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core import loading, session
         dtype, _storage = session.precision(precision)
-        dev = C.compute_device(device)
+        dev, _ = _devices(device, "t5")
         src = _source("t5", model)
         memory.free_for_load(0, dev)
         module, tokenizer = loading.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
@@ -120,7 +147,7 @@ class CogVidVAELoader(io.ComfyNode):
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core import loading, session
         dtype, _storage = session.precision(precision)
-        dev = C.compute_device(device)
+        dev, _ = _devices(device, "vae")
         src = _source("vae", model)
         # The VAE weights serve both variants: the latent scaling rule is the transformer's variant's,
         # applied by the sampler, so the VAE needs none.

@@ -1,0 +1,349 @@
+"""Two devices in one process: CFG branches at once on a second copy of the transformer, device
+names, components on different devices. CPU runs take the very code path of two GPUs (two
+"devices" that are both the CPU), so the result must equal the one-device run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvid_core import models as M
+from cogvid_core import multigpu as MG
+from cogvid_core import sampling
+from cogvid_core.placement import place, placed_of, unplace
+from cogvid_core.testing import build_random
+from cogvid_core.vae import ImageLatent
+
+KEY = "cogvideox1.5-5b-i2v"
+
+
+def _inputs(variant, seed=3):
+    cfg = M.transformer_config(variant, tiny=True)
+    frames, h, w = M.default_size(variant, cfg)
+    g = torch.Generator().manual_seed(seed)
+    dim = cfg["text_embed_dim"]
+    pos, neg = (torch.randn(1, M.MAX_TEXT_TOKENS, dim, generator=g) for _ in range(2))
+    lat = ImageLatent(mean=torch.randn(1, 16, 1, h // 8, w // 8, generator=g),
+                      std=torch.rand(1, 16, 1, h // 8, w // 8, generator=g) * 0.1, height=h, width=w, scale=0.7)
+    return frames, pos, neg, lat
+
+
+def _sample(tr, variant, cfg_mode="sequential", steps=3, cfg=6.0):
+    frames, pos, neg, lat = _inputs(variant)
+    return sampling.sample(tr, variant, pos, neg, lat, frames, steps=steps, cfg=cfg, seed=5, device="cpu",
+                           dtype=torch.float32, cfg_mode=cfg_mode).samples
+
+
+@pytest.fixture
+def transformer():
+    return build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+
+
+def test_cfg_parallel_equals_one_device(transformer):
+    variant = M.VARIANTS[KEY]
+    one = _sample(transformer, variant, "sequential")
+    batched = _sample(transformer, variant, "batched")
+    MG.attach_second(transformer, "cpu")
+    calls = []
+    handle = MG.second_of(transformer).module.register_forward_pre_hook(lambda m, a, k: calls.append(1),
+                                                                        with_kwargs=True)
+    two = _sample(transformer, variant, "batched")    # the pair ignores batching: one branch per device
+    handle.remove()
+    assert len(calls) == 3, "the second copy ran the unconditional branch once per step"
+    assert torch.equal(two, one), (two - one).abs().max()
+    torch.testing.assert_close(two, batched, rtol=1e-5, atol=1e-5)
+    assert two.abs().max() > 0.1
+
+
+def test_cfg_parallel_sees_a_different_second_branch(transformer):
+    """The check above can fail: a second copy with other weights changes the result."""
+    variant = M.VARIANTS[KEY]
+    one = _sample(transformer, variant)
+    second = MG.attach_second(transformer, "cpu")
+    with torch.no_grad():
+        second.module.proj_out.weight.mul_(1.01)
+    assert not torch.allclose(_sample(transformer, variant), one, atol=1e-4)
+
+
+def test_no_cfg_runs_on_the_first_device_only(transformer):
+    variant = M.VARIANTS[KEY]
+    one = _sample(transformer, variant, cfg=1.0)
+    calls = []
+    second = MG.attach_second(transformer, "cpu")
+    second.module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    assert torch.equal(_sample(transformer, variant, cfg=1.0), one)
+    assert not calls
+
+
+def test_replica_shares_weights_but_moves_alone(transformer):
+    rep = MG.replicate(transformer)
+    a, b = next(transformer.parameters()), next(rep.parameters())
+    assert a is not b and a.data_ptr() == b.data_ptr()
+    rep.to(torch.float64)               # placing one copy never converts or moves the other
+    assert next(transformer.parameters()).dtype == torch.float32
+
+
+def test_replica_refused_after_placement(transformer):
+    place(transformer, "cpu", "resident")
+    with pytest.raises(RuntimeError, match="before it is placed"):
+        MG.replicate(transformer)
+    unplace(transformer)
+    transformer.proj_out.register_forward_hook(lambda *a: None)
+    with pytest.raises(RuntimeError, match="hooked"):
+        MG.replicate(transformer)
+
+
+def test_second_copy_takes_the_first_ones_settings(transformer):
+    from cogvid_core.activations import apply_profile, ff_chunk_tokens, low_mem_attention_enabled
+
+    second = MG.attach_second(transformer, "cpu")
+    apply_profile(transformer, "lowvram")
+    place(transformer, "cpu", "offload")
+    with MG.mirrored(transformer, second) as rep:
+        assert rep is second.module
+        assert ff_chunk_tokens(rep) == ff_chunk_tokens(transformer) is not None
+        assert low_mem_attention_enabled(rep)
+        assert placed_of(rep).requested == "offload"
+
+
+def test_parse_devices():
+    m = MG.parse_devices("cpu,cpu")
+    assert m.transformer == (torch.device("cpu"),) * 2 and m.second == torch.device("cpu")
+    m = MG.parse_devices("transformer=cpu,t5=cpu")
+    assert m.second is None and m.of("vae") == torch.device("cpu")
+    assert MG.parse_pair("cpu+cpu") == (torch.device("cpu"),) * 2
+    with pytest.raises(ValueError, match="unknown component 'unet'"):
+        MG.parse_devices("cpu,unet=cpu")
+    with pytest.raises(ValueError, match="one device or two"):
+        MG.parse_devices("cpu,cpu,cpu")
+    with pytest.raises(ValueError, match="given twice"):
+        MG.parse_devices("cpu,transformer=cpu")
+    with pytest.raises(ValueError, match="not a device name"):
+        MG.parse_devices("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            MG.parse_devices("cuda:0,cuda:1")
+
+
+def test_device_choices():
+    assert MG.device_choices(1) == ["cuda:0", "cuda:1", "cuda:0+cuda:1"]
+    assert "cuda:2+cuda:3" in MG.device_choices(4)
+
+
+# ------------------------------------------------------------------------------ the pipeline and CLI
+def _job(image_size, cfg=6.0):
+    import numpy as np
+    from PIL import Image
+
+    from cogvid_core import pipeline
+    w, h = image_size
+    img = Image.fromarray((np.random.RandomState(1).rand(h, w, 3) * 255).astype(np.uint8))
+    return pipeline.Job(image=img, prompt="a boat on a lake", negative_prompt="blurry", steps=2, cfg=cfg, seed=9)
+
+
+def _generate(tiny_ckpts, **kw):
+    from cogvid_core import pipeline
+    folder = str(tiny_ckpts[KEY]["hf"])
+    variant = M.VARIANTS[KEY]
+    _, h, w = M.default_size(variant, M.transformer_config(variant, tiny=True))
+    return pipeline.generate(pipeline.Sources.from_model(folder), _job((w, h)), precision="fp32", profile="lowvram",
+                             **kw)
+
+
+def test_pipeline_cfg_pair_equals_one_device(tiny_ckpts, monkeypatch):
+    one = _generate(tiny_ckpts, device="cpu")
+    seen = []
+    attach = MG.attach_second
+    monkeypatch.setattr(MG, "attach_second", lambda m, d: seen.append(d) or attach(m, d))
+    two = _generate(tiny_ckpts, devices="cpu,cpu")
+    assert seen == [torch.device("cpu")]
+    assert torch.equal(two.frames, one.frames)
+    assert two.frames.std() > 0.01
+
+
+def test_components_on_other_devices(tiny_ckpts, monkeypatch):
+    """T5 and the VAE on one device, the transformer on another: each stage gets its component's
+    device ("cpu:0" is a device named apart from "cpu" that a CPU machine has), the video is the same."""
+    from cogvid_core import guard, pipeline, text, vae
+    one = _generate(tiny_ckpts, device="cpu")
+    calls = {}
+
+    def spy(mod, name, pos):
+        real = getattr(mod, name)
+
+        def wrapped(*a, **k):
+            calls.setdefault(name, []).append(torch.device(k["device"] if "device" in k else a[pos]))
+            return real(*a, **k)
+        monkeypatch.setattr(mod, name, wrapped)
+    spy(text, "encode_prompt", 3)
+    spy(vae, "encode_image", 6)
+    spy(guard, "decode", 2)
+    spy(pipeline.sampling, "sample", -1)
+    other = torch.device("cpu", 0)
+    split = _generate(tiny_ckpts, devices=MG.DeviceMap((torch.device("cpu"),), other, other))
+    assert calls == {"encode_prompt": [other, other], "encode_image": [other], "decode": [other],
+                     "sample": [torch.device("cpu")]}
+    assert torch.equal(split.frames, one.frames)
+
+
+def test_cli_devices(tiny_ckpts, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from cogvid_core.cli import main
+    img = tmp_path / "start.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "1",
+            "--precision", "fp32", "--out", str(tmp_path / "frames")]
+    assert main([*base, "--devices", "transformer=cpu+cpu,t5=cpu,vae=cpu"]) == 0
+    assert len(list((tmp_path / "frames").glob("*.png"))) > 0
+    assert main([*base, "--devices", "cpu,cpu,cpu"]) == 2
+    assert "one device or two" in capsys.readouterr().err
+
+
+def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
+    from cogvid_core import planner
+    from cogvid_core.estimate import estimate
+    cands = planner.one_branch(planner.candidates())
+    assert cands and all(p.cfg_mode == "sequential" for p in cands)
+    assert len({p.name for p in cands}) == len(cands) and "lowvram" in {p.name for p in cands}
+    v = M.VARIANTS[KEY]
+    budget = int(estimate(v, 81, 768, 1360, "resident").peak_reserved * 0.98)   # batched resident: just too big
+    one, _ = planner.plan(v, 81, 768, 1360, budget)
+    pair, est = planner.plan(v, 81, 768, 1360, budget, cfg_pair=True)
+    assert one.name != "resident" and pair.name == "resident+cfg-sequential" and est.fits
+    assert planner.resolve_profile("auto", budget_bytes=budget, variant=v, frames=81, height=768, width=1360,
+                                   cfg_pair=True).cfg_mode == "sequential"
+
+
+# ------------------------------------------------------------------------------ the loader node
+from test_nodes import _image, _options, comfy, models_root, run  # noqa: E402,F401  (fixtures)
+
+
+def test_loader_device_values(comfy):
+    nodes, _ = comfy
+    tr_opts, t5_opts = _options(nodes["CogVidTransformerLoader"], "device"), _options(nodes["CogVidT5Loader"], "device")
+    assert tr_opts[:3] == ["auto", "cuda", "cpu"] and "cuda:0+cuda:1" in tr_opts and "cuda:1" in tr_opts
+    assert "cuda:1" in t5_opts and not any("+" in o for o in t5_opts)
+    assert [i.id for i in nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs][:4] == [
+        "model", "precision", "placement", "device"]
+    kw = dict(model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32", placement="auto")
+    with pytest.raises(ValueError, match="computes on one device"):
+        run(nodes["CogVidT5Loader"], device="cuda:0+cuda:1", **kw)
+    with pytest.raises(ValueError, match="ComfyUI computes on cpu"):   # the stub runs as ComfyUI --cpu does
+        run(nodes["CogVidTransformerLoader"], device="cuda:0+cuda:1", **kw)
+
+
+def test_loader_pair_samples_both_branches_at_once(comfy, monkeypatch):
+    """A pair on the loader reaches the sampler node unchanged: the second copy runs the unconditional
+    branch and the latents equal the one-device run (two CPU "devices" stand in for two GPUs)."""
+    import sys
+    nodes, _ = comfy
+    loaders = next(m for n, m in sys.modules.items() if n.endswith(".nodes.loaders") and m.__dict__.get("NODES")
+                   and nodes["CogVidTransformerLoader"] in m.NODES)
+    kw = dict(model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32", placement="auto")
+    one = run(nodes["CogVidTransformerLoader"], device="cpu", **kw)[0]
+    monkeypatch.setattr(loaders, "_devices", lambda choice, comp: (torch.device("cpu"), torch.device("cpu")))
+    pair = run(nodes["CogVidTransformerLoader"], device="cuda:0+cuda:1", **kw)[0]
+    calls = []
+    MG.second_of(pair.module).module.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    t5 = run(nodes["CogVidT5Loader"], device="cpu", **kw)[0]
+    vae = run(nodes["CogVidVAELoader"], device="cpu", **kw)[0]
+    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="a red fox runs", negative="")[0]
+    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    args = dict(conditioning=cond, image_latent=lat, frames=17, steps=2, cfg=6.0, dynamic_cfg=True, scheduler="dpm",
+                seed=1)
+    a = run(nodes["CogVidSampler"], transformer=one, **args)[0].samples
+    b = run(nodes["CogVidSampler"], transformer=pair, **args)[0].samples
+    assert len(calls) == 2
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ sequence parallel (gloo)
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _forward_rank(rank, n, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from cogvid_core import seqpar
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    torch.set_num_threads(1)
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    cfg, g = tr.config, torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
+              encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
+              timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
+              image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+    with torch.inference_mode():
+        ref = tr(**kw)[0]
+        with seqpar.sequence_parallel(tr) as mode:
+            got = tr(**kw)[0]
+        again = tr(**kw)[0]           # hooks and mode gone: the one-process path again
+    torch.save(dict(ref=ref, got=got, again=again, sent=mode.sent_bytes), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_forward_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_forward_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.testing.assert_close(r0["got"], r0["ref"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(r0["got"], r1["got"]), "every rank ends with the whole output"
+    assert torch.equal(r0["again"], r0["ref"]) and r0["ref"].abs().max() > 0.1
+    cfg = M.transformer_config(M.VARIANTS[KEY], tiny=True)
+    from cogvid_core.seqpar import alltoall_bytes
+    per_layer = alltoall_bytes(1, cfg["num_attention_heads"], M.MAX_TEXT_TOKENS, 72 // 2, cfg["attention_head_dim"], 4, 2)
+    assert r0["sent"] == cfg["num_layers"] * per_layer
+
+
+def _torchrun_rank(rank, n, port, argv, out):
+    import os
+    from contextlib import contextmanager
+
+    from cogvid_core import seqpar
+    os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    real, sent = seqpar.sequence_parallel, []
+
+    @contextmanager
+    def counted(*a, **k):           # what the run sent, so the test sees the split really happened
+        with real(*a, **k) as mode:
+            yield mode
+        sent.append(mode.sent_bytes)
+    seqpar.sequence_parallel = counted
+    from cogvid_core.cli import main
+    if main(argv) != 0:
+        raise SystemExit(f"rank {rank} failed")
+    (Path(out) / f"sent{rank}").write_text(str(sum(sent)))
+
+
+def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
+    """The CLI as torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), on gloo: rank 0 writes
+    the frames, which equal a one-process run's."""
+    import numpy as np
+    import torch.multiprocessing as mp
+    from PIL import Image
+
+    from cogvid_core.cli import main
+    img = tmp_path / "start.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
+            "--precision", "fp32", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    mp.spawn(_torchrun_rank, args=(2, _free_port(), [*base, "--out", str(tmp_path / "sp")], str(tmp_path)), nprocs=2)
+    assert all(int((tmp_path / f"sent{r}").read_text()) > 0 for r in (0, 1))
+    one, sp = (sorted((tmp_path / d).glob("*.png")) for d in ("one", "sp"))
+    assert len(one) == len(sp) == 17
+    diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()
+               for a, b in zip(one, sp))
+    assert diff <= 1
