@@ -24,7 +24,7 @@ calls. Which mode each component gets is a :class:`cogvid_core.profiles.Profile`
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -127,9 +127,11 @@ class Placed:
         for t in self._outside:            # e.g. nothing for T5 (shared embedding is encoder.embed_tokens)
             t.data = t.data.to(self.device)
         cuda = self.device.type == "cuda"
-        apply_group_offloading(root, onload_device=self.device, offload_device=HOST, offload_type="block_level",
-                               num_blocks_per_group=1, use_stream=bool(use_stream and cuda),
-                               non_blocking=cuda)
+        # its copy stream is made on the current device: make that this placement's one
+        with torch.cuda.device(self.device) if cuda else nullcontext():
+            apply_group_offloading(root, onload_device=self.device, offload_device=HOST, offload_type="block_level",
+                                   num_blocks_per_group=1, use_stream=bool(use_stream and cuda),
+                                   non_blocking=cuda)
         self._root = root
 
     def _remove_stream(self) -> None:

@@ -196,6 +196,7 @@ def in_use(component, stage: str, info=None, memory_required: int = 0):
     out-of-memory error inside turned into the stage's actionable message, the component released
     after, whatever happened."""
     from cogvid_core import guard
+    from cogvid_core.multigpu import on_device
     placed = []
 
     def module():
@@ -203,8 +204,8 @@ def in_use(component, stage: str, info=None, memory_required: int = 0):
             placed.append(acquire(component, memory_required))
         return placed[0]
 
-    try:
-        with guard.oom_guard(stage, info or guard.RunInfo(device=component.device)):
+    try:   # the component's GPU current: ComfyUI's may be another card (streams are per device)
+        with on_device(component.device), guard.oom_guard(stage, info or guard.RunInfo(device=component.device)):
             yield module
     finally:
         release(component)
