@@ -12,19 +12,22 @@ First principles, then calibration:
 - VAE: encoder activations at full resolution for the (causally padded) start frame; decode per
   tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a multiplier, plus
   the decoded tiles and the full video that accumulate on the GPU (diffusers' tiled decode);
-- peak reserved = peak allocated + a fragmentation share of the activations.
-The multipliers live in calibration.json with the card and versions they were fitted on
-(`bench/bench_estimate.py --write-calibration`). Picking settings that fit a budget is
+- peak reserved = peak allocated + a fragmentation share of the activations (per stage).
+The multipliers live in calibration/<card family>.json, one set per CUDA allocator (native caching
+allocator, cudaMallocAsync), with the card and versions they were fitted on
+(`bench/bench_estimate.py --fit ... --write-calibration`); :mod:`cogvid_core.cards` picks the file
+from the device's name and the set from the allocator in use. Picking settings that fit a budget is
 :mod:`cogvid_core.planner`'s; the chart is :mod:`cogvid_core.chart`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from . import cards
+from .cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from .devmem import precision_bytes
 from .hostplan import host_stages
 from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
@@ -33,7 +36,6 @@ from .stages import COMPONENT_OF_STAGE, STAGES
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
-CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 # Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
@@ -50,7 +52,9 @@ DEFAULT_CONSTANTS = {
     "dec_accum_mult": 1.0,         # x bytes of decoded tiles kept on the GPU until blended
     "dec_post_mult": 5.0,          # x bytes of the bf16 video during blend/cat/float/scale
     "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
-    "reserved_frag": 0.4,          # reserved - allocated, as a share of the stage's activations
+    "reserved_frag": 0.4,          # reserved - allocated, as a share of the step's activations
+    "text_reserved_frag": 0.4,     # the same for the text encode
+    "enc_reserved_frag": 0.4,      # the same for the image encode
     "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
     "dec_video_frag": 0.0,         # + x bytes of the bf16 video (decoded tiles fragment the cache)
     "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once
@@ -109,22 +113,34 @@ def _compute_bytes(precision: str) -> int:
 
 
 # ---------------------------------------------------------------- calibration
-@lru_cache(maxsize=1)
-def _load_calibration_file(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
+def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native") -> dict:
+    """{"constants": {...}, "choice": {card, family, allocator, matched, tolerance, path, note}}.
 
-
-def calibration(path: Path | dict | None = None) -> dict:
-    """{"constants": {...}, "card": ..., ...}; defaults where the file lacks a constant.
-    A dict instead of a path is taken as the constants themselves (fitting, tests)."""
+    None: the file of ``card``'s family (cards.choose); a path: that file; a dict: the constants
+    themselves (fitting, tests). Constants a file lacks take DEFAULT_CONSTANTS (a per-stage
+    fragmentation share it lacks, the step's)."""
     if isinstance(path, dict):
-        return {"constants": {**DEFAULT_CONSTANTS, **path}, "source": "given constants"}
-    path = Path(path or CALIBRATION_PATH)
-    data = {}
-    if path.exists():
-        data = dict(_load_calibration_file(str(path), path.stat().st_mtime))
-    data["constants"] = {**DEFAULT_CONSTANTS, **data.get("constants", {})}
-    return data
+        doc, choice = {"allocators": {allocator: {"constants": path}}}, dict(
+            card="given constants", family=None, allocator=allocator, matched=True, tolerance=None, path=None, note="")
+    elif path is None:
+        doc, choice = cards.choose(card, allocator)
+    else:
+        doc = cards.read(Path(path))
+        choice = dict(card=doc.get("card"), family=Path(path).stem, allocator=allocator, matched=True,
+                      tolerance=doc.get("tolerance"), path=str(path), note="")
+    sets = doc.get("allocators", {})
+    if choice["allocator"] not in sets and sets:
+        choice["allocator"] = "native" if "native" in sets else next(iter(sets))
+    given = sets.get(choice["allocator"], {}).get("constants", {})
+    c = {**DEFAULT_CONSTANTS, **given}
+    for k in ("text_reserved_frag", "enc_reserved_frag"):
+        if k not in given:         # files fitted with one share for every stage but the decode
+            c[k] = c["reserved_frag"]
+    return {"constants": c, "choice": choice, **{k: doc.get(k) for k in ("card", "torch", "diffusers", "date")}}
+
+
+def clear_calibration_cache() -> None:
+    cards._read.cache_clear()
 
 
 # ---------------------------------------------------------------- what a profile asks for
@@ -205,6 +221,8 @@ class Estimate:
     keep_loaded: bool = False
     profile: object = field(default=None, repr=False, compare=False)
     margin: float = 0.0
+    allocator: str = "native"
+    calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
 
     @property
     def needed_bytes(self) -> int:
@@ -254,8 +272,9 @@ class Estimate:
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
                 "peak_stage": self.peak_stage, "host_peak_bytes": self.host_peak_bytes, "needed_bytes": self.needed_bytes, "margin": self.margin,
                 "budget_bytes": self.budget_bytes, "fits": self.fits,
-                "advice": self.advice(), "keep_loaded": self.keep_loaded,
-                "calibration": self.calibration_source}
+                "advice": self.advice(), "keep_loaded": self.keep_loaded, "allocator": self.allocator,
+                "calibration": self.calibration_source, "calibrated_on": self.calibration.get("card"),
+                "tolerance": self.calibration.get("tolerance"), "calibration_note": self.calibration.get("note", "")}
 
 
 def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int,
@@ -281,7 +300,7 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
 def estimate(variant, frames: int, height: int, width: int, profile: Profile | str = "balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
-             lora_bytes: int = 0) -> Estimate:
+             lora_bytes: int = 0, allocator: str | None = None, card: str | None = None) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -291,11 +310,14 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
     placed "resident" stay on the GPU through every stage.
     lora_bytes: the LoRAs' device bytes (lora.lora_bytes), weights of the denoise stage.
+    allocator / card: the CUDA allocator ("native" / "cudaMallocAsync") and device name the
+    calibration is chosen for; default: this process's (cards.allocator_backend, cards.device_card).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
     precision = {**DEFAULT_PRECISION, **(precision or {})}
-    cal = calibration(calibration_path)
+    allocator = allocator or allocator_backend()
+    cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)
     c = cal["constants"]
     tile_t = _tile_of(profile, tile)
     vcfg = vae_config(v, tiny)
@@ -313,9 +335,10 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                        video_bytes, weight_bytes, tiny)
     stages = [_stage(name, weights[name], acts[name], c, video_bytes, host[name]) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
+    src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
-                    keep_loaded, profile, float(c["reserved_margin"]))
+                    keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"])
 
 
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict) -> dict:
@@ -332,7 +355,8 @@ def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: in
     if name == "decode":
         reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
     else:
-        reserved = alloc + c["reserved_frag"] * a
+        frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, "reserved_frag")
+        reserved = alloc + c[frag] * a
     return StageEstimate(name, weights, a, alloc, int(reserved), *host)
 
 
