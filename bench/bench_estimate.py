@@ -547,7 +547,21 @@ def _margin(cells, constants) -> float:
     return round(max(under, 0.0) + 0.02, 3)
 
 
-def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: float, path: Path | None = None) -> Path:
+def covered(cells) -> dict:
+    """{allocator: {stage: [stage keys]}}: the stage configurations a calibration was fitted on and
+    claims (tests/test_calibration_replay.py holds it to its tolerance on exactly these)."""
+    out: dict = {}
+    for c in cells:
+        if c["kind"] == "fit" and not c.get("error"):
+            keys = out.setdefault(c["allocator"], {}).setdefault(c["stage"], [])
+            k = list(stage_key(c["stage"], profile_of(c)))
+            if k not in keys:
+                keys.append(k)
+    return out
+
+
+def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: float, covers: dict,
+                      path: Path | None = None) -> Path:
     """cogvid_core/calibration/<family>.json: one constants set per allocator, the card and versions."""
     from cogvid_core import cards
     family = cards.family_of(env["card"])
@@ -556,11 +570,10 @@ def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: f
     path = path or cards.CALIBRATION_DIR / f"{family}.json"
     doc = dict(card=env["card"], family=family, torch=env.get("torch"), diffusers=env.get("diffusers"),
                transformers=env.get("transformers"), date=env.get("date"), commit=env.get("commit"),
-               weights=env.get("weights"), tolerance=tolerance,
-               source="bench/bench_estimate.py --fit " + " ".join(files),
-               covers=dict(stages=list(STAGES), note="every stage configuration of planner.candidates() measured "
-                           "in these files (tests/test_calibration_replay.py replays them)"),
-               allocators={a: dict(constants=c) for a, c in cells_by_alloc.items()})
+               weights=env.get("weights") or "in-memory random models", tolerance=tolerance,
+               source="bench/bench_estimate.py --fit ... --write-calibration",
+               measurements=[Path(f).name for f in files],
+               allocators={a: dict(constants=c, covers=covers.get(a, {})) for a, c in cells_by_alloc.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {path}")
@@ -610,7 +623,7 @@ def main(argv=None) -> int:
         family = _family(env["card"])
         mine = [c for c in cells if _family(c["card"]) == family]
         fitted = {a: fit([c for c in mine if c["allocator"] == a]) for a in sorted({c["allocator"] for c in mine})}
-        write_calibration(fitted, env, list(args.fit), args.tolerance)
+        write_calibration(fitted, env, list(args.fit), args.tolerance, covered(mine))
         E.clear_calibration_cache()
         print("after the fit:")
         summary = compare(mine, tolerance=args.tolerance)

@@ -2,8 +2,9 @@
 written by ``bench/bench_estimate.py --fit ... --write-calibration``), one constants set per CUDA
 allocator inside it, chosen at run time from the device's name and torch's allocator backend.
 
-Cards with no file of their own take the DEFAULT_FAMILY's (the estimate's report then says the card
-it was calibrated on is another one: the tolerance was not checked on this card).
+Cards with no file of their own take the first of FALLBACK that has one (the estimate's report then
+says the card it was calibrated on is another one: the tolerance was not checked on this card). The
+H200 grid measured the file-backed loading users run; the H100 one in-memory models.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 CALIBRATION_DIR = Path(__file__).with_name("calibration")
 # family -> substrings of torch.cuda.get_device_name() (upper case) that belong to it
 FAMILIES = {"h200": ("H200",), "h100": ("H100",), "a100": ("A100",), "l40": ("L40",), "rtx4090": ("RTX 4090",)}
-DEFAULT_FAMILY = "h100"
+FALLBACK = ("h200", "h100")
 ALLOCATORS = ("native", "cudaMallocAsync")
 
 
@@ -65,7 +66,8 @@ def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
     files = available()
     fam = family_of(card)
     matched = fam in files
-    path = files.get(fam) if matched else files.get(DEFAULT_FAMILY) or next(iter(files.values()), None)
+    path = files.get(fam) if matched else next((files[f] for f in FALLBACK if f in files),
+                                               next(iter(files.values()), None))
     if path is None:
         return {}, dict(card=None, family=None, allocator=allocator, matched=False, tolerance=None, path=None,
                         note="no calibration file: built-in constants, tolerance unknown")
