@@ -435,20 +435,23 @@ def errors(cells, constants=None) -> list[tuple[dict, float, float]]:
     return out
 
 
-def wrong_fits(cells, constants=None) -> list[tuple]:
+def wrong_fits(cells, constants=None, checked: list | None = None) -> list[tuple]:
     """Candidates judged to fit a budget they overran: for every candidate of planner.candidates() whose
     4 stage cells were measured at a shape, the estimate's needed bytes must be at least the largest
     measured reserved peak (else a budget between the two is judged 'fits' and runs out)."""
-    by = {}
+    by, shapes = {}, set()
     for c in cells:
-        by[(c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"], c["stage"],
-            json.dumps(_stage_settings(c["stage"], profile_of(c)), sort_keys=True))] = c
+        by[_cell_id(c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"], c["stage"],
+                    profile_of(c))] = c
+        shapes.add((c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"]))
     out = []
-    for (card, alloc, vk, f, h, w) in {k[:6] for k in by}:
+    for (card, alloc, vk, f, h, w) in sorted(shapes):
         for prof in planner.candidates():
-            cs = [by.get((card, alloc, vk, f, h, w, s, json.dumps(_stage_settings(s, prof), sort_keys=True))) for s in STAGES]
+            cs = [by.get(_cell_id(card, alloc, vk, f, h, w, s, prof)) for s in STAGES]
             if None in cs:
                 continue
+            if checked is not None:
+                checked.append((card, alloc, vk, f, h, w, prof.name))
             measured = max(float("inf") if c.get("error") else c["reserved"] for c in cs)
             est = E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card)
             if est.needed_bytes < measured:
@@ -456,9 +459,11 @@ def wrong_fits(cells, constants=None) -> list[tuple]:
     return out
 
 
-def _stage_settings(stage, prof):
-    k = stage_key(stage, prof)
-    return list(k)
+def _cell_id(card, alloc, variant, frames, height, width, stage, prof) -> tuple:
+    """What a cell's measurement depends on: the text encode on no shape, the image encode on no
+    frame count (one cell then serves every shape)."""
+    shape = {"text_encode": (), "image_encode": (variant, height, width)}.get(stage, (variant, frames, height, width))
+    return (card, alloc, stage, shape, json.dumps(list(stage_key(stage, prof))))
 
 
 def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
@@ -472,7 +477,8 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
                      f"{c['frames']}x{c['height']}x{c['width']:>5} {c['stage']:<13}{str(stage_key(c['stage'], profile_of(c)))[:33]:<34}"
                      f"{p.peak_allocated / GiB:9.2f} /{c['alloc'] / GiB:6.2f}{ea * 100:+6.1f}%"
                      f"{p.peak_reserved / GiB:9.2f} /{c['reserved'] / GiB:6.2f}{er * 100:+6.1f}%{flag}")
-    wrong = wrong_fits(cells, constants)
+    checked = []
+    wrong = wrong_fits(cells, constants, checked)
     summary = {}
     for kind in ("fit", "heldout"):
         e = [(ea, er) for c, ea, er in errs if c["kind"] == kind]
@@ -482,13 +488,14 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
             summary[kind] = dict(cells=len(e), within=within, worst=worst)
             lines.append(f"{kind}: {within}/{len(e)} cells with allocated AND reserved within +-{tolerance:.0%}; "
                          f"worst {worst * 100:+.1f}%")
-    lines.append(f"candidates judged 'fits' for a budget they overran (needed < measured reserved peak): {len(wrong)}")
+    lines.append(f"candidates judged 'fits' for a budget they overran (needed < measured reserved peak): {len(wrong)} "
+                 f"of {len(checked)} (candidate, shape) pairs with all 4 stages measured")
     lines += [f"  {w[0]} {w[1]} {w[2]} {w[3]}x{w[4]}x{w[5]} {w[6]}: needed {w[7] / GiB:.2f}, measured {w[8] / GiB:.2f}"
               for w in wrong[:20]]
     oom = [c for c in cells if c.get("error")]
     lines += [f"  did not run: {c['variant']} {c['frames']}x{c['height']}x{c['width']} {c['stage']} {c['error'][:60]}" for c in oom]
     print("\n".join(lines), file=out)
-    return dict(summary=summary, wrong=wrong, errors=errs)
+    return dict(summary=summary, wrong=wrong, errors=errs, checked=len(checked))
 
 
 def _family(card) -> str:

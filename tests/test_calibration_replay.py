@@ -101,7 +101,9 @@ def test_heldout_shapes_within_tolerance(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_fits_verdict_for_a_run_that_did_not_fit(family):
     _, cells = _cells(family)
-    wrong = B.wrong_fits(cells)
+    checked = []
+    wrong = B.wrong_fits(cells, checked=checked)
+    assert len(checked) >= 5, f"{family}: only {len(checked)} (candidate, shape) pairs have all 4 stages measured"
     assert not wrong, f"{family}: candidates judged to fit budgets they overran: {wrong[:5]}"
 
 
