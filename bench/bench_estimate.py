@@ -27,7 +27,23 @@ per allocator; each cell records torch.cuda.get_allocator_backend().
 
 Tasks run in priority order (the fit grid first, held-out shapes after, the slowest extras last)
 and no task starts after --budget-s: a run cut short keeps what it measured and lists the rest as
-skipped. The JSON is rewritten after every cell.
+skipped. The JSON is rewritten after every cell. Run the grid on the tree whose filestream.py and
+placement.py users get: the env records their sha1 (streamed-block allocation changes the peaks).
+
+The H200 run (2 GPUs, one allocator each, the writer beside them; carry .whl = diffusers):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site || exit; B=bench/bench_estimate.py; CK=/tmp/ck
+    python3 $B --write-checkpoints $CK --out $OUT/estimate_h200_writer.json > $OUT/writer.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=0 timeout 480 python3 $B --checkpoints $CK --budget-s 400 \
+      --out $OUT/estimate_h200_native.json > $OUT/native.log 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync timeout 480 python3 $B \
+      --checkpoints $CK --budget-s 400 --out $OUT/estimate_h200_async.json > $OUT/async.log 2>&1 &
+    wait
+
+With 4 GPUs, `--part 0/2` and `--part 1/2` per allocator split the denoise and decode cells.
+Then, here: `python3 bench/bench_estimate.py --fit bench/estimate_h200_native.json
+bench/estimate_h200_async.json --write-calibration` writes cogvid_core/calibration/h200.json.
 """
 from __future__ import annotations
 
@@ -178,9 +194,13 @@ def write_checkpoints(root: Path, tiny: bool) -> dict:
     jobs = {"text_encoder": ("text_encoder", M.V15.key),
             **{"transformer:" + v.key: ("transformer", v.key) for v in M.VARIANTS.values()}}
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(len(jobs)) as ex:
-        futs = {name: ex.submit(_write_one, str(paths[name]), comp, key, tiny) for name, (comp, key) in jobs.items()}
-        seconds = {name: f.result() for name, f in futs.items()}
+    try:
+        with ProcessPoolExecutor(len(jobs)) as ex:
+            futs = {name: ex.submit(_write_one, str(paths[name]), comp, key, tiny) for name, (comp, key) in jobs.items()}
+            seconds = {name: f.result() for name, f in futs.items()}
+    except BaseException as e:    # the grids waiting for these files stop waiting
+        (root / "FAILED").write_text(f"{type(e).__name__}: {e}")
+        raise
     out = dict(seconds=seconds, total_s=round(time.perf_counter() - t0, 1),
                gib={n: round(paths[n].stat().st_size / GiB, 2) for n in jobs})
     print(f"checkpoints written in {out['total_s']} s: {out}", flush=True)
@@ -197,6 +217,11 @@ class Models:
 
     def ready(self, name) -> bool:
         return self.paths[name].exists()
+
+    def coming(self) -> bool:
+        """Some file is still being written (and the writer has not failed)."""
+        return not (self.paths["tokenizer"].parent / "FAILED").exists() and not all(
+            self.ready(n) for n in self.paths)
 
     def get(self, name):
         if name not in self._loaded:
@@ -220,44 +245,47 @@ def _free():
 # ------------------------------------------------------------------------------ one cell
 def _run_stage(task: Task, models: Models, device, inputs: dict) -> None:
     """The stage as pipeline.generate runs it (component configured, used, released)."""
-    from PIL import Image
-
-    from cogvid_core import sampling, session, text, vae as vae_mod
-    from cogvid_core.vae import VideoLatents
+    from cogvid_core import session
     v, prof, dtype = task.variant, task.profile, models.dtype
     if task.stage == "text_encode":
         t5, tok = models.get("text_encoder")
         c = session.Component("t5", t5, device, dtype, profile=prof, tokenizer=tok)
-        with c.use() as m:
-            pos = text.encode_prompt(m, tok, "a red fox runs through snow", device)
-            neg = text.encode_prompt(m, tok, "", device)
-        inputs.setdefault("prompt", (pos.embeds.cpu(), neg.embeds.cpu()))
-        return _released(c)
-    if task.stage == "denoise_step":
-        pos, neg = inputs["prompt"]
+    elif task.stage == "denoise_step":
         c = session.Component("transformer", models.get("transformer:" + v.key), device, dtype, profile=prof, variant=v)
+    else:
+        c = session.Component("vae", models.get("vae:" + v.key), device, dtype, profile=prof, variant=v)
+    try:
         with c.use() as m:
-            sampling.sample(m, v, pos, neg, inputs["latent", v.key, task.height, task.width], task.frames, steps=1,
-                            cfg=6.0, scheduler="dpm", seed=0, device=device, dtype=dtype, cfg_mode=prof.cfg_mode)
-        return _released(c)
-    c = session.Component("vae", models.get("vae:" + v.key), device, dtype, profile=prof, variant=v)
-    if task.stage == "image_encode":
+            _compute(task, m, c, device, dtype, inputs)
+    finally:
+        c.release()
+
+
+def _compute(task: Task, m, c, device, dtype, inputs: dict) -> None:
+    from PIL import Image
+
+    from cogvid_core import sampling, text, vae as vae_mod
+    from cogvid_core.vae import VideoLatents
+    v, prof = task.variant, task.profile
+    if task.stage == "text_encode":
+        pos = text.encode_prompt(m, c.tokenizer, "a red fox runs through snow", device)
+        neg = text.encode_prompt(m, c.tokenizer, "", device)
+        inputs.setdefault("prompt", (pos.embeds.cpu(), neg.embeds.cpu()))
+    elif task.stage == "denoise_step":
+        pos, neg = inputs["prompt"]
+        sampling.sample(m, v, pos, neg, inputs["latent", v.key, task.height, task.width], task.frames, steps=1,
+                        cfg=6.0, scheduler="dpm", seed=0, device=device, dtype=dtype, cfg_mode=prof.cfg_mode)
+    elif task.stage == "image_encode":
         img = Image.new("RGB", (task.width, task.height), (120, 80, 40))
-        with c.use() as m:
-            lat = vae_mod.encode_image(m, img, task.height, task.width, v, "crop", device,
-                                       tile=prof.vae_tile if prof.encode_tiled else None)
+        lat = vae_mod.encode_image(m, img, task.height, task.width, v, "crop", device,
+                                   tile=prof.vae_tile if prof.encode_tiled else None)
         inputs.setdefault(("latent", v.key, task.height, task.width), lat)
-        return _released(c)
-    n_lat, pad = M.latent_frames(v, task.frames)
-    z = torch.randn(1, n_lat, 16, task.height // 8, task.width // 8, generator=torch.Generator().manual_seed(0)).to(dtype)
-    lat = VideoLatents(z, task.frames, task.height, task.width, v.key, v.fps, pad)
-    with c.use() as m:
-        vae_mod.decode(m, lat, device, tile=prof.vae_tile)
-    return _released(c)
-
-
-def _released(c) -> None:
-    c.release()
+    else:   # random latents of the denoiser's output shape: the decode's peak does not depend on values
+        n_lat, pad = M.latent_frames(v, task.frames)
+        z = torch.randn(1, n_lat, 16, task.height // 8, task.width // 8,
+                        generator=torch.Generator().manual_seed(0)).to(dtype)
+        vae_mod.decode(m, VideoLatents(z, task.frames, task.height, task.width, v.key, v.fps, pad), device,
+                       tile=prof.vae_tile)
 
 
 def measure(task: Task, models: Models, device, inputs: dict) -> dict:
@@ -268,8 +296,8 @@ def measure(task: Task, models: Models, device, inputs: dict) -> dict:
     try:
         with rec.stage(REC_NAME[task.stage]):
             _run_stage(task, models, device, inputs)
-    except torch.cuda.OutOfMemoryError as e:   # recorded: the cell says it did not fit this card
-        error = f"OutOfMemoryError: {e}"[:300]
+    except Exception as e:   # recorded (out of memory: it did not fit this card), the grid goes on
+        error = f"{type(e).__name__}: {e}"[:300]
     _free()
     row = rec.rows()[-1]
     gib = lambda k: None if row[k] is None else int(row[k] * GiB)
@@ -296,9 +324,10 @@ def run_grid(args) -> dict:
         writer = write_checkpoints(root, args.tiny)
     models = Models(root, device, dtype, args.tiny)
     tasks = plan_tasks(TINY_SHAPES if args.tiny else FULL_SHAPES, args.tiny)
-    if args.part:
+    if args.part:   # denoise and decode cells split; every part encodes (its steps need the inputs)
         i, n = (int(x) for x in args.part.split("/"))
-        tasks = [t for j, t in enumerate(tasks) if j % n == i]
+        split = [t for t in tasks if t.stage in ("denoise_step", "decode")]
+        tasks = [t for t in tasks if t not in split or split.index(t) % n == i]
     data = dict(env=_env(device, dtype, args, t0, writer), cells=[], skipped=[], pending=[])
     inputs, waited = {}, 0.0
     while tasks:
@@ -309,8 +338,10 @@ def run_grid(args) -> dict:
         top = min(t.tier for t in tasks) + 1
         ready = [t for t in tasks if t.tier <= top and all(_ready(n, models, inputs) for n in t.needs())]
         if not ready:
-            if not _can_progress(tasks, models, inputs):
-                raise SystemExit(f"tasks wait on inputs no task makes: {[_describe(t) for t in tasks[:3]]}")
+            if not _can_progress(tasks, models, inputs):   # an input's task failed: say so, keep the rest
+                print(f"{len(tasks)} tasks wait on inputs no task makes, e.g. {_describe(tasks[0])}", flush=True)
+                data["skipped"] = [_describe(t) for t in tasks]
+                break
             time.sleep(1.0)
             waited += 1.0
             continue
@@ -336,7 +367,7 @@ def _can_progress(tasks, models, inputs) -> bool:
     """Something is still to come: a file being written, or a task that makes a missing input."""
     made = {"prompt"} if any(t.stage == "text_encode" for t in tasks) else set()
     made |= {("latent", t.variant.key, t.height, t.width) for t in tasks if t.stage == "image_encode"}
-    return any(not models.ready(n) for n in models.paths) or any(
+    return models.coming() or any(
         n in made for t in tasks for n in t.needs() if not _ready(n, models, inputs))
 
 

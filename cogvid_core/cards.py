@@ -82,3 +82,28 @@ def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used")
     return doc, dict(card=doc.get("card"), family=path.stem, allocator=used, matched=matched,
                      tolerance=doc.get("tolerance"), path=str(path), note="; ".join(notes))
+
+
+def load(path, card: str | None, allocator: str, defaults: dict) -> dict:
+    """{"constants": {...}, "choice": {...}, "card", "torch", "diffusers", "date"}: the constants for
+    ``allocator`` from the file of ``card``'s family (``path`` None), from ``path``, or ``path``
+    itself when it is a dict of constants (fitting, tests); ``defaults`` where they lack one (a
+    per-stage fragmentation share a file lacks: the step's)."""
+    if isinstance(path, dict):
+        doc, choice = {"allocators": {allocator: {"constants": path}}}, dict(
+            card="given constants", family=None, allocator=allocator, matched=True, tolerance=None, path=None, note="")
+    elif path is None:
+        doc, choice = choose(card, allocator)
+    else:
+        doc = read(Path(path))
+        choice = dict(card=doc.get("card"), family=Path(path).stem, allocator=allocator, matched=True,
+                      tolerance=doc.get("tolerance"), path=str(path), note="")
+    sets = doc.get("allocators", {})
+    if choice["allocator"] not in sets and sets:
+        choice["allocator"] = "native" if "native" in sets else next(iter(sets))
+    given = sets.get(choice["allocator"], {}).get("constants", {})
+    c = {**defaults, **given}
+    for k in ("text_reserved_frag", "enc_reserved_frag"):
+        if k not in given:         # files fitted with one share for every stage but the decode
+            c[k] = c["reserved_frag"]
+    return {"constants": c, "choice": choice, **{k: doc.get(k) for k in ("card", "torch", "diffusers", "date")}}

@@ -114,29 +114,9 @@ def _compute_bytes(precision: str) -> int:
 
 # ---------------------------------------------------------------- calibration
 def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native") -> dict:
-    """{"constants": {...}, "choice": {card, family, allocator, matched, tolerance, path, note}}.
-
-    None: the file of ``card``'s family (cards.choose); a path: that file; a dict: the constants
-    themselves (fitting, tests). Constants a file lacks take DEFAULT_CONSTANTS (a per-stage
-    fragmentation share it lacks, the step's)."""
-    if isinstance(path, dict):
-        doc, choice = {"allocators": {allocator: {"constants": path}}}, dict(
-            card="given constants", family=None, allocator=allocator, matched=True, tolerance=None, path=None, note="")
-    elif path is None:
-        doc, choice = cards.choose(card, allocator)
-    else:
-        doc = cards.read(Path(path))
-        choice = dict(card=doc.get("card"), family=Path(path).stem, allocator=allocator, matched=True,
-                      tolerance=doc.get("tolerance"), path=str(path), note="")
-    sets = doc.get("allocators", {})
-    if choice["allocator"] not in sets and sets:
-        choice["allocator"] = "native" if "native" in sets else next(iter(sets))
-    given = sets.get(choice["allocator"], {}).get("constants", {})
-    c = {**DEFAULT_CONSTANTS, **given}
-    for k in ("text_reserved_frag", "enc_reserved_frag"):
-        if k not in given:         # files fitted with one share for every stage but the decode
-            c[k] = c["reserved_frag"]
-    return {"constants": c, "choice": choice, **{k: doc.get(k) for k in ("card", "torch", "diffusers", "date")}}
+    """{"constants": {...}, "choice": {card, family, allocator, matched, tolerance, path, note}, ...}:
+    see cards.load (None: the file of ``card``'s family; a path: that file; a dict: the constants)."""
+    return cards.load(path, card, allocator, DEFAULT_CONSTANTS)
 
 
 def clear_calibration_cache() -> None:
