@@ -536,12 +536,12 @@ def _family(card) -> str:
 
 # ------------------------------------------------------------------------------ calibration fit (no GPU)
 # constants fitted on each stage's own cells (few parameters per problem: Nelder-Mead converges);
-# stream_blocks stays 2 (the block running + the one prefetched), fixed_bytes is fitted with the step
+# fixed_bytes and stream_blocks (blocks of a streamed model on the GPU) are fitted with the step
 STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
               "image_encode": ("enc_act_mult", "enc_reserved_frag"),
               "denoise_step": ("step_live_units", "step_attn_units", "step_attn_units_lowmem", "step_ff_units",
                                "step_ff_units_chunked", "step_ff_chunk_live_units", "stream_buffer_mult",
-                               "fixed_bytes", "reserved_frag"),
+                               "fixed_bytes", "reserved_frag", "stream_blocks"),
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_post_mult", "dec_reserved_frag", "dec_video_frag")}
 
 

@@ -57,7 +57,8 @@ DEFAULT_CONSTANTS = {
     "enc_reserved_frag": 0.4,      # the same for the image encode
     "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
     "dec_video_frag": 0.0,         # + x bytes of the bf16 video (decoded tiles fragment the cache)
-    "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once
+    "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once (fitted: the
+                                   # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
 }
 
@@ -257,7 +258,7 @@ class Estimate:
                 "tolerance": self.calibration.get("tolerance"), "calibration_note": self.calibration.get("note", "")}
 
 
-def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int,
+def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: float,
                  keep_loaded: bool = False, stream_buffer_mult: float = 1.0) -> int:
     """Bytes of one component's weights on the GPU in a stage (active: the stage uses it)."""
     full = weight_bytes(size, precision)
@@ -268,7 +269,7 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
     elif mode == "stream" and size.blocks > 1:
         per_block = size.block_params * (weight_bytes(size, precision) - size.buffer_elems * _compute_bytes(precision)) \
             // max(size.params, 1)
-        w = full - per_block * size.blocks + per_block * min(stream_blocks, size.blocks)
+        w = full - per_block * size.blocks + int(per_block * min(stream_blocks, size.blocks))
         w += int((stream_buffer_mult - 1) * size.buffer_elems * _compute_bytes(precision))
     else:  # offload (and streaming of models without repeated blocks): whole model while in use
         w = full
@@ -324,7 +325,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict) -> dict:
     modes = {k: str(getattr(profile, k)) for k in COMPONENTS}
     return {stage: sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k,
-                                    int(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
+                                    float(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
                        for k in COMPONENTS) for stage in STAGES}
 
 
