@@ -20,6 +20,7 @@ buffer), which is what the tests exercise; ``placement.place`` degrades CPU plac
 from __future__ import annotations
 
 import os
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,19 +92,37 @@ def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     return buf, False
 
 
+def _unregister(bufs: list) -> None:
+    """Unpin the staging buffers before their memory goes back to malloc: a range freed while still
+    registered makes the next cudaHostRegister at that address fail (cudaErrorHostMemoryAlreadyRegistered)."""
+    for buf, registered in bufs:
+        if registered:
+            torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+    bufs.clear()
+
+
 class _Reader:
     """Reads groups of tensors from files onto a device through ``buffers`` staging buffers.
 
     One worker thread per reader takes the groups in order: it has ``io_threads`` threads ``pread``
     32 MiB pieces into the staging buffer (reads release the GIL), then queues the host-to-device
-    copy and the dtype conversion on a side stream; the caller waits on the returned event before
-    use. A staging buffer is reused only after the copy out of it finished (its event)."""
+    copy on a side stream; the caller's :meth:`wait` makes its stream wait for the copy and converts
+    dtypes there. A staging buffer is reused only after the copy out of it finished (its event).
+
+    The device buffer of a group is allocated on the CALLER's stream when the group is submitted, and
+    its tensors are only ever freed there: nothing is ``record_stream``-ed. Under torch's
+    cudaMallocAsync backend (ComfyUI's default) memory used on two streams is freed on a "unifier"
+    stream and is reusable only once the host sees that stream's work done, so while the host ran ahead
+    every streamed block took fresh memory: the pool reached 35.8 GiB for 4.9 GiB allocated in the
+    12 GB workflow (bench/comfyui_gpu_h200_c2.json)."""
 
     def __init__(self, size: int, device: torch.device, buffers: int, io_threads: int = 4):
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffer_bytes = max(size, 1)
         self._bufs = [_staging(size, self.cuda) for _ in range(max(1, buffers))]
+        # also when a reader is dropped without close() (an error left its placement behind)
+        self._unpin = weakref.finalize(self, _unregister, self._bufs)
         self._free: list = [None] * len(self._bufs)
         self._next = 0
         self._fds: dict[str, int] = {}
@@ -117,29 +136,37 @@ class _Reader:
         return sum(b.numel() for b, _ in self._bufs)
 
     def submit(self, layout: _Layout):
+        """Start reading ``layout``; call from the thread whose current stream will use the tensors.
+        The destination is made here, in the caller's grad / inference mode (ComfyUI runs nodes under
+        ``torch.inference_mode``: the worker's copy into it then runs in the same mode)."""
         k, self._next = self._next, (self._next + 1) % len(self._bufs)
-        return self._pool.submit(self._read, layout, k)
+        dest = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
+        allocated, inference = None, torch.is_inference_mode_enabled()
+        if self.cuda:
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(self.device))
+        return self._pool.submit(self._read, layout, k, dest, allocated, inference)
 
     def read_now(self, layout: _Layout) -> dict[str, torch.Tensor]:
-        tensors, ready = self.submit(layout).result()
-        self.wait(tensors, ready)
-        return tensors
+        return self.wait(self.submit(layout).result())
 
-    def wait(self, tensors: dict, ready) -> None:
-        """Make ``tensors`` safe to use (and later free) on the current stream."""
-        if ready is None:
-            return
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(ready)
-        for t in tensors.values():
-            t.record_stream(cur)
+    def settle(self, read) -> None:
+        """The current stream waits for a read's copy: its buffer may then be freed there unused."""
+        if read[2] is not None:
+            torch.cuda.current_stream(self.device).wait_event(read[2])
+
+    def wait(self, read) -> dict[str, torch.Tensor]:
+        """The tensors of a finished read, safe to use (and to free) on the current stream."""
+        self.settle(read)
+        flat, layout, _ = read
+        return {n: _convert(flat, layout, s) for n, s in layout.items}
 
     def _fd(self, path: str) -> int:
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
         return self._fds[path]
 
-    def _read(self, layout: _Layout, k: int):
+    def _read(self, layout: _Layout, k: int, dest, allocated, inference: bool):
         buf, _ = self._bufs[k]
         if layout.nbytes > buf.numel():
             raise ValueError(f"{layout.nbytes} bytes do not fit a {buf.numel()}-byte staging buffer")
@@ -149,29 +176,24 @@ class _Reader:
                   for path, start, nbytes, at in layout.runs for a in range(0, nbytes, _PIECE)]
         list(self._io.map(lambda p: _pread_into(p[0], buf[p[2]:p[2] + p[3]], p[1], p[4]), pieces))
         host = buf[:layout.nbytes]
-        if not self.cuda:
-            flat = host.clone()
-            return {n: _convert(flat, layout, s) for n, s in layout.items}, None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.side):
-            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
-            flat.copy_(host, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.side)
-            tensors = {n: _convert(flat, layout, s) for n, s in layout.items}
-            ready = torch.cuda.Event()
-            ready.record(self.side)
+        with torch.inference_mode(inference):
+            if not self.cuda:
+                dest.copy_(host)
+                return dest, layout, None
+            with torch.cuda.device(self.device), torch.cuda.stream(self.side):
+                self.side.wait_event(allocated)
+                dest.copy_(host, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.side)
         self._free[k] = copied
-        return tensors, ready
+        return dest, layout, copied
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._io.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        for buf, registered in self._bufs:
-            if registered:
-                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
-        self._bufs = []
+        self._unpin()
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -220,8 +242,7 @@ class FilePlacement:
         if i in self._live:
             return
         self._schedule(i)
-        tensors, ready = self._pending.pop(i).result()
-        self._reader.wait(tensors, ready)
+        tensors = self._reader.wait(self._pending.pop(i).result())
         for name, t in tensors.items():
             _assign(self.model, name, t)
         self._live[i] = list(tensors)
@@ -261,8 +282,9 @@ class FilePlacement:
         """End of a use: no block left on the device (prefetched ones included)."""
         if self.mode == "resident":
             return
-        for i, fut in list(self._pending.items()):
-            fut.exception()          # wait; an error surfaces when the block is fetched for real
+        for fut in self._pending.values():
+            if fut.exception() is None:   # an error surfaces when the block is fetched for real
+                self._reader.settle(fut.result())
         self._pending.clear()
         for i in list(self._live):
             self._drop(i)

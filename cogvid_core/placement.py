@@ -178,17 +178,21 @@ class Placed:
             self._remove_stream()
         if self.mode == "offload":
             self._offload()
+        pinned = False
         if self.device.type != "cpu" and self._files is None:
             for t in module_tensors(self.module):
                 if t.device.type != "cpu":
                     t.data = t.data.to(HOST)
+                elif t.data.is_pinned():   # page-locked RAM is the OS's scarcest: a released model keeps none
+                    t.data = torch.empty_like(t.data, pin_memory=False).copy_(t.data)
+                    pinned = True
         self._host.clear()
         self._outside = []
         self._on_device = False
         self.released = True
         if self.module.__dict__.get(_ATTR) is self:
             del self.module.__dict__[_ATTR]
-        free_memory(self.device)
+        free_memory(self.device, host_cache=pinned, workspaces=True)
 
     def device_bytes(self) -> int:
         """Bytes of this module's weights on the compute device right now."""

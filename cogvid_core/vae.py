@@ -177,9 +177,10 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
              vae.decoder.register_forward_hook(after_call)]
     try:
         with torch.inference_mode():
-            video = vae.decode(z).sample                                    # [1, 3, T, H, W]
-            # to the host before widening: fp32 temporaries of an 81x768x1360 video are 1 GiB each
-            video = video[0].to("cpu", non_blocking=False)
+            if _tiled(vae, z):
+                video = _decode_tiles_to_host(vae, z)[0]
+            else:   # to the host before widening: fp32 temporaries of an 81x768x1360 video are 1 GiB each
+                video = vae.decode(z).sample[0].to("cpu", non_blocking=False)    # [3, T, H, W]
             frames = (video.permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp_(0, 1)
     finally:
         for h in hooks:
@@ -187,3 +188,41 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
         vae.disable_tiling()
         del z
     return frames
+
+
+def _tiled(vae, z: torch.Tensor) -> bool:
+    """Whether diffusers would decode ``z`` [B, C, F, h, w] in spatial tiles (its ``_decode`` test)."""
+    return vae.use_tiling and (z.shape[4] > vae.tile_latent_min_width or z.shape[3] > vae.tile_latent_min_height)
+
+
+def _decode_tiles_to_host(vae, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' tiled decode with each decoded tile moved to the host as soon as it exists.
+
+    diffusers keeps every decoded tile, then the blended rows, then the whole video on the device: for
+    81x768x1360 in 360x240 tiles that is ~0.8 GiB of tiles under the last tile's activations and ~1.8 GiB
+    at assembly. Here the device holds one tile; the same tile grid, the VAE's own ``decode`` per tile (the
+    frame batching its tiled loop does) and its own ``blend_v`` / ``blend_h`` on the host give the same
+    numbers (tests/test_vae_host_tiles.py)."""
+    _, _, _, height, width = z.shape
+    step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
+    step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
+    blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
+    blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
+    keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
+    vae.use_tiling = False          # each tile through the VAE's untiled decode
+    try:
+        rows = [[vae.decode(z[:, :, :, i:i + vae.tile_latent_min_height, j:j + vae.tile_latent_min_width])
+                 .sample.to("cpu") for j in range(0, width, step_w)] for i in range(0, height, step_h)]
+    finally:
+        vae.use_tiling = True
+    out = []
+    for i, row in enumerate(rows):
+        kept = []
+        for j, tile in enumerate(row):
+            if i > 0:
+                tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
+            if j > 0:
+                tile = vae.blend_h(row[j - 1], tile, blend_w)
+            kept.append(tile[:, :, :, :keep_h, :keep_w])
+        out.append(torch.cat(kept, dim=4))
+    return torch.cat(out, dim=3)

@@ -113,6 +113,21 @@ def test_stream_equals_resident_and_holds_few_blocks(deep):
     assert all(t.is_meta for t in lazy.parameters())
 
 
+def test_stream_under_inference_mode(deep):
+    """ComfyUI runs nodes under torch.inference_mode: blocks read by the worker thread must be written
+    in the caller's mode (a buffer made in inference mode cannot be filled in-place outside it)."""
+    path = deep["transformer"]
+    ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
+    kw = _inputs(ref, M.V15)
+    want = _run(ref, kw)
+    lazy = _lazy_transformer(path)
+    with torch.inference_mode():
+        placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+        with placed.use():
+            assert torch.equal(_run(lazy, kw), want)
+        placed.release()
+
+
 def test_offload_reads_all_blocks_per_use(tiny_ckpts):
     path = tiny_ckpts[V15]["single"]["text_encoder"]
     ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"],

@@ -277,3 +277,5 @@ def test_cuda_modes_match_and_release(mode):
     placed.release()
     assert torch.cuda.memory_allocated() <= base
     assert all(t.device.type == "cpu" for t in tr.parameters()) and not _has_hooks(tr)
+    # offload/stream pinned host copies; a released placement keeps no page-locked memory
+    assert not any(t.is_pinned() for t in tr.parameters())
