@@ -542,8 +542,6 @@ STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
               "denoise_step": ("step_live_units", "step_attn_units", "step_attn_units_lowmem", "step_ff_units",
                                "step_ff_units_chunked", "step_ff_chunk_live_units", "stream_buffer_mult",
                                "fixed_bytes", "reserved_frag", "stream_blocks"),
-              # dec_post_mult stays 5 (the bf16 video, its float32 copy, the scaled float32 result: vae.decode's
-              # own arithmetic): fitted, it took the tile term's place where one tile size was measured
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_reserved_frag", "dec_video_frag")}
 
 
@@ -603,7 +601,7 @@ def covered(cells) -> dict:
 
 
 def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: float, covers: dict,
-                      path: Path | None = None) -> Path:
+                      excluded: dict | None = None, path: Path | None = None) -> Path:
     """cogvid_core/calibration/<family>.json: one constants set per allocator, the card and versions."""
     from cogvid_core import cards
     family = cards.family_of(env["card"])
@@ -614,7 +612,7 @@ def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: f
                transformers=env.get("transformers"), date=env.get("date"), commit=env.get("commit"),
                weights=env.get("weights") or "in-memory random models", tolerance=tolerance,
                source="bench/bench_estimate.py --fit ... --write-calibration",
-               measurements=[Path(f).name for f in files],
+               measurements=[Path(f).name for f in files], excluded=excluded or {},
                allocators={a: dict(constants=c, covers=covers.get(a, {})) for a, c in cells_by_alloc.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -636,6 +634,8 @@ def main(argv=None) -> int:
     p.add_argument("--fit", nargs="*", default=None, help="measurement files to compare / fit (no GPU)")
     p.add_argument("--write-calibration", action="store_true", help="fit and write cogvid_core/calibration/<card>.json")
     p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--exclude", action="append", default=[], metavar="STAGE=REASON",
+                   help="leave a stage's cells out of the fit and the claim (e.g. measured with older code)")
     args = p.parse_args(argv)
     if args.write_checkpoints:
         info = write_checkpoints(Path(args.write_checkpoints), args.tiny)
@@ -655,6 +655,8 @@ def main(argv=None) -> int:
             print(f"skipped (over --budget-s): {len(data['skipped'])} tasks")
     else:
         env, cells = load_cells(args.fit)
+    excluded = dict(x.split("=", 1) for x in args.exclude)
+    cells = [c for c in cells if c["stage"] not in excluded]
     for c in cells:
         c["tiny"] = env.get("tiny", False)
     summary = compare(cells, out=sys.stdout, tolerance=args.tolerance)
@@ -665,7 +667,7 @@ def main(argv=None) -> int:
         family = _family(env["card"])
         mine = [c for c in cells if _family(c["card"]) == family]
         fitted = {a: fit([c for c in mine if c["allocator"] == a]) for a in sorted({c["allocator"] for c in mine})}
-        write_calibration(fitted, env, list(args.fit), args.tolerance, covered(mine))
+        write_calibration(fitted, env, list(args.fit), args.tolerance, covered(mine), excluded)
         E.clear_calibration_cache()
         print("after the fit:")
         summary = compare(mine, tolerance=args.tolerance)

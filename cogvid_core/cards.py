@@ -80,6 +80,8 @@ def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
                      "its tolerance was not checked here")
     if used != allocator:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used")
+    for stage, why in doc.get("excluded", {}).items():
+        notes.append(f"{stage} not calibrated on this card ({why}): first-principles constants")
     return doc, dict(card=doc.get("card"), family=path.stem, allocator=used, matched=matched,
                      tolerance=doc.get("tolerance"), path=str(path), note="; ".join(notes))
 

@@ -71,8 +71,9 @@ def calibration_line(est) -> str:
     if not cal.get("card"):
         return f"calibration: {est.calibration_source or 'built-in defaults'} (tolerance unknown)"
     tol = cal.get("tolerance")
-    line = (f"calibrated on {cal['card']} ({cal['allocator']} allocator): each stage's peak allocated and reserved "
-            f"within {'+-' + format(tol, '.0%') if tol else 'an unknown tolerance'} of measured on its grid; "
+    line = (f"calibrated on {cal['card']} ({cal['allocator']} allocator): peak allocated and reserved of the "
+            f"stages it covers within {'+-' + format(tol, '.0%') if tol else 'an unknown tolerance'} of measured "
+            f"on its grid; "
             f"{est.calibration_source}")
     return line + (f". NOTE: {cal['note']}" if cal.get("note") else "")
 

@@ -9,9 +9,10 @@ First principles, then calibration:
   frames (padded for 1.5, / patch_size_t) x (h/16) x (w/16). The attention phase (Q, K, V, RoPE,
   SDPA output) and the feed-forward phase (12288-wide intermediate, chunked over tokens) each have a
   unit count; the step's peak is the larger phase on top of the live hidden states;
-- VAE: encoder activations at full resolution for the (causally padded) start frame; decode per
-  tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a multiplier, plus
-  the decoded tiles and the full video that accumulate on the GPU (diffusers' tiled decode);
+- VAE: encoder activations at full resolution (or the largest tile) for the (causally padded) start
+  frame; decode per tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a
+  multiplier, plus that tile's decoded frames (vae.decode moves each decoded tile to the host and
+  assembles the video there; untiled, the whole video is the one tile);
 - peak reserved = peak allocated + a fragmentation share of the activations (per stage).
 The multipliers live in calibration/<card family>.json, one set per CUDA allocator (native caching
 allocator, cudaMallocAsync), with the card and versions they were fitted on
@@ -49,14 +50,13 @@ DEFAULT_CONSTANTS = {
     "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
-    "dec_accum_mult": 1.0,         # x bytes of decoded tiles kept on the GPU until blended
-    "dec_post_mult": 5.0,          # x bytes of the bf16 video during blend/cat/float/scale
+    "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
     "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
     "reserved_frag": 0.4,          # reserved - allocated, as a share of the step's activations
     "text_reserved_frag": 0.4,     # the same for the text encode
     "enc_reserved_frag": 0.4,      # the same for the image encode
     "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
-    "dec_video_frag": 0.0,         # + x bytes of the bf16 video (decoded tiles fragment the cache)
+    "dec_video_frag": 0.0,         # + x bytes of one tile's decoded frames (they fragment the cache)
     "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once (fitted: the
                                    # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
@@ -314,7 +314,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights["denoise_step"] += int(lora_bytes)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, weight_bytes, tiny)
-    stages = [_stage(name, weights[name], acts[name], c, video_bytes, host[name]) for name in STAGES]
+    dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
+    stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name]) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
@@ -329,12 +330,12 @@ def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: 
                        for k in COMPONENTS) for stage in STAGES}
 
 
-def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: int, host=(0, 0)) -> StageEstimate:
+def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0)) -> StageEstimate:
     """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
     a = int(activations + c["fixed_bytes"])
     alloc = weights + a
     if name == "decode":
-        reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
+        reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * dec_out
     else:
         frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, "reserved_frag")
         reserved = alloc + c[frag] * a
@@ -390,18 +391,21 @@ def _video_bytes(v: Variant, frames: int, height: int, width: int, precision: di
     return 3 * out_frames * height * width * _compute_bytes(precision["vae"])
 
 
+def _decode_out_bytes(v: Variant, frames: int, height: int, width: int, tile, precision: dict) -> int:
+    """Bytes of the largest tile's decoded frames, the most vae.decode holds on the device at once
+    (untiled: the whole video)."""
+    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
+    return _video_bytes(v, frames, th, tw, precision)
+
+
 def _decode_bytes(c: dict, v: Variant, vcfg: dict, precision: dict, frames: int, height: int, width: int,
                   tile) -> float:
-    """Tile activations for one temporal chunk + decoded tiles + the assembled video."""
+    """The largest tile's activations for one temporal chunk + its decoded frames + the latents."""
     vb = _compute_bytes(precision["vae"])
     dec_lf = _decoded_latent_frames(v, frames)
-    out_frames = 4 * (dec_lf - 1) + 1
     chunk_lat = 2 + dec_lf % 2 if dec_lf > 2 else dec_lf
     chunk_out = 4 * (chunk_lat - 1) + 1
-    tiles = decode_tiles(height, width, tile)
-    th, tw = max(tiles, key=lambda t: t[0] * t[1])
+    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
     tile_act = c["dec_tile_mult"] * vcfg["block_out_channels"][0] * chunk_out * th * tw * vb
-    tiles_bytes = sum(3 * out_frames * a * b * vb for a, b in tiles)
-    dec_act = max(tile_act + c["dec_accum_mult"] * tiles_bytes,
-                  c["dec_post_mult"] * _video_bytes(v, frames, height, width, precision))
-    return dec_act + dec_lf * 16 * (height // 8) * (width // 8) * vb
+    tile_out = c["dec_accum_mult"] * _decode_out_bytes(v, frames, height, width, tile, precision)
+    return tile_act + tile_out + dec_lf * 16 * (height // 8) * (width // 8) * vb
