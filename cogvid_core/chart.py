@@ -61,9 +61,21 @@ def report_text(est, host_available: int | None = None) -> str:
                  "which the page cache keeps when RAM allows (else read from disk, slower)")
     if host_available is not None or est.host_peak_bytes:
         lines.append(verdict(est.host_peak_bytes, host_available, max(s.host_file_bytes for s in est.stages)))
-    if est.calibration_source:
-        lines.append(f"calibration: {est.calibration_source}")
+    lines.append(calibration_line(est))
     return "\n".join(lines)
+
+
+def calibration_line(est) -> str:
+    """The card the estimate was calibrated on, the allocator and the tolerance, and what is not covered."""
+    cal = est.calibration or {}
+    if not cal.get("card"):
+        return f"calibration: {est.calibration_source or 'built-in defaults'} (tolerance unknown)"
+    tol = cal.get("tolerance")
+    line = (f"calibrated on {cal['card']} ({cal['allocator']} allocator): peak allocated and reserved of the "
+            f"stages it covers within {'+-' + format(tol, '.0%') if tol else 'an unknown tolerance'} of measured "
+            f"on its grid; "
+            f"{est.calibration_source}")
+    return line + (f". NOTE: {cal['note']}" if cal.get("note") else "")
 
 
 STAGE_COLORS = {"weights": (70, 110, 190), "activations": (230, 150, 60), "reserved": (200, 200, 200)}

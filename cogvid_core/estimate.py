@@ -9,22 +9,26 @@ First principles, then calibration:
   frames (padded for 1.5, / patch_size_t) x (h/16) x (w/16). The attention phase (Q, K, V, RoPE,
   SDPA output) and the feed-forward phase (12288-wide intermediate, chunked over tokens) each have a
   unit count; the step's peak is the larger phase on top of the live hidden states;
-- VAE: encoder activations at full resolution for the (causally padded) start frame; decode per
-  tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a multiplier, plus
-  the decoded tiles and the full video that accumulate on the GPU (diffusers' tiled decode);
-- peak reserved = peak allocated + a fragmentation share of the activations.
-The multipliers live in calibration.json with the card and versions they were fitted on
-(`bench/bench_estimate.py --write-calibration`). Picking settings that fit a budget is
+- VAE: encoder activations at full resolution (or the largest tile) for the (causally padded) start
+  frame; decode per tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a
+  multiplier, plus that tile's decoded frames (vae.decode moves each decoded tile to the host and
+  assembles the video there; untiled, the whole video is the one tile);
+- peak reserved = peak allocated + a fragmentation share of the activations (per stage).
+The multipliers live in calibration/<card family>.json, one set per CUDA allocator (native caching
+allocator, cudaMallocAsync), with the card and versions they were fitted on
+(`bench/bench_estimate.py --fit ... --write-calibration`); :mod:`cogvid_core.cards` picks the file
+from the device's name and the set from the allocator in use. Picking settings that fit a budget is
 :mod:`cogvid_core.planner`'s; the chart is :mod:`cogvid_core.chart`'s.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from . import cards
+from .cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from .devmem import precision_bytes
 from .hostplan import host_stages
 from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
@@ -33,7 +37,6 @@ from .stages import COMPONENT_OF_STAGE, STAGES
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
-CALIBRATION_PATH = Path(__file__).with_name("calibration.json")
 
 # Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
@@ -47,13 +50,15 @@ DEFAULT_CONSTANTS = {
     "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
-    "dec_accum_mult": 1.0,         # x bytes of decoded tiles kept on the GPU until blended
-    "dec_post_mult": 5.0,          # x bytes of the bf16 video during blend/cat/float/scale
+    "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
     "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
-    "reserved_frag": 0.4,          # reserved - allocated, as a share of the stage's activations
+    "reserved_frag": 0.4,          # reserved - allocated, as a share of the step's activations
+    "text_reserved_frag": 0.4,     # the same for the text encode
+    "enc_reserved_frag": 0.4,      # the same for the image encode
     "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
-    "dec_video_frag": 0.0,         # + x bytes of the bf16 video (decoded tiles fragment the cache)
-    "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once
+    "dec_video_frag": 0.0,         # + x bytes of one tile's decoded frames (they fragment the cache)
+    "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once (fitted: the
+                                   # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
 }
 
@@ -109,22 +114,14 @@ def _compute_bytes(precision: str) -> int:
 
 
 # ---------------------------------------------------------------- calibration
-@lru_cache(maxsize=1)
-def _load_calibration_file(path: str, mtime: float) -> dict:
-    return json.loads(Path(path).read_text())
+def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native") -> dict:
+    """{"constants": {...}, "choice": {card, family, allocator, matched, tolerance, path, note}, ...}:
+    see cards.load (None: the file of ``card``'s family; a path: that file; a dict: the constants)."""
+    return cards.load(path, card, allocator, DEFAULT_CONSTANTS)
 
 
-def calibration(path: Path | dict | None = None) -> dict:
-    """{"constants": {...}, "card": ..., ...}; defaults where the file lacks a constant.
-    A dict instead of a path is taken as the constants themselves (fitting, tests)."""
-    if isinstance(path, dict):
-        return {"constants": {**DEFAULT_CONSTANTS, **path}, "source": "given constants"}
-    path = Path(path or CALIBRATION_PATH)
-    data = {}
-    if path.exists():
-        data = dict(_load_calibration_file(str(path), path.stat().st_mtime))
-    data["constants"] = {**DEFAULT_CONSTANTS, **data.get("constants", {})}
-    return data
+def clear_calibration_cache() -> None:
+    cards._read.cache_clear()
 
 
 # ---------------------------------------------------------------- what a profile asks for
@@ -205,6 +202,8 @@ class Estimate:
     keep_loaded: bool = False
     profile: object = field(default=None, repr=False, compare=False)
     margin: float = 0.0
+    allocator: str = "native"
+    calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
 
     @property
     def needed_bytes(self) -> int:
@@ -254,11 +253,12 @@ class Estimate:
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
                 "peak_stage": self.peak_stage, "host_peak_bytes": self.host_peak_bytes, "needed_bytes": self.needed_bytes, "margin": self.margin,
                 "budget_bytes": self.budget_bytes, "fits": self.fits,
-                "advice": self.advice(), "keep_loaded": self.keep_loaded,
-                "calibration": self.calibration_source}
+                "advice": self.advice(), "keep_loaded": self.keep_loaded, "allocator": self.allocator,
+                "calibration": self.calibration_source, "calibrated_on": self.calibration.get("card"),
+                "tolerance": self.calibration.get("tolerance"), "calibration_note": self.calibration.get("note", "")}
 
 
-def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: int,
+def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: float,
                  keep_loaded: bool = False, stream_buffer_mult: float = 1.0) -> int:
     """Bytes of one component's weights on the GPU in a stage (active: the stage uses it)."""
     full = weight_bytes(size, precision)
@@ -269,7 +269,7 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
     elif mode == "stream" and size.blocks > 1:
         per_block = size.block_params * (weight_bytes(size, precision) - size.buffer_elems * _compute_bytes(precision)) \
             // max(size.params, 1)
-        w = full - per_block * size.blocks + per_block * min(stream_blocks, size.blocks)
+        w = full - per_block * size.blocks + int(per_block * min(stream_blocks, size.blocks))
         w += int((stream_buffer_mult - 1) * size.buffer_elems * _compute_bytes(precision))
     else:  # offload (and streaming of models without repeated blocks): whole model while in use
         w = full
@@ -281,7 +281,7 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
 def estimate(variant, frames: int, height: int, width: int, profile: Profile | str = "balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
-             lora_bytes: int = 0) -> Estimate:
+             lora_bytes: int = 0, allocator: str | None = None, card: str | None = None) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -291,11 +291,14 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
     placed "resident" stay on the GPU through every stage.
     lora_bytes: the LoRAs' device bytes (lora.lora_bytes), weights of the denoise stage.
+    allocator / card: the CUDA allocator ("native" / "cudaMallocAsync") and device name the
+    calibration is chosen for; default: this process's (cards.allocator_backend, cards.device_card).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
     precision = {**DEFAULT_PRECISION, **(precision or {})}
-    cal = calibration(calibration_path)
+    allocator = allocator or allocator_backend()
+    cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)
     c = cal["constants"]
     tile_t = _tile_of(profile, tile)
     vcfg = vae_config(v, tiny)
@@ -311,28 +314,31 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights["denoise_step"] += int(lora_bytes)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, weight_bytes, tiny)
-    stages = [_stage(name, weights[name], acts[name], c, video_bytes, host[name]) for name in STAGES]
+    dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
+    stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name]) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
+    src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
-                    keep_loaded, profile, float(c["reserved_margin"]))
+                    keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"])
 
 
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict) -> dict:
     modes = {k: str(getattr(profile, k)) for k in COMPONENTS}
     return {stage: sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k,
-                                    int(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
+                                    float(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
                        for k in COMPONENTS) for stage in STAGES}
 
 
-def _stage(name: str, weights: int, activations: float, c: dict, video_bytes: int, host=(0, 0)) -> StageEstimate:
+def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0)) -> StageEstimate:
     """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
     a = int(activations + c["fixed_bytes"])
     alloc = weights + a
     if name == "decode":
-        reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * video_bytes
+        reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * dec_out
     else:
-        reserved = alloc + c["reserved_frag"] * a
+        frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, "reserved_frag")
+        reserved = alloc + c[frag] * a
     return StageEstimate(name, weights, a, alloc, int(reserved), *host)
 
 
@@ -385,18 +391,21 @@ def _video_bytes(v: Variant, frames: int, height: int, width: int, precision: di
     return 3 * out_frames * height * width * _compute_bytes(precision["vae"])
 
 
+def _decode_out_bytes(v: Variant, frames: int, height: int, width: int, tile, precision: dict) -> int:
+    """Bytes of the largest tile's decoded frames, the most vae.decode holds on the device at once
+    (untiled: the whole video)."""
+    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
+    return _video_bytes(v, frames, th, tw, precision)
+
+
 def _decode_bytes(c: dict, v: Variant, vcfg: dict, precision: dict, frames: int, height: int, width: int,
                   tile) -> float:
-    """Tile activations for one temporal chunk + decoded tiles + the assembled video."""
+    """The largest tile's activations for one temporal chunk + its decoded frames + the latents."""
     vb = _compute_bytes(precision["vae"])
     dec_lf = _decoded_latent_frames(v, frames)
-    out_frames = 4 * (dec_lf - 1) + 1
     chunk_lat = 2 + dec_lf % 2 if dec_lf > 2 else dec_lf
     chunk_out = 4 * (chunk_lat - 1) + 1
-    tiles = decode_tiles(height, width, tile)
-    th, tw = max(tiles, key=lambda t: t[0] * t[1])
+    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
     tile_act = c["dec_tile_mult"] * vcfg["block_out_channels"][0] * chunk_out * th * tw * vb
-    tiles_bytes = sum(3 * out_frames * a * b * vb for a, b in tiles)
-    dec_act = max(tile_act + c["dec_accum_mult"] * tiles_bytes,
-                  c["dec_post_mult"] * _video_bytes(v, frames, height, width, precision))
-    return dec_act + dec_lf * 16 * (height // 8) * (width // 8) * vb
+    tile_out = c["dec_accum_mult"] * _decode_out_bytes(v, frames, height, width, tile, precision)
+    return tile_act + tile_out + dec_lf * 16 * (height // 8) * (width // 8) * vb

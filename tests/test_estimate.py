@@ -187,3 +187,37 @@ def test_report_says_whether_host_ram_suffices():
     assert "only 2.0 GiB available" in est.report(host_available=2 * GiB)
     assert "from disk at every use" in est.report(host_available=8 * GiB)   # owned fits, the 10 GiB file does not
     assert "available: unknown" in est.report()
+
+
+# ----------------------------------------------------------------------------- calibration per card (issue 14)
+def test_card_family_and_fallback():
+    from cogvid_core import cards
+    assert cards.family_of("NVIDIA H200") == "h200" and cards.family_of("NVIDIA H100 80GB HBM3") == "h100"
+    assert cards.family_of("NVIDIA GeForce RTX 3060") is None and cards.family_of(None) is None
+    assert cards.allocator_backend() in ("native", "cudaMallocAsync")
+    _, choice = cards.choose("NVIDIA GeForce RTX 3060", "native")
+    assert not choice["matched"] and "not calibrated on NVIDIA GeForce RTX 3060" in choice["note"]
+    e = est(profile="lowvram", card="NVIDIA GeForce RTX 3060", allocator="native")
+    assert "NOTE: not calibrated on NVIDIA GeForce RTX 3060" in e.report()
+
+
+def test_allocator_picks_its_constants(tmp_path, monkeypatch):
+    """One file, two allocators: the estimate takes the set of the allocator it is given (or runs
+    under); an allocator the file lacks falls back to native and says so."""
+    from cogvid_core import cards
+    base = dict(E.DEFAULT_CONSTANTS)
+    doc = {"card": "NVIDIA H200", "tolerance": 0.1, "allocators": {
+        "native": {"constants": base},
+        "cudaMallocAsync": {"constants": {**base, "reserved_frag": base["reserved_frag"] + 1.0}}}}
+    path = tmp_path / "h200.json"
+    path.write_text(json.dumps(doc))
+    nat = est(profile="lowvram", calibration_path=path, allocator="native").stage("denoise_step")
+    asy = est(profile="lowvram", calibration_path=path, allocator="cudaMallocAsync").stage("denoise_step")
+    assert asy.peak_allocated == nat.peak_allocated and asy.peak_reserved > nat.peak_reserved
+    doc["allocators"].pop("cudaMallocAsync")
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "h200.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(cards, "CALIBRATION_DIR", tmp_path / "only")
+    e = est(profile="lowvram", card="NVIDIA H200", allocator="cudaMallocAsync")
+    assert e.calibration["allocator"] == "native" and e.allocator == "cudaMallocAsync" and e.calibration["matched"]
+    assert "cudaMallocAsync allocator was not measured on this card" in e.report()

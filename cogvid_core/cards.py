@@ -1,0 +1,111 @@
+"""Which calibration the estimate uses: one file per card family (cogvid_core/calibration/<family>.json,
+written by ``bench/bench_estimate.py --fit ... --write-calibration``), one constants set per CUDA
+allocator inside it, chosen at run time from the device's name and torch's allocator backend.
+
+Cards with no file of their own take the first of FALLBACK that has one (the estimate's report then
+says the card it was calibrated on is another one: the tolerance was not checked on this card). The
+H200 grid measured the file-backed loading users run; the H100 one in-memory models.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+CALIBRATION_DIR = Path(__file__).with_name("calibration")
+# family -> substrings of torch.cuda.get_device_name() (upper case) that belong to it
+FAMILIES = {"h200": ("H200",), "h100": ("H100",), "a100": ("A100",), "l40": ("L40",), "rtx4090": ("RTX 4090",)}
+FALLBACK = ("h200", "h100")
+ALLOCATORS = ("native", "cudaMallocAsync")
+
+
+def family_of(card: str | None) -> str | None:
+    """"h200" for "NVIDIA H200", None for a card no family names (or no card)."""
+    if not card:
+        return None
+    name = card.upper()
+    return next((fam for fam, keys in FAMILIES.items() if any(k in name for k in keys)), None)
+
+
+def device_card() -> str | None:
+    """The current CUDA device's name; None without CUDA (the estimate then has no card to match)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name()
+
+
+def allocator_backend() -> str:
+    """torch's CUDA caching allocator in this process: "native" or "cudaMallocAsync" (set by
+    PYTORCH_CUDA_ALLOC_CONF=backend:..., ComfyUI's default); "native" where torch has no CUDA."""
+    import torch
+    try:
+        return str(torch.cuda.get_allocator_backend())
+    except (AttributeError, RuntimeError):     # CPU-only builds have no CUDA allocator at all
+        return "native"
+
+
+def available() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(CALIBRATION_DIR.glob("*.json"))}
+
+
+@lru_cache(maxsize=None)
+def _read(path: str, mtime: float) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def read(path: Path) -> dict:
+    return _read(str(path), path.stat().st_mtime)
+
+
+def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
+    """(the calibration file's document, what was chosen and why) for this card and allocator.
+
+    The second dict: card (calibrated on), family, allocator (whose constants), matched (this card
+    is of that family), tolerance, path; `note` says what is not covered, or "" when all is."""
+    files = available()
+    fam = family_of(card)
+    matched = fam in files
+    path = files.get(fam) if matched else next((files[f] for f in FALLBACK if f in files),
+                                               next(iter(files.values()), None))
+    if path is None:
+        return {}, dict(card=None, family=None, allocator=allocator, matched=False, tolerance=None, path=None,
+                        note="no calibration file: built-in constants, tolerance unknown")
+    doc = read(path)
+    allocs = doc.get("allocators", {})
+    used = allocator if allocator in allocs else ("native" if "native" in allocs else next(iter(allocs), allocator))
+    notes = []
+    if not matched:
+        notes.append(f"not calibrated on {card or 'this device'}: the {doc.get('card')} calibration is used, "
+                     "its tolerance was not checked here")
+    if used != allocator:
+        notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used")
+    for stage, why in doc.get("excluded", {}).items():
+        notes.append(f"{stage} not calibrated on this card ({why}): first-principles constants")
+    return doc, dict(card=doc.get("card"), family=path.stem, allocator=used, matched=matched,
+                     tolerance=doc.get("tolerance"), path=str(path), note="; ".join(notes))
+
+
+def load(path, card: str | None, allocator: str, defaults: dict) -> dict:
+    """{"constants": {...}, "choice": {...}, "card", "torch", "diffusers", "date"}: the constants for
+    ``allocator`` from the file of ``card``'s family (``path`` None), from ``path``, or ``path``
+    itself when it is a dict of constants (fitting, tests); ``defaults`` where they lack one (a
+    per-stage fragmentation share a file lacks: the step's)."""
+    if isinstance(path, dict):
+        doc, choice = {"allocators": {allocator: {"constants": path}}}, dict(
+            card="given constants", family=None, allocator=allocator, matched=True, tolerance=None, path=None, note="")
+    elif path is None:
+        doc, choice = choose(card, allocator)
+    else:
+        doc = read(Path(path))
+        choice = dict(card=doc.get("card"), family=Path(path).stem, allocator=allocator, matched=True,
+                      tolerance=doc.get("tolerance"), path=str(path), note="")
+    sets = doc.get("allocators", {})
+    if choice["allocator"] not in sets and sets:
+        choice["allocator"] = "native" if "native" in sets else next(iter(sets))
+    given = sets.get(choice["allocator"], {}).get("constants", {})
+    c = {**defaults, **given}
+    for k in ("text_reserved_frag", "enc_reserved_frag"):
+        if k not in given:         # files fitted with one share for every stage but the decode
+            c[k] = c["reserved_frag"]
+    return {"constants": c, "choice": choice, **{k: doc.get(k) for k in ("card", "torch", "diffusers", "date")}}
