@@ -214,6 +214,9 @@ def run_all(args) -> dict:
             row, pred, lat = run_option(inp, name, args.steps)
         except Exception as e:   # one option failing must not lose the others' numbers
             rows.append(dict(option=name, error=f"{type(e).__name__}: {e}"[:500]))
+            print(table_line(rows[-1]), flush=True)
+            if ref_pred is None:
+                break            # no exact reference: nothing else can be compared
             continue
         if ref_pred is None:
             ref_pred, ref_lat = pred, lat

@@ -292,11 +292,18 @@ def _route(transformer: nn.Module, kernel: AttentionKernel, stack: ExitStack) ->
     _while_running(transformer, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
 
 
+def _computable(w: torch.Tensor) -> bool:
+    """float8 matmuls run on CUDA tensors only (a test may say otherwise)."""
+    return w.is_cuda
+
+
 class _Fp8Block:
     """Swaps the block's token-sized Linear weights for torchao float8 copies for one call and puts
     the originals back after it: nothing is kept between calls, so every placement's own weight
     traffic (offload, file-backed streaming) is untouched, and memory grows by one block's float8
-    copy. Re-quantizing a block costs reading its weights once, small beside a call's matmuls."""
+    copy. Re-quantizing a block costs reading its weights once, small beside a call's matmuls.
+    Weights stored in fp8 (``precision=fp8_e4m3fn``, loading.Fp8Linear) are upcast and re-scaled per
+    row: streamed bytes stay halved and the matmul runs in float8 too."""
 
     def __init__(self, block: nn.Module, config, skipped: list):
         self.linears = [m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name.startswith(_FP8_LINEARS)]
@@ -306,16 +313,20 @@ class _Fp8Block:
         from torchao.quantization import quantize_
 
         for lin in self.linears:
-            w = lin.weight
-            if not w.is_cuda or w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            w, cls = lin.weight, type(lin)
+            if not _computable(w):
                 self.skipped.append(lin)   # e.g. diffusers group offloading brings weights in later
                 continue
+            if w.element_size() == 1:   # fp8 storage (loading.Fp8Linear)
+                lin.__class__ = nn.Linear   # its forward would upcast torchao's tensor back to bf16
+                lin.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
             quantize_(lin, self.config)
-            self.live.append((lin, w, lin.weight))
+            self.live.append((lin, w, lin.weight, cls))
 
     def leave(self) -> None:
-        for lin, w, q in self.live:
+        for lin, w, q, cls in self.live:
             lin.__dict__.pop("extra_repr", None)   # torchao's repr decoration, instance-level
+            lin.__class__ = cls
             if lin.weight is q:   # else the placement has already swapped it (a streamed block dropped)
                 lin.weight = w
         self.live = []
