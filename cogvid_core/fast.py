@@ -354,9 +354,17 @@ def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
 def _compile(transformer: nn.Module, stack: ExitStack) -> None:
     """Each block's ``forward`` compiled (once per block object, kept for later uses). The blocks
     share one code object, so with torch's default inlining of nn modules one graph serves all of
-    them; module hooks (streaming, LoRA, fp8) run outside it."""
+    them; module hooks on the blocks (streaming, fp8) run outside it."""
+    blocks = _blocks(transformer)
+    inside = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for b in blocks for m in b.modules() if m is not b)
+    if inside:
+        # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
+        # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
+        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
+                    "correctly; the blocks run eagerly (the other speed parts stay on)", inside)
+        return
     wrapped = 0
-    for block in _blocks(transformer):
+    for block in blocks:
         if "forward" in block.__dict__:   # someone else's forward wrapper (diffusers hooks): leave it alone
             wrapped += 1
             continue
