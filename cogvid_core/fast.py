@@ -105,16 +105,19 @@ def _cuda_reason(device) -> str | None:
     return None
 
 
-def _sdpa_backend_op(backend_name: str):
+def _sdpa_backend_op(backend_name: str, first_of_all: bool):
+    """One opaque op per backend: a compiled block calls it as is (inductor would otherwise pick the
+    backend itself while tracing). ``first_of_all``: the backend goes first and torch's others follow
+    for shapes it refuses; else it alone runs (an error where it cannot: the bench's yardstick)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    order = [backend, *[b for b in others if b != backend]] if first_of_all else [backend]
 
-    # One opaque op per backend: a compiled block calls it as is (inductor would otherwise pick the
-    # backend itself while tracing).
     @torch.library.custom_op(f"cogvid::sdpa_{backend_name.lower()}", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        with sdpa_kernel([backend]):
+        with sdpa_kernel(order, set_priority=first_of_all):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     @op.register_fake
@@ -151,9 +154,9 @@ def _cuda_half(q, k, v) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
 
 
-for _backend, _label in (("CUDNN_ATTENTION", "cudnn"), ("FLASH_ATTENTION", "flash"),
-                         ("EFFICIENT_ATTENTION", "efficient")):
-    register_attention(AttentionKernel(_label, _sdpa_backend_op(_backend), lambda q, k, v: q.is_cuda,
+for _backend, _label, _first in (("CUDNN_ATTENTION", "cudnn", True), ("FLASH_ATTENTION", "flash", False),
+                                 ("EFFICIENT_ATTENTION", "efficient", False)):
+    register_attention(AttentionKernel(_label, _sdpa_backend_op(_backend, _first), lambda q, k, v: q.is_cuda,
                                        _cuda_reason, exact_class=True))
 # sageattention 1.0.6 has kernels for head_dim 64, 96 and 128 (CogVideoX: 64), equal q/k/v lengths not needed
 register_attention(AttentionKernel("sage", _sage_op(),
