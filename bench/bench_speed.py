@@ -173,11 +173,11 @@ def run_option(inp: Inputs, name: str, steps: int) -> dict:
     try:
         if name == ANCHOR:
             with _anchor(inp.transformer):
-                used, notes = "torchao float8 per-row (all block Linears) + block.compile", []
+                used, notes = "torchao float8 per-row, all block Linears, + block.compile (quantized)", []
                 latents = sample_steps(inp, steps)
         else:
             with fast.applied(inp.transformer, name, inp.device) as speed:
-                used, notes = speed.name, list(speed.notes)
+                used, notes = speed.name + (" (quantized)" if speed.quantized else ""), list(speed.notes)
                 latents = sample_steps(inp, steps)
     finally:
         timer.remove()

@@ -44,13 +44,6 @@ EXACT = "exact"
 # what the loader offers, cheapest in quality first (any "+" combination of known parts parses)
 CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
            "fp8+sage+compile")
-QUALITY = {
-    EXACT: "today's result, bit for bit",
-    "cudnn": "exact-class: the same attention math in another order (differences as between two exact kernels)",
-    "compile": "exact-class: fused kernels, same math (first step slower while it compiles)",
-    "sage": "quantized: attention scores from 8-bit Q and K; a small, measured change of the video",
-    "fp8": "quantized: block matmuls in float8 (per-row scales); a small, measured change; Ada/Hopper only",
-}
 FP8_MIN_CC = (8, 9)
 _FP8_LINEARS = ("attn1.", "ff.")   # the token-sized matmuls of a block (norm Linears see one row per video)
 
@@ -69,6 +62,11 @@ class Speed:
     @property
     def exact(self) -> bool:
         return self.attention == "sdpa" and not self.fp8 and not self.compile
+
+    @property
+    def quantized(self) -> bool:
+        """False: exact-class (the same math in another order); True: lower-precision arithmetic."""
+        return self.fp8 or (self.attention != "sdpa" and not ATTENTION[self.attention].exact_class)
 
     @property
     def name(self) -> str:

@@ -65,6 +65,8 @@ def test_every_offered_choice_parses_and_round_trips(name):
 def test_parse_combinations_and_errors():
     assert fast.parse("compile+FP8") == fast.Speed(fp8=True, compile=True)
     assert fast.parse("sage+compile") == fast.Speed(attention="sage", compile=True)
+    assert fast.parse("sage+compile").quantized and fast.parse("fp8").quantized
+    assert not fast.parse("cudnn+compile").quantized and not fast.parse("exact").quantized
     for bad, words in (("turbo", "turbo"), ("fp8+fp8", "repeated"), ("", "exact"), ("exact+fp8", "exact"),
                        ("sage+cudnn", "two attention kernels")):
         with pytest.raises(fast.SpeedError, match=words):
