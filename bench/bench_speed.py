@@ -3,6 +3,10 @@
     python bench/bench_speed.py                           # H200: 81x768x1360, batched CFG, ~7 min
     python bench/bench_speed.py --tiny --device cpu       # the code path, on a CPU, seconds
 
+On the GPU machine (carry .whl with diffusers, .whl_speed with torchao 0.18.0 and sageattention 1.0.6):
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl .whl_speed/*.whl && export PYTHONPATH=/tmp/site || exit; python3 bench/bench_speed.py
+
 Random bf16 weights built on the GPU; inputs of the 1.5 video at 81x768x1360 (batched CFG, batch 2:
 44,880 video + 226 text tokens). Each option samples the same few real steps of a 50-step DPM run
 (dynamic CFG 6, the project's sampling loop) from the same noise. Per option:
