@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -339,8 +340,14 @@ def test_cli_flag_reaches_the_pipeline(monkeypatch, tmp_path):
     code = cli.main(["i2v", "--model", "m", "--image", str(image), "--prompt", "p", "--out", "o.mp4",
                      "--speed", "sage", "--device", "cpu"])
     assert code == 2 and seen["speed"] == "sage"
+    run = pipeline._Run(None, None, CPU, *[None] * 7)
     with pytest.raises(ValueError, match="turbo"):
-        pipeline._check_speed("turbo", CPU)
+        pipeline._check_speed("turbo", run)
+    assert pipeline._check_speed("compile", run) == "compile"
+    run.devices = SimpleNamespace(second=torch.device("cuda", 1))    # a CFG pair: its second copy runs exact
+    with pytest.raises(ValueError, match="CFG pair"):
+        pipeline._check_speed("compile", run)
+    assert pipeline._check_speed("exact", run) == "exact"
 
 
 def test_loader_offers_the_speed_as_its_last_input(comfy):
