@@ -350,7 +350,7 @@ def test_cli_flag_reaches_the_pipeline(monkeypatch, tmp_path):
     assert pipeline._check_speed("exact", run) == "exact"
 
 
-def test_loader_offers_the_speed_as_its_last_input(comfy):
+def test_loader_offers_the_speed_as_its_last_input(comfy, monkeypatch):
     nodes, _ = comfy
     inputs = nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs
     assert [i.id for i in inputs][-1] == "speed" and list(inputs[-1].options) == list(fast.CHOICES)
@@ -361,6 +361,11 @@ def test_loader_offers_the_speed_as_its_last_input(comfy):
     assert tr.speed == "cudnn+compile"
     old = run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cpu")[0]
     assert old.speed == fast.EXACT                            # a saved workflow without the widget
+    loaders = sys.modules[nodes["CogVidTransformerLoader"].__module__]
+    monkeypatch.setattr(loaders, "_devices", lambda choice, kind: (CPU, torch.device("cuda", 1)))   # a CFG pair
+    with pytest.raises(ValueError, match="CFG pair"):
+        run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cuda:0+cuda:1",
+            speed="compile")
 
 
 def test_bench_runs_tiny_on_cpu(tmp_path):
