@@ -43,6 +43,10 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--devices", help="several GPUs (replaces --device): cuda:0,cuda:1 runs the two CFG branches at once, "
                                      "one per GPU; t5=DEV, vae=DEV, transformer=DEV[+DEV] put components on other cards")
+    p.add_argument("--speed", default="exact", metavar="SPEED",
+                   help="transformer speed option: exact (default, unchanged result); cudnn and compile (exact-class: "
+                        "same math, other rounding); sage (8-bit attention) and fp8 (float8 matmuls, Ada/Hopper) change "
+                        "the video slightly; combine with '+', e.g. fp8+compile. Choices: " + ", ".join(_speeds()))
     p.add_argument("--profile", default=AUTO, help="memory profile: auto, resident, balanced, lowvram")
     p.add_argument("--vram-budget", type=float, help="GiB the run may use (default: what the GPU has free)")
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
@@ -50,6 +54,11 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where hub downloads go (default: huggingface_hub's cache)")
     p.add_argument("--report", type=Path, help="write the per-stage memory/time summary as JSON here")
     p.add_argument("--out", required=True, type=Path, help="OUT.mp4 for an H.264 video, else a folder of PNG frames")
+
+
+def _speeds():
+    from .fast import CHOICES
+    return CHOICES
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -90,7 +99,8 @@ def run_i2v(args) -> int:
     bar = _Bar("denoise")
     result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
                                vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
-                               cache_dir=args.cache_dir, devices=devices)
+                               cache_dir=args.cache_dir, devices=devices,
+                               speed=args.speed)
     bar.close()
     from . import seqpar
     if not seqpar.writes():      # torchrun: rank 0 writes the video and the report

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import devmem, guard, loading, lora, models, multigpu, planner, sampling, seqpar, session, text, vae as vae_mod
+from . import devmem, fast, guard, loading, lora, models, multigpu, planner, sampling, seqpar, session, text
+from . import vae as vae_mod
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class _Run:
     cache_dir: object = None
     loras: tuple = ()             # ((lora.LoraWeights, strength), ...)
     devices: multigpu.DeviceMap | None = None   # None: every component on `device`
+    speed: str = fast.EXACT       # the transformer's speed option (fast.CHOICES)
 
     def device_of(self, kind: str) -> torch.device:
         return self.device if self.devices is None else self.devices.of(kind)
@@ -134,10 +136,11 @@ def _then_free(stage, *args):
 
 def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",
              vram_budget_gib: float | None = None, recorder=None, progress=None, interrupt=None,
-             cache_dir=None, devices=None) -> Result:
+             cache_dir=None, devices=None, speed: str = fast.EXACT) -> Result:
     """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
     cards); it replaces ``device``."""
     run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices)
+    run.speed = _check_speed(speed, run)
     run.recorder, run.interrupt = recorder, interrupt
     image = _open_image(job.image)
     run.check()
@@ -185,6 +188,23 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
                 loras=loras, devices=devices)
 
 
+def _check_speed(speed: str, run: _Run) -> str:
+    """A bad name fails now; parts this device cannot run are said now, before any model loads (and
+    once more when the transformer runs without them)."""
+    resolved = fast.resolve(speed, run.device)
+    pair = run.devices is not None and run.devices.second is not None
+    ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if not resolved.exact and (pair or ranks):
+        # the CFG pair's second copy would run exact, and sequence parallel's attention mode would be
+        # bypassed by the speed redirect: neither is wired yet
+        raise ValueError(f"--speed {speed} does not combine with {'a CFG pair (--devices)' if pair else 'torchrun'} "
+                         "yet: use --speed exact there, or one GPU with the speed option")
+    for note in resolved.notes:
+        log.warning(note)
+    return speed
+
+
 def _encode_prompts(run: _Run):
     """T5 loaded, both prompts encoded (the negative only with CFG), T5 released."""
     with run.stage("load text encoder"):
@@ -227,7 +247,7 @@ def _denoise(run: _Run, pos, neg, latent, progress):
     second = run.devices.second if run.devices is not None else None
     if second is not None:   # before placing: the copy shares the weights (or the file index), never a placement
         multigpu.attach_second(tr, second)
-    tc = run.component("transformer", tr, variant=run.variant)
+    tc = run.component("transformer", tr, variant=run.variant, speed=run.speed)
     del tr
     if run.loras:
         tc = tc.with_loras(run.loras)   # checked against this transformer here; hooked only inside use()

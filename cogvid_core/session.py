@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fast
 from . import lora as lora_mod
 from .activations import apply_profile
 from .devmem import module_bytes
@@ -50,7 +51,7 @@ PROFILE_FIELD = {"transformer": "transformer", "t5": "text_encoder", "vae": "vae
 # A profile with no activation savers: what a transformer used without a plan runs with.
 NO_SAVERS = Profile("no plan", description="the module as loaded: no activation savers")
 _CONFIGURED = "configured_mode"   # extra: the placement mode of the value that configured the module last
-_LORA_HOOKS = "lora_hooks"        # extra: the LoRA hooks of the value in use (an ExitStack), until done()
+_USE_HOOKS = "use_hooks"          # extra: the LoRA and speed hooks of the value in use (an ExitStack), until done()
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +66,7 @@ class Component:
     tokenizer: object = None         # T5 only
     profile: Profile | None = None   # the applied plan's profile (with_plan); None: no plan
     loras: tuple = ()                # ((lora.LoraWeights, strength), ...) active while this value is in use
+    speed: str = fast.EXACT          # transformer: a fast.CHOICES name, active while this value is in use
     # ONE dict per loaded module, shared by every copy (dataclasses.replace passes it on): the ComfyUI
     # patcher lives here (one per module, so ComfyUI counts the weights once), and the mode the module
     # was last configured for, which `acquire()` honours whichever copy the patcher calls it on.
@@ -73,6 +75,10 @@ class Component:
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.speed != fast.EXACT:
+            if self.kind != "transformer":
+                raise ValueError(f"speed options apply to the CogVideoX transformer, not to the {self.kind}")
+            fast.parse(self.speed)   # a bad name fails where it was given, not at the first step
 
     @property
     def mode(self) -> str:
@@ -109,6 +115,10 @@ class Component:
     def with_lora(self, weights, strength: float = 1.0) -> "Component":
         return self.with_loras([(weights, strength)])
 
+    def with_speed(self, speed: str) -> "Component":
+        """A copy that runs with ``speed`` (fast.CHOICES) while in use; this value is unchanged."""
+        return dataclasses.replace(self, speed=speed)
+
     def lora_bytes(self) -> int:
         """Device bytes this value's LoRAs take while it samples (the estimate's extra weight term)."""
         return lora_mod.lora_bytes(self.loras, self.dtype)
@@ -128,13 +138,16 @@ class Component:
         room, e.g. ComfyUI's load_models_gpu)."""
         if self.kind == "transformer":
             apply_profile(self.module, self.profile or NO_SAVERS)
-        self._unhook_loras()   # a value configured before and never done: its LoRAs end here
-        if self.loras:
+        self._unhook()   # a value configured before and never done: its LoRAs and speed end here
+        if self.loras or self.speed != fast.EXACT:
             # Every front end configures right before a use and ends it with done(): the hooks live
             # exactly that long, on the shared module, whichever patcher or placement then runs it.
             hooks = ExitStack()
-            hooks.enter_context(lora_mod.applied(self.module, self.loras))
-            self.extra[_LORA_HOOKS] = hooks
+            if self.loras:
+                hooks.enter_context(lora_mod.applied(self.module, self.loras))
+            if self.speed != fast.EXACT:
+                hooks.enter_context(fast.applied(self.module, self.speed, self.device))
+            self.extra[_USE_HOOKS] = hooks
         self.extra[_CONFIGURED] = self.mode
 
     def acquire(self) -> torch.nn.Module:
@@ -144,15 +157,15 @@ class Component:
         return place(self.module, self.device, self.extra.get(_CONFIGURED, self.mode)).acquire()
 
     def done(self) -> None:
-        """End of a use: the LoRAs come off; offload drops the device copy, stream keeps only its
-        hooks, resident stays."""
-        self._unhook_loras()
+        """End of a use: the LoRAs and speed options come off; offload drops the device copy, stream
+        keeps only its hooks, resident stays."""
+        self._unhook()
         placed = placed_of(self.module)
         if placed is not None:
             placed.offload()
 
-    def _unhook_loras(self) -> None:
-        hooks = self.extra.pop(_LORA_HOOKS, None)
+    def _unhook(self) -> None:
+        hooks = self.extra.pop(_USE_HOOKS, None)
         if hooks is not None:
             hooks.close()
 

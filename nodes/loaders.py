@@ -15,11 +15,22 @@ _PRECISION_TIP = ("Weight precision. bf16 is right for both models; fp16 gives b
 _DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda, cuda:N or cpu to force one"
 _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one per GPU, each GPU holding a copy of "
              "the transformer (or streaming it from the files) and one branch's activations")
+_SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. cudnn: cuDNN attention kernel and "
+              "compile: torch.compile of the blocks (first step slower) are exact-class: the same math in another "
+              "rounding order, differences as small as between two exact attention kernels. sage: 8-bit attention "
+              "(sageattention package) and fp8: float8 matmuls (torchao package, RTX 40xx / L4 / H100 and newer) "
+              "change the video slightly (measured error in the README). '+' combines them. A part this machine "
+              "cannot run is skipped with a message and the exact path runs instead.")
 
 
 def placement_modes() -> list[str]:
     from cogvid_core.session import PLACEMENTS
     return list(PLACEMENTS)
+
+
+def speed_options() -> list[str]:
+    from cogvid_core.fast import CHOICES
+    return list(CHOICES)
 
 
 def _placement_input(tip: str) -> io.Combo.Input:
@@ -83,22 +94,27 @@ class CogVidTransformerLoader(io.ComfyNode):
             inputs=_common_inputs("transformer", "diffusion_models",
                                   "Where the weights live while sampling: resident (all on the GPU, fastest), "
                                   "offload (on the GPU only while sampling), stream (blocks copied to the GPU "
-                                  "one by one, least memory), auto (chosen from free memory)"),
+                                  "one by one, least memory), auto (chosen from free memory)")
+            + [io.Combo.Input("speed", options=speed_options(), default="exact", tooltip=_SPEED_TIP)],
             outputs=[C.TRANSFORMER.Output(display_name="transformer")],
         )
 
     @classmethod
-    def execute(cls, model, precision, placement, device) -> io.NodeOutput:
+    def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
         from cogvid_core import loading, session
         from cogvid_core import multigpu
         dtype, storage = session.precision(precision)
         dev, second = _devices(device, "transformer")
+        if second is not None and speed != "exact":   # before the load: the pair's second copy would run exact
+            raise ValueError(f"speed {speed} does not combine with a CFG pair ({device}) yet: pick speed exact, "
+                             "or one GPU with the speed option")
         src = _source("transformer", model)
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
         if second is not None:      # the sampler finds the copy on the module (cogvid_core.multigpu)
             multigpu.attach_second(module, second)
-        comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model)
+        comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model,
+                                 speed=speed)
         return io.NodeOutput(memory.expose(comp))
 
 

@@ -94,7 +94,7 @@ def test_schemas(comfy):
         "transformer", "conditioning", "image_latent", "frames", "steps", "cfg", "dynamic_cfg", "scheduler",
         "seed", "plan"]
     assert [i.id for i in nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs] == [
-        "model", "precision", "placement", "device"]
+        "model", "precision", "placement", "device", "speed"]
 
 
 def test_model_lists_and_validation(comfy):

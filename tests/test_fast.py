@@ -1,0 +1,380 @@
+"""Speed options (cogvid_core.fast): names, fallbacks and their messages, the attention redirect,
+fp8's per-call weight swap, regional compile (exactness, no recompiles), wiring (Component, CLI, node)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cogvid_core import cli, fast, loading, models as M, pipeline, placement as P, sampling, session, testing
+from test_nodes import comfy, models_root, run  # noqa: F401  (fixture re-export)
+from test_placement import _inputs
+
+K15 = "cogvideox1.5-5b-i2v"
+CPU = torch.device("cpu")
+CALLS: list = []
+
+
+@torch.library.custom_op("cogvid_test::counting_sdpa", mutates_args=())
+def _counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    CALLS.append(tuple(q.shape))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@_counting.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+fast.register_attention(fast.AttentionKernel("counting", _counting, lambda q, k, v: True, lambda device: None,
+                                             exact_class=True))
+
+
+@pytest.fixture
+def calls():
+    CALLS.clear()
+    yield CALLS
+    CALLS.clear()
+
+
+def _transformer(seed=0):
+    return testing.build_random("transformer", K15, tiny=True, seed=seed)
+
+
+def _hooks(module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def _run(tr, kw):
+    with torch.inference_mode():
+        return tr(**kw)[0]
+
+
+# ------------------------------------------------------------------------------- names
+@pytest.mark.parametrize("name", fast.CHOICES)
+def test_every_offered_choice_parses_and_round_trips(name):
+    speed = fast.parse(name)
+    assert speed.name == name and speed.exact == (name == fast.EXACT)
+
+
+def test_parse_combinations_and_errors():
+    assert fast.parse("compile+FP8") == fast.Speed(fp8=True, compile=True)
+    assert fast.parse("sage+compile") == fast.Speed(attention="sage", compile=True)
+    assert fast.parse("sage+compile").quantized and fast.parse("fp8").quantized
+    assert not fast.parse("cudnn+compile").quantized and not fast.parse("exact").quantized
+    for bad, words in (("turbo", "turbo"), ("fp8+fp8", "repeated"), ("", "exact"), ("exact+fp8", "exact"),
+                       ("sage+cudnn", "two attention kernels")):
+        with pytest.raises(fast.SpeedError, match=words):
+            fast.parse(bad)
+    assert issubclass(fast.SpeedError, ValueError)   # the CLI's "user error" class: one line, exit 2
+
+
+# ------------------------------------------------------------------------------- fallbacks
+def test_cpu_drops_gpu_parts_with_reasons():
+    got = fast.resolve("fp8+cudnn+compile", CPU)
+    assert got == fast.Speed(compile=True)
+    text = " ".join(got.notes)
+    assert "'fp8' is off" in text and "'cudnn' is off" in text and text.count("CUDA GPU") == 2
+    assert "exact" in text                           # says what runs instead
+
+
+def test_compile_without_a_compiler_is_dropped(monkeypatch):
+    monkeypatch.setattr(fast.shutil, "which", lambda name: None)
+    got = fast.resolve("compile", CPU)
+    assert not got.compile and "C++ compiler" in got.notes[0]
+
+
+def _fake_cuda(monkeypatch, cc, missing=()):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cc)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(fast.importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else (real(name, *a) or object()))
+
+
+def test_fp8_needs_ada_or_hopper(monkeypatch):
+    _fake_cuda(monkeypatch, (8, 6))
+    got = fast.resolve("fp8+compile", torch.device("cuda", 0))
+    assert not got.fp8 and got.compile
+    assert "8.9" in got.notes[0] and "8.6" in got.notes[0] and "bf16" in got.notes[0]
+    _fake_cuda(monkeypatch, (9, 0))
+    assert fast.resolve("fp8", torch.device("cuda", 0)).fp8
+
+
+@pytest.mark.parametrize("name,package", [("fp8", "torchao"), ("sage", "sageattention"), ("compile", "triton")])
+def test_missing_package_is_named(monkeypatch, name, package):
+    _fake_cuda(monkeypatch, (9, 0), missing=(package,))
+    got = fast.resolve(name, torch.device("cuda", 0))
+    assert got.exact and package in got.notes[0]
+
+
+# ------------------------------------------------------------------------------- attention redirect
+def test_redirect_calls_the_chosen_kernel_only_while_the_transformer_runs(calls):
+    tr = _transformer()
+    kw = _inputs(tr, M.VARIANTS[K15], batch=2)
+    ref = _run(tr, kw)
+    hooks = _hooks(tr)
+    with fast.applied(tr, "counting", CPU) as speed:
+        assert speed.attention == "counting"
+        got = _run(tr, kw)
+        assert len(calls) == tr.config.num_layers            # one joint attention per block
+        F.scaled_dot_product_attention(*(torch.randn(1, 2, 4, 8),) * 3)   # outside the transformer's forward
+        assert len(calls) == tr.config.num_layers
+    assert (got - ref).abs().max() < 1e-5                     # the fake kernel is SDPA itself
+    assert _hooks(tr) == hooks and torch.equal(_run(tr, kw), ref)
+    assert len(calls) == tr.config.num_layers
+
+
+def test_redirect_leaves_masked_or_causal_calls_to_torch(calls):
+    q = torch.randn(1, 2, 5, 8)
+    with fast.RouteAttention(fast.ATTENTION["counting"]):
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+        assert calls == []
+        out = F.scaled_dot_product_attention(q, q, q, scale=0.3)
+    assert calls == [(1, 2, 5, 8)] and torch.allclose(out, F.scaled_dot_product_attention(q, q, q, scale=0.3))
+
+
+def test_hooks_come_off_when_the_forward_raises(calls):
+    tr = _transformer()
+    hooks = _hooks(tr)
+    with fast.applied(tr, "counting", CPU), pytest.raises(TypeError):
+        tr(hidden_states=None)
+    assert _hooks(tr) == hooks
+    q = torch.randn(1, 2, 5, 8)
+    F.scaled_dot_product_attention(q, q, q)
+    assert calls == []                                        # the mode did not stay on the stack
+
+
+# ------------------------------------------------------------------------------- fp8 swap
+class _FakeTorchao:
+    """Stands in for torchao.quantization on the CPU: ``quantize_`` halves the weight (visibly wrong)."""
+
+    class Float8DynamicActivationFloat8WeightConfig:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class PerRow:
+        pass
+
+    calls = 0
+
+    @classmethod
+    def quantize_(cls, module, config):
+        cls.calls += 1
+        assert config.kw["set_inductor_config"] is False      # no process-wide side effects
+        module.weight = torch.nn.Parameter(module.weight.to(torch.float32) * 0.5, requires_grad=False)
+
+
+@pytest.fixture
+def fake_torchao(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", _FakeTorchao)
+    monkeypatch.setattr(fast, "_computable", lambda w: True)
+    _FakeTorchao.calls = 0
+    return _FakeTorchao
+
+
+def _fp8_forward(tr, kw):
+    from contextlib import ExitStack
+    seen = {}
+    lin = tr.transformer_blocks[0].attn1.to_q
+    h = lin.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight))   # returns None: args unchanged
+    with ExitStack() as stack:
+        fast._fp8(tr, stack)
+        out = _run(tr, kw)
+    h.remove()
+    return out, seen["w"]
+
+
+@pytest.mark.parametrize("storage", [None, torch.float8_e4m3fn])
+def test_fp8_swaps_weights_for_each_call_only(tiny_ckpts, fake_torchao, storage):
+    tr, _ = loading.load_transformer(tiny_ckpts[K15]["single"]["transformer"], dtype=torch.float32,
+                                     storage_dtype=storage, file_backed=False)
+    kw = _inputs(tr, M.VARIANTS[K15], batch=1)
+    before = {n: p for n, p in tr.named_parameters()}
+    classes = {n: type(m) for n, m in tr.named_modules()}
+    ref = _run(tr, kw)
+    out, used = _fp8_forward(tr, kw)
+    per_block = 6   # to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2
+    assert fake_torchao.calls == per_block * tr.config.num_layers
+    assert used is not before["transformer_blocks.0.attn1.to_q.weight"] and used.dtype == torch.float32
+    assert (out - ref).abs().max() > 1e-3                     # the swapped weights did compute
+    assert all(p is before[n] for n, p in tr.named_parameters())      # the very same Parameters are back
+    assert {n: type(m) for n, m in tr.named_modules()} == classes     # Fp8Linear stays Fp8Linear
+    assert torch.equal(_run(tr, kw), ref) and _hooks(tr) == 0
+
+
+def test_fp8_leaves_a_streamed_block_dropped(tiny_ckpts, fake_torchao):
+    tr, _ = loading.load_transformer(tiny_ckpts[K15]["single"]["transformer"], dtype=torch.float32)
+    placed = P.place(tr, "cpu", "stream", degrade_on_cpu=False)
+    kw = _inputs(tr, M.VARIANTS[K15], batch=1)
+    ref = _run(tr, kw)
+    out, _ = _fp8_forward(tr, kw)
+    assert (out - ref).abs().max() > 1e-3
+    assert all(p.device.type == "meta" for p in tr.transformer_blocks.parameters())   # dropped, not restored
+    assert torch.equal(_run(tr, kw), ref)
+    placed.release()
+
+
+# ------------------------------------------------------------------------------- compile
+def _graphs():
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compile_is_exact_class_and_never_recompiles_across_steps_or_cfg_branches(calls):
+    """Inductor on a tiny model (needs g++); sequential CFG: two branches per step, two steps."""
+    if fast.resolve("compile", CPU).notes:
+        pytest.skip("torch.compile cannot run here: " + fast.resolve("compile", CPU).notes[0])
+    torch._dynamo.reset()
+    tr = _transformer(seed=3)
+    comp = session.Component("transformer", tr, CPU, torch.float32, "resident", variant=M.VARIANTS[K15])
+    kw = _inputs(tr, M.VARIANTS[K15], batch=1)
+    ref = _run(tr, kw)
+    after_first = []
+    h = tr.register_forward_hook(lambda *_: after_first.append(_graphs()))
+    with comp.with_speed("counting+compile").use() as module:
+        got = _run(module, kw)
+        _sample(module, steps=2)                              # 2 steps x 2 CFG branches, one batch size
+    h.remove()
+    # graphs at the first call of each video shape only: [0] the direct call, [1:] the sampling run's
+    assert len(after_first) == 5 and after_first[0] > 0 and after_first[1] > after_first[0]
+    assert after_first[1:] == [after_first[1]] * 4
+    assert len(calls) == 5 * tr.config.num_layers             # the redirect works inside compiled blocks
+    assert ((got - ref).norm() / ref.norm()) < 1e-5
+    assert "forward" not in tr.transformer_blocks[0].__dict__ and _hooks(tr) == 0
+    assert torch.equal(_run(tr, kw), ref)                     # done(): the exact path again
+
+
+def _sample(tr, steps):
+    v = M.VARIANTS[K15]
+    cfg = tr.config
+    frames, h, w = M.default_size(v, dict(cfg))
+    image = _image_latent(h, w)
+    emb = torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim)
+    with torch.inference_mode():
+        return sampling.sample(tr, v, emb, emb * 0.5, image, frames, steps=steps, cfg=6.0, cfg_mode="sequential")
+
+
+def _image_latent(h, w):
+    from cogvid_core.vae import ImageLatent
+    shape = (1, 16, 1, h // 8, w // 8)
+    return ImageLatent(mean=torch.randn(shape), std=torch.full(shape, 0.1), scale=0.7, height=h, width=w)
+
+
+def test_compile_with_file_backed_streaming_swaps_weights_without_recompiling(tiny_ckpts, monkeypatch):
+    """Streaming assigns each block's parameters anew at every call: dynamo's guards must not care."""
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")   # guards are dynamo's, whatever the backend
+    torch._dynamo.reset()
+    tr, _ = loading.load_transformer(tiny_ckpts[K15]["single"]["transformer"], dtype=torch.float32)
+    placed = P.place(tr, "cpu", "stream", degrade_on_cpu=False)
+    kw = _inputs(tr, M.VARIANTS[K15], batch=1)
+    ref = _run(tr, kw)
+    with fast.applied(tr, "compile", CPU):
+        first = _run(tr, kw)
+        graphs = _graphs()
+        for _ in range(3):
+            again = _run(tr, kw)
+    assert _graphs() == graphs and torch.equal(first, again) and (first - ref).abs().max() < 1e-5
+    placed.release()
+
+
+def test_compile_is_off_with_loras_and_says_so(tmp_path, monkeypatch, caplog):
+    """LoRA hooks inside compiled blocks gave wrong results from the second call on (torch 2.13, eager
+    backend, 4 blocks: up to 0.09 off on outputs of order 1): with LoRAs the blocks run eagerly, with a message."""
+    from cogvid_core import lora
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
+    torch._dynamo.reset()
+    v = M.VARIANTS[K15]
+    tr = _transformer()
+    lw = lora.load_lora(testing.write_lora(tmp_path / "a.safetensors", K15, ("attn", "ff"), rank=4, seed=5))
+    kw = _inputs(tr, v, batch=1)
+    with lora.applied(tr, [(lw, 1.0)]):
+        want = _run(tr, kw)
+    comp = session.Component("transformer", tr, CPU, torch.float32, variant=v).with_lora(lw).with_speed("compile")
+    graphs = _graphs()
+    with comp.use() as module:
+        got = [_run(module, kw) for _ in range(3)]
+        assert "forward" not in tr.transformer_blocks[1].__dict__
+    assert all(torch.equal(g, want) for g in got) and _graphs() == graphs
+    assert "'compile' is off" in caplog.text and "LoRA" in caplog.text
+
+
+# ------------------------------------------------------------------------------- wiring
+def test_component_carries_and_checks_the_speed():
+    tr = _transformer()
+    comp = session.Component("transformer", tr, CPU, torch.float32)
+    assert comp.speed == fast.EXACT and comp.with_speed("fp8").speed == "fp8" and comp.speed == fast.EXACT
+    with pytest.raises(ValueError, match="unknown"):
+        comp.with_speed("warp")
+    with pytest.raises(ValueError, match="transformer"):
+        session.Component("vae", torch.nn.Linear(2, 2), CPU, torch.float32, speed="compile")
+    fancy = comp.with_speed("counting")
+    fancy.configure()
+    assert _hooks(tr) > 0
+    fancy.done()
+    assert _hooks(tr) == 0
+
+
+def test_cli_flag_reaches_the_pipeline(monkeypatch, tmp_path):
+    args = cli.build_parser().parse_args(["i2v", "--model", "m", "--image", "i.png", "--prompt", "p",
+                                          "--out", "o.mp4", "--speed", "fp8+compile"])
+    assert args.speed == "fp8+compile"
+    assert cli.build_parser().parse_args(["i2v", "--model", "m", "--image", "i", "--prompt", "p",
+                                          "--out", "o"]).speed == fast.EXACT
+    seen = {}
+
+    def fake_generate(*a, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+    monkeypatch.setattr(pipeline, "generate", fake_generate)
+    image = tmp_path / "i.png"
+    image.write_bytes(b"")
+    code = cli.main(["i2v", "--model", "m", "--image", str(image), "--prompt", "p", "--out", "o.mp4",
+                     "--speed", "sage", "--device", "cpu"])
+    assert code == 2 and seen["speed"] == "sage"
+    run = pipeline._Run(None, None, CPU, *[None] * 7)
+    with pytest.raises(ValueError, match="turbo"):
+        pipeline._check_speed("turbo", run)
+    assert pipeline._check_speed("compile", run) == "compile"
+    run.devices = SimpleNamespace(second=torch.device("cuda", 1))    # a CFG pair: its second copy runs exact
+    with pytest.raises(ValueError, match="CFG pair"):
+        pipeline._check_speed("compile", run)
+    assert pipeline._check_speed("exact", run) == "exact"
+
+
+def test_loader_offers_the_speed_as_its_last_input(comfy, monkeypatch):
+    nodes, _ = comfy
+    inputs = nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs
+    assert [i.id for i in inputs][-1] == "speed" and list(inputs[-1].options) == list(fast.CHOICES)
+    assert "bit for bit" in inputs[-1].tooltip and "change the video" in inputs[-1].tooltip
+    model = "CogVideo/CogVideoX1.5-5B-I2V"
+    tr = run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cpu",
+             speed="cudnn+compile")[0]
+    assert tr.speed == "cudnn+compile"
+    old = run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cpu")[0]
+    assert old.speed == fast.EXACT                            # a saved workflow without the widget
+    loaders = sys.modules[nodes["CogVidTransformerLoader"].__module__]
+    monkeypatch.setattr(loaders, "_devices", lambda choice, kind: (CPU, torch.device("cuda", 1)))   # a CFG pair
+    with pytest.raises(ValueError, match="CFG pair"):
+        run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cuda:0+cuda:1",
+            speed="compile")
+
+
+def test_bench_runs_tiny_on_cpu(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_speed
+    out = tmp_path / "speed.json"
+    assert bench_speed.main(["--tiny", "--device", "cpu", "--options", "exact,counting,fp8", "--steps", "2",
+                             "--out", str(out)]) == 0
+    rows = {r["option"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["exact"]["ratio_to_exact"] == 1.0 and rows["exact"]["final_latent_rel_l2"] == 0.0
+    assert rows["counting"]["ran"] == "counting" and rows["counting"]["step1_pred_rel_l2"] < 1e-5
+    assert rows["fp8"]["ran"] == "exact" and "CUDA" in rows["fp8"]["notes"][0]
