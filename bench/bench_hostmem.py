@@ -266,7 +266,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     devmem.PINNED_IN_RSS = bool(args.pinned_in_rss)
     if args.case:
-        folder = args.dir / M.V15.label
+        folder = args.dir / M.V15.folder
         res = diag() if args.case == "diag" else run_case(args.case, folder, args.frames, args.height, args.width,
                                                           args.reps)
         print("RESULT " + json.dumps(res), flush=True)
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
         out["diag"] = _sub(args, "diag", False)
         pinned_in_rss = bool(out["diag"].get("pinned_in_rss"))
         print(json.dumps(out["diag"], indent=1), flush=True)
-    if not (args.dir / M.V15.label / "model_index.json").exists():
+    if not (args.dir / M.V15.folder / "model_index.json").exists():
         from cogvid_core import testing
         t0 = time.perf_counter()
         testing.write_checkpoints(args.dir, M.V15.key, tiny=False, dtype=torch.bfloat16, layouts=("hf",),

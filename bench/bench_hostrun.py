@@ -123,7 +123,7 @@ def child(recipe: str, args) -> dict:
 
 def write_checkpoints(root: Path, tiny: bool) -> Path:
     key = M.V15.key
-    folder = root / M.VARIANTS[key].label
+    folder = root / M.VARIANTS[key].folder
     if not (folder / "model_index.json").exists():
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "cogvid_core", "make-checkpoints", str(root), "--variant", key, "--layouts", "hf"]
@@ -177,10 +177,10 @@ def main(argv=None) -> int:
     args.frames, args.height, args.width = args.frames or d[0], args.height or d[1], args.width or d[2]
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.child:
-        args.dir_model = args.dir / M.V15.label
+        args.dir_model = args.dir / M.V15.folder
         print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
         return 0
-    folder = write_checkpoints(args.dir, args.tiny) if args.write else args.dir / M.V15.label
+    folder = write_checkpoints(args.dir, args.tiny) if args.write else args.dir / M.V15.folder
     log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:

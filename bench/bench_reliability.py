@@ -274,8 +274,8 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
 def write(root: Path, tiny: bool, layers: int | None, dtype) -> dict:
     out = {}
     for key in (V10, V15):
-        if (root / M.VARIANTS[key].label / "model_index.json").exists():   # --ckpt-dir from an earlier run
-            out[key] = root / M.VARIANTS[key].label
+        if (root / M.VARIANTS[key].folder / "model_index.json").exists():   # --ckpt-dir from an earlier run
+            out[key] = root / M.VARIANTS[key].folder
             continue
         t0 = time.perf_counter()
         out[key] = testing.write_checkpoints(root, key, tiny=M.TRAINED_SIZE if tiny else False, dtype=dtype,

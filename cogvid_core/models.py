@@ -50,6 +50,11 @@ class Variant:
     tiny_sample: dict = field(compare=False, repr=False)  # trained size of the tiny test checkpoints
 
     @property
+    def folder(self) -> str:
+        """The model's folder name as the hub spells it (what downloads and the shipped workflows use)."""
+        return self.repo_id.split("/")[-1]
+
+    @property
     def patch_size_t(self) -> int | None:
         return self.transformer["patch_size_t"]
 

@@ -2,7 +2,7 @@
 
 Layouts written under ``root`` (see ``write_checkpoints``):
 
-* ``<root>/<Variant label>/`` : a hub / ``save_pretrained`` folder (``model_index.json``,
+* ``<root>/<hub folder name>/`` (e.g. CogVideoX-5b-I2V) : a hub / ``save_pretrained`` folder (``model_index.json``,
   ``transformer/`` and ``text_encoder/`` sharded with ``*.safetensors.index.json``, ``vae/``,
   ``tokenizer/`` (sentencepiece ``spiece.model``), ``scheduler/``).
 * ``<root>/single/`` : single files as people download them: transformer and VAE with diffusers
@@ -277,7 +277,7 @@ def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dty
                       layouts=("hf", "single"), seed: int = 0, layers: int | None = None) -> dict:
     """Write one variant's random checkpoints; returns where they are.
 
-    Returns ``{"hf": Path(<root>/<label>), "single": {"transformer", "transformer_fp8", "vae",
+    Returns ``{"hf": Path(<root>/<folder>), "single": {"transformer", "transformer_fp8", "vae",
     "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path}`` (only the layouts asked for).
     The T5 files and tokenizer are shared by both variants (same values, same names).
     ``layers``: cap the transformer's and T5's depth, keeping every width (see ``_build``).
@@ -286,7 +286,7 @@ def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dty
     root = Path(root)
     out: dict = {}
     if "hf" in layouts:
-        folder = root / variant.label
+        folder = root / variant.folder
         for component in ("transformer", "vae", "text_encoder"):
             _save_component(folder / component, component, variant, tiny, dtype, seed, layers)
         write_tokenizer(folder / "tokenizer", seed)

@@ -28,7 +28,7 @@ def _import_pack(name: str):
 
 def _chain_10(nodes, frames=9):
     """The 5B-I2V (1.0) tiny model through load, encode and one sampling step."""
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX-5B-I2V")
+    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX-5b-I2V")
     cond = run(nodes["CogVidTextEncode"], t5=t5, positive="waves", negative="")[0]
     lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=frames, steps=1,
@@ -82,7 +82,7 @@ def test_get_node_list_alone_registers_folders_as_on_0_3_64(models_root):
         nodes = {n.GET_SCHEMA().node_id: n for n in asyncio.run(ext.get_node_list())}   # 0.3.64: no on_load
         assert "CogVideo" in mods["folder_paths"].folder_names_and_paths
         model_input = next(i for i in nodes["CogVidVAELoader"].GET_SCHEMA().inputs if i.id == "model")
-        assert "CogVideo/CogVideoX-5B-I2V" in model_input.options
+        assert "CogVideo/CogVideoX-5b-I2V" in model_input.options
     finally:
         comfy_stub.uninstall()
 

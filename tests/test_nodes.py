@@ -100,7 +100,7 @@ def test_schemas(comfy):
 def test_model_lists_and_validation(comfy):
     nodes, _ = comfy
     opts = _options(nodes["CogVidTransformerLoader"], "model")
-    assert "CogVideo/CogVideoX1.5-5B-I2V" in opts and "CogVideo/CogVideoX-5B-I2V" in opts
+    assert "CogVideo/CogVideoX1.5-5B-I2V" in opts and "CogVideo/CogVideoX-5b-I2V" in opts
     assert any(o.startswith("diffusion_models/") for o in opts)
     assert not any(o.startswith("CogVideo/CogVideoX1.5-5B-I2V/") for o in opts)   # no shards of hub folders
     assert opts[-2:] == ["THUDM/CogVideoX1.5-5B-I2V", "THUDM/CogVideoX-5b-I2V"]
