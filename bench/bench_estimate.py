@@ -417,7 +417,8 @@ def load_cells(paths) -> tuple[dict, list[dict]]:
         env = d["env"]
         heldout = "heldout" in Path(p).name
         for c in d.get("cells") or _cells_of_rows(d["rows"], heldout):
-            c = {"allocator": env.get("allocator", "native"), "card": env.get("card"), "file": Path(p).name, **c}
+            c = {"allocator": env.get("allocator", "native"), "card": env.get("card"), "file": Path(p).name,
+                 "file_backed": str(env.get("weights", "")).startswith("file-backed"), **c}
             ident = (c["card"], c["allocator"], c["stage"], c["variant"], c["frames"], c["height"], c["width"],
                      json.dumps(c["settings"], sort_keys=True))
             if c["alloc"] is not None and ident not in seen:
@@ -451,7 +452,7 @@ def predict(cell, constants=None) -> E.StageEstimate:
     """The estimate of ``cell``'s stage for its shape, settings, card and allocator."""
     est = E.estimate(cell["variant"], cell["frames"], cell["height"], cell["width"], profile_of(cell),
                      calibration_path=constants, tiny=cell.get("tiny", False), allocator=cell["allocator"],
-                     card=cell.get("card"))
+                     card=cell.get("card"), file_backed=cell.get("file_backed", True))
     return est.stage(cell["stage"])
 
 
@@ -470,11 +471,12 @@ def wrong_fits(cells, constants=None, checked: list | None = None) -> list[tuple
     """Candidates judged to fit a budget they overran: for every candidate of planner.candidates() whose
     4 stage cells were measured at a shape, the estimate's needed bytes must be at least the largest
     measured reserved peak (else a budget between the two is judged 'fits' and runs out)."""
-    by, shapes = {}, set()
+    by, shapes, backed = {}, set(), {}
     for c in cells:
         by[_cell_id(c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"], c["stage"],
                     profile_of(c))] = c
         shapes.add((c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"]))
+        backed[c["card"]] = c.get("file_backed", True)
     out = []
     for (card, alloc, vk, f, h, w) in sorted(shapes):
         for prof in planner.candidates():
@@ -484,7 +486,8 @@ def wrong_fits(cells, constants=None, checked: list | None = None) -> list[tuple
             if checked is not None:
                 checked.append((card, alloc, vk, f, h, w, prof.name))
             measured = max(float("inf") if c.get("error") else c["reserved"] for c in cs)
-            est = E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card)
+            est = E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card,
+                             file_backed=backed[card])
             if est.needed_bytes < measured:
                 out.append((card, alloc, vk, f, h, w, prof.name, est.needed_bytes, measured))
     return out

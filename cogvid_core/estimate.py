@@ -30,6 +30,7 @@ from pathlib import Path
 from . import cards
 from .cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from .devmem import precision_bytes
+from .filestream import PREFETCH_DEPTH
 from .hostplan import host_stages
 from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
 from .profiles import PROFILES, Profile
@@ -281,7 +282,8 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
 def estimate(variant, frames: int, height: int, width: int, profile: Profile | str = "balanced",
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
-             lora_bytes: int = 0, allocator: str | None = None, card: str | None = None) -> Estimate:
+             lora_bytes: int = 0, allocator: str | None = None, card: str | None = None,
+             file_backed: bool = True) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -293,6 +295,10 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     lora_bytes: the LoRAs' device bytes (lora.lora_bytes), weights of the denoise stage.
     allocator / card: the CUDA allocator ("native" / "cudaMallocAsync") and device name the
     calibration is chosen for; default: this process's (cards.allocator_backend, cards.device_card).
+    file_backed: transformer and T5 streamed from their files (the loaders' default): a streamed model
+    then holds the running block plus filestream.PREFETCH_DEPTH read-ahead blocks (structure, not a
+    fit); False: loaded into memory and streamed by diffusers' group offloading (the calibration's
+    fitted ``stream_blocks``, e.g. the H100 grid's in-memory models).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
@@ -310,7 +316,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                                                 frames, height, width),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
     sizes = component_sizes(v.key, tiny)
-    weights = _stage_weights(sizes, precision, profile, keep_loaded, c)
+    blocks = 1 + PREFETCH_DEPTH if file_backed else float(c["stream_blocks"])
+    weights = _stage_weights(sizes, precision, profile, keep_loaded, c, blocks)
     weights["denoise_step"] += int(lora_bytes)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, weight_bytes, tiny)
@@ -323,10 +330,11 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                     keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"])
 
 
-def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict) -> dict:
+def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict,
+                   stream_blocks: float) -> dict:
     modes = {k: str(getattr(profile, k)) for k in COMPONENTS}
     return {stage: sum(_gpu_weights(sizes[k], precision[k], modes[k], COMPONENT_OF_STAGE[stage] == k,
-                                    float(c["stream_blocks"]), keep_loaded, c["stream_buffer_mult"])
+                                    stream_blocks, keep_loaded, c["stream_buffer_mult"])
                        for k in COMPONENTS) for stage in STAGES}
 
 

@@ -32,6 +32,7 @@ from .models import CheckpointError
 
 _ALIGN = 64
 _PIECE = 32 * 2 ** 20      # bytes per pread: a block is read by several threads at once
+PREFETCH_DEPTH = 2         # blocks read ahead of the running one in ``stream`` mode
 
 
 # =============================================================================== reading
@@ -204,7 +205,7 @@ class FilePlacement:
     """A file-backed model placed on ``device`` in one mode (see the module docstring)."""
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList | None, device, mode: str, *,
-                 depth: int = 2, buffers: int = 2):
+                 depth: int = PREFETCH_DEPTH, buffers: int = 2):
         index = index_of(model)
         if index is None:
             raise ValueError(f"{type(model).__name__} is not file-backed (no weight index attached)")
