@@ -323,7 +323,40 @@ def timing(events: list, t0: float, sampler_id: str, decode_id: str | None) -> d
     return out
 
 
-def run_queue(server, queue, sampler, prompt: dict, number: int, timeout: float) -> dict:
+class WeightTimer:
+    """Seconds the pack spends making placements (reading weights, pinning, copying resident ones) and
+    moving offloaded weights onto the GPU (``Placed.__init__`` and ``Placed._onload``, GPU synchronised),
+    and how many placements a queue made: a queue that re-places nothing shows 0 placements. Block
+    streaming during the steps is not load: it is part of each step."""
+
+    def __init__(self):
+        self.placed, self.seconds = 0, 0.0
+
+    def install(self) -> None:
+        import torch
+        from cogvid_core import placement
+        timer = self
+        for name in ("__init__", "_onload"):
+            orig = getattr(placement.Placed, name)
+
+            def timed(*a, _orig=orig, _name=name, **k):
+                t = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    if torch.cuda.is_available() and torch.cuda.is_initialized():
+                        torch.cuda.synchronize()
+                    timer.seconds += time.perf_counter() - t
+                    timer.placed += _name == "__init__"
+            setattr(placement.Placed, name, timed)
+
+    def take(self) -> dict:
+        out = {"weights_placed": self.placed, "weights_load_s": self.seconds}
+        self.placed, self.seconds = 0, 0.0
+        return out
+
+
+def run_queue(server, queue, sampler, prompt: dict, number: int, timeout: float, weights: WeightTimer) -> dict:
     """One POST /prompt, waited for; the memory peaks of this queue alone."""
     import torch
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -331,6 +364,7 @@ def run_queue(server, queue, sampler, prompt: dict, number: int, timeout: float)
         torch.cuda.reset_peak_memory_stats()
     reset_host_peak()
     sampler.take()
+    weights.take()
     server.events.clear()
     t0 = time.perf_counter()
     prompt_id = post_prompt(queue, prompt, number)
@@ -344,7 +378,8 @@ def run_queue(server, queue, sampler, prompt: dict, number: int, timeout: float)
     wall = time.perf_counter() - t0
     peak = sampler.take()
     by_class = {n["class_type"]: k for k, n in prompt.items()}
-    out = {"wall_s": wall, **timing(list(server.events), t0, by_class.get("CogVidSampler"), by_class.get("CogVidDecode"))}
+    out = {"wall_s": wall, **timing(list(server.events), t0, by_class.get("CogVidSampler"), by_class.get("CogVidDecode")),
+           **weights.take()}
     out["nvml_peak"], out["nvml_source"] = nvml_gpu(peak)
     out["host_peak"] = {k[5:]: v for k, v in peak.items() if k.startswith("host_")}
     out["host_peak"]["rss_hwm"] = proc_status().get("rss_hwm")
@@ -368,6 +403,8 @@ def worker(cfg: dict) -> dict:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     sampler.start()
+    weights = WeightTimer()
+    weights.install()           # the pack's folder is on sys.path once ComfyUI loaded it
     result = {"comfy_args": cfg["comfy_args"], "before": gpu_state(sampler), "workflows": []}
     number, seed = 0, cfg["seed"]
     for wf_name, wf_path in cfg["workflows"]:
@@ -376,7 +413,7 @@ def worker(cfg: dict) -> dict:
         for i in range(cfg["queues"]):
             seed += 1
             row = run_queue(server, queue, sampler, edit_prompt(prompt, cfg["steps"], seed, cfg["overrides"]),
-                            number, cfg["queue_timeout"])
+                            number, cfg["queue_timeout"], weights)
             row["seed"], number = seed, number + 1
             entry["queues"].append(row)
             log(f"[{cfg['card']}] {wf_name} queue {i + 1}: {row['status']} in {row['wall_s']:.1f} s, "
@@ -549,13 +586,14 @@ def load_seconds(row: dict, prompt_classes: dict) -> float | None:
 
 
 def table(results: list[dict], cli: dict, classes: dict) -> str:
-    lines = ["| card | workflow | queue | wall s | to step 1 s | load s | s/step | x CLI | decode s | NVML peak GiB "
-             "| torch peak reserved GiB | host peak RSS GiB (anon / file / shmem) | pinned GiB after |", "|---" * 13 + "|"]
+    lines = ["| card | workflow | queue | wall s | to step 1 s | load s (derived) | weights placed / s | s/step | x CLI "
+             "| decode s | NVML peak GiB | torch peak reserved GiB | host peak RSS GiB (anon / file / shmem) "
+             "| pinned GiB after |", "|---" * 14 + "|"]
     free = ["| card | workflow | GPU GiB before 1st queue | after last queue | after unload_models | after free_memory "
             "| pinned GiB after unload / free | host RSS GiB before / after free |", "|---" * 8 + "|"]
     for res in results:
         if "error" in res:
-            lines.append(f"| {res['card']} | worker failed: {res['error']} |" + " |" * 11)
+            lines.append(f"| {res['card']} | worker failed: {res['error']} |" + " |" * 12)
             continue
         for wf in res["workflows"]:
             ref = cli.get(wf["workflow"], {}).get("s_per_step")
@@ -564,7 +602,8 @@ def table(results: list[dict], cli: dict, classes: dict) -> str:
                 hp, after = q["host_peak"], q["after"]
                 lines.append(f"| {res['card']} | {wf['workflow']} | {i}{' FAILED' if q.get('error') else ''} | "
                              f"{fmt(q['wall_s'], '.1f')} | {fmt(q.get('to_first_step_s'), '.1f')} | "
-                             f"{fmt(load_seconds(q, classes[wf['workflow']]), '.1f')} | {fmt(q.get('s_per_step'), '.3f')} | "
+                             f"{fmt(load_seconds(q, classes[wf['workflow']]), '.1f')} | "
+                             f"{q.get('weights_placed', '-')} / {fmt(q.get('weights_load_s'), '.2f')} | {fmt(q.get('s_per_step'), '.3f')} | "
                              f"{fmt(ratio, '.3f')} | {fmt(q.get('decode_s'), '.1f')} | {gib(q['nvml_peak'])} | "
                              f"{gib(q.get('torch_peak_reserved'))} | {gib(hp.get('rss_hwm'))} ({gib(hp.get('rss_anon'))} / "
                              f"{gib(hp.get('rss_file'))} / {gib(hp.get('rss_shmem'))}) | {gib(after.get('pinned_held'))} |")
