@@ -320,7 +320,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights = _stage_weights(sizes, precision, profile, keep_loaded, c, blocks)
     weights["denoise_step"] += int(lora_bytes)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
-                       video_bytes, weight_bytes, tiny)
+                       video_bytes, weight_bytes, tiny, tiled=tile_t is not None)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name]) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"

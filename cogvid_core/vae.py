@@ -178,10 +178,12 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
     try:
         with torch.inference_mode():
             if _tiled(vae, z):
-                video = _decode_tiles_to_host(vae, z)[0]
-            else:   # to the host before widening: fp32 temporaries of an 81x768x1360 video are 1 GiB each
+                frames = _decode_tiles_to_frames(vae, z)
+            else:
                 video = vae.decode(z).sample[0].to("cpu", non_blocking=False)    # [3, T, H, W]
-            frames = (video.permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp_(0, 1)
+                frames = torch.empty(video.shape[1], video.shape[2], video.shape[3], 3, dtype=torch.float32)
+                _frames_into(frames, video)
+                del video
     finally:
         for h in hooks:
             h.remove()
@@ -195,34 +197,59 @@ def _tiled(vae, z: torch.Tensor) -> bool:
     return vae.use_tiling and (z.shape[4] > vae.tile_latent_min_width or z.shape[3] > vae.tile_latent_min_height)
 
 
-def _decode_tiles_to_host(vae, z: torch.Tensor) -> torch.Tensor:
-    """diffusers' tiled decode with each decoded tile moved to the host as soon as it exists.
+_FRAMES_PER_PASS = 8
+
+
+def _frames_into(out: torch.Tensor, video: torch.Tensor, y0: int = 0, x0: int = 0) -> None:
+    """``out[:, y0:y0 + h, x0:x0 + w]`` = ``video`` [3, T, h, w] as 0..1 float32 frames [T, h, w, 3], a few
+    frames at a time: the float32 temporaries of a whole 81x768x1360 video are 1 GiB each. (An fp32
+    ``video`` is scaled in place: it is a temporary.)"""
+    h, w = video.shape[2], video.shape[3]
+    for t in range(0, video.shape[1], _FRAMES_PER_PASS):
+        part = video[:, t:t + _FRAMES_PER_PASS].permute(1, 2, 3, 0).float()
+        out[t:t + _FRAMES_PER_PASS, y0:y0 + h, x0:x0 + w] = part.mul_(0.5).add_(0.5).clamp_(0, 1)
+
+
+def _decode_tiles_to_frames(vae, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' tiled decode with each decoded tile moved to the host as soon as it exists, blended
+    there and written straight into the float32 frames.
 
     diffusers keeps every decoded tile, then the blended rows, then the whole video on the device: for
     81x768x1360 in 360x240 tiles that is ~0.8 GiB of tiles under the last tile's activations and ~1.8 GiB
-    at assembly. Here the device holds one tile; the same tile grid, the VAE's own ``decode`` per tile (the
-    frame batching its tiled loop does) and its own ``blend_v`` / ``blend_h`` on the host give the same
-    numbers (tests/test_vae_host_tiles.py)."""
+    at assembly. Here the device holds one tile; the host the frames, one tile, and the edges the next
+    tiles blend with (the right edge of the tile to the left, the bottom edges of the row above). The
+    same tile grid, the VAE's own ``decode`` per tile (the frame batching its tiled loop does) and its
+    own ``blend_v`` / ``blend_h`` give the same numbers (tests/test_vae_host_tiles.py)."""
     _, _, _, height, width = z.shape
-    step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
-    step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
+    tile_h, tile_w = vae.tile_latent_min_height, vae.tile_latent_min_width
+    step_h, step_w = int(tile_h * (1 - vae.tile_overlap_factor_height)), int(tile_w * (1 - vae.tile_overlap_factor_width))
     blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
     blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
     keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)        # pixels per latent pixel
+    heights = [min(keep_h, scale * min(tile_h, height - i)) for i in range(0, height, step_h)]
+    widths = [min(keep_w, scale * min(tile_w, width - j)) for j in range(0, width, step_w)]
+    frames, above = None, None
     vae.use_tiling = False          # each tile through the VAE's untiled decode
     try:
-        rows = [[vae.decode(z[:, :, :, i:i + vae.tile_latent_min_height, j:j + vae.tile_latent_min_width])
-                 .sample.to("cpu") for j in range(0, width, step_w)] for i in range(0, height, step_h)]
+        for r, i in enumerate(range(0, height, step_h)):
+            left, bottoms = None, []
+            for c, j in enumerate(range(0, width, step_w)):
+                tile = vae.decode(z[:, :, :, i:i + tile_h, j:j + tile_w]).sample.to("cpu")
+                if above is not None:   # blend_* write into ``tile``; the edges kept below see the result
+                    tile = vae.blend_v(above[c], tile, blend_h)
+                if left is not None:
+                    tile = vae.blend_h(left, tile, blend_w)
+                kept = tile[0, :, :, :keep_h, :keep_w]
+                if kept.shape[2:] != (heights[r], widths[c]):
+                    raise RuntimeError(f"tile ({r}, {c}) decoded to {tuple(kept.shape[2:])} pixels, expected "
+                                       f"{(heights[r], widths[c])}")
+                if frames is None:
+                    frames = torch.empty(kept.shape[1], sum(heights), sum(widths), 3, dtype=torch.float32)
+                _frames_into(frames, kept, sum(heights[:r]), sum(widths[:c]))
+                left = tile[:, :, :, :, -blend_w:].clone() if blend_w else tile
+                bottoms.append(tile[:, :, :, -blend_h:, :].clone() if blend_h else tile)
+            above = bottoms
     finally:
         vae.use_tiling = True
-    out = []
-    for i, row in enumerate(rows):
-        kept = []
-        for j, tile in enumerate(row):
-            if i > 0:
-                tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
-            if j > 0:
-                tile = vae.blend_h(row[j - 1], tile, blend_w)
-            kept.append(tile[:, :, :, :keep_h, :keep_w])
-        out.append(torch.cat(kept, dim=4))
-    return torch.cat(out, dim=3)
+    return frames

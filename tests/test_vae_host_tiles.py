@@ -1,4 +1,5 @@
-"""Tiled decode assembled on the host equals diffusers' tiled decode (which assembles on the device)."""
+"""Tiled decode assembled on the host, row by row into the frames, equals diffusers' tiled decode
+(which assembles the whole video on the device) followed by the plain 0..1 conversion."""
 import pytest
 import torch
 
@@ -6,6 +7,10 @@ from cogvid_core import models as M
 from cogvid_core import vae as V
 from cogvid_core.profiles import TileSpec
 from cogvid_core.testing import build_random
+
+
+def _frames(video):   # what decode() did before: the whole video widened at once
+    return (video[0].permute(1, 2, 3, 0).float() * 0.5 + 0.5).clamp_(0, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -17,12 +22,20 @@ def test_host_tiles_equal_diffusers_tiled_decode(dtype):
     V.set_tiling(vae, TileSpec(height=64, width=64, overlap=0.25))
     assert V._tiled(vae, z)
     with torch.inference_mode():
-        want = vae.decode(z).sample                     # diffusers' own tiled_decode
+        want = _frames(vae.decode(z).sample)            # diffusers' own tiled_decode
         calls = []
         hook = vae.decoder.register_forward_hook(lambda *a: calls.append(1))
-        got = V._decode_tiles_to_host(vae, z)
+        got = V._decode_tiles_to_frames(vae, z)
         hook.remove()
     assert vae.use_tiling                               # restored for the caller
-    assert got.device.type == "cpu" and got.shape == want.shape
+    assert got.device.type == "cpu" and got.is_contiguous() and got.shape == want.shape
     assert torch.equal(got, want)
     assert len(calls) == V.decode_calls(vae, z.shape[2], z.shape[3], z.shape[4])   # the progress total holds
+
+
+def test_frames_converted_in_passes_equal_the_whole_video_at_once():
+    torch.manual_seed(2)
+    video = torch.randn(1, 3, 2 * V._FRAMES_PER_PASS + 3, 5, 7).to(torch.bfloat16)
+    out = torch.empty(video.shape[2], 5, 7, 3)
+    V._frames_into(out, video[0])
+    assert torch.equal(out, _frames(video))
