@@ -28,7 +28,7 @@ def case(kind: str, frames: int, height: int, width: int, tile: str) -> dict:
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     from cogvid_core import devmem, vae as V
-    from cogvid_core.models import V15, latent_frames, vae_config
+    from cogvid_core.models import SPATIAL_COMPRESSION as S, TEMPORAL_COMPRESSION, V15, latent_frames, vae_config
     from cogvid_core.profiles import TileSpec
 
     with torch.device("meta"):
@@ -36,11 +36,11 @@ def case(kind: str, frames: int, height: int, width: int, tile: str) -> dict:
     tw, th = (int(x) for x in tile.split("x"))
     V.set_tiling(vae, TileSpec(height=th, width=tw, overlap=0.2))
     lf = latent_frames(V15, frames)[0] - latent_frames(V15, frames)[1]   # the decoded latents (padding dropped)
-    z = torch.zeros(1, 16, lf, height // 8, width // 8, dtype=torch.bfloat16)
-    out_frames = 1 + 4 * (lf - 1)
+    z = torch.zeros(1, 16, lf, height // S, width // S, dtype=torch.bfloat16)
+    out_frames = 1 + TEMPORAL_COMPRESSION * (lf - 1)
 
     def fake_decode(zt, *a, **k):   # the decoder's output shape for this latent tile
-        sample = torch.rand(1, 3, out_frames, 8 * zt.shape[3], 8 * zt.shape[4]).to(torch.bfloat16)
+        sample = torch.rand(1, 3, out_frames, S * zt.shape[3], S * zt.shape[4]).to(torch.bfloat16)
         return DecoderOutput(sample=sample)
     vae.decode = fake_decode
     before = devmem.host_rss_bytes()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .models import Variant
+from .models import SPATIAL_COMPRESSION, Variant
 from .profiles import TileSpec, exact_overlap
 
 RESIZE_MODES = ("crop", "stretch", "pad")
@@ -130,11 +130,21 @@ def decode_calls(vae, latent_frames: int, lat_h: int, lat_w: int) -> int:
     """How many decoder forward calls diffusers' (tiled) decode makes: the progress-bar total."""
     batch = vae.num_latent_frames_batch_size
     per_tile = max(latent_frames // batch, 1)
-    if not (vae.use_tiling and (lat_w > vae.tile_latent_min_width or lat_h > vae.tile_latent_min_height)):
+    if not _tiles_latents(vae, lat_h, lat_w):
         return per_tile
-    step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
-    step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
+    step_h, step_w = _latent_steps(vae)
     return math.ceil(lat_h / step_h) * math.ceil(lat_w / step_w) * per_tile
+
+
+def _tiles_latents(vae, lat_h: int, lat_w: int) -> bool:
+    """Whether diffusers decodes latents this large in spatial tiles (its ``_decode`` test)."""
+    return vae.use_tiling and (lat_w > vae.tile_latent_min_width or lat_h > vae.tile_latent_min_height)
+
+
+def _latent_steps(vae) -> tuple[int, int]:
+    """Latent rows and columns from one tile's start to the next one's (diffusers' tiled_decode)."""
+    return (int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height)),
+            int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width)))
 
 
 def set_tiling(vae, tile: TileSpec | None) -> None:
@@ -193,8 +203,8 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
 
 
 def _tiled(vae, z: torch.Tensor) -> bool:
-    """Whether diffusers would decode ``z`` [B, C, F, h, w] in spatial tiles (its ``_decode`` test)."""
-    return vae.use_tiling and (z.shape[4] > vae.tile_latent_min_width or z.shape[3] > vae.tile_latent_min_height)
+    """Whether diffusers would decode ``z`` [B, C, F, h, w] in spatial tiles."""
+    return _tiles_latents(vae, z.shape[3], z.shape[4])
 
 
 _FRAMES_PER_PASS = 8
@@ -222,13 +232,12 @@ def _decode_tiles_to_frames(vae, z: torch.Tensor) -> torch.Tensor:
     own ``blend_v`` / ``blend_h`` give the same numbers (tests/test_vae_host_tiles.py)."""
     _, _, _, height, width = z.shape
     tile_h, tile_w = vae.tile_latent_min_height, vae.tile_latent_min_width
-    step_h, step_w = int(tile_h * (1 - vae.tile_overlap_factor_height)), int(tile_w * (1 - vae.tile_overlap_factor_width))
+    step_h, step_w = _latent_steps(vae)
     blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
     blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
     keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)        # pixels per latent pixel
-    heights = [min(keep_h, scale * min(tile_h, height - i)) for i in range(0, height, step_h)]
-    widths = [min(keep_w, scale * min(tile_w, width - j)) for j in range(0, width, step_w)]
+    heights = [min(keep_h, SPATIAL_COMPRESSION * min(tile_h, height - i)) for i in range(0, height, step_h)]
+    widths = [min(keep_w, SPATIAL_COMPRESSION * min(tile_w, width - j)) for j in range(0, width, step_w)]
     frames, above = None, None
     vae.use_tiling = False          # each tile through the VAE's untiled decode
     try:
