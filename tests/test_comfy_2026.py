@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 
 import comfy_stub
-from test_nodes import REPO, _counter, _image, _load, comfy, models_root, run  # noqa: F401  (fixtures)
+from test_nodes import _encoded, REPO, _counter, _image, comfy, models_root, run  # noqa: F401  (fixtures)
 
 
 class Interrupt2026(BaseException):
@@ -28,9 +28,7 @@ def _import_pack(name: str):
 
 def _chain_10(nodes, frames=9):
     """The 5B-I2V (1.0) tiny model through load, encode and one sampling step."""
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX-5b-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="waves", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes, "CogVideo/CogVideoX-5b-I2V", positive="waves")
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=frames, steps=1,
                  cfg=1.0, dynamic_cfg=False, scheduler="ddim", seed=0)[0]
     return tr, cond, lat, vae, latent

@@ -14,7 +14,7 @@ from cogvid_core.activations import ff_chunk_tokens, low_mem_attention_enabled
 from cogvid_core.placement import Placed
 from cogvid_core.profiles import PROFILES
 from cogvid_core.testing import build_random
-from test_nodes import _image, _load, comfy, models_root, run  # noqa: F401  (fixture re-export)
+from test_nodes import _encoded, comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 
 
@@ -99,9 +99,7 @@ def test_use_ends_on_any_exception(transformer, monkeypatch, error):
 def test_one_loader_two_samplers_with_different_plans(comfy, observed):  # noqa: F811
     nodes, _ = comfy
     seen, watch = observed
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes)
     plans = {}
     for name in ("balanced", "resident"):
         plans[name] = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=17, width=96,

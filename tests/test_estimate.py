@@ -1,5 +1,6 @@
 """The memory estimate and the planner with the shipped profiles, on the CPU (no GPU figures asserted)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from cogvid_core import planner as PL
 from cogvid_core.chart import chart_image
 from cogvid_core.devmem import GiB
 from cogvid_core.models import V10, V15, latent_frames
-from cogvid_core.profiles import PROFILES, TileSpec, tile_is_exact
+from cogvid_core.profiles import PROFILES, Profile, TileSpec, tile_is_exact
 from cogvid_core.stages import STAGES
 
 
@@ -223,22 +224,24 @@ def test_allocator_picks_its_constants(tmp_path, monkeypatch):
     assert "cudaMallocAsync allocator was not measured on this card" in e.report()
 
 
+def _bench_json(name: str):
+    return json.loads((Path(__file__).parents[1] / "bench" / name).read_text())
+
+
+def _replayed_profile(settings: dict) -> Profile:
+    """The profile a run recorded (pipeline.profile_settings: the tile as WxH, its overlap 0.2)."""
+    w, h = (int(x) for x in settings["vae_tile"].split("x"))
+    return Profile("replay", transformer=settings["transformer"], text_encoder=settings["text_encoder"],
+                   vae=settings["vae"], cfg_mode=settings["cfg"], ff_chunk=settings["ff_chunk"],
+                   low_mem_attention=settings["low_mem_attention"], vae_tile=TileSpec(h, w, 0.2),
+                   encode_tiled=settings["encode_tiled"])
+
+
 def test_host_estimate_replays_the_h200_run():
     """Issue 12: the estimate's host RAM per stage within +-15% of the file-backed H200 run it was
     checked on (bench/hostrun_h200.json, ours-auto@6: lowvram, batched CFG, 240x160 tiles)."""
-    import dataclasses
-    import json
-    from pathlib import Path
-
-    from cogvid_core.profiles import TileSpec, get_profile
-
-    run = next(r for r in json.loads((Path(__file__).parents[1] / "bench" / "hostrun_h200.json").read_text())["results"]
-               if r["recipe"] == "ours-auto@6")
-    s = run["settings"]
-    profile = dataclasses.replace(get_profile("lowvram"), name="replay", transformer=s["transformer"],
-                                  text_encoder=s["text_encoder"], vae=s["vae"], cfg_mode=s["cfg"],
-                                  ff_chunk=s["ff_chunk"], vae_tile=TileSpec(160, 240, 0.2), encode_tiled=s["encode_tiled"])
-    est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, profile)
+    run = next(r for r in _bench_json("hostrun_h200.json")["results"] if r["recipe"] == "ours-auto@6")
+    est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(run["settings"]))
     measured = {r["stage"]: r["host_peak_anon_pinned_gib"] for r in run["stages"]}
     # decode: that run widened the whole video at once on the host; the decode's host term is replayed
     # against bench/decode_host_cpu.json below
@@ -254,20 +257,9 @@ def test_file_backed_h200_runs_replay(workflow):
     allocator; lowvram with batched CFG and balanced) through the estimate with today's calibration (the
     H100's: no H200 file yet): allocated within +-10%, reserved within +-12% (the streamed T5's text encode
     reserves 11% more than the in-memory grid's fragmentation share says: the H200 grid will refit it)."""
-    import dataclasses
-    from pathlib import Path
-
-    from cogvid_core.profiles import get_profile
-
-    run = json.loads((Path(__file__).parents[1] / "bench" / "comfyui_gpu_h200_c4_hosttiles.json").read_text())
-    report = run["cli"][workflow]["report"]
-    s = report["settings"]
-    w, h = (int(x) for x in s["vae_tile"].split("x"))
-    profile = dataclasses.replace(get_profile("balanced"), name="replay", transformer=s["transformer"],
-                                  text_encoder=s["text_encoder"], vae=s["vae"], cfg_mode=s["cfg"],
-                                  ff_chunk=s["ff_chunk"], low_mem_attention=s["low_mem_attention"],
-                                  vae_tile=TileSpec(h, w, 0.2), encode_tiled=s["encode_tiled"])
-    est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, profile, card="NVIDIA H100 80GB HBM3", allocator="native")
+    report = _bench_json("comfyui_gpu_h200_c4_hosttiles.json")["cli"][workflow]["report"]
+    est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(report["settings"]),
+                     card="NVIDIA H100 80GB HBM3", allocator="native")
     names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
     for row in report["stages"]:
         if row["stage"] in names:
@@ -279,11 +271,9 @@ def test_file_backed_h200_runs_replay(workflow):
 def test_decode_host_term_replays_the_cpu_measurement():
     """hostplan.decode_host_bytes against bench/decode_host_cpu.json (81x768x1360, the decode's host
     assembly measured on the CPU: tiles written into the float32 frames), within +-15%."""
-    from pathlib import Path
-
     from cogvid_core import hostplan as H
 
-    rows = json.loads((Path(__file__).parents[1] / "bench" / "decode_host_cpu.json").read_text())
+    rows = _bench_json("decode_host_cpu.json")
     video = 81 * 3 * 768 * 1360 * 2
     for r in rows:
         if r["kind"] == "rows":

@@ -15,7 +15,7 @@ from PIL import Image
 
 from cogvid_core import cli, estimate as E, loading, lora, models as M, pipeline, planner, session, testing
 from cogvid_core.profiles import PROFILES
-from test_nodes import _image, _load, comfy, models_root, run  # noqa: F401  (fixture re-export)
+from test_nodes import _encoded, comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 
 K10, K15 = M.VARIANTS
@@ -201,9 +201,7 @@ def test_lora_node_schema_and_listing(lora_nodes):
 
 def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):
     nodes, _ = lora_nodes
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="a boat", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes, positive="a boat")
     reads = []
     for name in ("load_transformer", "peek_transformer", "load_vae", "load_text_encoder"):
         monkeypatch.setattr(loading, name, lambda *a, _n=name, **k: reads.append(_n))

@@ -121,6 +121,15 @@ def _load(nodes, model, t5_model=None, vae_model=None, precision="fp32"):
     return tr, t5, vae
 
 
+def _encoded(nodes, model="CogVideo/CogVideoX1.5-5B-I2V", positive="x"):
+    """The three loaders, the prompt's text encode (no negative) and a 96x64 image encode: where most node
+    tests start."""
+    tr, t5, vae = _load(nodes, model)
+    cond = run(nodes["CogVidTextEncode"], t5=t5, positive=positive, negative="")[0]
+    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    return tr, t5, vae, cond, lat
+
+
 def test_full_workflow_15_hub_folder(comfy):
     nodes, mods = comfy
     mm, fp = mods["comfy.model_management"], mods["folder_paths"]

@@ -26,7 +26,7 @@ from PIL import Image
 import comfy_stub
 from cogvid_core import devmem, guard, loading, pipeline, vae as vae_mod
 from cogvid_core.cli import main as cli_main
-from test_nodes import _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
+from test_nodes import _encoded, _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
 REPO = Path(__file__).resolve().parents[1]
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
@@ -305,9 +305,7 @@ def test_nodes_bad_input(comfy, models_root, tiny_ckpts):  # noqa: F811
 def test_nan_stops_sampling_at_once_with_use_bf16(comfy, monkeypatch):
     """fp16 with 1.5 overflows: the first NaN step stops the run (never a black video after 50 steps)."""
     nodes, _ = comfy
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes)
     calls = []
     real = type(tr.module).forward
 
@@ -354,9 +352,7 @@ def test_oom_message_reports_free_memory(monkeypatch):
 
 def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypatch):
     nodes, _ = comfy
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes)
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
                  cfg=1.0, dynamic_cfg=False, scheduler="dpm", seed=0)[0]
     real = vae_mod.decode
@@ -441,9 +437,7 @@ def test_a_bug_is_not_turned_into_a_user_error(comfy, tiny_ckpts, start_png, mon
                           device="cpu", profile="lowvram")
     assert type(e.value) is TypeError and e.traceback[-1].name == "buggy"
     nodes, _ = comfy
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes)
     with pytest.raises(TypeError, match="^a bug$") as e:
         run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
             cfg=1.0, dynamic_cfg=False, scheduler="dpm", seed=0)
@@ -510,9 +504,7 @@ def test_cancel_stops_within_one_step_and_leaks_nothing(stage, tiny_ckpts, start
 def test_node_cancel_during_decode_removes_hooks(comfy):
     nodes, mods = comfy
     mm = mods["comfy.model_management"]
-    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
-    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="x", negative="")[0]
-    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    tr, t5, vae, cond, lat = _encoded(nodes)
     latent = run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
                  cfg=1.0, dynamic_cfg=False, scheduler="dpm", seed=0)[0]
     before = devmem.allocated_bytes(vae.device)
