@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,12 @@ def main() -> int:
     for r in rows:
         print(f"| {r['kind']} | {r['tile']} | {r['peak_over_start_gib']:.2f} | {r['frames_gib']:.2f} |")
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=2))
+        import datetime
+        import platform
+        doc = dict(command=" ".join(sys.argv), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only: host memory)",
+                   rows=rows)
+        a.json.write_text(json.dumps(doc, indent=2))
     return 0
 
 

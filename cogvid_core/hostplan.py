@@ -59,7 +59,7 @@ def decode_host_bytes(video_bytes: int, tiled: bool = True) -> int:
     """``video_bytes``: the decoded video in the VAE's 2-byte dtype. The float32 frames (twice that) are
     allocated once and filled a few frames at a time; tiled, tiles come to the host one by one and are
     written into the frames with the edges the next tiles blend with; untiled, the whole video comes
-    to the host first. bench/decode_host_cpu.json (81x768x1360): tiled 1.17 GiB at 360x240 tiles, 1.10
+    to the host first. bench/decode_host_cpu.json (81x768x1360): tiled 1.16 GiB at 360x240 tiles, 1.10
     at 240x160, for 0.95 GiB of frames (2.37 GiB when the whole video was widened at once)."""
     return 2 * video_bytes + (video_bytes // 2 if tiled else video_bytes)
 

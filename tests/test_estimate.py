@@ -273,7 +273,7 @@ def test_decode_host_term_replays_the_cpu_measurement():
     assembly measured on the CPU: tiles written into the float32 frames), within +-15%."""
     from cogvid_core import hostplan as H
 
-    rows = _bench_json("decode_host_cpu.json")
+    rows = _bench_json("decode_host_cpu.json")["rows"]
     video = 81 * 3 * 768 * 1360 * 2
     for r in rows:
         if r["kind"] == "rows":
