@@ -128,6 +128,42 @@ def test_stream_under_inference_mode(deep):
         placed.release()
 
 
+def test_stream_reuses_a_fixed_ring_of_block_buffers(deep):
+    """Streamed blocks land in 1 + depth buffers made once per use (not one allocation per block:
+    those interleaved with activations fragmented the GPU pool); a block that raised before it was
+    dropped keeps its buffer and the next use is still exact; a use under inference mode followed by
+    one without works on the same placement."""
+    path = deep["transformer"]
+    ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
+    kw = _inputs(ref, M.V15)
+    want = _run(ref, kw)
+    lazy = _lazy_transformer(path)
+    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+    blocks, files = lazy.transformer_blocks, placed._files
+    storages = set()
+    hooks = [b.register_forward_pre_hook(
+        lambda m, a: storages.add(m.attn1.to_q.weight.untyped_storage().data_ptr())) for b in blocks]
+    with torch.inference_mode(), placed.use():
+        assert torch.equal(_run(lazy, kw), want)
+    with placed.use():
+        assert torch.equal(_run(lazy, kw), want)
+        assert len(files._ring._bufs) == files.depth + 1
+    assert files._ring._bufs == []                           # given back when the use ends
+    for h in hooks:
+        h.remove()
+    assert len(storages) <= 2 * (files.depth + 1) < 2 * len(blocks)   # one ring per use
+
+    def boom(m, a):
+        raise RuntimeError("interrupted")
+    h = blocks[3].register_forward_pre_hook(boom)
+    with placed.use():
+        with pytest.raises(RuntimeError, match="interrupted"):
+            _run(lazy, kw)
+        h.remove()
+        assert torch.equal(_run(lazy, kw), want)             # blocks held by the failed call keep their buffers
+    placed.release()
+
+
 def test_offload_reads_all_blocks_per_use(tiny_ckpts):
     path = tiny_ckpts[V15]["single"]["text_encoder"]
     ref, _ = L.load_text_encoder(path, dtype=torch.float32, tokenizer=tiny_ckpts[V15]["single"]["tokenizer"],
