@@ -330,7 +330,7 @@ class WeightTimer:
     streaming during the steps is not load: it is part of each step."""
 
     def __init__(self):
-        self.placed, self.seconds = 0, 0.0
+        self.placed, self.seconds, self.what = 0, 0.0, []
 
     def install(self) -> None:
         import torch
@@ -346,13 +346,17 @@ class WeightTimer:
                 finally:
                     if torch.cuda.is_available() and torch.cuda.is_initialized():
                         torch.cuda.synchronize()
-                    timer.seconds += time.perf_counter() - t
+                    dt = time.perf_counter() - t
+                    timer.seconds += dt
                     timer.placed += _name == "__init__"
+                    if _name == "__init__" or dt > 0.05:   # which model, in which mode, took the time
+                        p = a[0]
+                        timer.what.append(f"{_name}:{type(p.module).__name__}:{p.mode}:{dt:.2f}s")
             setattr(placement.Placed, name, timed)
 
     def take(self) -> dict:
-        out = {"weights_placed": self.placed, "weights_load_s": self.seconds}
-        self.placed, self.seconds = 0, 0.0
+        out = {"weights_placed": self.placed, "weights_load_s": self.seconds, "weights_what": self.what}
+        self.placed, self.seconds, self.what = 0, 0.0, []
         return out
 
 

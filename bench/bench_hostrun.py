@@ -10,11 +10,13 @@ a recipe's freed heap would otherwise count in the next one's peaks.
 
     python3 bench/bench_hostrun.py --dir /tmp/ck --write --steps 2 --json bench/hostrun_h200.json
     python3 bench/bench_hostrun.py --dir /tmp/ckt --write --tiny --device cpu     # CPU smoke run
+    python3 bench/bench_hostrun.py --dir /tmp/ck --recipes ours-auto@6,ours-auto@6+cold   # RAM < model: from disk
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -98,9 +100,32 @@ def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image,
                 host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
 
 
+def cold_cache(folder: Path) -> None:
+    """Emulate a machine whose RAM cannot keep the checkpoint files: drop them from the page cache now
+    and drop every range filestream reads right after reading it, so each use reads from the disk."""
+    from cogvid_core import filestream
+
+    for f in folder.rglob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    read = filestream._pread_into
+
+    def read_then_drop(fd, dst, offset, name):
+        read(fd, dst, offset, name)
+        os.posix_fadvise(fd, offset, dst.numel() * dst.element_size(), os.POSIX_FADV_DONTNEED)
+    filestream._pread_into = read_then_drop
+
+
 def child(recipe: str, args) -> dict:
-    """One recipe in this process; returns its result row."""
+    """One recipe in this process; returns its result row. ``RECIPE+cold``: RECIPE with the checkpoint
+    never in the page cache (see cold_cache)."""
     from bench_memory import start_image
+
+    name = recipe
+    if recipe.endswith("+cold"):
+        cold_cache(args.dir_model)
+        recipe = recipe.removesuffix("+cold")
 
     device = torch.device(args.device)
     image = start_image(args.height, args.width)
@@ -114,7 +139,7 @@ def child(recipe: str, args) -> dict:
         extra = run_ours(recipe, args.dir_model, args, rec, device, image, mark)
     rows = rec.rows()
     steps = [b - a for a, b in zip(marks, marks[1:])]
-    return dict(recipe=recipe, stages=rows, total=rec.total(), step_ends_s=[m - t0 for m in marks],
+    return dict(recipe=name, stages=rows, total=rec.total(), step_ends_s=[m - t0 for m in marks],
                 s_per_step=steps[-1] if steps else None,
                 load_plus_first_s=marks[0] - t0 if marks else None,
                 host_peak_anon_pinned_gib=max((r["host_peak_anon_pinned_gib"] or 0) for r in rows),

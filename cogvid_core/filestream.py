@@ -12,7 +12,8 @@ process owns only the staging buffers plus whatever is on the device.
 * ``offload``:  tensors outside the block list stay on the device; ``acquire`` streams every block
   in, ``offload`` drops them (nothing kept on the host).
 * ``stream``:   forward hooks on each block fetch it (and prefetch the next ``depth``, wrapping round
-  to the first blocks for the next call) and drop it after it ran.
+  to the first blocks for the next call) and drop it after it ran; the tensors outside the blocks
+  are read when a use starts and dropped when it ends.
 
 On a CPU device the same code runs without streams (the "device copy" is a copy of the staging
 buffer), which is what the tests exercise; ``placement.place`` degrades CPU placements to resident.
@@ -226,13 +227,16 @@ class FilePlacement:
         self._pending: dict = {}
         self._hooks: list = []
         self._ring = _Ring(max([lay.nbytes for lay in self.layouts] + [1]), self.device, 1 + self.depth)
-        for part in _chunks(outside, self._reader.buffer_bytes):
-            for name, t in self._reader.read_now(_Layout(part)).items():
-                _assign(model, name, t)
+        self._outside = [_Layout(part) for part in _chunks(outside, self._reader.buffer_bytes)]
+        self._outside_live: list[str] = []
+        if mode != "stream":
+            self._read_outside()
         if mode == "resident":          # read once: the staging buffers are not needed again
             self._fetch_all()
             self._reader.close()
         if mode == "stream":
+            # also a forward outside a use (acquire) finds its embeddings
+            self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._read_outside()))
             for i, block in enumerate(self.blocks):
                 self._hooks.append(block.register_forward_pre_hook(self._pre_hook(i)))
                 self._hooks.append(block.register_forward_hook(self._post_hook(i)))
@@ -271,11 +275,29 @@ class FilePlacement:
             self._drop(i)
         return hook
 
+    def _read_outside(self) -> None:
+        if self._outside_live:
+            return
+        for layout in self._outside:
+            for name, t in self._reader.read_now(layout).items():
+                _assign(self.model, name, t)
+                self._outside_live.append(name)
+
+    def _drop_outside(self) -> None:
+        index = index_of(self.model)
+        for name in self._outside_live:
+            src = index[name]
+            _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+        self._outside_live = []
+
     # -- Placed's calls -----------------------------------------------------------------------
     def acquire(self) -> None:
-        """Offload mode: every block onto the device (the next read while the previous copies)."""
+        """Offload mode: every block onto the device (the next read while the previous copies).
+        Stream mode: the tensors outside the blocks (embeddings, norms, projections), read per use."""
         if self.mode == "offload":
             self._fetch_all()
+        elif self.mode == "stream":
+            self._read_outside()
 
     def _fetch_all(self) -> None:
         n = len(self.blocks)
@@ -297,6 +319,10 @@ class FilePlacement:
         for i in list(self._live):
             self._drop(i)
         self._ring.clear()
+        if self.mode == "stream":
+            # nothing on the device between uses: ComfyUI keeps a loaded model while the next node runs
+            # (the T5's 0.25 GiB embedding stayed through denoise and decode); re-read from the page cache
+            self._drop_outside()
 
     def release(self) -> None:
         """Nothing left anywhere: hooks removed, every tensor back to a meta placeholder."""

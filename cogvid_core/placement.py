@@ -96,7 +96,7 @@ class Placed:
         free_memory(self.device)
 
     def _onload(self) -> None:
-        if self._files is not None and self.mode == "offload" and not self._on_device:
+        if self._files is not None and self.mode in ("offload", "stream") and not self._on_device:
             self._files.acquire()
             self._on_device = True
         if self.mode == "offload" and not self._on_device:

@@ -108,7 +108,10 @@ def test_stream_equals_resident_and_holds_few_blocks(deep):
         assert sum(b > 0 for b in live) <= depth + 1
         assert sum(live) <= (depth + 1) * max(full) < sum(full)
     assert sum(_live_block_bytes(lazy, blocks)) == 0          # after use: no block left
-    assert not lazy.patch_embed.proj.weight.is_meta          # outside the blocks: resident
+    assert lazy.patch_embed.proj.weight.is_meta              # outside the blocks too: read per use
+    with placed.use():
+        assert not lazy.patch_embed.proj.weight.is_meta
+        assert torch.equal(_run(lazy, kw), want)
     placed.release()
     assert all(t.is_meta for t in lazy.parameters())
 
