@@ -6,7 +6,7 @@ NVML peak. Full-size VAE with random weights (shapes set memory and time, not va
 of the denoiser's output shape, one process per allocator setting; per variant (``release`` of
 vae.decode: none, after every decoder call, after every tile) peak allocated / reserved and seconds.
 
-    python3 bench/bench_decode_frag.py --json decode_frag.json            # GPU, both allocators, ~2 min
+    python3 bench/bench_decode_frag.py --variants none,call --json f.json  # GPU, both allocators, ~2 min
     python3 bench/bench_decode_frag.py --tiny --device cpu                # the code path, CPU
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GiB = 2 ** 30
 ALLOCATORS = {"expandable (CLI)": "expandable_segments:True", "cudaMallocAsync (ComfyUI)": "backend:cudaMallocAsync"}
-VARIANTS = ("none", "call", "tile")
 
 
 def child(args) -> dict:
@@ -38,15 +37,18 @@ def child(args) -> dict:
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoencoderKLCogVideoX(**vae_config(V15, args.tiny)).to(dtype).eval()
-    lf = latent_frames(V15, args.frames)[0] - latent_frames(V15, args.frames)[1]
-    z = torch.randn(1, lf, 16, args.height // S, args.width // S, device=device, dtype=dtype)
-    lat = V.VideoLatents(samples=z, frames=args.frames, height=args.height, width=args.width,
-                         variant_key=V15.key, fps=16, drop_first=0)
+    def latents(frames):
+        lf = latent_frames(V15, frames)[0] - latent_frames(V15, frames)[1]
+        z = torch.randn(1, lf, 16, args.height // S, args.width // S, device=device, dtype=dtype)
+        return V.VideoLatents(samples=z, frames=frames, height=args.height, width=args.width,
+                              variant_key=V15.key, fps=16, drop_first=0)
     tw, th = (int(x) for x in args.tile.split("x"))
     tile = TileSpec(height=th, width=tw, overlap=1 / 6)
     cuda = device.type == "cuda"
+    V.decode(model, latents(9), device=device, tile=tile)     # warm-up (kernels, cuDNN), not reported
+    lat = latents(args.frames)
     rows = []
-    for variant in ["none"] + list(VARIANTS):      # the first "none" warms cuDNN up, not reported
+    for variant in args.variants.split(","):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -59,7 +61,7 @@ def child(args) -> dict:
         rows.append(dict(release=variant, seconds=time.perf_counter() - t,
                          peak_alloc=(torch.cuda.max_memory_allocated() - base) / GiB if cuda else None,
                          peak_reserved=torch.cuda.max_memory_reserved() / GiB if cuda else None))
-    return dict(backend=torch.cuda.get_allocator_backend() if cuda else "cpu", rows=rows[1:])
+    return dict(backend=torch.cuda.get_allocator_backend() if cuda else "cpu", rows=rows)
 
 
 def main(argv=None) -> int:
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--tile", default=None, help="WxH pixels (default 360x240; tiny 64x64)")
+    p.add_argument("--variants", default="none,call,tile", help="release variants, the first is the reference")
     p.add_argument("--json", type=Path)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -84,12 +87,16 @@ def main(argv=None) -> int:
     for name, conf in (ALLOCATORS.items() if args.device != "cpu" else [("cpu", "")]):
         env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf) if conf else dict(os.environ)
         cmd = [sys.executable, __file__, "--child", "--device", args.device, "--frames", str(args.frames),
-               "--height", str(args.height), "--width", str(args.width), "--tile", args.tile] + (["--tiny"] if args.tiny else [])
+               "--height", str(args.height), "--width", str(args.width), "--tile", args.tile, "--variants", args.variants] + \
+            (["--tiny"] if args.tiny else [])
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:])
             return out.returncode
         results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        if args.json:     # after each allocator: a run cut by a time limit keeps what it measured
+            args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
+                                                 command=" ".join(sys.argv), results=results), indent=1))
     print(f"\n1.5 decode, {args.frames}x{args.height}x{args.width}, tiles {args.tile}\n")
     print("| allocator | release | s | x none | peak alloc GiB | peak reserved GiB | reserved - alloc GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -100,9 +107,6 @@ def main(argv=None) -> int:
             gap = None if row["peak_reserved"] is None else row["peak_reserved"] - row["peak_alloc"]
             print(f"| {name} | {row['release']} | {row['seconds']:.1f} | {row['seconds'] / ref:.3f} | "
                   f"{g(row['peak_alloc'])} | {g(row['peak_reserved'])} | {g(gap)} |")
-    if args.json:
-        args.json.write_text(json.dumps(dict(args={k: v for k, v in vars(args).items() if k != "json"},
-                                             command=" ".join(sys.argv), results=results), indent=1))
     return 0
 
 
