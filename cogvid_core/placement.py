@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import filestream
-from .devmem import free_memory, module_bytes, module_tensors
+from .devmem import free_memory, module_bytes, module_tensors, trim_host_heap
 from .profiles import MODES
 
 HOST = torch.device("cpu")
@@ -71,6 +71,8 @@ class Placed:
         elif mode == "resident":
             module.to(device)
             self._on_device = True
+            if device.type != "cpu":
+                trim_host_heap()
         elif mode == "offload":
             self._init_offload(pin)
         elif mode == "stream":
@@ -94,6 +96,7 @@ class Placed:
             t.data = host
             self._host[t] = host
         free_memory(self.device)
+        trim_host_heap()                  # the pageable copies the pinned ones replaced
 
     def _onload(self) -> None:
         if self._files is not None and self.mode in ("offload", "stream") and not self._on_device:
@@ -195,6 +198,7 @@ class Placed:
         if self.module.__dict__.get(_ATTR) is self:
             del self.module.__dict__[_ATTR]
         free_memory(self.device, host_cache=pinned, workspaces=True)
+        trim_host_heap()
 
     def device_bytes(self) -> int:
         """Bytes of this module's weights on the compute device right now."""
