@@ -20,7 +20,9 @@ _SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. 
               "rounding order, differences as small as between two exact attention kernels. sage: 8-bit attention "
               "(sageattention package) and fp8: float8 matmuls (torchao package, RTX 40xx / L4 / H100 and newer) "
               "change the video slightly (measured error in the README). '+' combines them. A part this machine "
-              "cannot run is skipped with a message and the exact path runs instead.")
+              "cannot run is skipped with a message and the exact path runs instead. Measured on an H200 (1.5, "
+              "81x768x1360): compile 0.87x the exact step time (first step +13 s), fp8+compile 0.82x with the "
+              "error of torchao's own float8 recipe; sage is no faster there.")
 
 
 def placement_modes() -> list[str]:
