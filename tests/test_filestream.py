@@ -85,12 +85,16 @@ def test_scaled_fp8_t5_matches_loader(tiny_ckpts):
 
 
 # ------------------------------------------------------------------------------- streaming
-def test_stream_equals_resident_and_holds_few_blocks(deep):
+def _reference_and_lazy(deep):
+    """The in-memory model, inputs and its output; the same file as a file-backed (lazy) model."""
     path = deep["transformer"]
     ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
     kw = _inputs(ref, M.V15)
-    want = _run(ref, kw)
-    lazy = _lazy_transformer(path)
+    return ref, kw, _run(ref, kw), _lazy_transformer(path)
+
+
+def test_stream_equals_resident_and_holds_few_blocks(deep):
+    ref, kw, want, lazy = _reference_and_lazy(deep)
     placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
     blocks = lazy.transformer_blocks
     assert len(blocks) == 6 and placed.mode == "stream"
@@ -119,11 +123,7 @@ def test_stream_equals_resident_and_holds_few_blocks(deep):
 def test_stream_under_inference_mode(deep):
     """ComfyUI runs nodes under torch.inference_mode: blocks read by the worker thread must be written
     in the caller's mode (a buffer made in inference mode cannot be filled in-place outside it)."""
-    path = deep["transformer"]
-    ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
-    kw = _inputs(ref, M.V15)
-    want = _run(ref, kw)
-    lazy = _lazy_transformer(path)
+    _, kw, want, lazy = _reference_and_lazy(deep)
     with torch.inference_mode():
         placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
         with placed.use():
@@ -136,11 +136,7 @@ def test_stream_reuses_a_fixed_ring_of_block_buffers(deep):
     those interleaved with activations fragmented the GPU pool); a block that raised before it was
     dropped keeps its buffer and the next use is still exact; a use under inference mode followed by
     one without works on the same placement."""
-    path = deep["transformer"]
-    ref, _ = L.load_transformer(path, dtype=torch.float32, file_backed=False)
-    kw = _inputs(ref, M.V15)
-    want = _run(ref, kw)
-    lazy = _lazy_transformer(path)
+    ref, kw, want, lazy = _reference_and_lazy(deep)
     placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
     blocks, files = lazy.transformer_blocks, placed._files
     storages = set()
