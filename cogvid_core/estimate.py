@@ -52,7 +52,8 @@ DEFAULT_CONSTANTS = {
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
-    "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
+    "fixed_bytes": 64 * 1024 ** 2,  # the step's: latents, embeddings, cuBLAS workspace
+    "vae_fixed_bytes": 64 * 1024 ** 2,  # the VAE stages' (no embeddings nor scheduler state)
     "reserved_frag": 0.4,          # reserved - allocated, as a share of the step's activations
     "text_reserved_frag": 0.4,     # the same for the text encode
     "enc_reserved_frag": 0.4,      # the same for the image encode
@@ -340,7 +341,10 @@ def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: 
 
 def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0)) -> StageEstimate:
     """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
-    a = int(activations + c["fixed_bytes"])
+    # the step's fixed share (latents, timestep/text embeddings, cuBLAS workspace) is not the VAE's:
+    # one shared constant made the encode's small tiles 20% too large
+    fixed = c["vae_fixed_bytes"] if name in ("image_encode", "decode") else c["fixed_bytes"]
+    a = int(activations + fixed)
     alloc = weights + a
     if name == "decode":
         reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * dec_out
