@@ -42,6 +42,11 @@ The H200 run (2 GPUs, one allocator each, the writer beside them; carry .whl = d
     wait
 
 With 4 GPUs, `--part 0/2` and `--part 1/2` per allocator split the denoise and decode cells.
+A grid cut short is finished later with `--resume earlier.json --out more.json` (same card, allocator,
+checkpoints): its cells are kept, only the tasks it lacks run, and the encodes whose outputs they need
+run again into "repeats" (the same cell at another point of a run: how reproducible its peak is).
+Each cell records alloc_before / reserved_before, what earlier cells left on the device when it
+started (after empty_cache): a reserved peak depends on it.
 Then, here: `python3 bench/bench_estimate.py --fit bench/estimate_h200_native.json
 bench/estimate_h200_async.json --write-calibration` writes cogvid_core/calibration/h200.json.
 """
@@ -514,29 +519,35 @@ def errors(cells, constants=None) -> list[tuple[dict, float, float]]:
     return out
 
 
-def wrong_fits(cells, constants=None, checked: list | None = None) -> list[tuple]:
-    """Candidates judged to fit a budget they overran: for every candidate of planner.candidates() whose
-    4 stage cells were measured at a shape, the estimate's needed bytes must be at least the largest
-    measured reserved peak (else a budget between the two is judged 'fits' and runs out)."""
-    by, shapes, backed = {}, set(), {}
+def measured_runs(cells):
+    """(card, allocator, variant, frames, height, width, candidate, its peak reserved) for every candidate
+    of planner.candidates() whose 4 stage cells were measured at a shape: a run's peak is its largest
+    stage's (inf where a stage ran out of memory)."""
+    by, shapes = {}, set()
     for c in cells:
         by[_cell_id(c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"], c["stage"],
                     profile_of(c))] = c
         shapes.add((c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"]))
-        backed[c["card"]] = c.get("file_backed", True)
-    out = []
     for (card, alloc, vk, f, h, w) in sorted(shapes):
         for prof in planner.candidates():
             cs = [by.get(_cell_id(card, alloc, vk, f, h, w, s, prof)) for s in STAGES]
-            if None in cs:
-                continue
-            if checked is not None:
-                checked.append((card, alloc, vk, f, h, w, prof.name))
-            measured = max(float("inf") if c.get("error") else c["reserved"] for c in cs)
-            est = E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card,
-                             file_backed=backed[card])
-            if est.needed_bytes < measured:
-                out.append((card, alloc, vk, f, h, w, prof.name, est.needed_bytes, measured))
+            if None not in cs:
+                yield card, alloc, vk, f, h, w, prof, max(float("inf") if c.get("error") else c["reserved"] for c in cs)
+
+
+def wrong_fits(cells, constants=None, checked: list | None = None) -> list[tuple]:
+    """Candidates judged to fit a budget they overran: for every measured run (measured_runs), the
+    estimate's needed bytes must be at least its measured reserved peak (else a budget between the two
+    is judged 'fits' and runs out)."""
+    backed = {c["card"]: c.get("file_backed", True) for c in cells}
+    out = []
+    for card, alloc, vk, f, h, w, prof, measured in measured_runs(cells):
+        if checked is not None:
+            checked.append((card, alloc, vk, f, h, w, prof.name))
+        est = E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card,
+                         file_backed=backed[card])
+        if est.needed_bytes < measured:
+            out.append((card, alloc, vk, f, h, w, prof.name, est.needed_bytes, measured))
     return out
 
 
@@ -586,53 +597,81 @@ def _family(card) -> str:
 # constants fitted on each stage's own cells (few parameters per problem: Nelder-Mead converges);
 # fixed_bytes and stream_blocks (blocks of a streamed model on the GPU) are fitted with the step
 STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
-              "image_encode": ("enc_act_mult", "enc_reserved_frag", "vae_fixed_bytes"),
+              "image_encode": ("enc_act_mult", "vae_fixed_bytes", "enc_reserved_frag"),
               "denoise_step": ("step_live_units", "step_attn_units", "step_attn_units_lowmem", "step_ff_units",
                                "step_ff_units_chunked", "step_ff_chunk_live_units", "stream_buffer_mult",
-                               "fixed_bytes", "reserved_frag", "stream_blocks"),
+                               "fixed_bytes", "stream_blocks", "reserved_frag", "reserved_frag_lowmem"),
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_reserved_frag", "dec_video_frag")}
+# the shares of reserved over allocated: they move only the reserved peak, fitted after the rest
+FRAG_KEYS = {"text_reserved_frag", "enc_reserved_frag", "reserved_frag", "reserved_frag_lowmem",
+             "dec_reserved_frag", "dec_video_frag"}
+
+
+def _alloc_loss(p, cell) -> float:
+    ea = (p.peak_allocated - cell["alloc"]) / cell["alloc"]
+    return ea ** 2 + 10 * max(abs(ea) - 0.08, 0) ** 2
+
+
+def _reserved_loss(p, cell) -> float:
+    """An under-estimate of reserved weighted 2x (it gives wrong 'fits'), every cell's loss capped at
+    what a 15% miss costs: a few cells whose reserved peak no share describes (the allocator's history,
+    see the report) must not pull every other cell out of tolerance; the verdict margin (_margin)
+    still covers their under-estimates."""
+    er = (p.peak_reserved - cell["reserved"]) / cell["reserved"]
+    r = er * (1.41 if er < 0 else 1.0)
+    return min(r ** 2 + 10 * max(abs(r) - 0.08, 0) ** 2, 0.15 ** 2 + 10 * 0.07 ** 2)
 
 
 def fit(cells, start: dict | None = None) -> dict:
-    """Constants for one card and allocator: least squares on the relative errors of peak allocated and
-    reserved, an under-estimate of reserved weighted 4x (it gives wrong 'fits')."""
-    import numpy as np
-    from scipy.optimize import minimize
-
+    """Constants for one card and allocator, stage by stage: first the terms of peak allocated on the
+    allocated peaks alone, then the fragmentation shares on the reserved peaks (fitting both at once let
+    a few cells' fragmentation pull the activation terms off, +11..+26% allocated)."""
     c = {**E.DEFAULT_CONSTANTS, **(start or {})}
     cells = [x for x in cells if x["kind"] == "fit" and not x.get("error") and x["reserved"]]
+    in_memory = any(not x.get("file_backed", True) for x in cells)
     for stage in ("denoise_step", "text_encode", "image_encode", "decode"):   # the step fixes fixed_bytes first
         mine = [x for x in cells if x["stage"] == stage]
-        keys = STAGE_KEYS[stage]
-        if not mine:
-            continue
-        scale = np.array([c[k] if c[k] else 1.0 for k in keys], dtype=float)
-
-        def loss(x):
-            trial = dict(c, **{k: float(abs(v)) * s for k, v, s in zip(keys, x, scale)})
-            total = 0.0
-            for cell in mine:
-                p = predict(cell, trial)
-                ea = (p.peak_allocated - cell["alloc"]) / cell["alloc"]
-                er = (p.peak_reserved - cell["reserved"]) / cell["reserved"]
-                total += ea ** 2 + er ** 2 + 4 * min(er, 0.0) ** 2 + 10 * max(abs(ea) - 0.08, abs(er) - 0.08, 0) ** 2
-            # a weak pull to the first-principles start: what the cells cannot tell apart (e.g. the
-            # decode's tile term where one tile size was measured) stays physical
-            return total + 1e-3 * len(mine) * float(((np.abs(x) - 1) ** 2).sum())
-
-        x0 = np.ones(len(keys))
-        for _ in range(3):   # restarts: Nelder-Mead stalls in a shrunken simplex
-            x0 = minimize(loss, x0, method="Nelder-Mead", options=dict(maxiter=300 * len(keys), xatol=1e-4, fatol=1e-9)).x
-        c.update({k: round(float(abs(v)) * s, 4) for k, v, s in zip(keys, x0, scale)})
+        # stream_blocks counts only for in-memory streamed models (file-backed: 1 + PREFETCH_DEPTH)
+        keys = [k for k in STAGE_KEYS[stage] if in_memory or k != "stream_blocks"]
+        if mine:
+            _minimize(c, mine, [k for k in keys if k not in FRAG_KEYS], _alloc_loss)
+            _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss)
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])
     c["reserved_margin"] = _margin(cells, c)
     return c
 
 
+def _minimize(c: dict, cells: list, keys: list, cell_loss) -> None:
+    """Nelder-Mead on ``keys`` of ``c`` (in place), in units of their start values."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    scale = np.array([c[k] if c[k] else 1.0 for k in keys], dtype=float)
+
+    def loss(x):
+        trial = dict(c, **{k: float(abs(v)) * s for k, v, s in zip(keys, x, scale)})
+        total = sum(cell_loss(predict(cell, trial), cell) for cell in cells)
+        # a weak pull to the first-principles start: what the cells cannot tell apart (e.g. the
+        # decode's tile term where one tile size was measured) stays physical
+        return total + 1e-3 * len(cells) * float(((np.abs(x) - 1) ** 2).sum())
+
+    x0 = np.ones(len(keys))
+    for _ in range(3):   # restarts: Nelder-Mead stalls in a shrunken simplex
+        x0 = minimize(loss, x0, method="Nelder-Mead", options=dict(maxiter=300 * len(keys), xatol=1e-4, fatol=1e-9)).x
+    c.update({k: round(float(abs(v)) * s, 4) for k, v, s in zip(keys, x0, scale)})
+
+
 def _margin(cells, constants) -> float:
-    """Verdict margin: the largest relative under-estimate of a measured reserved peak, + 2%."""
-    under = max((x["reserved"] / predict(x, constants).peak_reserved - 1 for x in cells), default=0.0)
-    return round(max(under, 0.0) + 0.02, 3)
+    """Verdict margin: the largest relative under-estimate of a measured run's reserved peak (its
+    largest stage: what a budget must hold), + 2%; the largest cell's where no run has all 4 stages.
+    A stage that under-estimates inside a run another stage dominates does not widen every verdict."""
+    backed = {c["card"]: c.get("file_backed", True) for c in cells}
+    under = [measured / E.estimate(vk, f, h, w, prof, calibration_path=constants, allocator=alloc, card=card,
+                                   file_backed=backed[card]).peak_reserved - 1
+             for card, alloc, vk, f, h, w, prof, measured in measured_runs(cells) if measured != float("inf")]
+    if not under:
+        under = [x["reserved"] / predict(x, constants).peak_reserved - 1 for x in cells]
+    return round(max(max(under, default=0.0), 0.0) + 0.02, 3)
 
 
 def covered(cells) -> dict:

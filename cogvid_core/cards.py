@@ -109,7 +109,7 @@ def load(path, card: str | None, allocator: str, defaults: dict) -> dict:
         choice["allocator"] = "native" if "native" in sets else next(iter(sets))
     given = sets.get(choice["allocator"], {}).get("constants", {})
     c = {**defaults, **given}
-    for k in ("text_reserved_frag", "enc_reserved_frag"):
+    for k in ("text_reserved_frag", "enc_reserved_frag", "reserved_frag_lowmem"):
         if k not in given:         # files fitted with one share for every stage but the decode
             c[k] = c["reserved_frag"]
     if "vae_fixed_bytes" not in given:   # files fitted with one fixed share for every stage
