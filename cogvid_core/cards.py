@@ -80,6 +80,10 @@ def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
                      "its tolerance was not checked here")
     if used != allocator:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used")
+    missed = [c for c in doc.get("outside_tolerance", []) if c.get("allocator") == used]
+    if missed:
+        notes.append(f"{len(missed)} measured {'/'.join(sorted({c['stage'] for c in missed}))} cells outside "
+                     f"the tolerance (listed in {path.name})")
     for stage, why in doc.get("excluded", {}).items():
         notes.append(f"{stage} not calibrated on this card ({why}): first-principles constants")
     return doc, dict(card=doc.get("card"), family=path.stem, allocator=used, matched=matched,
@@ -105,7 +109,9 @@ def load(path, card: str | None, allocator: str, defaults: dict) -> dict:
         choice["allocator"] = "native" if "native" in sets else next(iter(sets))
     given = sets.get(choice["allocator"], {}).get("constants", {})
     c = {**defaults, **given}
-    for k in ("text_reserved_frag", "enc_reserved_frag"):
+    for k in ("text_reserved_frag", "enc_reserved_frag", "reserved_frag_lowmem"):
         if k not in given:         # files fitted with one share for every stage but the decode
             c[k] = c["reserved_frag"]
+    if "vae_fixed_bytes" not in given:   # files fitted with one fixed share for every stage
+        c["vae_fixed_bytes"] = c["fixed_bytes"]
     return {"constants": c, "choice": choice, **{k: doc.get(k) for k in ("card", "torch", "diffusers", "date")}}

@@ -52,8 +52,11 @@ DEFAULT_CONSTANTS = {
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
-    "fixed_bytes": 64 * 1024 ** 2,  # latents, embeddings, cuBLAS workspace
+    "fixed_bytes": 64 * 1024 ** 2,  # the step's: latents, embeddings, cuBLAS workspace
+    "vae_fixed_bytes": 64 * 1024 ** 2,  # the VAE stages' (no embeddings nor scheduler state)
     "reserved_frag": 0.4,          # reserved - allocated, as a share of the step's activations
+    "reserved_frag_lowmem": 0.4,   # the same with low-memory attention and chunked feed-forward (many
+                                   # chunk-sized blocks the cache reuses, not a few step-sized ones)
     "text_reserved_frag": 0.4,     # the same for the text encode
     "enc_reserved_frag": 0.4,      # the same for the image encode
     "dec_reserved_frag": 0.4,      # the same for the decode (many tile-sized blocks)
@@ -322,7 +325,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, weight_bytes, tiny, tiled=tile_t is not None)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
-    stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name]) for name in STAGES]
+    step_frag = "reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag"
+    stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
@@ -338,14 +342,18 @@ def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: 
                        for k in COMPONENTS) for stage in STAGES}
 
 
-def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0)) -> StageEstimate:
+def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0),
+           step_frag: str = "reserved_frag") -> StageEstimate:
     """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
-    a = int(activations + c["fixed_bytes"])
+    # the step's fixed share (latents, timestep/text embeddings, cuBLAS workspace) is not the VAE's:
+    # one shared constant made the encode's small tiles 20% too large
+    fixed = c["vae_fixed_bytes"] if name in ("image_encode", "decode") else c["fixed_bytes"]
+    a = int(activations + fixed)
     alloc = weights + a
     if name == "decode":
         reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * dec_out
     else:
-        frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, "reserved_frag")
+        frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, step_frag)
         reserved = alloc + c[frag] * a
     return StageEstimate(name, weights, a, alloc, int(reserved), *host)
 

@@ -209,7 +209,8 @@ def test_allocator_picks_its_constants(tmp_path, monkeypatch):
     base = dict(E.DEFAULT_CONSTANTS)
     doc = {"card": "NVIDIA H200", "tolerance": 0.1, "allocators": {
         "native": {"constants": base},
-        "cudaMallocAsync": {"constants": {**base, "reserved_frag": base["reserved_frag"] + 1.0}}}}
+        "cudaMallocAsync": {"constants": {**base, "reserved_frag": base["reserved_frag"] + 1.0,
+                                           "reserved_frag_lowmem": base["reserved_frag_lowmem"] + 1.0}}}}
     path = tmp_path / "h200.json"
     path.write_text(json.dumps(doc))
     nat = est(profile="lowvram", calibration_path=path, allocator="native").stage("denoise_step")
@@ -278,3 +279,22 @@ def test_decode_host_term_replays_the_cpu_measurement():
     for r in rows:
         if r["kind"] == "rows":
             assert abs(H.decode_host_bytes(video, tiled=True) / GiB / r["peak_over_start_gib"] - 1) <= 0.15, r
+
+
+@pytest.mark.parametrize("bench_file,workflow", [("comfyui_gpu_h200_c5_ring.json", "12gb"),
+                                                 ("comfyui_gpu_h200_c4_hosttiles.json", "24gb")])
+def test_file_backed_h200_runs_replay_with_the_h200_calibration(bench_file, workflow):
+    """The same command-line runs through calibration/h200.json (chosen by the name "NVIDIA H200"): peak
+    allocated AND reserved within its +-10%. The 12gb run replayed is the one with the streamed blocks'
+    ring (c5): c4's 12gb run predates it (its streamed stages reserved 0.3-0.7 GiB more)."""
+    report = _bench_json(bench_file)["cli"][workflow]["report"]
+    est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(report["settings"]),
+                     card="NVIDIA H200", allocator="native")
+    assert est.calibration["family"] == "h200" and est.calibration["tolerance"] == 0.10
+    names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
+    rows = [r for r in report["stages"] if r["stage"] in names]
+    assert len(rows) == 4
+    for row in rows:
+        e = est.stage(names[row["stage"]])
+        assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
+        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
