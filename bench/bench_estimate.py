@@ -45,6 +45,8 @@ With 4 GPUs, `--part 0/2` and `--part 1/2` per allocator split the denoise and d
 A grid cut short is finished later with `--resume earlier.json --out more.json` (same card, allocator,
 checkpoints): its cells are kept, only the tasks it lacks run, and the encodes whose outputs they need
 run again into "repeats" (the same cell at another point of a run: how reproducible its peak is).
+`--only TEXT` measures just the tasks whose printed description contains TEXT (and the encodes they
+need): the same cells again in a fresh process, to tell a reproducible peak from allocator history.
 Each cell records alloc_before / reserved_before, what earlier cells left on the device when it
 started (after empty_cache): a reserved peak depends on it.
 Then, here: `python3 bench/bench_estimate.py --fit bench/estimate_h200_native.json
@@ -350,6 +352,8 @@ def run_grid(args) -> dict:
         split = [t for t in tasks if t.stage in ("denoise_step", "decode")]
         tasks = [t for t in tasks if t not in split or split.index(t) % n == i]
     data = dict(env=_env(device, dtype, args, t0, writer), cells=[], repeats=[], skipped=[], pending=[])
+    if args.only:     # these cells alone (and the encodes they need), e.g. to re-measure some in a fresh process
+        tasks = with_inputs([t for t in tasks if any(o in _describe(t) for o in args.only)], tasks, repeat=False)
     if args.resume:
         tasks = resume(Path(args.resume), data, tasks)
     inputs, waited = {}, 0.0
@@ -396,19 +400,25 @@ def resume(path: Path, data: dict, tasks: list[Task]) -> list[Task]:
     data["repeats"] = list(old.get("repeats", []))
     env["resumed"] = old["env"].pop("resumed", []) + [dict(old["env"], file=path.name, cells=len(old["cells"]))]
     done = {measured_key(c["stage"], c["variant"], c["frames"], c["height"], c["width"], c["key"]) for c in old["cells"]}
-    todo = [t for t in tasks if t.cache_key not in done]
-    makes = {"text_encode": lambda t: "prompt", "image_encode": lambda t: ("latent", t.variant.key, t.height, t.width)}
-    wanted = {n for t in todo for n in t.needs() if not isinstance(n, str) or n == "prompt"}
-    made = {makes[t.stage](t) for t in todo if t.stage in makes}
-    for t in tasks:       # in plan order: the first (cheapest) producer of each missing input
-        name = makes[t.stage](t) if t.stage in makes else None
-        if name in wanted and name not in made:
-            made.add(name)
-            todo.append(dataclasses.replace(t, repeat=True))
-    todo = ordered(todo)
+    todo = with_inputs([t for t in tasks if t.cache_key not in done], tasks, repeat=True)
     print(f"--resume {path.name}: {len(old['cells'])} cells kept, {sum(not t.repeat for t in todo)} tasks to "
           f"measure, {sum(t.repeat for t in todo)} encodes repeated for their outputs", flush=True)
     return todo
+
+
+def with_inputs(todo: list[Task], tasks: list[Task], repeat: bool) -> list[Task]:
+    """``todo`` plus, from ``tasks`` (flagged ``repeat``: measured into "repeats"), the first (cheapest)
+    encode that makes each input a task of ``todo`` needs and no task of it makes; in run order."""
+    makes = {"text_encode": lambda t: "prompt", "image_encode": lambda t: ("latent", t.variant.key, t.height, t.width)}
+    wanted = {n for t in todo for n in t.needs() if not isinstance(n, str) or n == "prompt"}
+    made = {makes[t.stage](t) for t in todo if t.stage in makes}
+    todo = list(todo)
+    for t in tasks:
+        name = makes[t.stage](t) if t.stage in makes else None
+        if name in wanted and name not in made:
+            made.add(name)
+            todo.append(dataclasses.replace(t, repeat=repeat))
+    return ordered(todo)
 
 
 def _ready(name, models, inputs) -> bool:
@@ -732,6 +742,9 @@ def main(argv=None) -> int:
                    "(default 400 full-size, unlimited tiny)")
     p.add_argument("--part", default=None, help="I/N: every N-th task from the I-th (several GPUs per allocator)")
     p.add_argument("--out", default=None, help="write the measurements (JSON) here")
+    p.add_argument("--only", action="append", default=[], metavar="TEXT", help="measure only the tasks whose "
+                   "description (as printed) contains TEXT, e.g. \"cogvideox-5b-i2v 33x480x720 denoise_step ('stream', "
+                   "'sequential'\" (repeatable; the encodes they need run too)")
     p.add_argument("--resume", default=None, metavar="FILE", help="an earlier run's JSON (same card and "
                    "allocator): keep its cells, measure only the tasks it did not; --out gets old + new")
     p.add_argument("--fit", nargs="*", default=None, help="measurement files to compare / fit (no GPU)")

@@ -209,7 +209,7 @@ def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
     assert cands and all(p.cfg_mode == "sequential" for p in cands)
     assert len({p.name for p in cands}) == len(cands) and "lowvram" in {p.name for p in cands}
     v = M.VARIANTS[KEY]
-    budget = int(estimate(v, 81, 768, 1360, "resident").peak_reserved * 0.98)   # batched resident: just too big
+    budget = int(estimate(v, 81, 768, 1360, "resident").needed_bytes * 0.98)   # batched resident: just too big
     one, _ = planner.plan(v, 81, 768, 1360, budget)
     pair, est = planner.plan(v, 81, 768, 1360, budget, cfg_pair=True)
     assert one.name != "resident" and pair.name == "resident+cfg-sequential" and est.fits
