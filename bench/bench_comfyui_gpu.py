@@ -409,9 +409,6 @@ def worker(cfg: dict) -> dict:
     sampler.start()
     weights = WeightTimer()
     weights.install()           # the pack's folder is on sys.path once ComfyUI loaded it
-    if cfg.get("decode_release"):   # vae.decode's `release` for this run (bench_decode_frag.py's variants)
-        from cogvid_core import vae
-        vae.decode.__defaults__ = vae.decode.__defaults__[:-1] + (cfg["decode_release"],)
     result = {"comfy_args": cfg["comfy_args"], "before": gpu_state(sampler), "workflows": []}
     number, seed = 0, cfg["seed"]
     for wf_name, wf_path in cfg["workflows"]:
@@ -568,7 +565,7 @@ def run_worker(args, card: str, wfs: list[str], extra: list[str], base: Path, ya
     cfg = {"comfyui": str(Path(args.comfyui).resolve()), "comfy_args": comfy_args, "card": card,
            "workflows": [(w, str(workflow_path(w, Path(args.pack)))) for w in wfs], "queues": args.queues,
            "steps": args.steps, "seed": args.seed, "overrides": overrides_of(args), "idle_s": args.idle,
-           "queue_timeout": args.queue_timeout, "decode_release": args.decode_release}
+           "queue_timeout": args.queue_timeout}
     cfg_file, out_file, log_file = (work / f"worker_{card}.{ext}" for ext in ("json", "out.json", "log"))
     cfg_file.write_text(json.dumps(cfg))
     with open(log_file, "w") as logf:
@@ -645,7 +642,6 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, help="override the workflows' frame count (quick checks only)")
     p.add_argument("--size", help="WxH: override the workflows' video size (quick checks only)")
     p.add_argument("--idle", type=float, default=0.0, help="seconds between queues")
-    p.add_argument("--decode-release", choices=["call", "tile"], help="vae.decode's release option in ComfyUI")
     p.add_argument("--queue-timeout", type=float, default=900.0, help="Cancel a queue after this many seconds")
     p.add_argument("--no-cli", action="store_true", help="skip the command-line comparison")
     p.add_argument("--work", help="work folder (default: a new temporary one)")

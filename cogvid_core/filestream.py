@@ -31,7 +31,7 @@ from torch import nn
 from .fileindex import TensorSource, _assign, index_of
 from .models import CheckpointError
 
-_ALIGN = 64
+ALIGN = 64
 _PIECE = 32 * 2 ** 20      # bytes per pread: a block is read by several threads at once
 PREFETCH_DEPTH = 2         # blocks read ahead of the running one in ``stream`` mode
 
@@ -50,8 +50,8 @@ class _Layout:
             s = srcs[key]
             last = self.runs[-1] if self.runs else None
             at = None if last is None else last[3] + (s.start - last[1])
-            if last is None or last[0] != s.path or s.start != last[1] + last[2] or at % _ALIGN:
-                pos = -(-pos // _ALIGN) * _ALIGN
+            if last is None or last[0] != s.path or s.start != last[1] + last[2] or at % ALIGN:
+                pos = -(-pos // ALIGN) * ALIGN
                 self.runs.append([s.path, s.start, 0, pos])
                 at = pos
             self.runs[-1][2] += s.nbytes
@@ -82,7 +82,7 @@ def _convert(flat: torch.Tensor, layout: _Layout, s: TensorSource) -> torch.Tens
     return _cast(_dequantised(_raw(flat, layout.offset[(s.path, s.start)], s), scale), s.target, flat.device)
 
 
-def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
+def staging_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     """A host buffer; page-locked through cudaHostRegister on ordinary (anonymous) memory, so it is
     counted in RssAnon and never rounded up to a power of two like torch's pinned allocator does."""
     buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
@@ -94,7 +94,7 @@ def _staging(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
     return buf, False
 
 
-def _unregister(bufs: list) -> None:
+def unregister(bufs: list) -> None:
     """Unpin the staging buffers before their memory goes back to malloc: a range freed while still
     registered makes the next cudaHostRegister at that address fail (cudaErrorHostMemoryAlreadyRegistered)."""
     for buf, registered in bufs:
@@ -122,9 +122,9 @@ class _Reader:
         self.device = device
         self.cuda = device.type == "cuda"
         self.buffer_bytes = max(size, 1)
-        self._bufs = [_staging(size, self.cuda) for _ in range(max(1, buffers))]
+        self._bufs = [staging_buffer(size, self.cuda) for _ in range(max(1, buffers))]
         # also when a reader is dropped without close() (an error left its placement behind)
-        self._unpin = weakref.finalize(self, _unregister, self._bufs)
+        self._unpin = weakref.finalize(self, unregister, self._bufs)
         self._free: list = [None] * len(self._bufs)
         self._next = 0
         self._fds: dict[str, int] = {}
@@ -411,4 +411,4 @@ def _chunks(items: list, limit: int):
 
 def _item_bytes(item) -> int:
     src = item[1]
-    return src.nbytes + (src.scale.nbytes if src.scale is not None else 0) + 2 * _ALIGN
+    return src.nbytes + (src.scale.nbytes if src.scale is not None else 0) + 2 * ALIGN

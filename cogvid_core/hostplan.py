@@ -14,10 +14,12 @@ from functools import lru_cache
 from .devmem import GiB, precision_bytes
 from .stages import COMPONENT_OF_STAGE, STAGES
 
-# The process after CUDA init with torch, diffusers and transformers imported, no model placed:
-# RssAnon 0.78 GiB (transformer) to 0.95 GiB (T5 + tokenizer) after a release
-# (bench/hostmem_h200_run2.json, "host_after_release" of tr_file_offload and t5_file_stream).
-BASE_BYTES = int(0.85 * GiB)
+# The process with CUDA initialised and the libraries' host state of a first GPU stage, no model
+# placed: the text encode (base + the T5's staging buffers, 0.72 GiB, and nothing else) measured
+# 1.71-1.73 GiB anon + pinned in the four file-backed H200 runs of this code (bench/hostrun_h200_c5.json
+# both recipes, the 12gb command line of bench/comfyui_gpu_h200_c5_ring.json, bench/hostrun_h200_cold.txt).
+# (0.85 GiB, read after a release in bench/hostmem_h200_run2.json, left every stage 8-12% low.)
+BASE_BYTES = int(1.00 * GiB)
 # filestream.FilePlacement's staging buffers, each sized for the largest block: their page-locked
 # bytes are the compute-time rise of a file-backed model (t5_file_stream: staging_gib 0.72, peak
 # anon+pinned 1.67 GiB vs 0.95 after release; tr_file_offload: 0.49 and 1.30 vs 0.80; same files).
@@ -32,10 +34,7 @@ _MIN_FILE_BYTES = 2
 
 
 @lru_cache(maxsize=None)
-def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
-    """The VAE's pinned host copy in ``offload``: ``pin_memory()`` per tensor through torch's pinned
-    allocator, which rounds each block up to a power of two (bench/hostmem_h200_run1.json "diag":
-    1 GiB pinned = 1.000 GiB of RssShmem); counted per real tensor of the config."""
+def _vae_tensor_bytes(variant_key: str, precision: str, tiny: bool) -> tuple[int, ...]:
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
@@ -44,9 +43,19 @@ def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> in
     with torch.device("meta"):
         vae = AutoencoderKLCogVideoX(**vae_config(VARIANTS[variant_key], tiny))
     b = precision_bytes(precision)
-    sizes = [t.numel() * (b if t.is_floating_point() else t.element_size())
-             for t in [*vae.parameters(), *vae.buffers()]]
-    return sum(1 << max(0, (n - 1).bit_length()) for n in sizes if n)
+    return tuple(t.numel() * (b if t.is_floating_point() else t.element_size())
+                 for t in [*vae.parameters(), *vae.buffers()])
+
+
+def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
+    """The VAE's pinned host copy in ``offload``: one page-locked buffer holding every tensor at a
+    64-byte alignment (placement.flat_copy)."""
+    return sum(-(-n // 64) * 64 for n in _vae_tensor_bytes(variant_key, precision, tiny))
+
+
+def pageable_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
+    """The VAE as loaded (loading.load_vae is eager), and as a released placement leaves it: pageable."""
+    return sum(_vae_tensor_bytes(variant_key, precision, tiny))
 
 
 def staging_bytes(size, precision: str) -> int:
@@ -69,6 +78,7 @@ def host_stages(sizes: dict, precision: dict, modes: dict, variant_key: str, kee
     """{stage: (owned bytes, file bytes)}. ``modes``: placement mode per component;
     ``weight_bytes(size, precision)`` is the estimate's own (the file is assumed that size)."""
     vae_pinned = pinned_vae_bytes(variant_key, precision["vae"], tiny) if modes["vae"] == "offload" else 0
+    vae_pageable = pageable_vae_bytes(variant_key, precision["vae"], tiny)
     out = {}
     for i, stage in enumerate(STAGES):
         active = COMPONENT_OF_STAGE[stage]
@@ -80,9 +90,14 @@ def host_stages(sizes: dict, precision: dict, modes: dict, variant_key: str, kee
                 owned += staging_bytes(sizes[comp], precision[comp])
             if comp == active and modes[comp] != "resident":
                 file += weight_bytes(sizes[comp], precision[comp])   # read at every use
-        # the pipeline loads the VAE after the text encode and keeps it to the decode
-        if keep_loaded or i >= STAGES.index("image_encode"):
+        # placed (kept loaded, or in its own stages): pinned in offload, on the GPU when resident. The
+        # pipeline loads it after the text encode and releases it between its two stages: a released
+        # placement keeps the weights pageable on the host (the CLI's denoise held 0.4 GiB more than
+        # estimated in both plans: bench/hostrun_h200_c5.json, stage "denoise")
+        if keep_loaded or active == "vae":
             owned += vae_pinned
+        elif i >= STAGES.index("image_encode"):
+            owned += vae_pageable
         if i >= STAGES.index("image_encode"):
             owned += CONV_LIBS_BYTES
         if stage == "decode":

@@ -164,14 +164,8 @@ def set_tiling(vae, tile: TileSpec | None) -> None:
 
 
 def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None,
-           progress=None, interrupt=None, release: str | None = None) -> torch.Tensor:
-    """Latents -> frames [T, H, W, 3] float32 0..1 on CPU; tiles in space, diffusers chunks in time.
-
-    ``release``: give the allocator's cached blocks back after every decoder ``"call"`` (one frame
-    batch of one tile) or every ``"tile"``, for bench/bench_decode_frag.py to weigh the pool's growth
-    over the decode's allocated peak against the seconds it costs."""
-    if release not in (None, "call", "tile"):
-        raise ValueError(f"release must be None, 'call' or 'tile', got {release!r}")
+           progress=None, interrupt=None) -> torch.Tensor:
+    """Latents -> frames [T, H, W, 3] float32 0..1 on CPU; tiles in space, diffusers chunks in time."""
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
     z = latents.samples[:, latents.drop_first:]
@@ -184,15 +178,10 @@ def decode(vae, latents: VideoLatents, device=None, tile: TileSpec | None = None
         if interrupt is not None:
             interrupt()
 
-    calls_per_tile = max(z.shape[2] // vae.num_latent_frames_batch_size, 1)
-
     def after_call(module, args, output):
         done[0] += 1
         if progress is not None:
             progress(min(done[0], total), total)
-        if release == "call" or (release == "tile" and done[0] % calls_per_tile == 0):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
     hooks = [vae.decoder.register_forward_pre_hook(before_call),
              vae.decoder.register_forward_hook(after_call)]

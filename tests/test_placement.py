@@ -279,3 +279,19 @@ def test_cuda_modes_match_and_release(mode):
     assert all(t.device.type == "cpu" for t in tr.parameters()) and not _has_hooks(tr)
     # offload/stream pinned host copies; a released placement keeps no page-locked memory
     assert not any(t.is_pinned() for t in tr.parameters())
+
+
+def test_flat_copy_packs_every_tensor_into_one_buffer():
+    """The offloaded host copies share one (page-locked on a GPU) buffer: same values, dtypes and
+    shapes, views at aligned offsets; an already-pinned tensor would be left as it is (GPU only)."""
+    g = torch.Generator().manual_seed(0)
+    hosts = [torch.randn(3, 5, generator=g).to(torch.bfloat16), torch.randn(7, generator=g),
+             torch.arange(4, dtype=torch.int64), torch.zeros(0), torch.randn(2, 3, generator=g).t()]
+    views, bufs = P.flat_copy(hosts, pin=False)
+    (buf, registered), = bufs
+    assert not registered
+    for h, v in zip(hosts, views):
+        assert v.dtype == h.dtype and v.shape == h.shape and torch.equal(v, h)
+        if v.numel():
+            assert v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+            assert (v.data_ptr() - buf.data_ptr()) % 64 == 0
