@@ -98,6 +98,56 @@ register_attention(AttentionKernel("sage", _sage_op(),
                                    _sage_reason, exact_class=False))
 
 
+E4M3_MAX = 448.0
+
+
+def fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, H, D] -> (float8 e4m3 tensor, float32 descale [B, H]): one scale per batch row and head,
+    the granularity FlashAttention-3's FP8 forward takes."""
+    amax = x.abs().amax(dim=(1, 3)).float().clamp_min(1e-6)            # [B, H]
+    # scaled in the input's dtype (no float32 copy of a 45k-token tensor); the descale is the exact
+    # inverse of the multiplier used, and values are clamped (a cast past 448 gives NaN in e4m3fn)
+    mult = (E4M3_MAX / amax).to(x.dtype)
+    x8 = (x * mult[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return x8, 1.0 / mult.float()
+
+
+def _fa3_fp8_op():
+    @torch.library.custom_op("cogvid::fa3_fp8", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        from flash_attn_interface import flash_attn_func
+
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))     # FA3 takes [B, S, H, D]
+        # each query row's scores shift by one constant when a per-head mean of K is taken out: the
+        # softmax is unchanged and K's outliers no longer set its float8 scale
+        k = k - k.mean(dim=1, keepdim=True)
+        (q8, qs), (k8, ks), (v8, vs) = fp8_per_head(q), fp8_per_head(k), fp8_per_head(v)
+        out = flash_attn_func(q8, k8, v8, softmax_scale=scale, q_descale=qs, k_descale=ks, v_descale=vs)
+        return out.to(q.dtype).transpose(1, 2).contiguous()
+
+    @op.register_fake
+    def _(q, k, v, scale):
+        return torch.empty_like(q)
+
+    return op
+
+
+def _fa3_reason(device) -> str | None:
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return "FlashAttention-3 is not installed (pip install tokenspeed-fa3)"
+    why = cuda_reason(device)
+    if why is None and torch.cuda.get_device_capability(torch.device(device)) != (9, 0):
+        why = "its FP8 kernels are for Hopper GPUs (H100, H200: compute capability 9.0)"
+    return why
+
+
+# FlashAttention-3's FP8 forward (Hopper): q, k, v quantized per batch row and head; not yet measured
+register_attention(AttentionKernel("fa3fp8", _fa3_fp8_op(),
+                                   lambda q, k, v: _cuda_half(q, k, v) and q.shape[-1] in (64, 128, 256)
+                                   and q.shape[-1] == v.shape[-1],
+                                   _fa3_reason, exact_class=False))
+
+
 class RouteAttention(TorchFunctionMode):
     """While entered, ``F.scaled_dot_product_attention`` calls the kernel takes go to ``kernel``; the
     others (a mask, dropout, causal, a shape it lacks) run torch's SDPA unchanged."""
