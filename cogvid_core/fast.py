@@ -137,6 +137,17 @@ def resolve(speed: Speed | str, device) -> Speed:
     return replace(speed, notes=tuple(notes))
 
 
+def resolve_alone(speed: Speed | str, device, split: str | None) -> Speed:
+    """:func:`resolve`, refusing a speed that still changes something when the run is ``split`` (named:
+    a CFG pair over two GPUs, torchrun's ranks): the pair's second copy would run exact, and sequence
+    parallel's attention mode would be bypassed by the speed's redirect; neither is wired yet."""
+    resolved = resolve(speed, device)
+    if split and not resolved.exact:
+        raise SpeedError(f"speed {speed} does not combine with {split} yet: use speed exact there, "
+                         "or one GPU with the speed option")
+    return resolved
+
+
 # ============================================================================ applying
 _COMPILED = "_cogvid_compiled_forward"   # block attribute: its compiled forward, kept for later uses
 # static shapes: a run's shapes never change (batched CFG: batch 2; sequential: batch 1 for both branches),

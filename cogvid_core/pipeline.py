@@ -191,15 +191,10 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
 def _check_speed(speed: str, run: _Run) -> str:
     """A bad name fails now; parts this device cannot run are said now, before any model loads (and
     once more when the transformer runs without them)."""
-    resolved = fast.resolve(speed, run.device)
     pair = run.devices is not None and run.devices.second is not None
     ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
-    if not resolved.exact and (pair or ranks):
-        # the CFG pair's second copy would run exact, and sequence parallel's attention mode would be
-        # bypassed by the speed redirect: neither is wired yet
-        raise ValueError(f"--speed {speed} does not combine with {'a CFG pair (--devices)' if pair else 'torchrun'} "
-                         "yet: use --speed exact there, or one GPU with the speed option")
+    resolved = fast.resolve_alone(speed, run.device, "a CFG pair (--devices)" if pair else "torchrun" if ranks else None)
     for note in resolved.notes:
         log.warning(note)
     return speed

@@ -103,13 +103,11 @@ class CogVidTransformerLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
-        from cogvid_core import loading, session
+        from cogvid_core import fast, loading, session
         from cogvid_core import multigpu
         dtype, storage = session.precision(precision)
         dev, second = _devices(device, "transformer")
-        if second is not None and speed != "exact":   # before the load: the pair's second copy would run exact
-            raise ValueError(f"speed {speed} does not combine with a CFG pair ({device}) yet: pick speed exact, "
-                             "or one GPU with the speed option")
+        fast.resolve_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
         src = _source("transformer", model)
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)

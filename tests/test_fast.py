@@ -378,3 +378,13 @@ def test_bench_runs_tiny_on_cpu(tmp_path):
     assert rows["exact"]["ratio_to_exact"] == 1.0 and rows["exact"]["final_latent_rel_l2"] == 0.0
     assert rows["counting"]["ran"] == "counting" and rows["counting"]["step1_pred_rel_l2"] < 1e-5
     assert rows["fp8"]["ran"] == "exact" and "CUDA" in rows["fp8"]["notes"][0]
+
+
+def test_a_speed_that_runs_refuses_a_split_run_and_one_that_cannot_run_does_not():
+    """The node (CFG pair device) and the CLI (--devices pair, torchrun) share one refusal: a speed that
+    still changes something here is refused before any load; one this device drops entirely is not."""
+    with pytest.raises(fast.SpeedError, match=r"does not combine with a CFG pair \(cuda:0\+cuda:1\)"):
+        fast.resolve_alone("counting", CPU, "a CFG pair (cuda:0+cuda:1)")
+    assert fast.resolve_alone("counting", CPU, None).attention == "counting"
+    dropped = fast.resolve_alone("fp8", CPU, "torchrun")          # fp8 needs CUDA: nothing left to refuse
+    assert dropped.exact and "fp8" in dropped.notes[0]
