@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+
 @dataclass(frozen=True)
 class AttentionKernel:
     """``run(q, k, v, scale) -> out`` for [B, H, S, D] tensors without mask, dropout or causality;
@@ -49,29 +50,28 @@ def _sdpa_backend_op(backend_name: str, first_of_all: bool):
     others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     order = [backend, *[b for b in others if b != backend]] if first_of_all else [backend]
 
-    @torch.library.custom_op(f"cogvid::sdpa_{backend_name.lower()}", mutates_args=())
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def run(q, k, v, scale):
         with sdpa_kernel(order, set_priority=first_of_all):
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    @op.register_fake
-    def _(q, k, v, scale):
-        return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-    return op
+    return _opaque_op(f"sdpa_{backend_name.lower()}", run,
+                      fake=lambda q, k, v, scale: q.new_empty((*q.shape[:-1], v.shape[-1])))
 
 
-def _sage_op():
-    @torch.library.custom_op("cogvid::sageattn", mutates_args=())
+def _opaque_op(name: str, run, fake=lambda q, k, v, scale: torch.empty_like(q)):
+    """``run(q, k, v, scale)`` as the custom op ``cogvid::<name>``, ``fake`` its output's shape for tracing:
+    a compiled block calls it as one opaque call."""
+    @torch.library.custom_op(f"cogvid::{name}", mutates_args=())
     def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        from sageattention import sageattn
-        return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
+        return run(q, k, v, scale)
 
-    @op.register_fake
-    def _(q, k, v, scale):
-        return torch.empty_like(q)
-
+    op.register_fake(fake)
     return op
+
+
+def _sage(q, k, v, scale):
+    from sageattention import sageattn
+    return sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=scale)
 
 
 def _sage_reason(device) -> str | None:
@@ -93,7 +93,7 @@ for _backend, _label, _first in (("CUDNN_ATTENTION", "cudnn", True), ("FLASH_ATT
     register_attention(AttentionKernel(_label, _sdpa_backend_op(_backend, _first), lambda q, k, v: q.is_cuda,
                                        cuda_reason, exact_class=True))
 # sageattention 1.0.6 has kernels for head_dim 64, 96 and 128 (CogVideoX: 64), equal q/k/v lengths not needed
-register_attention(AttentionKernel("sage", _sage_op(),
+register_attention(AttentionKernel("sage", _opaque_op("sageattn", _sage),
                                    lambda q, k, v: _cuda_half(q, k, v) and q.shape[-1] in (64, 96, 128),
                                    _sage_reason, exact_class=False))
 
@@ -112,24 +112,16 @@ def fp8_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, 1.0 / mult.float()
 
 
-def _fa3_fp8_op():
-    @torch.library.custom_op("cogvid::fa3_fp8", mutates_args=())
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        from flash_attn_interface import flash_attn_func
+def _fa3_fp8(q, k, v, scale):
+    from flash_attn_interface import flash_attn_func
 
-        q, k, v = (x.transpose(1, 2) for x in (q, k, v))     # FA3 takes [B, S, H, D]
-        # each query row's scores shift by one constant when a per-head mean of K is taken out: the
-        # softmax is unchanged and K's outliers no longer set its float8 scale
-        k = k - k.mean(dim=1, keepdim=True)
-        (q8, qs), (k8, ks), (v8, vs) = fp8_per_head(q), fp8_per_head(k), fp8_per_head(v)
-        out = flash_attn_func(q8, k8, v8, softmax_scale=scale, q_descale=qs, k_descale=ks, v_descale=vs)
-        return out.to(q.dtype).transpose(1, 2).contiguous()
-
-    @op.register_fake
-    def _(q, k, v, scale):
-        return torch.empty_like(q)
-
-    return op
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))     # FA3 takes [B, S, H, D]
+    # each query row's scores shift by one constant when a per-head mean of K is taken out: the
+    # softmax is unchanged and K's outliers no longer set its float8 scale
+    k = k - k.mean(dim=1, keepdim=True)
+    (q8, qs), (k8, ks), (v8, vs) = fp8_per_head(q), fp8_per_head(k), fp8_per_head(v)
+    out = flash_attn_func(q8, k8, v8, softmax_scale=scale, q_descale=qs, k_descale=ks, v_descale=vs)
+    return out.to(q.dtype).transpose(1, 2).contiguous()
 
 
 def _fa3_reason(device) -> str | None:
@@ -142,7 +134,7 @@ def _fa3_reason(device) -> str | None:
 
 
 # FlashAttention-3's FP8 forward (Hopper): q, k, v quantized per batch row and head; not yet measured
-register_attention(AttentionKernel("fa3fp8", _fa3_fp8_op(),
+register_attention(AttentionKernel("fa3fp8", _opaque_op("fa3_fp8", _fa3_fp8),
                                    lambda q, k, v: _cuda_half(q, k, v) and q.shape[-1] in (64, 128, 256)
                                    and q.shape[-1] == v.shape[-1],
                                    _fa3_reason, exact_class=False))
