@@ -256,10 +256,15 @@ class FilePlacement:
             _assign(self.model, name, t)
         self._live[i] = list(tensors)
 
-    def _drop(self, i: int) -> None:
-        for name in self._live.pop(i, ()):
-            src = index_of(self.model)[name]
+    def _unload(self, names) -> None:
+        """Each named tensor back to a meta placeholder of its shape and dtype: the files keep it."""
+        index = index_of(self.model)
+        for name in names:
+            src = index[name]
             _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+
+    def _drop(self, i: int) -> None:
+        self._unload(self._live.pop(i, ()))
         self._ring.give_back(i)
 
     def _pre_hook(self, i: int):
@@ -284,10 +289,7 @@ class FilePlacement:
                 self._outside_live.append(name)
 
     def _drop_outside(self) -> None:
-        index = index_of(self.model)
-        for name in self._outside_live:
-            src = index[name]
-            _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+        self._unload(self._outside_live)
         self._outside_live = []
 
     # -- Placed's calls -----------------------------------------------------------------------
@@ -331,9 +333,7 @@ class FilePlacement:
             h.remove()
         self._hooks = []
         self._reader.close()
-        index = index_of(self.model)
-        for name, src in index.items():
-            _assign(self.model, name, torch.empty(src.shape, dtype=src.target, device="meta"))
+        self._unload(index_of(self.model))
 
     def staging_bytes(self) -> int:
         return self._reader.staging_bytes()
@@ -376,9 +376,6 @@ class _Ring:
     def clear(self) -> None:
         """End of a use: the memory goes back to the allocator for the next component."""
         self._bufs, self._owner = [], []
-
-    def held_bytes(self) -> int:
-        return sum(b.numel() for b in self._bufs)
 
 
 def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:

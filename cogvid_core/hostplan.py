@@ -12,6 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .devmem import GiB, precision_bytes
+from .filestream import ALIGN
 from .stages import COMPONENT_OF_STAGE, STAGES
 
 # The process with CUDA initialised and the libraries' host state of a first GPU stage, no model
@@ -49,8 +50,8 @@ def _vae_tensor_bytes(variant_key: str, precision: str, tiny: bool) -> tuple[int
 
 def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
     """The VAE's pinned host copy in ``offload``: one page-locked buffer holding every tensor at a
-    64-byte alignment (placement.flat_copy)."""
-    return sum(-(-n // 64) * 64 for n in _vae_tensor_bytes(variant_key, precision, tiny))
+    filestream.ALIGN-byte alignment (placement.flat_copy)."""
+    return sum(-(-n // ALIGN) * ALIGN for n in _vae_tensor_bytes(variant_key, precision, tiny))
 
 
 def pageable_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
