@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 from . import cards
@@ -32,8 +31,9 @@ from .cards import allocator_backend  # noqa: F401  (the allocator the estimate 
 from .devmem import precision_bytes
 from .filestream import PREFETCH_DEPTH
 from .hostplan import host_stages
-from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, is_fp8_layer, latent_frames, t5_config, transformer_config, vae_config
+from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
 from .profiles import PROFILES, Profile
+from .sizes import ComponentSize, compute_bytes, component_sizes, weight_bytes  # noqa: F401  (estimate's API)
 from .stages import COMPONENT_OF_STAGE, STAGES
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
@@ -65,56 +65,6 @@ DEFAULT_CONSTANTS = {
                                    # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
 }
-
-
-# ---------------------------------------------------------------- parameter counts (exact)
-@dataclass(frozen=True)
-class ComponentSize:
-    params: int            # all parameters
-    matrix_params: int     # weights fp8 storage stores in 1 byte (see _sizes)
-    buffer_elems: int      # buffers cast with the model (1.0's learned positional embedding)
-    block_params: int      # one repeated block (for streaming)
-    blocks: int
-    largest_layer: int     # largest single weight (fp8 per-layer upcast transient)
-
-
-def _sizes(module, blocks) -> ComponentSize:
-    params = sum(p.numel() for p in module.parameters())
-    matrix = sum(p.numel() for name, p in module.named_parameters() if is_fp8_layer(name, p.shape))
-    largest = max((p.numel() for p in module.parameters()), default=0)
-    bufs = sum(b.numel() for b in module.buffers() if b.is_floating_point())
-    blocks = list(blocks) if blocks is not None else []
-    bp = sum(p.numel() for p in blocks[0].parameters()) if blocks else params
-    return ComponentSize(params, matrix, bufs, bp, len(blocks) or 1, largest)
-
-
-@lru_cache(maxsize=None)
-def component_sizes(variant_key: str, tiny: bool = False) -> dict[str, ComponentSize]:
-    """Parameter counts of each component, from the real configs built on the meta device."""
-    import torch
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
-
-    v = VARIANTS[variant_key]
-    with torch.device("meta"):
-        tr = CogVideoXTransformer3DModel(**transformer_config(v, tiny))
-        vae = AutoencoderKLCogVideoX(**vae_config(v, tiny))
-        t5 = T5EncoderModel(T5Config(**t5_config(tiny)))
-    return {"transformer": _sizes(tr, tr.transformer_blocks),
-            "text_encoder": _sizes(t5, t5.encoder.block),
-            "vae": _sizes(vae, None)}
-
-
-def weight_bytes(size: ComponentSize, precision: str, compute_bytes: int = 2) -> int:
-    """Bytes of a component's weights stored in `precision` (fp8: matrices 1 byte, rest compute)."""
-    b = precision_bytes(precision)
-    if b == 1:
-        return size.matrix_params + (size.params - size.matrix_params + size.buffer_elems) * compute_bytes
-    return (size.params + size.buffer_elems) * b
-
-
-def _compute_bytes(precision: str) -> int:
-    return 4 if precision_bytes(precision) == 4 else 2
 
 
 # ---------------------------------------------------------------- calibration
@@ -171,6 +121,11 @@ def decode_tiles(height: int, width: int, tile) -> list[tuple[int, int]]:
     sh, sw = max(1, int(tlh * (1 - ov))), max(1, int(tlw * (1 - ov)))
     return [(min(tlh, lat_h - i) * 8, min(tlw, lat_w - j) * 8)
             for i in range(0, lat_h, sh) for j in range(0, lat_w, sw)]
+
+
+def _largest_tile(height: int, width: int, tile) -> tuple[int, int]:
+    """The largest (height, width) piece of :func:`decode_tiles`: what sets a tiled stage's peak."""
+    return max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
 
 
 # ---------------------------------------------------------------- the estimate
@@ -271,10 +226,10 @@ def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, s
     elif not active:
         return 0
     elif mode == "stream" and size.blocks > 1:
-        per_block = size.block_params * (weight_bytes(size, precision) - size.buffer_elems * _compute_bytes(precision)) \
+        per_block = size.block_params * (weight_bytes(size, precision) - size.buffer_elems * compute_bytes(precision)) \
             // max(size.params, 1)
         w = full - per_block * size.blocks + int(per_block * min(stream_blocks, size.blocks))
-        w += int((stream_buffer_mult - 1) * size.buffer_elems * _compute_bytes(precision))
+        w += int((stream_buffer_mult - 1) * size.buffer_elems * compute_bytes(precision))
     else:  # offload (and streaming of models without repeated blocks): whole model while in use
         w = full
     if active and precision_bytes(precision) == 1:
@@ -323,7 +278,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights = _stage_weights(sizes, precision, profile, keep_loaded, c, blocks)
     weights["denoise_step"] += int(lora_bytes)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
-                       video_bytes, weight_bytes, tiny, tiled=tile_t is not None)
+                       video_bytes, tiny, tiled=tile_t is not None)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
     step_frag = "reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag"
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]
@@ -360,7 +315,7 @@ def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, h
 
 def _text_encode_bytes(c: dict, t5cfg: dict, precision: dict) -> float:
     """T5 on 226 tokens, + relative-position attention scores in fp32."""
-    tb = _compute_bytes(precision["text_encoder"])
+    tb = compute_bytes(precision["text_encoder"])
     return (c["t5_act_units"] * MAX_TEXT_TOKENS * t5cfg["d_model"] * tb
             + 3 * MAX_TEXT_TOKENS * t5cfg["d_ff"] * tb
             + 2 * t5cfg["num_heads"] * MAX_TEXT_TOKENS ** 2 * 4)
@@ -370,14 +325,14 @@ def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width
     """The encoder's first level at full resolution (or its largest tile), 3 frames (causal padding)."""
     eh, ew = (height, width)
     if tile is not None:
-        eh, ew = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
-    return c["enc_act_mult"] * vcfg["block_out_channels"][0] * 3 * eh * ew * _compute_bytes(precision["vae"])
+        eh, ew = _largest_tile(height, width, tile)
+    return c["enc_act_mult"] * vcfg["block_out_channels"][0] * 3 * eh * ew * compute_bytes(precision["vae"])
 
 
 def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profile: Profile, frames: int,
                         height: int, width: int) -> float:
     """Live hidden states + the larger of the attention and feed-forward phases, + latents and RoPE."""
-    xb = _compute_bytes(precision["transformer"])
+    xb = compute_bytes(precision["transformer"])
     batch = 2 if profile.cfg_mode == "batched" else 1
     n = tokens(v, frames, height, width)
     dim = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
@@ -404,24 +359,24 @@ def _decoded_latent_frames(v: Variant, frames: int) -> int:
 
 def _video_bytes(v: Variant, frames: int, height: int, width: int, precision: dict) -> int:
     out_frames = 4 * (_decoded_latent_frames(v, frames) - 1) + 1
-    return 3 * out_frames * height * width * _compute_bytes(precision["vae"])
+    return 3 * out_frames * height * width * compute_bytes(precision["vae"])
 
 
 def _decode_out_bytes(v: Variant, frames: int, height: int, width: int, tile, precision: dict) -> int:
     """Bytes of the largest tile's decoded frames, the most vae.decode holds on the device at once
     (untiled: the whole video)."""
-    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
+    th, tw = _largest_tile(height, width, tile)
     return _video_bytes(v, frames, th, tw, precision)
 
 
 def _decode_bytes(c: dict, v: Variant, vcfg: dict, precision: dict, frames: int, height: int, width: int,
                   tile) -> float:
     """The largest tile's activations for one temporal chunk + its decoded frames + the latents."""
-    vb = _compute_bytes(precision["vae"])
+    vb = compute_bytes(precision["vae"])
     dec_lf = _decoded_latent_frames(v, frames)
     chunk_lat = 2 + dec_lf % 2 if dec_lf > 2 else dec_lf
     chunk_out = 4 * (chunk_lat - 1) + 1
-    th, tw = max(decode_tiles(height, width, tile), key=lambda t: t[0] * t[1])
+    th, tw = _largest_tile(height, width, tile)
     tile_act = c["dec_tile_mult"] * vcfg["block_out_channels"][0] * chunk_out * th * tw * vb
     tile_out = c["dec_accum_mult"] * _decode_out_bytes(v, frames, height, width, tile, precision)
     return tile_act + tile_out + dec_lf * 16 * (height // 8) * (width // 8) * vb

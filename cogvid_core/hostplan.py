@@ -13,6 +13,7 @@ from functools import lru_cache
 
 from .devmem import GiB, precision_bytes
 from .filestream import ALIGN
+from .sizes import weight_bytes
 from .stages import COMPONENT_OF_STAGE, STAGES
 
 # The process with CUDA initialised and the libraries' host state of a first GPU stage, no model
@@ -75,9 +76,9 @@ def decode_host_bytes(video_bytes: int, tiled: bool = True) -> int:
 
 
 def host_stages(sizes: dict, precision: dict, modes: dict, variant_key: str, keep_loaded: bool,
-                video_bytes: int, weight_bytes, tiny: bool = False, tiled: bool = True) -> dict[str, tuple[int, int]]:
-    """{stage: (owned bytes, file bytes)}. ``modes``: placement mode per component;
-    ``weight_bytes(size, precision)`` is the estimate's own (the file is assumed that size)."""
+                video_bytes: int, tiny: bool = False, tiled: bool = True) -> dict[str, tuple[int, int]]:
+    """{stage: (owned bytes, file bytes)}. ``modes``: placement mode per component; a file is assumed
+    the size of the weights at the run's precision (sizes.weight_bytes)."""
     vae_pinned = pinned_vae_bytes(variant_key, precision["vae"], tiny) if modes["vae"] == "offload" else 0
     vae_pageable = pageable_vae_bytes(variant_key, precision["vae"], tiny)
     out = {}
