@@ -27,8 +27,8 @@ per allocator; each cell records torch.cuda.get_allocator_backend().
 
 Tasks run in priority order (the fit grid first, held-out shapes after, the slowest extras last)
 and no task starts after --budget-s: a run cut short keeps what it measured and lists the rest as
-skipped. The JSON is rewritten after every cell. Run the grid on the tree whose filestream.py and
-placement.py users get: the env records their sha1 (streamed-block allocation changes the peaks).
+skipped. The JSON is rewritten after every cell. Run the grid on the tree whose filestream.py, fileread.py
+and placement.py users get: the env records their sha1 (streamed-block allocation changes the peaks).
 
 The H200 run (2 GPUs, one allocator each, the writer beside them; carry .whl = diffusers):
 
@@ -457,7 +457,8 @@ def _env(device, dtype, args, t0, writer) -> dict:
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 commit=commit or None, weights="file-backed transformer and T5, in-memory VAE",
                 # which streaming code measured: the cells hold only for this filestream/placement
-                sha1={p: _sha(ROOT / p) for p in ("cogvid_core/filestream.py", "cogvid_core/placement.py")},
+                sha1={p: _sha(ROOT / p) for p in ("cogvid_core/filestream.py", "cogvid_core/fileread.py",
+                                                 "cogvid_core/placement.py")},
                 tiny=bool(args.tiny), dtype=str(dtype).replace("torch.", ""), budget_s=args.budget_s,
                 part=args.part, writer=writer, seconds=round(time.perf_counter() - t0, 1))
 

@@ -102,19 +102,19 @@ def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image,
 
 def cold_cache(folder: Path) -> None:
     """Emulate a machine whose RAM cannot keep the checkpoint files: drop them from the page cache now
-    and drop every range filestream reads right after reading it, so each use reads from the disk."""
-    from cogvid_core import filestream
+    and drop every range filestream reads (fileread) right after reading it, so each use reads from the disk."""
+    from cogvid_core import fileread
 
     for f in folder.rglob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-    read = filestream._pread_into
+    read = fileread._pread_into
 
     def read_then_drop(fd, dst, offset, name):
         read(fd, dst, offset, name)
         os.posix_fadvise(fd, offset, dst.numel() * dst.element_size(), os.POSIX_FADV_DONTNEED)
-    filestream._pread_into = read_then_drop
+    fileread._pread_into = read_then_drop
 
 
 def child(recipe: str, args) -> dict:

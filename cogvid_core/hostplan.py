@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from .devmem import GiB, precision_bytes
-from .filestream import ALIGN
+from .fileread import ALIGN
 from .sizes import weight_bytes
 from .stages import COMPONENT_OF_STAGE, STAGES
 
@@ -51,7 +51,7 @@ def _vae_tensor_bytes(variant_key: str, precision: str, tiny: bool) -> tuple[int
 
 def pinned_vae_bytes(variant_key: str, precision: str, tiny: bool = False) -> int:
     """The VAE's pinned host copy in ``offload``: one page-locked buffer holding every tensor at a
-    filestream.ALIGN-byte alignment (placement.flat_copy)."""
+    fileread.ALIGN-byte alignment (placement.flat_copy)."""
     return sum(-(-n // ALIGN) * ALIGN for n in _vae_tensor_bytes(variant_key, precision, tiny))
 
 

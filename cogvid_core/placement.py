@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import filestream
+from .fileread import ALIGN, staging_buffer, unregister
 from .devmem import free_memory, module_bytes, module_tensors, trim_host_heap
 from .profiles import MODES
 
@@ -96,7 +97,7 @@ class Placed:
         hosts = [t.data if t.device.type == "cpu" else t.data.to(HOST) for t in tensors]
         if pin and self.device.type == "cuda":
             hosts, self._pinned = flat_copy(hosts, pin=True)
-            self._unpin = weakref.finalize(self, filestream.unregister, self._pinned)
+            self._unpin = weakref.finalize(self, unregister, self._pinned)
         for t, host in zip(tensors, hosts):
             t.data = host
             self._host[t] = host
@@ -224,14 +225,14 @@ def flat_copy(hosts: list[torch.Tensor], pin: bool) -> tuple[list[torch.Tensor],
     ``pin_memory()`` per tensor took 1.1 s for the 1.5 VAE's 0.4 GiB on the H200 (a new ComfyUI
     placement of the offloaded VAE: bench/comfyui_gpu_h200_c6.json, "weights_what") and torch's
     pinned allocator rounds every tensor up to a power of two (0.48 GiB). Returns the views and the
-    [(buffer, registered)] list to hand to ``filestream.unregister`` before the buffer is freed."""
+    [(buffer, registered)] list to hand to ``fileread.unregister`` before the buffer is freed."""
     todo = [i for i, h in enumerate(hosts) if not (pin and h.is_pinned())]
     offsets, total = [], 0
     for i in todo:
-        total = -(-total // filestream.ALIGN) * filestream.ALIGN
+        total = -(-total // ALIGN) * ALIGN
         offsets.append(total)
         total += hosts[i].numel() * hosts[i].element_size()
-    buf, registered = filestream.staging_buffer(total, pin)
+    buf, registered = staging_buffer(total, pin)
     out = list(hosts)
     for i, at in zip(todo, offsets):
         h = hosts[i]
