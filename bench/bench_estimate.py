@@ -456,6 +456,7 @@ def _env(device, dtype, args, t0, writer) -> dict:
                 torch=torch.__version__, diffusers=_version("diffusers"), transformers=_version("transformers"),
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 commit=commit or None, weights="file-backed transformer and T5, in-memory VAE",
+                command=" ".join([sys.executable, *sys.argv]),
                 # which streaming code measured: the cells hold only for this filestream/placement
                 sha1={p: _sha(ROOT / p) for p in ("cogvid_core/filestream.py", "cogvid_core/fileread.py",
                                                  "cogvid_core/placement.py")},

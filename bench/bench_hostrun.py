@@ -225,7 +225,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         env = dict(torch=torch.__version__, device=args.device,
-                   card=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu")
+                   card=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                   command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
         args.json.write_text(json.dumps(dict(env=env, frames=args.frames, height=args.height, width=args.width,
                                              steps=args.steps, results=results, table=out), indent=2, default=str))
     return 0

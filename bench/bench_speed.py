@@ -268,6 +268,7 @@ def table_line(r: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = run_all(args)
+    data["env"].update(command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     out = args.out or (Path(os.environ["OUT"]) / "speed.json" if os.environ.get("OUT")
                        else Path(__file__).with_name("speed_local.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
