@@ -11,6 +11,11 @@ a recipe's freed heap would otherwise count in the next one's peaks.
     python3 bench/bench_hostrun.py --dir /tmp/ck --write --steps 2 --json bench/hostrun_h200.json
     python3 bench/bench_hostrun.py --dir /tmp/ckt --write --tiny --device cpu     # CPU smoke run
     python3 bench/bench_hostrun.py --dir /tmp/ck --recipes ours-auto@6,ours-auto@6+cold   # RAM < model: from disk
+    python3 bench/bench_hostrun.py --dir /tmp/ck --recipes diffusers-resident,ours-auto@6~fp8+compile  # a speed option
+    python3 bench/bench_hostrun.py --dir /tmp/ck --variant 1.0 --write --recipes diffusers-resident,ours-auto@4
+
+``RECIPE~SPEED`` runs our RECIPE with the transformer's speed option SPEED (cogvid_core.fast); the s/step
+of the last step (compile warms up in the first).
 """
 from __future__ import annotations
 
@@ -89,14 +94,14 @@ def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -
 def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
     from cogvid_core import pipeline
 
-    name = recipe.removeprefix("ours-")
+    name, _, speed = recipe.removeprefix("ours-").partition("~")
     budget = float(name[5:]) if name.startswith("auto@") else None
     job = pipeline.Job(image=image, prompt=PROMPT, frames=args.frames, height=args.height, width=args.width,
                        steps=args.steps, cfg=args.cfg, seed=42)
     res = pipeline.generate(pipeline.Sources.from_model(str(folder)), job, precision="bf16", device=device,
                             profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
-                            progress=lambda done, total: mark())
-    return dict(profile=res.profile, settings=res.settings,
+                            progress=lambda done, total: mark(), speed=speed or "exact")
+    return dict(profile=res.profile, speed=speed or "exact", settings=res.settings,
                 host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
 
 
@@ -146,9 +151,9 @@ def child(recipe: str, args) -> dict:
                 host_peak_file_gib=max((r["host_peak_file_gib"] or 0) for r in rows), **extra)
 
 
-def write_checkpoints(root: Path, tiny: bool) -> Path:
-    key = M.V15.key
-    folder = root / M.VARIANTS[key].folder
+def write_checkpoints(root: Path, tiny: bool, v) -> Path:
+    key = v.key
+    folder = root / v.folder
     if not (folder / "model_index.json").exists():
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "cogvid_core", "make-checkpoints", str(root), "--variant", key, "--layouts", "hf"]
@@ -183,7 +188,8 @@ def table(results: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, required=True, help="checkpoint root (CogVideoX1.5-5B-I2V/ inside)")
-    ap.add_argument("--write", action="store_true", help="write random 1.5 checkpoints there first if missing")
+    ap.add_argument("--variant", choices=("1.5", "1.0"), default="1.5")
+    ap.add_argument("--write", action="store_true", help="write random checkpoints of the variant there first if missing")
     ap.add_argument("--tiny", action="store_true", help="tiny checkpoints and size (CPU smoke run)")
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--steps", type=int, default=2)
@@ -196,16 +202,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    v = M.V15
+    v = M.V15 if args.variant == "1.5" else M.V10
     d = M.default_size(v, M.transformer_config(v, tiny=True)) if args.tiny else \
         (v.default_frames, v.default_height, v.default_width)
     args.frames, args.height, args.width = args.frames or d[0], args.height or d[1], args.width or d[2]
     args.dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     if args.child:
-        args.dir_model = args.dir / M.V15.folder
+        args.dir_model = args.dir / v.folder
         print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
         return 0
-    folder = write_checkpoints(args.dir, args.tiny) if args.write else args.dir / M.V15.folder
+    folder = write_checkpoints(args.dir, args.tiny, v) if args.write else args.dir / v.folder
     log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from .devmem import GiB, device_free_bytes
-from .estimate import Estimate, estimate
+from .estimate import Estimate, estimate, tokens
+from .models import VARIANTS
 from .profiles import AUTO, PROFILES, Profile, TileSpec, get_profile, snap_tile
 from .stages import LABELS
 
@@ -23,11 +24,20 @@ log = logging.getLogger(__name__)
 # smaller tiles than lowvram's, multiples of 40 px: with overlap 0.2 they split into whole latent steps
 SMALLER_TILES = ((200, 320), (160, 240), (120, 160), (80, 120))
 SMALLER_CHUNKS = (4096, 2048, 1024)
+# From this many tokens a branch computes long enough to hide a second pass of streamed weights, so
+# batched CFG only doubles the activations. H200, 1.5 at 81x768x1360 (45,106 tokens): lowvram with
+# one branch at a time 7.75 s/step, batched 7.90 (ComfyUI) and 7.94 (CLI), denoise reserved 3.3 vs
+# 5.7 GiB (bench/hostrun_h200_c5.json, comfyui_gpu_h200_c6.json, estimate_h200_async.json). At
+# 17,550 tokens (1.0 at 49x480x720) batched is the faster one. Slower GPUs compute longer per block,
+# which hides the weight pass better still.
+SEQUENTIAL_FIRST_TOKENS = 32768
 
 
-def candidates(base_profiles: dict[str, Profile] | None = None) -> list[Profile]:
+def candidates(base_profiles: dict[str, Profile] | None = None, tokens: int | None = None) -> list[Profile]:
     """Profiles from fastest to slowest: resident, balanced, lowvram, then lowvram with smaller
-    feed-forward chunks and VAE tiles (the slowest last)."""
+    feed-forward chunks and VAE tiles (the slowest last). ``tokens`` (the run's sequence length): at
+    :data:`SEQUENTIAL_FIRST_TOKENS` or more, streamed profiles run CFG one branch at a time only
+    (batched would be as fast and hold twice the activations)."""
     profiles = base_profiles if base_profiles is not None else PROFILES
     out = [profiles[k] for k in ("resident", "balanced") if k in profiles]
     low = profiles.get("lowvram")
@@ -35,9 +45,11 @@ def candidates(base_profiles: dict[str, Profile] | None = None) -> list[Profile]
         return out
     lows = [low, *_lowvram_variants(low)]
     # Streamed weights cross PCIe once per transformer call: a batched CFG step moves them once, one
-    # branch at a time twice (1.43x s/step at 1.0 on an H100), so each batched variant comes first.
+    # branch at a time twice (1.43x s/step at 1.0 on an H100), so each batched variant comes first,
+    # unless the sequence is long enough to hide the second pass.
+    batched_first = tokens is None or tokens < SEQUENTIAL_FIRST_TOKENS
     for prof in lows:
-        if prof.cfg_mode == "sequential" and prof.transformer == "stream":
+        if batched_first and prof.cfg_mode == "sequential" and prof.transformer == "stream":
             out.append(_derive(prof, cfg_mode="batched"))
         out.append(prof)
     return out
@@ -100,7 +112,8 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
 
     Raises ValueError saying what the smallest option needs when none fits."""
     last = None
-    for prof in (one_branch if cfg_pair else list)(candidates(profiles)):
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    for prof in (one_branch if cfg_pair else list)(candidates(profiles, tokens(v, frames, height, width))):
         est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
                        calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
                        lora_bytes=lora_bytes)

@@ -114,6 +114,21 @@ def test_candidates_fastest_first():
         assert tile_is_exact(c.vae_tile.height, c.vae_tile.overlap) and tile_is_exact(c.vae_tile.width, c.vae_tile.overlap)
 
 
+def test_long_sequences_stream_one_cfg_branch_at_a_time():
+    long_names = [c.name for c in PL.candidates(tokens=PL.SEQUENTIAL_FIRST_TOKENS)]
+    assert long_names[:3] == ["resident", "balanced", "lowvram"]
+    assert not any(n.endswith("cfg-batched") for n in long_names)
+    assert "lowvram+cfg-batched" in [c.name for c in PL.candidates(tokens=PL.SEQUENTIAL_FIRST_TOKENS - 1)]
+    # the 12 GB workflow's plan (1.5 at 81x768x1360, 45,106 tokens, budget 11 GiB) and the 1.0 default
+    # (17,550 tokens), each with room for batched CFG's larger step
+    prof, _ = PL.plan(V15, 81, 768, 1360, 11 * GiB)
+    assert prof.transformer == "stream" and prof.cfg_mode == "sequential"
+    batched = est(V10, 49, 480, 720, profile=PL.candidates()[2])
+    assert batched.profile.cfg_mode == "batched"
+    prof, _ = PL.plan(V10, 49, 480, 720, batched.needed_bytes)
+    assert prof.name == "lowvram+cfg-batched"
+
+
 def test_plan_raises_with_actionable_message():
     with pytest.raises(ValueError) as info:
         PL.plan(V15, 81, 768, 1360, 512 * 1024 ** 2)
