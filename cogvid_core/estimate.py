@@ -26,7 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import cards
+from . import cards, fast
 from .cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from .devmem import precision_bytes
 from .filestream import PREFETCH_DEPTH
@@ -65,6 +65,15 @@ DEFAULT_CONSTANTS = {
                                    # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
 }
+
+# What a speed option (cogvid_core.fast) adds to the denoise step, in hidden-state units (batch x tokens
+# x dim x bytes), from H200 runs of 1.5 at 81x768x1360. FP8 attention keeps float8 q, k, v, K less its
+# mean and the output's layout copy: +0.63 GiB allocated over exact in lowvram, one branch of 45,106
+# tokens (bench/hostrun_h200_s6.json), 2.4 units. float8 matmuls without compile keep the feed-forward's
+# 12288-wide intermediate in several forms: +10.97 GiB resident, batched, unchunked (bench/speed_h200.json),
+# 21 units of the phase's rows. compile, cudnn, sage and fp8+compile peaked at or below exact.
+SPEED_ATTN_UNITS = {"fa3fp8": 2.4}
+FP8_EAGER_FF_UNITS = 21.0
 
 
 # ---------------------------------------------------------------- calibration
@@ -241,7 +250,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
              lora_bytes: int = 0, allocator: str | None = None, card: str | None = None,
-             file_backed: bool = True) -> Estimate:
+             file_backed: bool = True, speed: str = "exact") -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -257,6 +266,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     then holds the running block plus filestream.PREFETCH_DEPTH read-ahead blocks (structure, not a
     fit); False: loaded into memory and streamed by diffusers' group offloading (the calibration's
     fitted ``stream_blocks``, e.g. the H100 grid's in-memory models).
+    speed: the transformer's speed option (fast.CHOICES): what it adds to the denoise step.
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
@@ -271,7 +281,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
             "image_encode": _image_encode_bytes(c, vcfg, precision, height, width,
                                                 tile_t if profile.encode_tiled else None),
             "denoise_step": _denoise_step_bytes(c, v, transformer_config(v, tiny), precision, profile,
-                                                frames, height, width),
+                                                frames, height, width, fast.parse(speed)),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
     sizes = component_sizes(v.key, tiny)
     blocks = 1 + PREFETCH_DEPTH if file_backed else float(c["stream_blocks"])
@@ -330,7 +340,7 @@ def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width
 
 
 def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profile: Profile, frames: int,
-                        height: int, width: int) -> float:
+                        height: int, width: int, speed: fast.Speed = fast.Speed()) -> float:
     """Live hidden states + the larger of the attention and feed-forward phases, + latents and RoPE."""
     xb = compute_bytes(precision["transformer"])
     batch = 2 if profile.cfg_mode == "batched" else 1
@@ -340,10 +350,12 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
     ff_chunk = profile.ff_chunk or None
     chunk = min(int(ff_chunk), n) if ff_chunk else n
     attn_units = c["step_attn_units_lowmem"] if profile.low_mem_attention else c["step_attn_units"]
+    attn_units += SPEED_ATTN_UNITS.get(speed.attention, 0.0)
+    fp8_eager = FP8_EAGER_FF_UNITS if speed.fp8 and not speed.compile else 0.0
     if chunk < n:   # chunk intermediates + the full output the chunks are written into
-        ff_bytes = c["step_ff_units_chunked"] * batch * chunk * dim * xb + c["step_ff_chunk_live_units"] * unit
+        ff_bytes = (c["step_ff_units_chunked"] + fp8_eager) * batch * chunk * dim * xb + c["step_ff_chunk_live_units"] * unit
     else:
-        ff_bytes = c["step_ff_units"] * unit
+        ff_bytes = (c["step_ff_units"] + fp8_eager) * unit
     step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
     lf = latent_frames(v, frames)[0]
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler

@@ -10,6 +10,8 @@ A speed is a name (the public contract, shown in the loader's combo and the CLI'
 * ``fp8``      the blocks' attention and feed-forward Linear layers in float8 e4m3 (torchao dynamic
                quantization, per-row scales of activations and weights). Quantized; needs compute
                capability >= 8.9 (Ada, Hopper).
+* ``fa3fp8``   attention in FP8 through FlashAttention-3 (Hopper only; PyPI ``tokenspeed-fa3``): q, k, v in
+               float8 with one scale per batch row and head. Quantized.
 
 Parts combine with ``+`` (``fp8+compile``, ``sage+compile``...). A part that cannot run here (no CUDA,
 an older card, a package missing) is dropped with a message saying what to do; the rest runs.
@@ -41,8 +43,9 @@ log = logging.getLogger(__name__)
 
 EXACT = "exact"
 # what the loader offers, cheapest in quality first (any "+" combination of known parts parses)
+# (new names go at the end: saved workflows hold the combo's value)
 CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
-           "fp8+sage+compile")
+           "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile")
 FP8_MIN_CC = (8, 9)
 _FP8_LINEARS = ("attn1.", "ff.")   # the token-sized matmuls of a block (norm Linears see one row per video)
 

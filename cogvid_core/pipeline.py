@@ -139,7 +139,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
              cache_dir=None, devices=None, speed: str = fast.EXACT) -> Result:
     """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
     cards); it replaces ``device``."""
-    run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices)
+    run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices, speed)
     run.speed = _check_speed(speed, run)
     run.recorder, run.interrupt = recorder, interrupt
     image = _open_image(job.image)
@@ -166,8 +166,9 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
 
 
 def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir,
-             devices=None) -> _Run:
-    """Everything decided before a model loads: device, dtypes, variant, video shape, profile."""
+             devices=None, speed: str = fast.EXACT) -> _Run:
+    """Everything decided before a model loads: device, dtypes, variant, video shape, profile (``auto``
+    counts the speed option's memory)."""
     if isinstance(devices, str):
         devices = multigpu.parse_devices(devices)
     device = devices.primary if devices is not None else pick_device(device)
@@ -183,7 +184,7 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
                                    budget_gib=vram_budget_gib, precision={"transformer": precision},
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
-                                   cfg_pair=devices is not None and devices.second is not None)
+                                   cfg_pair=devices is not None and devices.second is not None, speed=speed)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices)
 

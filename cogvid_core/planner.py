@@ -106,7 +106,8 @@ def _derive(profile: Profile, **changes) -> Profile:
 
 def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
          profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
-         keep_loaded: bool = False, lora_bytes: int = 0, cfg_pair: bool = False) -> tuple[Profile, Estimate]:
+         keep_loaded: bool = False, lora_bytes: int = 0, cfg_pair: bool = False,
+         speed: str = "exact") -> tuple[Profile, Estimate]:
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes (``cfg_pair``:
     the per-GPU budget of a CFG pair, among :func:`one_branch` candidates).
 
@@ -116,7 +117,7 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
     for prof in (one_branch if cfg_pair else list)(candidates(profiles, tokens(v, frames, height, width))):
         est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
                        calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
-                       lora_bytes=lora_bytes)
+                       lora_bytes=lora_bytes, speed=speed)
         if est.fits:
             return prof, est
         last = est
@@ -128,16 +129,16 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
 
 
 def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None,
-                  lora_bytes: int = 0) -> Estimate:
+                  lora_bytes: int = 0, speed: str = "exact") -> Estimate:
     """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
     nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change)."""
     if budget_bytes is None:
-        return estimate(variant, frames, height, width, "balanced", lora_bytes=lora_bytes)
+        return estimate(variant, frames, height, width, "balanced", lora_bytes=lora_bytes, speed=speed)
     try:
-        return plan(variant, frames, height, width, budget_bytes, lora_bytes=lora_bytes)[1]
+        return plan(variant, frames, height, width, budget_bytes, lora_bytes=lora_bytes, speed=speed)[1]
     except ValueError:
         return estimate(variant, frames, height, width, candidates()[-1], budget_bytes=budget_bytes,
-                        lora_bytes=lora_bytes)
+                        lora_bytes=lora_bytes, speed=speed)
 
 
 def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
@@ -151,7 +152,7 @@ def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
 def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     device=None, budget_gib: float | None = None, precision: dict | None = None,
-                    lora_bytes: int = 0, devices=(), cfg_pair: bool = False) -> Profile:
+                    lora_bytes: int = 0, devices=(), cfg_pair: bool = False, speed: str = "exact") -> Profile:
     """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
 
     ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
@@ -159,7 +160,8 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     memory (:func:`gpu_budget`). On a CPU device ``auto`` is ``resident``. ``lora_bytes``: the
     LoRAs' device bytes, counted with the transformer's weights. ``devices``: every GPU the run uses
     (components on different cards, a CFG pair): the free-memory budget is the smallest one's;
-    ``cfg_pair``: each GPU runs one CFG branch (:func:`plan`).
+    ``cfg_pair``: each GPU runs one CFG branch (:func:`plan`); ``speed``: the transformer's speed option
+    (its memory counts in the estimate).
     """
     if not (isinstance(name, str) and name == AUTO):
         return get_profile(name)
@@ -178,7 +180,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     if variant is None or frames is None or height is None or width is None:
         raise ValueError("profile 'auto' needs the variant, frames, height and width to pick from a budget")
     prof, est = plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes,
-                     cfg_pair=cfg_pair)
+                     cfg_pair=cfg_pair, speed=speed)
     if prof.vae_tile is not None:        # derived candidates may carry inexact tiles
         prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
     log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,

@@ -190,7 +190,8 @@ def _profile_for(transformer: Component, plan, frames, height, width, fallback: 
         profile = fallback
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
-                                  frames=frames, height=height, width=width, lora_bytes=transformer.lora_bytes())
+                                  frames=frames, height=height, width=width, lora_bytes=transformer.lora_bytes(),
+                                  speed=transformer.speed)
     return get_profile(profile)
 
 

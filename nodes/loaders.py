@@ -18,11 +18,13 @@ _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one p
 _SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. cudnn: cuDNN attention kernel and "
               "compile: torch.compile of the blocks (first step slower) are exact-class: the same math in another "
               "rounding order, differences as small as between two exact attention kernels. sage: 8-bit attention "
-              "(sageattention package) and fp8: float8 matmuls (torchao package, RTX 40xx / L4 / H100 and newer) "
-              "change the video slightly (measured error in the README). '+' combines them. A part this machine "
-              "cannot run is skipped with a message and the exact path runs instead. Measured on an H200 (1.5, "
-              "81x768x1360): compile 0.87x the exact step time (first step +13 s), fp8+compile 0.82x with the "
-              "error of torchao's own float8 recipe; sage is no faster there.")
+              "(sageattention package), fp8: float8 matmuls (torchao package, RTX 40xx / L4 / H100 and newer) and "
+              "fa3fp8: FP8 attention (FlashAttention-3, package tokenspeed-fa3, H100 / H200 only) change the video "
+              "slightly (measured error in the README). '+' combines them. A part this machine cannot run is "
+              "skipped with a message and the exact path runs instead. Measured on an H200 (1.5, 81x768x1360, "
+              "x the exact step time): compile 0.88x (first step +4 to +13 s), fp8+compile 0.84x, fa3fp8+compile 0.65x "
+              "(error below torchao's own float8 recipe), fp8+fa3fp8+compile 0.60x (error as torchao's recipe); "
+              "with the lowvram placement too. sage is no faster there; fp8 alone is slower and needs ~11 GiB more.")
 
 
 def placement_modes() -> list[str]:

@@ -53,7 +53,7 @@ class CogVidSampler(io.ComfyNode):
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
             fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device),
-                                             lora_bytes=transformer.lora_bytes()).profile
+                                             lora_bytes=transformer.lora_bytes(), speed=transformer.speed).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
