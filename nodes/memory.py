@@ -110,7 +110,13 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
         # the handle, while our weights move only through the placement.
         super().detach(unpatch_all=False)
         if unpatch_all:
-            self.component.release()
+            # Core unloads to free VRAM. A model holding none (offloaded or streamed, between uses) keeps
+            # its host state, as a core model's weights stay in RAM after an unload: on an 8 GB card core
+            # evicted the idle offloaded VAE every queue and its re-pinning took 0.9-1.1 s
+            # (bench/comfyui_gpu_h200_c7.json). That state goes with the value (POST /free with
+            # free_memory drops it; so does a new loader output).
+            if self.loaded_size():
+                self.component.release()
             self.model.device = self.offload_device
         return self.model
 

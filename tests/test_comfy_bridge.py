@@ -182,6 +182,27 @@ def scenario_other_model(nodes, mm):
     assert w.releases["transformer"] == 2 and not ours(mm)
 
 
+def scenario_idle_unload(nodes, mm):
+    """Core unloading a model that holds nothing on its GPU (offloaded or streamed, between uses) frees
+    no VRAM by it: the host state stays (no new placement on the next use), core's entry goes."""
+    w = Workflow(nodes)
+    w.prepare()
+    placed = w.placements()
+    for comp in (w.t5, w.vae):
+        # what loaded_size() answers on a GPU between uses (under --cpu a placed model counts its size)
+        comp.patcher.loaded_size = lambda: 0
+    mm.unload_all_models()
+    assert w.releases == {"transformer": 0, "t5": 0, "vae": 0} and not ours(mm)
+    assert w.placements()[1:] == placed[1:] and all(p is not None for p in placed[1:])
+    for comp in (w.t5, w.vae):
+        del comp.patcher.loaded_size
+    mm.unload_all_models()                                               # holding weights: released
+    assert w.releases == {"transformer": 0, "t5": 0, "vae": 0}            # not listed any more: untouched
+    w.prepare(prompt="another prompt")
+    mm.unload_all_models()
+    assert w.releases["t5"] == 1 and w.releases["vae"] == 1 and w.placements()[1:] == [None, None]
+
+
 def scenario_clone(nodes, mm):
     """`clone()` is a real clone (core's signature of 2026 too), loading it replaces the original."""
     w = Workflow(nodes)
@@ -221,7 +242,7 @@ def _core_clone_takes_kwargs(p):
 
 
 SCENARIOS = {f.__name__: f for f in (scenario_requeue, scenario_free, scenario_lowvram, scenario_other_model,
-                                     scenario_clone, scenario_file_backed)}
+                                     scenario_idle_unload, scenario_clone, scenario_file_backed)}
 
 
 # ------------------------------------------------------------------ against the stub (always; `comfy`: test_nodes.py's)
