@@ -650,6 +650,7 @@ def fit(cells, start: dict | None = None) -> dict:
             _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss)
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])
     c["reserved_margin"] = _margin(cells, c)
+    c["reserved_margin_stages"] = _stage_margins(cells, c)
     return c
 
 
@@ -684,6 +685,18 @@ def _margin(cells, constants) -> float:
     if not under:
         under = [x["reserved"] / predict(x, constants).peak_reserved - 1 for x in cells]
     return round(max(max(under, default=0.0), 0.0) + 0.02, 3)
+
+
+def _stage_margins(cells, constants) -> dict:
+    """Per stage: the largest relative under-estimate of its measured reserved peaks, + 2%. A stage the
+    model predicts well (the decode) then does not carry the margin another one needs (the streamed
+    one-branch step of 1.0 at 33 frames, -32%): a verdict compares each stage with its own. The step's
+    margin is per CFG mode: batched and one-branch steps allocate differently."""
+    under: dict = {}
+    for x in cells:
+        key = x["stage"] + (f":{profile_of(x).cfg_mode}" if x["stage"] == "denoise_step" else "")
+        under.setdefault(key, []).append(x["reserved"] / predict(x, constants).peak_reserved - 1)
+    return {key: round(max(max(u), 0.0) + 0.02, 3) for key, u in sorted(under.items())}
 
 
 def covered(cells) -> dict:

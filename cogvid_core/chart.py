@@ -47,8 +47,8 @@ def report_text(est, host_available: int | None = None) -> str:
                      f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}{g(s.host_bytes):>7}{g(s.host_file_bytes):>7}")
     lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(est.peak_allocated):>8}{g(est.peak_reserved):>10}"
                  f"  ({LABELS[est.peak_stage]})")
-    lines.append(f"needed: peak reserved + {est.margin * 100:.0f}% calibration margin = "
-                 f"{est.needed_bytes / GiB:.2f} GiB")
+    lines.append(f"needed: {LABELS[est.needed_stage]} reserved + {est.stage_margin(est.needed_stage) * 100:.0f}% "
+                 f"calibration margin = {est.needed_bytes / GiB:.2f} GiB")
     if est.budget_bytes is None:
         lines.append("budget: unknown (no CUDA device): no verdict")
     elif est.fits:

@@ -64,6 +64,7 @@ DEFAULT_CONSTANTS = {
     "stream_blocks": 2,            # blocks of a streamed model held on the GPU at once (fitted: the
                                    # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
+    "reserved_margin_stages": {},  # the same per stage, the step's per CFG mode ("denoise_step:batched"), when fitted
 }
 
 # What a speed option (cogvid_core.fast) adds to the denoise step, in hidden-state units (batch x tokens
@@ -172,11 +173,23 @@ class Estimate:
     margin: float = 0.0
     allocator: str = "native"
     calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
+    stage_margins: dict = field(default_factory=dict)  # {stage or "stage:cfg mode": margin} where calibrated
+
+    def stage_margin(self, name: str) -> float:
+        m = self.stage_margins
+        return float(m.get(f"{name}:{self.cfg_mode}", m.get(name, self.margin)))
+
+    @property
+    def needed_stage(self) -> str:
+        """The stage whose reserved peak plus its own margin is largest (what a budget must hold)."""
+        return max(self.stages, key=lambda s: s.peak_reserved * (1 + self.stage_margin(s.name))).name
 
     @property
     def needed_bytes(self) -> int:
-        """What the verdict compares with the budget: peak reserved plus the calibrated margin."""
-        return int(self.peak_reserved * (1 + self.margin))
+        """What the verdict compares with the budget: each stage's peak reserved plus its calibrated
+        margin (a stage the model predicts worse gets a wider one), the largest."""
+        s = self.stage(self.needed_stage)
+        return int(s.peak_reserved * (1 + self.stage_margin(s.name)))
 
     @property
     def peak_allocated(self) -> int:
@@ -296,7 +309,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
-                    keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"])
+                    keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"],
+                    {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()})
 
 
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict,

@@ -194,6 +194,7 @@ def scenario_idle_unload(nodes, mm):
     mm.unload_all_models()
     assert w.releases == {"transformer": 0, "t5": 0, "vae": 0} and not ours(mm)
     assert w.placements()[1:] == placed[1:] and all(p is not None for p in placed[1:])
+    kept = [weakref.ref(w.t5.module), weakref.ref(w.vae.module)]
     for comp in (w.t5, w.vae):
         del comp.patcher.loaded_size
     mm.unload_all_models()                                               # holding weights: released
@@ -201,6 +202,14 @@ def scenario_idle_unload(nodes, mm):
     w.prepare(prompt="another prompt")
     mm.unload_all_models()
     assert w.releases["t5"] == 1 and w.releases["vae"] == 1 and w.placements()[1:] == [None, None]
+    # POST /free with free_memory drops the node outputs: the kept host state goes with the values
+    for comp in (w.t5, w.vae):
+        comp.patcher.loaded_size = lambda: 0
+    w.prepare(prompt="a third prompt")
+    mm.unload_all_models()
+    del w, comp, placed
+    gc.collect()
+    assert [r() for r in kept] == [None, None]
 
 
 def scenario_clone(nodes, mm):

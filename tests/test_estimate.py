@@ -348,3 +348,14 @@ def test_speed_options_memory_replays_the_h200_runs():
     # what a plan compares: a lean decode tile leaves the denoise step the peak, which the option raises
     lean = PL.candidates()[-1]
     assert est(profile=lean, speed="fa3fp8").needed_bytes > est(profile=lean).needed_bytes
+
+
+def test_each_stage_is_held_to_its_own_margin():
+    cal = {**E.DEFAULT_CONSTANTS, "reserved_margin": 0.5,
+           "reserved_margin_stages": {"decode": 0.0, "denoise_step:batched": 0.1}}
+    for prof, step_margin in ((PL.candidates()[2], 0.1), (PROFILES["lowvram"], 0.5)):   # batched, one branch
+        e = est(profile=prof, calibration_path=cal)
+        assert e.stage_margin("decode") == 0.0 and e.stage_margin("denoise_step") == step_margin
+        assert e.stage_margin("text_encode") == 0.5                      # not calibrated alone: the overall one
+        want = max(int(s.peak_reserved * (1 + e.stage_margin(s.name))) for s in e.stages)
+        assert e.needed_bytes == want and e.stage(e.needed_stage).peak_reserved * (1 + e.stage_margin(e.needed_stage)) >= want

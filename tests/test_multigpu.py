@@ -209,10 +209,12 @@ def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
     assert cands and all(p.cfg_mode == "sequential" for p in cands)
     assert len({p.name for p in cands}) == len(cands) and "lowvram" in {p.name for p in cands}
     v = M.VARIANTS[KEY]
-    budget = int(estimate(v, 81, 768, 1360, "resident").needed_bytes * 0.98)   # batched resident: just too big
-    one, _ = planner.plan(v, 81, 768, 1360, budget)
+    seq = next(p for p in cands if p.name == "resident+cfg-sequential")
+    budget = estimate(v, 81, 768, 1360, seq).needed_bytes                     # one branch, resident: just fits
     pair, est = planner.plan(v, 81, 768, 1360, budget, cfg_pair=True)
-    assert one.name != "resident" and pair.name == "resident+cfg-sequential" and est.fits
+    assert pair.name == "resident+cfg-sequential" and est.fits
+    pair, _ = planner.plan(v, 81, 768, 1360, budget - 1, cfg_pair=True)
+    assert pair.cfg_mode == "sequential" and pair.name != "resident+cfg-sequential"
     assert planner.resolve_profile("auto", budget_bytes=budget, variant=v, frames=81, height=768, width=1360,
                                    cfg_pair=True).cfg_mode == "sequential"
 
