@@ -283,7 +283,8 @@ def post_free(queue, free_memory: bool) -> None:
 
 
 def gpu_state(sampler: MemSampler) -> dict:
-    """GPU and pinned host memory now (torch's caching host allocator), host RSS."""
+    """GPU and pinned host memory now (torch's caching host allocator, and what the pack page-locked with
+    cudaHostRegister: staging buffers, offload copies), host RSS."""
     import torch
     out = {"host": proc_status()}
     out["nvml"], out["nvml_source"] = nvml_gpu(sampler.sample())
@@ -297,6 +298,10 @@ def gpu_state(sampler: MemSampler) -> dict:
             out["pinned_active"] = st.get("active_bytes.current")
         except (RuntimeError, AttributeError) as e:
             out["pinned_error"] = f"{type(e).__name__}: {e}"
+    from cogvid_core.fileread import registered_bytes
+    out["pinned_registered"] = registered_bytes()
+    if "pinned_held" in out:
+        out["pinned_held"] += out["pinned_registered"]
     return out
 
 

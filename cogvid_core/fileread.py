@@ -5,6 +5,7 @@ conversion on the caller's stream. Which groups are read when, and where they li
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,19 @@ from .models import CheckpointError
 
 ALIGN = 64
 _PIECE = 32 * 2 ** 20      # bytes per pread: a block is read by several threads at once
+# page-locked through cudaHostRegister and not yet unregistered: torch's host_memory_stats() does not see
+# these (staging buffers, placement.flat_copy's offload copies), so the benches read this
+_registered = {"bytes": 0, "lock": threading.Lock()}
+
+
+def registered_bytes() -> int:
+    """Host bytes this process has page-locked with :func:`staging_buffer` and not unregistered."""
+    return _registered["bytes"]
+
+
+def _count_registered(nbytes: int) -> None:
+    with _registered["lock"]:
+        _registered["bytes"] += nbytes
 
 
 class Layout:
@@ -71,6 +85,7 @@ def staging_buffer(nbytes: int, pin: bool) -> tuple[torch.Tensor, bool]:
         rc = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), buf.numel(), 0)
         if int(getattr(rc, "value", rc)) != 0:
             return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True), False
+        _count_registered(buf.numel())
         return buf, True
     return buf, False
 
@@ -81,6 +96,7 @@ def unregister(bufs: list) -> None:
     for buf, registered in bufs:
         if registered:
             torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+            _count_registered(-buf.numel())
     bufs.clear()
 
 

@@ -295,3 +295,29 @@ def test_flat_copy_packs_every_tensor_into_one_buffer():
         if v.numel():
             assert v.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
             assert (v.data_ptr() - buf.data_ptr()) % 64 == 0
+
+
+def test_registered_host_bytes_are_counted_until_unregistered(monkeypatch):
+    """What the benches report as page-locked beside torch's pinned allocator: every cudaHostRegister of a
+    staging buffer or offload copy counts until its unregister (the CUDA calls replaced: no GPU here)."""
+    from cogvid_core import fileread
+
+    calls = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Runtime())
+    start = fileread.registered_bytes()
+    hosts = [torch.randn(10, 3), torch.arange(7, dtype=torch.int64)]
+    views, bufs = P.flat_copy(hosts, pin=True)
+    size = bufs[0][0].numel()
+    assert bufs[0][1] is True and size >= sum(h.numel() * h.element_size() for h in hosts)
+    assert fileread.registered_bytes() == start + size and calls == [("register", size)]
+    fileread.unregister(bufs)
+    assert fileread.registered_bytes() == start and [c[0] for c in calls] == ["register", "unregister"] and not bufs
