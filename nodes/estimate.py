@@ -8,6 +8,11 @@ from . import common as C
 AUTO = "auto"
 
 
+def _speeds() -> list[str]:
+    from cogvid_core.fast import CHOICES
+    return list(CHOICES)
+
+
 def profile_names() -> list[str]:
     from cogvid_core import profiles
     return [AUTO, *profiles.PROFILES]
@@ -38,13 +43,17 @@ class CogVidVRAMEstimate(io.ComfyNode):
                 io.Float.Input("lora_mib", default=0.0, min=0.0, max=65536.0, step=1.0, optional=True,
                                tooltip="GPU memory the LoRAs take while sampling, in MiB (about the sum of "
                                        "their .safetensors sizes at bf16; 0 = no LoRA)"),
+                io.Combo.Input("speed", options=_speeds(), default="exact", optional=True,
+                               tooltip="The Transformer Loader's speed option: FP8 attention (fa3fp8) and fp8 "
+                                       "without compile hold more memory while sampling; the others no more "
+                                       "than exact"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      C.PLAN.Output(display_name="plan")],
         )
 
     @classmethod
-    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0) -> io.NodeOutput:
+    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact") -> io.NodeOutput:
         import torch
         from cogvid_core import estimate as E
         from cogvid_core import planner
@@ -57,9 +66,10 @@ class CogVidVRAMEstimate(io.ComfyNode):
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         lora_bytes = int(lora_mib * 1024 ** 2)
         if profile == AUTO:
-            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes)
+            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed)
         else:
-            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes)
+            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes,
+                             speed=speed)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)
 

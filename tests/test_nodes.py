@@ -226,6 +226,16 @@ def test_estimate_without_budget_on_cpu(comfy):
     assert "DOES NOT FIT" in report
 
 
+def test_estimate_counts_the_speed_option(comfy):
+    """FP8 attention holds float8 copies of q, k, v while sampling: the node's step estimate grows."""
+    nodes, _ = comfy
+    kw = dict(variant="CogVideoX1.5-5B-I2V", frames=81, width=1360, height=768, profile="lowvram", budget_gib=8.0)
+    plain = run(nodes["CogVidVRAMEstimate"], **kw).args[2]
+    fa3 = run(nodes["CogVidVRAMEstimate"], speed="fa3fp8", **kw).args[2]
+    grown = fa3.stage("denoise_step").peak_allocated - plain.stage("denoise_step").peak_allocated
+    assert 0.5 * 2 ** 30 < grown < 0.8 * 2 ** 30
+
+
 # ------------------------------------------------------------------ real ComfyUI (optional)
 REAL_SCRIPT = textwrap.dedent(r"""
     import asyncio, json, os, sys
