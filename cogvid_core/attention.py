@@ -127,6 +127,11 @@ def _fa3_fp8(q, k, v, scale):
 def _fa3_reason(device) -> str | None:
     if importlib.util.find_spec("flash_attn_interface") is None:
         return "FlashAttention-3 is not installed (pip install tokenspeed-fa3)"
+    try:   # a wheel built for another torch fails here (its compiled extension), not in the middle of a run
+        import flash_attn_interface  # noqa: F401
+    except (ImportError, OSError) as e:
+        return (f"FlashAttention-3 does not load ({type(e).__name__}: {e}); install the tokenspeed-fa3 build "
+                f"for torch {torch.__version__}")
     why = cuda_reason(device)
     if why is None and torch.cuda.get_device_capability(torch.device(device)) != (9, 0):
         why = "its FP8 kernels are for Hopper GPUs (H100, H200: compute capability 9.0)"

@@ -71,3 +71,14 @@ def test_fa3_fp8_is_refused_with_a_reason():
     assert why and ("tokenspeed-fa3" in why or "CUDA" in why)
     speed = fast.resolve("fa3fp8", "cpu")
     assert speed.attention == "sdpa" and "fa3fp8" in speed.notes[0]
+
+
+def test_fa3_that_does_not_load_is_refused_before_the_run(monkeypatch):
+    """An installed FlashAttention-3 whose extension does not load (built for another torch) is dropped with
+    the error, when the speed is resolved, not at the first attention call of a run."""
+    import importlib.util
+    import sys
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn_interface" else None)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)      # import raises ImportError
+    why = A._fa3_reason("cpu")
+    assert "does not load" in why and torch.__version__ in why
