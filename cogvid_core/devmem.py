@@ -39,13 +39,15 @@ def module_bytes(module: torch.nn.Module, device: torch.device | None = None) ->
                if device is None or t.device.type == device.type)
 
 
-def free_memory(device=None, host_cache: bool = False, workspaces: bool = False) -> None:
+def free_memory(device=None, host_cache: bool = False, workspaces: bool = False, collect: bool = True) -> None:
     """Return cached device blocks to the driver; with ``host_cache`` also the pinned host blocks
     torch keeps after pinned tensors die (offloaded/streamed weights of a model no longer loaded):
     without it those stay in this process's RSS, GBs per model, until the process exits. With
     ``workspaces`` also cuBLAS's per-stream workspaces (33 MiB allocated after ComfyUI's "Free model
-    and node cache" on the H200; the next matrix product makes a new one)."""
-    gc.collect()
+    and node cache" on the H200; the next matrix product makes a new one). ``collect=False``: no garbage
+    collection first (nothing of the caller's died; a collection inside ComfyUI's free_memory loop costs time)."""
+    if collect:
+        gc.collect()
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
         clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)   # torch has no public call for it
         if workspaces and clear is not None and torch.cuda.is_initialized():

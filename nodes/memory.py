@@ -121,7 +121,7 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
                 # what a release also gives back: cuBLAS's per-stream workspaces and the cached blocks
                 # (0.83 GiB on the GPU after "Free model and node cache" without this, 0.74 with a release)
                 from cogvid_core.devmem import free_memory
-                free_memory(self.component.device, workspaces=True)
+                free_memory(self.component.device, workspaces=True, collect=False)
             self.model.device = self.offload_device
         return self.model
 
