@@ -196,7 +196,7 @@ def test_lora_node_schema_and_listing(lora_nodes):
     assert schema.inputs[1].options == ["a.safetensors", "other_variant.safetensors", "sub/b.safetensors"]
     # the estimate node's new input is optional and last: old graphs still run without it
     est_inputs = nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs
-    assert est_inputs[-1].id == "lora_mib" and est_inputs[-1].optional
+    assert [i.id for i in est_inputs[-2:]] == ["lora_mib", "speed"] and all(i.optional for i in est_inputs[-2:])
 
 
 def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):

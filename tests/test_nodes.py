@@ -216,6 +216,27 @@ def test_wrong_component_is_a_clear_error(comfy, models_root, tiny_ckpts):
         dst.unlink()
 
 
+@pytest.mark.parametrize("workflow", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "workflows").glob("*.json")))
+def test_shipped_workflows_carry_one_value_per_widget(comfy, workflow):
+    """The frontend maps widgets_values to widget inputs by position: a node's inputs added later must be
+    in the shipped files too, and every value one of its input's options."""
+    nodes, _ = comfy
+    wf = json.loads((Path(__file__).resolve().parents[1] / "workflows" / workflow).read_text())
+    ours = [n for n in wf["nodes"] if n["type"] in nodes]
+    assert ours
+    for n in ours:
+        widgets = [i for i in nodes[n["type"]].GET_SCHEMA().inputs if i.io_type in ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")]
+        extra = sum(bool(i.kwargs.get("control_after_generate")) for i in widgets)
+        assert len(n["widgets_values"]) == len(widgets) + extra, (workflow, n["type"])
+        values = iter(n["widgets_values"])
+        for i in widgets:
+            value = next(values)
+            if i.io_type == "COMBO" and i.id not in ("model", "lora"):     # file lists depend on the machine
+                assert value in i.options, (workflow, n["type"], i.id, value)
+            if i.kwargs.get("control_after_generate"):
+                next(values)
+
+
 def test_estimate_without_budget_on_cpu(comfy):
     nodes, _ = comfy
     report, chart, plan = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX-5B-I2V", frames=49, width=720,
