@@ -138,7 +138,7 @@ def _fa3_reason(device) -> str | None:
     return why
 
 
-# FlashAttention-3's FP8 forward (Hopper): q, k, v quantized per batch row and head; not yet measured
+# FlashAttention-3's FP8 forward (Hopper): q, k, v quantized per batch row and head (H200: README "Speed options")
 register_attention(AttentionKernel("fa3fp8", _opaque_op("fa3_fp8", _fa3_fp8),
                                    lambda q, k, v: _cuda_half(q, k, v) and q.shape[-1] in (64, 128, 256)
                                    and q.shape[-1] == v.shape[-1],

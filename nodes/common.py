@@ -78,6 +78,12 @@ def _single_files(component: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def speed_options() -> list[str]:
+    """The Transformer Loader's speed combo (the VRAM Estimate node offers the same names)."""
+    from cogvid_core.fast import CHOICES
+    return list(CHOICES)
+
+
 def model_options(component: str) -> list[str]:
     """What the loader's model list shows: local folders, single files, then downloadable repos."""
     return sorted(_cogvideo_folders()) + sorted(_single_files(component)) + list(HUB_REPOS)

@@ -8,11 +8,6 @@ from . import common as C
 AUTO = "auto"
 
 
-def _speeds() -> list[str]:
-    from cogvid_core.fast import CHOICES
-    return list(CHOICES)
-
-
 def profile_names() -> list[str]:
     from cogvid_core import profiles
     return [AUTO, *profiles.PROFILES]
@@ -43,7 +38,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
                 io.Float.Input("lora_mib", default=0.0, min=0.0, max=65536.0, step=1.0, optional=True,
                                tooltip="GPU memory the LoRAs take while sampling, in MiB (about the sum of "
                                        "their .safetensors sizes at bf16; 0 = no LoRA)"),
-                io.Combo.Input("speed", options=_speeds(), default="exact", optional=True,
+                io.Combo.Input("speed", options=C.speed_options(), default="exact", optional=True,
                                tooltip="The Transformer Loader's speed option: FP8 attention (fa3fp8) and fp8 "
                                        "without compile hold more memory while sampling; the others no more "
                                        "than exact"),

@@ -32,11 +32,6 @@ def placement_modes() -> list[str]:
     return list(PLACEMENTS)
 
 
-def speed_options() -> list[str]:
-    from cogvid_core.fast import CHOICES
-    return list(CHOICES)
-
-
 def _placement_input(tip: str) -> io.Combo.Input:
     return io.Combo.Input("placement", options=placement_modes(), default="auto", tooltip=tip)
 
@@ -99,7 +94,7 @@ class CogVidTransformerLoader(io.ComfyNode):
                                   "Where the weights live while sampling: resident (all on the GPU, fastest), "
                                   "offload (on the GPU only while sampling), stream (blocks copied to the GPU "
                                   "one by one, least memory), auto (chosen from free memory)")
-            + [io.Combo.Input("speed", options=speed_options(), default="exact", tooltip=_SPEED_TIP)],
+            + [io.Combo.Input("speed", options=C.speed_options(), default="exact", tooltip=_SPEED_TIP)],
             outputs=[C.TRANSFORMER.Output(display_name="transformer")],
         )
 
