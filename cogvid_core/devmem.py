@@ -57,6 +57,14 @@ def free_memory(device=None, host_cache: bool = False, workspaces: bool = False,
             empty_host_cache()
 
 
+def pool_keeps_freed(device) -> bool:
+    """Whether ``device``'s allocator is cudaMallocAsync (ComfyUI's default): its pool keeps freed memory
+    until trimmed, and a trim is cheap (the native allocator's release unmaps pages: ~1/3 of a decode)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_initialized() and \
+        torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+
+
 def empty_host_cache() -> bool:
     """Free torch's cached pinned host blocks; False where this torch has no such call."""
     fn = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
