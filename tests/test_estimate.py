@@ -214,7 +214,12 @@ def test_card_family_and_fallback():
     from cogvid_core import cards
     assert cards.family_of("NVIDIA H200") == "h200" and cards.family_of("NVIDIA H100 80GB HBM3") == "h100"
     assert cards.family_of("NVIDIA GeForce RTX 3060") is None and cards.family_of(None) is None
-    assert cards.allocator_backend() in ("native", "cudaMallocAsync")
+    assert cards.allocator_backend() in cards.ALLOCATORS
+    assert cards.allocator_key("native", "expandable_segments:True") == "native:expandable"   # the CLI's
+    assert cards.allocator_key("native", "garbage_collection_threshold:0.8,expandable_segments:true") == \
+        "native:expandable"
+    assert cards.allocator_key("native", "") == "native"                                     # plain
+    assert cards.allocator_key("cudaMallocAsync", "backend:cudaMallocAsync") == "cudaMallocAsync"   # ComfyUI's
     _, choice = cards.choose("NVIDIA GeForce RTX 3060", "native")
     assert not choice["matched"] and "not calibrated on NVIDIA GeForce RTX 3060" in choice["note"]
     e = est(profile="lowvram", card="NVIDIA GeForce RTX 3060", allocator="native")
@@ -313,19 +318,22 @@ def test_decode_host_term_replays_the_cpu_measurement():
                                                  ("comfyui_gpu_h200_c4_hosttiles.json", "24gb")])
 def test_file_backed_h200_runs_replay_with_the_h200_calibration(bench_file, workflow):
     """The same command-line runs through calibration/h200.json (chosen by the name "NVIDIA H200"): peak
-    allocated AND reserved within its +-10%. The 12gb run replayed is the one with the streamed blocks'
-    ring (c5): c4's 12gb run predates it (its streamed stages reserved 0.3-0.7 GiB more)."""
+    allocated within its +-10%. The command line runs with expandable segments, which the H200 grid did not
+    measure (its native cells are the plain caching allocator): the plain constants are used and said to be,
+    and they may only err high, by at most 15% (the decode: 6.02 GiB reserved in the plain grid, 5.51 here).
+    The 12gb run replayed is the one with the streamed blocks' ring (c5): c4's 12gb run predates it."""
     report = _bench_json(bench_file)["cli"][workflow]["report"]
     est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(report["settings"]),
-                     card="NVIDIA H200", allocator="native")
+                     card="NVIDIA H200", allocator="native:expandable")
     assert est.calibration["family"] == "h200" and est.calibration["tolerance"] == 0.10
+    assert est.calibration["allocator"] == "native" and "estimate errs high" in est.calibration["note"]
     names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
     rows = [r for r in report["stages"] if r["stage"] in names]
     assert len(rows) == 4
     for row in rows:
         e = est.stage(names[row["stage"]])
         assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
+        assert -0.10 <= e.peak_reserved / GiB / row["peak_reserved_gib"] - 1 <= 0.15, (row["stage"], e, row)
 
 
 def test_speed_options_memory_replays_the_h200_runs():

@@ -39,3 +39,24 @@ def test_frames_converted_in_passes_equal_the_whole_video_at_once():
     out = torch.empty(video.shape[2], 5, 7, 3)
     V._frames_into(out, video[0])
     assert torch.equal(out, _frames(video))
+
+
+def test_decode_trims_the_pool_before_each_decoder_block_only_under_cudamallocasync(monkeypatch):
+    """Under cudaMallocAsync the pool is handed back before each decoder block (its NVML peak: the decoder's
+    activations change size block to block); elsewhere nothing is added to the decode; same frames either way."""
+    vae = build_random("vae", M.V15, tiny=True, dtype=torch.float32)
+    torch.manual_seed(3)
+    z = torch.randn(1, 3, vae.config.latent_channels, 6, 8)
+    lat = V.VideoLatents(samples=z, frames=9, height=48, width=64, variant_key=M.V15.key, fps=16, drop_first=0)
+    trims = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: trims.append(1))
+    plain = V.decode(vae, lat, device="cpu")
+    assert trims == []
+    monkeypatch.setattr(V.devmem, "pool_keeps_freed", lambda device: True)
+    calls = []
+    hook = vae.decoder.register_forward_hook(lambda *a: calls.append(1))
+    trimmed = V.decode(vae, lat, device="cpu")
+    hook.remove()
+    blocks = 3 + len(vae.decoder.up_blocks)     # conv_in, mid_block, each up block, norm_out
+    assert len(trims) == blocks * len(calls) and torch.equal(plain, trimmed)
+    assert not vae.decoder._forward_pre_hooks and all(not b._forward_pre_hooks for b in vae.decoder.up_blocks)
