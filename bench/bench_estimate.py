@@ -580,7 +580,8 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
                      f"{p.peak_allocated / GiB:9.2f} /{c['alloc'] / GiB:6.2f}{ea * 100:+6.1f}%"
                      f"{p.peak_reserved / GiB:9.2f} /{c['reserved'] / GiB:6.2f}{er * 100:+6.1f}%{flag}")
     checked = []
-    wrong = wrong_fits(cells, constants, checked)
+    # the verdicts with the tolerance the calibration file will claim (Estimate.stage_needed uses it)
+    wrong = wrong_fits(cells, dict(constants, tolerance=tolerance) if isinstance(constants, dict) else constants, checked)
     summary = {}
     for kind in ("fit", "heldout"):
         e = [(ea, er) for c, ea, er in errs if c["kind"] == kind]
@@ -651,6 +652,7 @@ def fit(cells, start: dict | None = None) -> dict:
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])
     c["reserved_margin"] = _margin(cells, c)
     c["reserved_margin_stages"] = _stage_margins(cells, c)
+    c["reserved_margin_bytes_stages"] = _stage_margins(cells, c, in_bytes=True)
     return c
 
 
@@ -687,15 +689,19 @@ def _margin(cells, constants) -> float:
     return round(max(max(under, default=0.0), 0.0) + 0.02, 3)
 
 
-def _stage_margins(cells, constants) -> dict:
-    """Per stage: the largest relative under-estimate of its measured reserved peaks, + 2%. A stage the
-    model predicts well (the decode) then does not carry the margin another one needs (the streamed
-    one-branch step of 1.0 at 33 frames, -32%): a verdict compares each stage with its own. The step's
-    margin is per CFG mode: batched and one-branch steps allocate differently."""
+def _stage_margins(cells, constants, in_bytes: bool = False) -> dict:
+    """Per stage: the largest relative under-estimate of its measured reserved peaks, + 2% (``in_bytes``:
+    the largest in bytes, + 64 MiB). A stage the model predicts well (the decode) then does not carry the
+    margin another one needs (the streamed one-branch step of 1.0 at 33 frames, -32%): a verdict compares
+    each stage with its own. The step's margin is per CFG mode: batched and one-branch steps allocate
+    differently. Estimate.stage_needed uses the smaller of the two where the tolerance allows."""
     under: dict = {}
     for x in cells:
         key = x["stage"] + (f":{profile_of(x).cfg_mode}" if x["stage"] == "denoise_step" else "")
-        under.setdefault(key, []).append(x["reserved"] / predict(x, constants).peak_reserved - 1)
+        p = predict(x, constants).peak_reserved
+        under.setdefault(key, []).append(x["reserved"] - p if in_bytes else x["reserved"] / p - 1)
+    if in_bytes:
+        return {key: int(max(max(u), 0) + 64 * 2 ** 20) for key, u in sorted(under.items())}
     return {key: round(max(max(u), 0.0) + 0.02, 3) for key, u in sorted(under.items())}
 
 

@@ -109,7 +109,8 @@ def load(path, card: str | None, allocator: str, defaults: dict) -> dict:
     per-stage fragmentation share a file lacks: the step's)."""
     if isinstance(path, dict):
         doc, choice = {"allocators": {allocator: {"constants": path}}}, dict(
-            card="given constants", family=None, allocator=allocator, matched=True, tolerance=None, path=None, note="")
+            card="given constants", family=None, allocator=allocator, matched=True, tolerance=path.get("tolerance"),
+            path=None, note="")
     elif path is None:
         doc, choice = choose(card, allocator)
     else:

@@ -47,8 +47,15 @@ def report_text(est, host_available: int | None = None) -> str:
                      f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}{g(s.host_bytes):>7}{g(s.host_file_bytes):>7}")
     lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(est.peak_allocated):>8}{g(est.peak_reserved):>10}"
                  f"  ({LABELS[est.peak_stage]})")
-    lines.append(f"needed: {LABELS[est.needed_stage]} reserved + {est.stage_margin(est.needed_stage) * 100:.0f}% "
-                 f"calibration margin = {est.needed_bytes / GiB:.2f} GiB")
+    name = est.needed_stage
+    need, b = est.stage(name), est.stage_margin_bytes
+    seen = f"{est.stage_margin(name) * 100:.0f}%"
+    extra = b.get(f"{name}:{est.cfg_mode}", b.get(name))
+    if extra is not None and est.calibration.get("tolerance") is not None:
+        seen += f", {extra / GiB:.2f} GiB; at least its {est.calibration['tolerance']:.0%} tolerance"
+    lines.append(f"needed: {LABELS[name]} reserved {need.peak_reserved / GiB:.2f} + "
+                 f"{(est.needed_bytes - need.peak_reserved) / GiB:.2f} GiB calibration margin (largest misses "
+                 f"seen for this stage: {seen}) = {est.needed_bytes / GiB:.2f} GiB")
     if est.budget_bytes is None:
         lines.append("budget: unknown (no CUDA device): no verdict")
     elif est.fits:

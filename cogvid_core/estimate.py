@@ -22,8 +22,6 @@ from the device's name and the set from the allocator in use. Picking settings t
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import cards, fast
@@ -35,6 +33,7 @@ from .models import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config
 from .profiles import PROFILES, Profile
 from .sizes import ComponentSize, compute_bytes, component_sizes, weight_bytes  # noqa: F401  (estimate's API)
 from .stages import COMPONENT_OF_STAGE, STAGES
+from .verdict import Estimate, StageEstimate  # noqa: F401  (estimate's API)
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
 DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
@@ -65,6 +64,7 @@ DEFAULT_CONSTANTS = {
                                    # file-backed stream runs one and prefetches up to two)
     "reserved_margin": 0.05,       # verdicts use peak reserved x (1 + this): the largest under-estimate seen
     "reserved_margin_stages": {},  # the same per stage, the step's per CFG mode ("denoise_step:batched"), when fitted
+    "reserved_margin_bytes_stages": {},  # per stage: the largest under-estimate in bytes (see Estimate.stage_needed)
 }
 
 # What a speed option (cogvid_core.fast) adds to the denoise step, in hidden-state units (batch x tokens
@@ -139,106 +139,6 @@ def _largest_tile(height: int, width: int, tile) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- the estimate
-@dataclass
-class StageEstimate:
-    name: str
-    weights: int           # bytes of weights on the GPU during the stage
-    activations: int       # bytes of activations (and transients) at the stage's peak
-    peak_allocated: int
-    peak_reserved: int
-    host_bytes: int = 0        # host RAM the process owns (anonymous + pinned): see hostplan
-    host_file_bytes: int = 0   # file pages the stage re-reads, which the page cache would like to keep
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class Estimate:
-    variant_key: str
-    frames: int
-    height: int
-    width: int
-    profile_name: str
-    precision: dict
-    cfg_mode: str
-    ff_chunk: int | None
-    tile: tuple | None
-    tokens: int
-    stages: list[StageEstimate]
-    budget_bytes: int | None = None
-    calibration_source: str = ""
-    keep_loaded: bool = False
-    profile: object = field(default=None, repr=False, compare=False)
-    margin: float = 0.0
-    allocator: str = "native"
-    calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
-    stage_margins: dict = field(default_factory=dict)  # {stage or "stage:cfg mode": margin} where calibrated
-
-    def stage_margin(self, name: str) -> float:
-        m = self.stage_margins
-        return float(m.get(f"{name}:{self.cfg_mode}", m.get(name, self.margin)))
-
-    @property
-    def needed_stage(self) -> str:
-        """The stage whose reserved peak plus its own margin is largest (what a budget must hold)."""
-        return max(self.stages, key=lambda s: s.peak_reserved * (1 + self.stage_margin(s.name))).name
-
-    @property
-    def needed_bytes(self) -> int:
-        """What the verdict compares with the budget: each stage's peak reserved plus its calibrated
-        margin (a stage the model predicts worse gets a wider one), the largest."""
-        s = self.stage(self.needed_stage)
-        return int(s.peak_reserved * (1 + self.stage_margin(s.name)))
-
-    @property
-    def peak_allocated(self) -> int:
-        return max(s.peak_allocated for s in self.stages)
-
-    @property
-    def peak_reserved(self) -> int:
-        return max(s.peak_reserved for s in self.stages)
-
-    @property
-    def host_peak_bytes(self) -> int:
-        return max(s.host_bytes for s in self.stages)
-
-    @property
-    def peak_stage(self) -> str:
-        return max(self.stages, key=lambda s: s.peak_reserved).name
-
-    @property
-    def fits(self) -> bool | None:
-        """Peak reserved (what the process takes from the card) within the budget; None: no budget."""
-        if self.budget_bytes is None:
-            return None
-        return self.needed_bytes <= self.budget_bytes
-
-    def stage(self, name: str) -> StageEstimate:
-        return next(s for s in self.stages if s.name == name)
-
-    def advice(self) -> str:
-        """What to change when it does not fit ("" when it fits or there is no budget)."""
-        from .chart import advice
-        return advice(self)
-
-    def report(self, host_available: int | None = None) -> str:
-        from .chart import report_text
-        return report_text(self, host_available)
-
-    def to_dict(self) -> dict:
-        return {"variant": self.variant_key, "frames": self.frames, "height": self.height, "width": self.width,
-                "profile": self.profile_name, "precision": dict(self.precision), "cfg_mode": self.cfg_mode,
-                "ff_chunk": self.ff_chunk, "vae_tile": list(self.tile) if self.tile else None,
-                "tokens": self.tokens, "stages": {s.name: s.to_dict() for s in self.stages},
-                "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
-                "peak_stage": self.peak_stage, "host_peak_bytes": self.host_peak_bytes, "needed_bytes": self.needed_bytes, "margin": self.margin,
-                "budget_bytes": self.budget_bytes, "fits": self.fits,
-                "advice": self.advice(), "keep_loaded": self.keep_loaded, "allocator": self.allocator,
-                "calibration": self.calibration_source, "calibrated_on": self.calibration.get("card"),
-                "tolerance": self.calibration.get("tolerance"), "calibration_note": self.calibration.get("note", "")}
-
-
 def _gpu_weights(size: ComponentSize, precision: str, mode: str, active: bool, stream_blocks: float,
                  keep_loaded: bool = False, stream_buffer_mult: float = 1.0) -> int:
     """Bytes of one component's weights on the GPU in a stage (active: the stage uses it)."""
@@ -310,7 +210,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
                     keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"],
-                    {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()})
+                    {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
+                    {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()})
 
 
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict,
