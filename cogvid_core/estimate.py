@@ -14,8 +14,9 @@ First principles, then calibration:
   multiplier, plus that tile's decoded frames (vae.decode moves each decoded tile to the host and
   assembles the video there; untiled, the whole video is the one tile);
 - peak reserved = peak allocated + a fragmentation share of the activations (per stage).
-The multipliers live in calibration/<card family>.json, one set per CUDA allocator (native caching
-allocator, cudaMallocAsync), with the card and versions they were fitted on
+The multipliers live in calibration/<card family>.json, one set per CUDA allocator setting (the plain
+caching allocator, expandable segments, cudaMallocAsync: cards.allocator_backend), with the card and
+versions they were fitted on
 (`bench/bench_estimate.py --fit ... --write-calibration`); :mod:`cogvid_core.cards` picks the file
 from the device's name and the set from the allocator in use. Picking settings that fit a budget is
 :mod:`cogvid_core.planner`'s; the chart is :mod:`cogvid_core.chart`'s.
