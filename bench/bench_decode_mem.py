@@ -36,14 +36,6 @@ CONFIGS = {
 }
 
 
-def _release_hooks(vae, variant: str) -> list:
-    import torch
-    if variant != "blocks":
-        return []
-    blocks = [vae.decoder.conv_in, vae.decoder.mid_block, *vae.decoder.up_blocks, vae.decoder.norm_out]
-    return [b.register_forward_pre_hook(lambda m, a: torch.cuda.empty_cache()) for b in blocks]
-
-
 def _where(frames) -> str:
     """The innermost frame in diffusers or torch.nn (the op that allocated), else the innermost one."""
     for f in frames:
@@ -119,7 +111,7 @@ def child(args) -> dict:
     engine_trim = V.devmem.pool_keeps_freed
     for variant in args.release.split(","):
         V.devmem.pool_keeps_freed = engine_trim if variant == "engine" else (lambda device: False)
-        hooks = _release_hooks(model, variant) if cuda else []
+        hooks = V.empty_cache_before_blocks(model) if cuda and variant == "blocks" else []
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()

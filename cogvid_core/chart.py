@@ -48,9 +48,8 @@ def report_text(est, host_available: int | None = None) -> str:
     lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(est.peak_allocated):>8}{g(est.peak_reserved):>10}"
                  f"  ({LABELS[est.peak_stage]})")
     name = est.needed_stage
-    need, b = est.stage(name), est.stage_margin_bytes
+    need, extra = est.stage(name), est.stage_margin_extra(name)
     seen = f"{est.stage_margin(name) * 100:.0f}%"
-    extra = b.get(f"{name}:{est.cfg_mode}", b.get(name))
     if extra is not None and est.calibration.get("tolerance") is not None:
         seen += f", {extra / GiB:.2f} GiB; at least its {est.calibration['tolerance']:.0%} tolerance"
     lines.append(f"needed: {LABELS[name]} reserved {need.peak_reserved / GiB:.2f} + "

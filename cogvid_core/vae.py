@@ -212,8 +212,12 @@ def _trim_between_blocks(vae, device) -> list:
     +1.5% decode time (bench/bench_decode_mem.py, H200). Trimming after every frame batch or tile did
     nothing (the growth is within one decoder call); on the native allocator the same release saves
     0.70 GiB but costs a third of the decode (it unmaps pages), so it is left to cudaMallocAsync."""
-    if not devmem.pool_keeps_freed(device):
-        return []
+    return empty_cache_before_blocks(vae) if devmem.pool_keeps_freed(device) else []
+
+
+def empty_cache_before_blocks(vae) -> list:
+    """Hooks (their handles) that empty the CUDA cache before each decoder block: conv_in, the mid block,
+    each up block, norm_out."""
     d = vae.decoder
     blocks = [d.conv_in, d.mid_block, *d.up_blocks, d.norm_out]
     return [b.register_forward_pre_hook(lambda module, args: torch.cuda.empty_cache()) for b in blocks]

@@ -43,9 +43,16 @@ class Estimate:
     stage_margins: dict = field(default_factory=dict)  # {stage or "stage:cfg mode": margin} where calibrated
     stage_margin_bytes: dict = field(default_factory=dict)  # the same keys: largest under-estimate in bytes
 
+    def _of_stage(self, table: dict, name: str, default=None):
+        """A stage's entry in a per-stage table: its CFG mode's ("denoise_step:batched") before its own."""
+        return table.get(f"{name}:{self.cfg_mode}", table.get(name, default))
+
     def stage_margin(self, name: str) -> float:
-        m = self.stage_margins
-        return float(m.get(f"{name}:{self.cfg_mode}", m.get(name, self.margin)))
+        return float(self._of_stage(self.stage_margins, name, self.margin))
+
+    def stage_margin_extra(self, name: str) -> int | None:
+        """The stage's largest under-estimate in bytes, None where not calibrated."""
+        return self._of_stage(self.stage_margin_bytes, name)
 
     def stage_needed(self, name: str) -> int:
         """A stage's peak reserved plus its margin: the largest relative under-estimate the calibration saw
@@ -55,8 +62,7 @@ class Estimate:
         at most 7% above 3 GiB), so a 6 GiB decode no longer carries the 31% a 1 GiB one needs."""
         p = self.stage(name).peak_reserved
         relative = p * (1 + self.stage_margin(name))
-        b, tol = self.stage_margin_bytes, self.calibration.get("tolerance")
-        extra = b.get(f"{name}:{self.cfg_mode}", b.get(name))
+        extra, tol = self.stage_margin_extra(name), self.calibration.get("tolerance")
         if extra is None or tol is None:
             return int(relative)
         return int(min(relative, max(p + extra, p * (1 + tol))))
