@@ -92,6 +92,12 @@ def choose(card: str | None, allocator: str) -> tuple[dict, dict]:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used" +
                      (" (it reserves more than expandable segments: the estimate errs high)"
                       if (allocator, used) == ("native:expandable", "native") else ""))
+    lean = allocs.get(used, {}).get("leans_on", {})
+    if lean.get("stages"):
+        lo, hi = lean.get("base_reserved_over_own") or (0, 0)
+        notes.append(f"{'/'.join(lean['stages'])} not measured under {used}: the {lean['from']} constants are used" +
+                     (f" ({lean['from']} reserved {lo - 1:.0%}-{hi - 1:.0%} more in every cell measured under both: "
+                      "these stages err high)" if lo > 1 else ""))
     missed = [c for c in doc.get("outside_tolerance", []) if c.get("allocator") == used]
     if missed:
         notes.append(f"{len(missed)} measured {'/'.join(sorted({c['stage'] for c in missed}))} cells outside "

@@ -126,11 +126,32 @@ def test_listed_misses_do_not_grow(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heldout_shapes_within_tolerance(family):
     doc, cells = _cells(family)
+    """Cells of shapes the fit never saw: within the tolerance, but for those the calibration lists as
+    missed (with their errors: test_listed_misses_do_not_grow holds them there), at most 30% of them."""
     held = [c for c in cells if c["kind"] == "heldout" and not c.get("error")]
     if not held:
         pytest.skip(f"{family}: no held-out cells measured")
-    bad = _out_of_tolerance(held, doc["tolerance"])
+    missed = _listed_misses(doc)
+    claimed = [c for c in held if _ident(c) not in missed]
+    assert len(claimed) >= 0.7 * len(held), f"{family}: only {len(claimed)} of {len(held)} held-out cells claimed"
+    bad = _out_of_tolerance(claimed, doc["tolerance"])
     assert not bad, f"{family}: held-out cells beyond +-{doc['tolerance']:.0%}:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_stage_needs_more_than_its_verdict_asks(family):
+    """Every measured cell, fitted or held out, of every allocator set: its stage's reserved peak is at
+    most what the verdict asks of that stage (peak + the stage's calibrated margin), the misses included."""
+    doc, cells = _cells(family)
+    short = B.short_stages(cells)
+    assert len(cells) >= 20
+    assert not short, f"{family}: " + "\n".join(
+        f"{c['allocator']} {c['variant']} {c['frames']}x{c['height']}x{c['width']} {c['stage']} {c['profile']}: "
+        f"needed {n / 2 ** 30:.2f} GiB, measured {c['reserved'] / 2 ** 30:.2f}" for c, n in short[:10])
+    # not vacuous: without the margins the native cells' misses show
+    native = dict(doc["allocators"]["native"]["constants"], reserved_margin=0.0, reserved_margin_stages={},
+                  reserved_margin_bytes_stages={}, tolerance=0.0)
+    assert B.short_stages([c for c in cells if c["allocator"] == "native"], native)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -166,8 +187,8 @@ def test_estimate_names_card_allocator_and_tolerance():
 
 
 def test_estimate_on_the_h200_names_its_own_calibration():
-    """With h200.json present, a run on "NVIDIA H200" is estimated with it (both allocators measured)."""
-    for alloc in ("native", "cudaMallocAsync"):
+    """With h200.json present, a run on "NVIDIA H200" is estimated with it (the three allocator settings)."""
+    for alloc in ("native", "cudaMallocAsync", "native:expandable"):
         est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, "lowvram", card="NVIDIA H200", allocator=alloc)
         assert est.calibration["family"] == "h200" and est.calibration["matched"] and est.calibration["allocator"] == alloc
         text = est.report()

@@ -317,23 +317,25 @@ def test_decode_host_term_replays_the_cpu_measurement():
 @pytest.mark.parametrize("bench_file,workflow", [("comfyui_gpu_h200_c5_ring.json", "12gb"),
                                                  ("comfyui_gpu_h200_c4_hosttiles.json", "24gb")])
 def test_file_backed_h200_runs_replay_with_the_h200_calibration(bench_file, workflow):
-    """The same command-line runs through calibration/h200.json (chosen by the name "NVIDIA H200"): peak
-    allocated within its +-10%. The command line runs with expandable segments, which the H200 grid did not
-    measure (its native cells are the plain caching allocator): the plain constants are used and said to be,
-    and they may only err high, by at most 15% (the decode: 6.02 GiB reserved in the plain grid, 5.51 here).
-    The 12gb run replayed is the one with the streamed blocks' ring (c5): c4's 12gb run predates it."""
+    """The same command-line runs through calibration/h200.json (chosen by the name "NVIDIA H200"): every
+    stage's peak allocated and reserved within its +-10%. The command line runs with expandable segments:
+    their own set, whose decode was measured (the plain set's decode erred +14.5% here) and whose other
+    stages take the plain native constants, which the note says. The 12gb run replayed is the one with
+    the streamed blocks' ring (c5): c4's 12gb run predates it."""
     report = _bench_json(bench_file)["cli"][workflow]["report"]
     est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(report["settings"]),
                      card="NVIDIA H200", allocator="native:expandable")
     assert est.calibration["family"] == "h200" and est.calibration["tolerance"] == 0.10
-    assert est.calibration["allocator"] == "native" and "estimate errs high" in est.calibration["note"]
+    assert est.calibration["allocator"] == "native:expandable"
+    assert "denoise_step not measured under native:expandable: the native constants" in est.calibration["note"]
     names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
     rows = [r for r in report["stages"] if r["stage"] in names]
     assert len(rows) == 4
     for row in rows:
         e = est.stage(names[row["stage"]])
         assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert -0.10 <= e.peak_reserved / GiB / row["peak_reserved_gib"] - 1 <= 0.15, (row["stage"], e, row)
+        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
+        assert est.stage_needed(names[row["stage"]]) >= row["peak_reserved_gib"] * GiB, (row["stage"], row)
 
 
 def test_speed_options_memory_replays_the_h200_runs():
@@ -383,7 +385,8 @@ def test_a_stage_margin_in_bytes_lowers_big_peaks_never_below_the_tolerance():
         assert e.stage_needed("decode") == want, (extra, tol)
         assert e.stage_needed("decode") >= int(dec * 1.1) or tol is None
         assert f"= {e.needed_bytes / GiB:.2f} GiB" in e.report()
-    # the committed H200 file: a 6 GiB decode under cudaMallocAsync needs its 10% tolerance, not its 31%
+    # the committed H200 file: a 5-6 GiB decode under cudaMallocAsync needs its 10% tolerance, not the
+    # 20%+ its small tiles' misses set (their bytes are few)
     e = est(profile="lowvram", card="NVIDIA H200", allocator="cudaMallocAsync")
     d = e.stage("decode").peak_reserved
-    assert e.stage_margin("decode") > 0.25 and e.stage_needed("decode") < d * 1.15
+    assert e.stage_margin("decode") > 0.2 and e.stage_needed("decode") < d * 1.15
