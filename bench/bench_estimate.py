@@ -49,8 +49,12 @@ run again into "repeats" (the same cell at another point of a run: how reproduci
 need): the same cells again in a fresh process, to tell a reproducible peak from allocator history.
 Each cell records alloc_before / reserved_before, what earlier cells left on the device when it
 started (after empty_cache): a reserved peak depends on it.
+Expandable segments (the command line's setting) are a set of their own:
+`PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ... --only decode` measured the stage where they differ;
+a set without some stage's cells takes it from the plain native set (fit(base=...)).
 Then, here: `python3 bench/bench_estimate.py --fit bench/estimate_h200_native.json
-bench/estimate_h200_async.json --write-calibration` writes cogvid_core/calibration/h200.json.
+bench/estimate_h200_async.json bench/estimate_h200_expandable.json --write-calibration` writes
+cogvid_core/calibration/h200.json.
 """
 from __future__ import annotations
 
