@@ -489,12 +489,16 @@ def load_cells(paths) -> tuple[dict, list[dict]]:
         for c in d.get("cells") or _cells_of_rows(d["rows"], heldout):
             c = {"allocator": env.get("allocator", "native"), "card": env.get("card"), "file": Path(p).name,
                  "file_backed": str(env.get("weights", "")).startswith("file-backed"), **c}
-            ident = (c["card"], c["allocator"], c["stage"], c["variant"], c["frames"], c["height"], c["width"],
-                     json.dumps(c["settings"], sort_keys=True))
+            ident = (c["card"], c["allocator"], *_measurement(c))
             if c["alloc"] is not None and ident not in seen and not c.get("superseded"):
                 seen.add(ident)
                 cells.append(c)
     return env, cells
+
+
+def _measurement(c) -> tuple:
+    """What a cell measured, whatever card and allocator: stage, variant, shape, stage settings."""
+    return c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(c["settings"], sort_keys=True)
 
 
 def _cells_of_rows(rows, heldout) -> list[dict]:
@@ -518,12 +522,16 @@ def profile_of(cell) -> Profile:
     return Profile(cell["profile"], vae_tile=TileSpec(int(t[0]), int(t[1]), float(t[2])) if t else None, **s)
 
 
+def estimate_of(cell, constants=None) -> E.Estimate:
+    """The estimate of ``cell``'s run: its shape, settings, card and allocator."""
+    return E.estimate(cell["variant"], cell["frames"], cell["height"], cell["width"], profile_of(cell),
+                      calibration_path=constants, tiny=cell.get("tiny", False), allocator=cell["allocator"],
+                      card=cell.get("card"), file_backed=cell.get("file_backed", True))
+
+
 def predict(cell, constants=None) -> E.StageEstimate:
-    """The estimate of ``cell``'s stage for its shape, settings, card and allocator."""
-    est = E.estimate(cell["variant"], cell["frames"], cell["height"], cell["width"], profile_of(cell),
-                     calibration_path=constants, tiny=cell.get("tiny", False), allocator=cell["allocator"],
-                     card=cell.get("card"), file_backed=cell.get("file_backed", True))
-    return est.stage(cell["stage"])
+    """The estimate of ``cell``'s stage."""
+    return estimate_of(cell, constants).stage(cell["stage"])
 
 
 def errors(cells, constants=None) -> list[tuple[dict, float, float]]:
@@ -577,11 +585,9 @@ def short_stages(cells, constants=None) -> list[tuple[dict, int]]:
     for c in cells:
         if c.get("error") or not c["reserved"]:
             continue
-        est = E.estimate(c["variant"], c["frames"], c["height"], c["width"], profile_of(c), calibration_path=constants,
-                         tiny=c.get("tiny", False), allocator=c["allocator"], card=c.get("card"),
-                         file_backed=c.get("file_backed", True))
-        if est.stage_needed(c["stage"]) < c["reserved"]:
-            out.append((c, est.stage_needed(c["stage"])))
+        needed = estimate_of(c, constants).stage_needed(c["stage"])
+        if needed < c["reserved"]:
+            out.append((c, needed))
     return out
 
 
@@ -603,7 +609,8 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
                      f"{p.peak_reserved / GiB:9.2f} /{c['reserved'] / GiB:6.2f}{er * 100:+6.1f}%{flag}")
     checked = []
     # the verdicts with the tolerance the calibration file will claim (Estimate.stage_needed uses it)
-    wrong = wrong_fits(cells, dict(constants, tolerance=tolerance) if isinstance(constants, dict) else constants, checked)
+    judged = dict(constants, tolerance=tolerance) if isinstance(constants, dict) else constants
+    wrong = wrong_fits(cells, judged, checked)
     summary = {}
     for kind in ("fit", "heldout"):
         e = [(ea, er) for c, ea, er in errs if c["kind"] == kind]
@@ -617,7 +624,7 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
                  f"of {len(checked)} (candidate, shape) pairs with all 4 stages measured")
     lines += [f"  {w[0]} {w[1]} {w[2]} {w[3]}x{w[4]}x{w[5]} {w[6]}: needed {w[7] / GiB:.2f}, measured {w[8] / GiB:.2f}"
               for w in wrong[:20]]
-    short = short_stages(cells, dict(constants, tolerance=tolerance) if isinstance(constants, dict) else constants)
+    short = short_stages(cells, judged)
     lines.append(f"cells whose stage's verdict (needed) is below its measured reserved peak: {len(short)} of {len(errs)}")
     lines += [f"  {c['allocator']} {c['kind']} {c['variant']} {c['frames']}x{c['height']}x{c['width']} {c['stage']} "
               f"{c['profile']}: needed {n / GiB:.2f}, measured {c['reserved'] / GiB:.2f}" for c, n in short[:20]]
@@ -689,8 +696,7 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
             _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss)
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])
     c["reserved_margin"] = _margin(cells, c)
-    c["reserved_margin_stages"] = _stage_margins(cells, c)
-    c["reserved_margin_bytes_stages"] = _stage_margins(cells, c, in_bytes=True)
+    c["reserved_margin_stages"], c["reserved_margin_bytes_stages"] = _stage_margins(cells, c)
     if lean.get("stages"):
         c["reserved_margin"] = max(c["reserved_margin"], base["reserved_margin"])
         for k in ("reserved_margin_stages", "reserved_margin_bytes_stages"):
@@ -700,10 +706,8 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
 
 def _reserved_ratio(base_cells, own_cells) -> list[float] | None:
     """[min, max] of base's reserved peak over this set's, on the cells both measured."""
-    def ident(c):
-        return c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(c["settings"], sort_keys=True)
-    base = {ident(c): c["reserved"] for c in base_cells if c["reserved"]}
-    r = [base[ident(c)] / c["reserved"] for c in own_cells if c["reserved"] and ident(c) in base]
+    base = {_measurement(c): c["reserved"] for c in base_cells if c["reserved"]}
+    r = [base[_measurement(c)] / c["reserved"] for c in own_cells if c["reserved"] and _measurement(c) in base]
     return [round(min(r), 3), round(max(r), 3)] if r else None
 
 
@@ -755,9 +759,9 @@ def _margin(cells, constants) -> float:
     return round(max(max(under, default=0.0), 0.0) + 0.02, 3)
 
 
-def _stage_margins(cells, constants, in_bytes: bool = False) -> dict:
-    """Per stage: the largest relative under-estimate of its measured reserved peaks, + 2% (``in_bytes``:
-    the largest in bytes, + 64 MiB). A stage the model predicts well (the decode) then does not carry the
+def _stage_margins(cells, constants) -> tuple[dict, dict]:
+    """Per stage: the largest relative under-estimate of its measured reserved peaks, + 2%; and the
+    largest in bytes, + 64 MiB. A stage the model predicts well (the decode) then does not carry the
     margin another one needs (the streamed one-branch step of 1.0 at 33 frames, -32%): a verdict compares
     each stage with its own. The step's margin is per CFG mode: batched and one-branch steps allocate
     differently. Estimate.stage_needed uses the smaller of the two where the tolerance allows."""
@@ -765,10 +769,9 @@ def _stage_margins(cells, constants, in_bytes: bool = False) -> dict:
     for x in cells:
         key = x["stage"] + (f":{profile_of(x).cfg_mode}" if x["stage"] == "denoise_step" else "")
         p = predict(x, constants).peak_reserved
-        under.setdefault(key, []).append(x["reserved"] - p if in_bytes else x["reserved"] / p - 1)
-    if in_bytes:
-        return {key: int(max(max(u), 0) + 64 * 2 ** 20) for key, u in sorted(under.items())}
-    return {key: round(max(max(u), 0.0) + 0.02, 3) for key, u in sorted(under.items())}
+        under.setdefault(key, []).append((x["reserved"] / p - 1, x["reserved"] - p))
+    return ({key: round(max(max(r for r, _ in u), 0.0) + 0.02, 3) for key, u in sorted(under.items())},
+            {key: int(max(max(b for _, b in u), 0) + 64 * 2 ** 20) for key, u in sorted(under.items())})
 
 
 def covered(cells) -> dict:
