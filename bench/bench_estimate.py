@@ -878,7 +878,8 @@ def main(argv=None) -> int:
         family = _family(env["card"])
         mine = [c for c in cells if _family(c["card"]) == family]
         fitted, leans = {}, {}
-        for a in sorted({c["allocator"] for c in mine}, key=lambda a: a != "native"):    # native first: the base
+        # native first (the base), then by name: the file's order does not follow the set's hash order
+        for a in sorted({c["allocator"] for c in mine}, key=lambda a: (a != "native", a)):
             own, base = [c for c in mine if c["allocator"] == a], fitted.get("native")
             fitted[a] = fit(own, base=base)
             leans[a] = dict(leans_on_base(own), **{"from": "native", "base_reserved_over_own": _reserved_ratio(
