@@ -48,7 +48,7 @@ def _where(frames) -> str:
 def summarize(snapshot: dict) -> dict:
     """The largest allocations, and at the pool's peak the live blocks and the events that grew it."""
     events = [e for trace in snapshot["device_traces"] for e in trace]
-    live, alloc, pool, best = {}, 0, 0, (0, None, None)
+    live, alloc, pool, best, at_peak = {}, 0, 0, (0, None, None), []
     grows = {"segment_alloc", "segment_map"}
     shrinks = {"segment_free", "segment_unmap"}
     for i, e in enumerate(events):
@@ -56,32 +56,22 @@ def summarize(snapshot: dict) -> dict:
         if a == "alloc":
             live[e["addr"]] = e
             alloc += e["size"]
-        elif a in ("free_requested",) and e["addr"] in live:
+        elif a == "free_requested" and e["addr"] in live:
             alloc -= live.pop(e["addr"])["size"]
         elif a in grows:
             pool += e["size"]
             if pool > best[0]:
-                best = (pool, alloc, i)
+                best, at_peak = (pool, alloc, i), list(live.values())
         elif a in shrinks:
             pool -= e["size"]
     peak_pool, alloc_at, idx = best
     top = sorted((e for e in events if e["action"] == "alloc"), key=lambda e: -e["size"])[:25]
-    at_peak = sorted(live_at(events, idx).values(), key=lambda e: -e["size"])[:25] if idx is not None else []
+    at_peak = sorted(at_peak, key=lambda e: -e["size"])[:25]
     recent = events[max(0, (idx or 0) - 40):(idx or 0) + 1]
     row = lambda e: dict(action=e["action"], mib=round(e["size"] / 2 ** 20, 1), where=_where(e.get("frames", [])))
     return dict(pool_peak_gib=peak_pool / GiB, allocated_at_pool_peak_gib=alloc_at / GiB if alloc_at else None,
                 largest=[row(e) for e in top], live_at_pool_peak=[row(e) for e in at_peak],
                 events_before_pool_peak=[row(e) for e in recent])
-
-
-def live_at(events, idx) -> dict:
-    live = {}
-    for e in events[:idx + 1]:
-        if e["action"] == "alloc":
-            live[e["addr"]] = e
-        elif e["action"] == "free_requested":
-            live.pop(e["addr"], None)
-    return live
 
 
 def child(args) -> dict:
