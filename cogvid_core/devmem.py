@@ -11,6 +11,8 @@ import threading
 
 import torch
 
+from .cards import allocator_backend
+
 GiB = 1024 ** 3
 BYTES_PER_ELEMENT = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
                      "fp8": 1, "fp8_e4m3": 1, "fp8-e4m3": 1, "fp8_e4m3fn": 1, "float8_e4m3fn": 1}
@@ -61,8 +63,7 @@ def pool_keeps_freed(device) -> bool:
     """Whether ``device``'s allocator is cudaMallocAsync (ComfyUI's default): its pool keeps freed memory
     until trimmed, and a trim is cheap (the native allocator's release unmaps pages: ~1/3 of a decode)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.is_initialized() and \
-        torch.cuda.get_allocator_backend() == "cudaMallocAsync"
+    return device.type == "cuda" and torch.cuda.is_initialized() and allocator_backend() == "cudaMallocAsync"
 
 
 def empty_host_cache() -> bool:
