@@ -298,7 +298,7 @@ def gpu_state(sampler: MemSampler) -> dict:
             out["pinned_active"] = st.get("active_bytes.current")
         except (RuntimeError, AttributeError) as e:
             out["pinned_error"] = f"{type(e).__name__}: {e}"
-    from cogvid_core.fileread import registered_bytes
+    from cogvid_core.memory.fileread import registered_bytes
     out["pinned_registered"] = registered_bytes()
     if "pinned_held" in out:
         out["pinned_held"] += out["pinned_registered"]
@@ -339,7 +339,7 @@ class WeightTimer:
 
     def install(self) -> None:
         import torch
-        from cogvid_core import placement
+        from cogvid_core.memory import placement
         timer = self
         for name in ("__init__", "_onload"):
             orig = getattr(placement.Placed, name)

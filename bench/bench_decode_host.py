@@ -28,9 +28,10 @@ def case(kind: str, frames: int, height: int, width: int, tile: str) -> dict:
     from diffusers import AutoencoderKLCogVideoX
     from diffusers.models.autoencoders.vae import DecoderOutput
 
-    from cogvid_core import devmem, vae as V
-    from cogvid_core.models import SPATIAL_COMPRESSION as S, TEMPORAL_COMPRESSION, V15, latent_frames, vae_config
-    from cogvid_core.profiles import TileSpec
+    from cogvid_core.device import devmem
+    from cogvid_core.model import vae as V
+    from cogvid_core.model.variants import SPATIAL_COMPRESSION as S, TEMPORAL_COMPRESSION, V15, latent_frames, vae_config
+    from cogvid_core.memory.profiles import TileSpec
 
     with torch.device("meta"):
         vae = AutoencoderKLCogVideoX(**vae_config(V15, False))

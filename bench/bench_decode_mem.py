@@ -78,9 +78,9 @@ def child(args) -> dict:
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogvid_core import vae as V
-    from cogvid_core.models import SPATIAL_COMPRESSION as S, V15, latent_frames, vae_config
-    from cogvid_core.profiles import TileSpec
+    from cogvid_core.model import vae as V
+    from cogvid_core.model.variants import SPATIAL_COMPRESSION as S, V15, latent_frames, vae_config
+    from cogvid_core.memory.profiles import TileSpec
 
     device, dtype = torch.device(args.device), (torch.float32 if args.tiny else torch.bfloat16)
     cuda = device.type == "cuda"

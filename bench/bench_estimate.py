@@ -77,12 +77,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cogvid_core import devmem  # noqa: E402
-from cogvid_core import estimate as E  # noqa: E402
-from cogvid_core import models as M  # noqa: E402
-from cogvid_core import planner  # noqa: E402
-from cogvid_core.profiles import Profile, TileSpec  # noqa: E402
-from cogvid_core.stages import STAGES  # noqa: E402
+from cogvid_core.device import devmem  # noqa: E402
+from cogvid_core.plan import estimate as E  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.plan import planner  # noqa: E402
+from cogvid_core.memory.profiles import Profile, TileSpec  # noqa: E402
+from cogvid_core.model.stages import STAGES  # noqa: E402
 
 GiB = devmem.GiB
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,7 +200,7 @@ def checkpoint_paths(root: Path) -> dict:
 
 
 def _write_one(path: str, component: str, variant_key: str, tiny: bool) -> float:
-    from cogvid_core import testing
+    from cogvid_core.model import testing
     t0 = time.perf_counter()
     dtype = torch.float32 if tiny else torch.bfloat16
     tmp = Path(path + ".part")
@@ -211,7 +211,7 @@ def _write_one(path: str, component: str, variant_key: str, tiny: bool) -> float
 
 def write_checkpoints(root: Path, tiny: bool) -> dict:
     """T5 and both transformers as single files (testing's writer), one process each, T5 first."""
-    from cogvid_core import testing
+    from cogvid_core.model import testing
     root.mkdir(parents=True, exist_ok=True)
     paths = checkpoint_paths(root)
     testing.write_tokenizer(paths["tokenizer"])
@@ -249,7 +249,8 @@ class Models:
 
     def get(self, name):
         if name not in self._loaded:
-            from cogvid_core import loading, testing
+            from cogvid_core.model import loading
+            from cogvid_core.model import testing
             if name == "text_encoder":
                 self._loaded[name] = loading.load_text_encoder(self.paths[name], self.dtype,
                                                                tokenizer=self.paths["tokenizer"])
@@ -269,7 +270,7 @@ def _free():
 # ------------------------------------------------------------------------------ one cell
 def _run_stage(task: Task, models: Models, device, inputs: dict) -> None:
     """The stage as pipeline.generate runs it (component configured, used, released)."""
-    from cogvid_core import session
+    from cogvid_core.run import session
     v, prof, dtype = task.variant, task.profile, models.dtype
     if task.stage == "text_encode":
         t5, tok = models.get("text_encoder")
@@ -288,8 +289,10 @@ def _run_stage(task: Task, models: Models, device, inputs: dict) -> None:
 def _compute(task: Task, m, c, device, dtype, inputs: dict) -> None:
     from PIL import Image
 
-    from cogvid_core import sampling, text, vae as vae_mod
-    from cogvid_core.vae import VideoLatents
+    from cogvid_core.run import sampling
+    from cogvid_core.model import text
+    from cogvid_core.model import vae as vae_mod
+    from cogvid_core.model.vae import VideoLatents
     v, prof = task.variant, task.profile
     if task.stage == "text_encode":
         pos = text.encode_prompt(m, c.tokenizer, "a red fox runs through snow", device)
@@ -313,7 +316,7 @@ def _compute(task: Task, m, c, device, dtype, inputs: dict) -> None:
 
 
 def measure(task: Task, models: Models, device, inputs: dict) -> dict:
-    from cogvid_core import report
+    from cogvid_core.run import report
     rec = report.StageRecorder(device)
     _free()    # the peaks start from what earlier cells left reserved: recorded below, should be ~0
     before = (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)) if device.type == "cuda" \
@@ -635,7 +638,7 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
 
 
 def _family(card) -> str:
-    from cogvid_core import cards
+    from cogvid_core.plan import cards
     return cards.family_of(card) or str(card)[:9]
 
 
@@ -805,7 +808,7 @@ def write_calibration(cells_by_alloc: dict, env: dict, files: list, tolerance: f
                       excluded: dict | None = None, path: Path | None = None, outside: list | None = None,
                       leans: dict | None = None) -> Path:
     """cogvid_core/calibration/<family>.json: one constants set per allocator, the card and versions."""
-    from cogvid_core import cards
+    from cogvid_core.plan import cards
     family = cards.family_of(env["card"])
     if not family:
         raise SystemExit(f"no card family known for {env['card']!r}: add its name to cards.FAMILIES")

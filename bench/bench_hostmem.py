@@ -1,10 +1,10 @@
 """Host memory of the streamed / offloaded transformer and T5: today's placements vs file streaming.
 
 Today ("loaded"): the model is read into host memory, then group offloading (stream) or the offload
-mode pins a full host copy. File streaming ("file", cogvid_core.filestream): the model stays in its
+mode pins a full host copy. File streaming ("file", cogvid_core.memory.filestream): the model stays in its
 safetensors files; blocks are read into two pinned staging buffers and copied to the GPU on a side
 stream. Each case runs in its own process so host peaks do not mix; per case it records the load
-time, the first and the steady forward time, and peak host memory by kind (cogvid_core.devmem:
+time, the first and the steady forward time, and peak host memory by kind (cogvid_core.device.devmem:
 anonymous + pinned, file-backed, torch's pinned allocator) during load and during the forwards.
 
     python3 bench/bench_hostmem.py --dir /tmp/ck --layers 16 --out bench/hostmem_h200.json
@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cogvid_core import fileindex as FI  # noqa: E402
-from cogvid_core import devmem  # noqa: E402
-from cogvid_core import loading as L  # noqa: E402
-from cogvid_core import models as M  # noqa: E402
-from cogvid_core import placement as P  # noqa: E402
-from cogvid_core.sources import weight_files  # noqa: E402
+from cogvid_core.model import fileindex as FI  # noqa: E402
+from cogvid_core.device import devmem  # noqa: E402
+from cogvid_core.model import loading as L  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.memory import placement as P  # noqa: E402
+from cogvid_core.model.sources import weight_files  # noqa: E402
 
 GIB = 1024 ** 3
 CASES = {   # name: (component, weights, placement mode)
@@ -183,7 +183,7 @@ def snap(rows: list, tag: str) -> None:
 def diag() -> dict:
     """Where 1 GiB of pinned memory shows up (torch's allocator: cudaHostAlloc; our staging:
     cudaHostRegister), and torch's pinned counters over the soak's place/stream/release cycles."""
-    from cogvid_core import testing
+    from cogvid_core.model import testing
 
     dev, rows = torch.device("cuda", 0), []
     torch.cuda.init()
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
         pinned_in_rss = bool(out["diag"].get("pinned_in_rss"))
         print(json.dumps(out["diag"], indent=1), flush=True)
     if not (args.dir / M.V15.folder / "model_index.json").exists():
-        from cogvid_core import testing
+        from cogvid_core.model import testing
         t0 = time.perf_counter()
         testing.write_checkpoints(args.dir, M.V15.key, tiny=False, dtype=torch.bfloat16, layouts=("hf",),
                                   layers=args.layers)

@@ -14,7 +14,7 @@ a recipe's freed heap would otherwise count in the next one's peaks.
     python3 bench/bench_hostrun.py --dir /tmp/ck --recipes diffusers-resident,ours-auto@6~fp8+compile  # a speed option
     python3 bench/bench_hostrun.py --dir /tmp/ck --variant 1.0 --write --recipes diffusers-resident,ours-auto@4
 
-``RECIPE~SPEED`` runs our RECIPE with the transformer's speed option SPEED (cogvid_core.fast); the s/step
+``RECIPE~SPEED`` runs our RECIPE with the transformer's speed option SPEED (cogvid_core.speed.fast); the s/step
 of the last step (compile warms up in the first).
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cogvid_core import models as M  # noqa: E402
-from cogvid_core.report import StageRecorder  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.run.report import StageRecorder  # noqa: E402
 
 RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
 BASELINE = "diffusers-resident"
@@ -92,7 +92,7 @@ def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -
 
 
 def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
-    from cogvid_core import pipeline
+    from cogvid_core.run import pipeline
 
     name, _, speed = recipe.removeprefix("ours-").partition("~")
     budget = float(name[5:]) if name.startswith("auto@") else None
@@ -108,7 +108,7 @@ def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image,
 def cold_cache(folder: Path) -> None:
     """Emulate a machine whose RAM cannot keep the checkpoint files: drop them from the page cache now
     and drop every range filestream reads (fileread) right after reading it, so each use reads from the disk."""
-    from cogvid_core import fileread
+    from cogvid_core.memory import fileread
 
     for f in folder.rglob("*.safetensors"):
         fd = os.open(f, os.O_RDONLY)

@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from cogvid_core import activations as A  # noqa: E402
-from cogvid_core import models as M  # noqa: E402
-from cogvid_core import placement as P  # noqa: E402
-from cogvid_core import planner as PL  # noqa: E402
-from cogvid_core import profiles as PR  # noqa: E402
-from cogvid_core.report import StageRecorder  # noqa: E402
-from cogvid_core.profiles import TileSpec  # noqa: E402
+from cogvid_core.memory import activations as A  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.memory import placement as P  # noqa: E402
+from cogvid_core.plan import planner as PL  # noqa: E402
+from cogvid_core.memory import profiles as PR  # noqa: E402
+from cogvid_core.run.report import StageRecorder  # noqa: E402
+from cogvid_core.memory.profiles import TileSpec  # noqa: E402
 
 DIFFUSERS_RECIPES = ("diffusers-resident", "diffusers-model-offload", "diffusers-group-offload",
                      "diffusers-sequential-offload")
@@ -61,7 +61,7 @@ class Models:
     def __init__(self, variant, tiny, dtype, device):
         from transformers import T5Tokenizer
 
-        from cogvid_core.testing import build_random, write_tokenizer
+        from cogvid_core.model.testing import build_random, write_tokenizer
 
         self.variant, self.dtype, self.device = variant, dtype, device
         build_on = device  # full-size random init is fast on the GPU, slow on the CPU
@@ -91,7 +91,7 @@ class Models:
             if cfg.use_learned_positional_embeddings and cfg.sample_frames != 49:
                 f = (cfg.sample_frames - 1) // 4 + 1
             x = torch.randn(1, f, cfg.in_channels, h, w, device=dev, dtype=self.dtype)
-            from cogvid_core.sampling import rotary_embedding
+            from cogvid_core.run.sampling import rotary_embedding
             rope = rotary_embedding(cfg, h * 8, w * 8, f, dev)
             ofs = x.new_full((1,), 2.0) if cfg.ofs_embed_dim else None
             tr(hidden_states=x, encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim,
@@ -157,8 +157,8 @@ def reset_models(models: Models, pipe=None):
 def run_diffusers(recipe, models: Models, args, rec: StageRecorder):
     from diffusers import CogVideoXImageToVideoPipeline
 
-    from cogvid_core import vae as vae_mod
-    from cogvid_core.loading import load_scheduler
+    from cogvid_core.model import vae as vae_mod
+    from cogvid_core.model.loading import load_scheduler
 
     dev = models.device
     pipe = CogVideoXImageToVideoPipeline(tokenizer=models.tokenizer, text_encoder=models.text_encoder,
@@ -223,8 +223,10 @@ def run_diffusers(recipe, models: Models, args, rec: StageRecorder):
 
 
 def run_ours(recipe, models: Models, args, rec: StageRecorder):
-    from cogvid_core import sampling, text, vae as vae_mod
-    from cogvid_core.loading import load_scheduler
+    from cogvid_core.run import sampling
+    from cogvid_core.model import text
+    from cogvid_core.model import vae as vae_mod
+    from cogvid_core.model.loading import load_scheduler
 
     dev = models.device
     name = recipe.removeprefix("ours-")

@@ -11,7 +11,7 @@
 3. Soak: 20 consecutive runs alternating variants, sizes, profiles and CFG in one process; after
    each run: host RSS (after malloc_trim), GPU allocated and reserved.
 
-Checkpoints are written by ``cogvid_core.testing`` in the HF layout at full widths but a few blocks
+Checkpoints are written by ``cogvid_core.model.testing`` in the HF layout at full widths but a few blocks
 (``--layers``): every tensor shape, kernel and activation of a block is the real one, the files are
 ~3 GB per variant instead of 21 GB. Leaks depend on code paths, not on depth.
 
@@ -35,7 +35,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cogvid_core import devmem, models as M, pipeline, session, testing  # noqa: E402
+from cogvid_core.device import devmem
+from cogvid_core.model import variants as M
+from cogvid_core.run import pipeline
+from cogvid_core.run import session
+from cogvid_core.model import testing  # noqa: E402
 
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
 MIB = 2 ** 20

@@ -1,4 +1,4 @@
-"""Speed options (cogvid_core.fast) against the exact path, on the full CogVideoX1.5-5B-I2V transformer.
+"""Speed options (cogvid_core.speed.fast) against the exact path, on the full CogVideoX1.5-5B-I2V transformer.
 
     python bench/bench_speed.py                           # H200: 81x768x1360, batched CFG, ~7 min
     python bench/bench_speed.py --tiny --device cpu       # the code path, on a CPU, seconds
@@ -38,7 +38,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogvid_core import fast, loading, models as M, sampling, testing  # noqa: E402
+from cogvid_core.speed import fast
+from cogvid_core.model import loading
+from cogvid_core.model import variants as M
+from cogvid_core.run import sampling
+from cogvid_core.model import testing  # noqa: E402
 
 # most wanted first: the time budget drops the tail when steps run slower than expected
 DEFAULT_OPTIONS = ("exact,fa3fp8,fp8+fa3fp8+compile,fa3fp8+compile,flash,compile,fp8+compile,anchor,cudnn,sage,fp8,"

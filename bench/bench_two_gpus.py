@@ -33,14 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cogvid_core import models as M  # noqa: E402
-from cogvid_core import multigpu as MG  # noqa: E402
-from cogvid_core import sampling  # noqa: E402
-from cogvid_core.activations import apply_profile  # noqa: E402
-from cogvid_core.loading import load_scheduler  # noqa: E402
-from cogvid_core.placement import place, unplace  # noqa: E402
-from cogvid_core.testing import build_random  # noqa: E402
-from cogvid_core.vae import ImageLatent  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.speed import multigpu as MG  # noqa: E402
+from cogvid_core.run import sampling  # noqa: E402
+from cogvid_core.memory.activations import apply_profile  # noqa: E402
+from cogvid_core.model.loading import load_scheduler  # noqa: E402
+from cogvid_core.memory.placement import place, unplace  # noqa: E402
+from cogvid_core.model.testing import build_random  # noqa: E402
+from cogvid_core.model.vae import ImageLatent  # noqa: E402
 
 GIB = 1024 ** 3
 PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
@@ -145,7 +145,8 @@ def split_run(tr, t5, vae, tok, variant, args, devices) -> dict:
     """Run 4: T5 + VAE on devices[1], transformer on devices[0], lowvram placements, the whole run."""
     from PIL import Image
 
-    from cogvid_core import text, vae as vae_mod
+    from cogvid_core.model import text
+    from cogvid_core.model import vae as vae_mod
     prof = apply_profile(tr, "lowvram")
     for m in (tr, t5, vae):
         m.to("cpu")
@@ -186,7 +187,7 @@ def seqpar_runs(variant, args) -> list:
     per-step time, latents' max abs difference, all-to-all bytes per step, and the scaling they imply."""
     import torch.distributed as dist
 
-    from cogvid_core import seqpar
+    from cogvid_core.speed import seqpar
     dev = seqpar.init(args.device.split(":")[0])
     n, rank = dist.get_world_size(), dist.get_rank()
     devices = [dev]
@@ -252,7 +253,7 @@ def build(variant, args, devices):
     """Transformer on the first device, T5 and VAE on the second, random weights built in place."""
     from transformers import T5Tokenizer
 
-    from cogvid_core.testing import write_tokenizer
+    from cogvid_core.model.testing import write_tokenizer
     t0 = time.perf_counter()
     tr = build_random("transformer", variant, args.tiny, args.dtype, devices[0], seed=0)
     t5 = build_random("text_encoder", variant, args.tiny, args.dtype, devices[1], seed=1)

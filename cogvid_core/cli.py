@@ -8,10 +8,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from .devmem import GiB
-from .guard import StageOOM
-from .models import VARIANTS, CheckpointError
-from .profiles import AUTO
+from cogvid_core.device.devmem import GiB
+from cogvid_core.run.guard import StageOOM
+from cogvid_core.model.variants import VARIANTS, CheckpointError
+from cogvid_core.memory.profiles import AUTO
 
 # what a user can fix gets one line (exit 2); anything else (TypeError, KeyError, ...) is a bug: its
 # traceback shows (exit 70, sysexits' EX_SOFTWARE; 1 is the estimate's "does not fit")
@@ -57,7 +57,7 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _speeds():
-    from .fast import CHOICES
+    from cogvid_core.speed.fast import CHOICES
     return CHOICES
 
 
@@ -82,8 +82,9 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run_i2v(args) -> int:
-    from . import pipeline, video
-    from .report import StageRecorder
+    from cogvid_core.run import pipeline
+    from cogvid_core.run import video
+    from cogvid_core.run.report import StageRecorder
 
     sources = pipeline.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
                                text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
@@ -102,7 +103,7 @@ def run_i2v(args) -> int:
                                cache_dir=args.cache_dir, devices=devices,
                                speed=args.speed)
     bar.close()
-    from . import seqpar
+    from cogvid_core.speed import seqpar
     if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
         return 0
     fps = args.fps or result.fps
@@ -132,8 +133,9 @@ def run_i2v(args) -> int:
 def _devices(args):
     """(compute device, multigpu.DeviceMap or None) from --device/--devices; under torchrun, this
     rank's device in the launched group."""
-    from . import pipeline, seqpar
-    from .multigpu import parse_devices
+    from cogvid_core.run import pipeline
+    from cogvid_core.speed import seqpar
+    from cogvid_core.speed.multigpu import parse_devices
     devices = parse_devices(args.devices) if args.devices else None
     device = devices.primary if devices is not None else pipeline.pick_device(args.device)
     if seqpar.launched():        # torchrun: one rank per GPU, the video tokens split over them
@@ -165,7 +167,7 @@ def run_demo(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from . import testing
+    from cogvid_core.model import testing
 
     root = Path(args.dir)
     key = args.variant
@@ -198,7 +200,7 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _estimate_budget(args) -> int | None:
-    from .planner import gpu_budget
+    from cogvid_core.plan.planner import gpu_budget
 
     if args.budget_gib is not None:
         return int((args.budget_gib - args.reserve_gib) * GiB)
@@ -209,9 +211,9 @@ def _estimate_budget(args) -> int | None:
 def run_estimate(args) -> int:
     """Print the estimate (of the given profile, or for 'auto' of the plan's pick); exit 1 when it does
     not fit the budget."""
-    from .estimate import estimate
-    from .models import check_video_shape, transformer_config
-    from .planner import plan
+    from cogvid_core.plan.estimate import estimate
+    from cogvid_core.model.variants import check_video_shape, transformer_config
+    from cogvid_core.plan.planner import plan
 
     v = VARIANTS[args.variant]
     frames, height, width = args.frames or v.default_frames, args.height or v.default_height, args.width or v.default_width
@@ -232,14 +234,14 @@ def run_estimate(args) -> int:
     if args.chart:
         from PIL import Image
 
-        from .chart import chart_image
+        from cogvid_core.plan.chart import chart_image
         Image.fromarray(chart_image(est)).save(args.chart)
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import testing
+    from cogvid_core.model import testing
 
     parser = argparse.ArgumentParser(prog="python -m cogvid_core", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -266,7 +268,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return run_demo(args)
         if args.command == "make-checkpoints":
-            from . import testing
+            from cogvid_core.model import testing
             testing.run(args)
             return 0
         return run_estimate(args)

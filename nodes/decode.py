@@ -12,7 +12,7 @@ TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
 
 def tile_spec(tile: str, overlap: float, plan):
     """Widget -> vae.TileSpec (None = no spatial tiling); auto = the plan's tile, else diffusers' 360x240."""
-    from cogvid_core.profiles import TileSpec
+    from cogvid_core.memory.profiles import TileSpec
     if tile == "off":
         return None
     if tile == "auto":
@@ -55,7 +55,8 @@ class CogVidDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, tile, overlap, plan=None) -> io.NodeOutput:
-        from cogvid_core import guard, session
+        from cogvid_core.run import guard
+        from cogvid_core.run import session
         spec = tile_spec(tile, overlap, plan)
         if vae.device.type != "cpu":
             memory.make_room(session.decode_bytes(latent, spec, plan), vae.device)

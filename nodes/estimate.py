@@ -9,14 +9,14 @@ AUTO = "auto"
 
 
 def profile_names() -> list[str]:
-    from cogvid_core import profiles
+    from cogvid_core.memory import profiles
     return [AUTO, *profiles.PROFILES]
 
 
 class CogVidVRAMEstimate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.models import VARIANTS
+        from cogvid_core.model.variants import VARIANTS
         return io.Schema(
             node_id="CogVidVRAMEstimate",
             display_name="CogVideoX I2V VRAM Estimate",
@@ -50,11 +50,11 @@ class CogVidVRAMEstimate(io.ComfyNode):
     @classmethod
     def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact") -> io.NodeOutput:
         import torch
-        from cogvid_core import estimate as E
-        from cogvid_core import planner
-        from cogvid_core.chart import chart_image
-        from cogvid_core.devmem import host_available_bytes
-        from cogvid_core.models import VARIANTS
+        from cogvid_core.plan import estimate as E
+        from cogvid_core.plan import planner
+        from cogvid_core.plan.chart import chart_image
+        from cogvid_core.device.devmem import host_available_bytes
+        from cogvid_core.model.variants import VARIANTS
         v = next((x for x in VARIANTS.values() if x.label == variant), None)
         if v is None:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")

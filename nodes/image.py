@@ -12,7 +12,7 @@ MAX_SIDE = 2400
 class CogVidImageEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.vae import RESIZE_MODES
+        from cogvid_core.model.vae import RESIZE_MODES
         return io.Schema(
             node_id="CogVidImageEncode",
             display_name="CogVideoX I2V Image Encode",
@@ -39,10 +39,10 @@ class CogVidImageEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
-        from cogvid_core import guard
-        from cogvid_core.models import DEFAULT_VARIANT
-        from cogvid_core.profiles import get_profile
-        from cogvid_core.vae import encode_image
+        from cogvid_core.run import guard
+        from cogvid_core.model.variants import DEFAULT_VARIANT
+        from cogvid_core.memory.profiles import get_profile
+        from cogvid_core.model.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         tile = profile.vae_tile if profile is not None and profile.encode_tiled else None
         # the encode's need does not depend on the frame count: any valid one lets the estimator answer

@@ -28,7 +28,7 @@ _SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. 
 
 
 def placement_modes() -> list[str]:
-    from cogvid_core.session import PLACEMENTS
+    from cogvid_core.run.session import PLACEMENTS
     return list(PLACEMENTS)
 
 
@@ -50,7 +50,7 @@ def _common_inputs(component: str, single: str, placement_tip: str) -> list:
 
 def _device_options(component: str) -> list[str]:
     import torch
-    from cogvid_core.multigpu import PAIR_SEPARATOR, device_choices
+    from cogvid_core.speed.multigpu import PAIR_SEPARATOR, device_choices
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     extra = device_choices(gpus)
     return list(C.DEVICES) + (extra if component == "transformer" else [d for d in extra if PAIR_SEPARATOR not in d])
@@ -58,7 +58,7 @@ def _device_options(component: str) -> list[str]:
 
 def _devices(choice: str, component: str):
     """A device value -> (compute device, the second GPU of a CFG pair or None)."""
-    from cogvid_core.multigpu import PAIR_SEPARATOR, parse_pair
+    from cogvid_core.speed.multigpu import PAIR_SEPARATOR, parse_pair
     if choice in C.DEVICES:
         return C.compute_device(choice), None
     if PAIR_SEPARATOR in choice and component != "transformer":
@@ -72,7 +72,7 @@ def _devices(choice: str, component: str):
 def _source(component: str, model: str) -> str:
     """A listed option -> local path; a hub repo is downloaded (only the needed sub-folders) into
     models/CogVideo/<repo name> first, so it shows up there as a local folder afterwards."""
-    from cogvid_core import sources
+    from cogvid_core.model import sources
     src = C.resolve_model(component, model)
     if src not in C.HUB_REPOS:
         return src
@@ -100,15 +100,17 @@ class CogVidTransformerLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
-        from cogvid_core import fast, loading, session
-        from cogvid_core import multigpu
+        from cogvid_core.speed import fast
+        from cogvid_core.model import loading
+        from cogvid_core.run import session
+        from cogvid_core.speed import multigpu
         dtype, storage = session.precision(precision)
         dev, second = _devices(device, "transformer")
         fast.resolve_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
         src = _source("transformer", model)
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
-        if second is not None:      # the sampler finds the copy on the module (cogvid_core.multigpu)
+        if second is not None:      # the sampler finds the copy on the module (cogvid_core.speed.multigpu)
             multigpu.attach_second(module, second)
         comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model,
                                  speed=speed)
@@ -132,7 +134,8 @@ class CogVidT5Loader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
-        from cogvid_core import loading, session
+        from cogvid_core.model import loading
+        from cogvid_core.run import session
         dtype, _storage = session.precision(precision)
         dev, _ = _devices(device, "t5")
         src = _source("t5", model)
@@ -158,7 +161,8 @@ class CogVidVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
-        from cogvid_core import loading, session
+        from cogvid_core.model import loading
+        from cogvid_core.run import session
         dtype, _storage = session.precision(precision)
         dev, _ = _devices(device, "vae")
         src = _source("vae", model)

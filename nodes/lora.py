@@ -23,7 +23,7 @@ def lora_options() -> list[str]:
 
 def read_lora(name: str):
     """A listed file -> LoraWeights, read once per file version; anything not listed is refused."""
-    from cogvid_core import lora
+    from cogvid_core.model import lora
     if name not in lora_options():
         raise ValueError(f"LoRA {name!r} is not in models/{LORA_FOLDER} (.safetensors files): put the file "
                          "there and refresh the node list")

@@ -10,7 +10,7 @@ from . import memory
 class CogVidSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.sampling import SCHEDULERS
+        from cogvid_core.run.sampling import SCHEDULERS
         return io.Schema(
             node_id="CogVidSampler",
             display_name="CogVideoX I2V Sampler",
@@ -45,8 +45,10 @@ class CogVidSampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
                 plan=None) -> io.NodeOutput:
-        from cogvid_core import guard, planner, session
-        from cogvid_core.sampling import sample
+        from cogvid_core.run import guard
+        from cogvid_core.plan import planner
+        from cogvid_core.run import session
+        from cogvid_core.run.sampling import sample
         variant = transformer.variant
         h, w = image_latent.height, image_latent.width
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram

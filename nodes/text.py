@@ -29,8 +29,8 @@ class CogVidTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, positive, negative) -> io.NodeOutput:
-        from cogvid_core import session
-        from cogvid_core.text import encode_prompt
+        from cogvid_core.run import session
+        from cogvid_core.model.text import encode_prompt
         with memory.in_use(t5, "text_encode") as module:       # T5 placed only on a prompt-cache miss
             def encode(prompt):
                 return session.PROMPTS.get_or_encode(

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cogvid_core import models as M
-from cogvid_core.testing import write_checkpoints
+from cogvid_core.model import variants as M
+from cogvid_core.model.testing import write_checkpoints
 
 
 @pytest.fixture(scope="session")

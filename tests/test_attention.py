@@ -1,4 +1,4 @@
-"""FlashAttention-3 FP8 attention (cogvid_core.attention "fa3fp8"): the quantization and layout around the
+"""FlashAttention-3 FP8 attention (cogvid_core.speed.attention "fa3fp8"): the quantization and layout around the
 kernel, checked on the CPU with a stand-in for flash_attn_interface that computes attention from the
 float8 inputs and their descales, as the kernel's contract says (q, k, v [B, S, H, D] float8 e4m3,
 descales float32 [B, H], bf16 output)."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cogvid_core import attention as A
-from cogvid_core import fast
+from cogvid_core.speed import attention as A
+from cogvid_core.speed import fast
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from cogvid_core import cards
-from cogvid_core import estimate as E
+from cogvid_core.plan import cards
+from cogvid_core.plan import estimate as E
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"

@@ -1,5 +1,5 @@
 """The command line: a user's mistake is one `error:` line (exit 2), a bug shows its traceback."""
-from cogvid_core import estimate as E
+from cogvid_core.plan import estimate as E
 from cogvid_core.cli import BUG_EXIT, main
 
 

@@ -88,7 +88,7 @@ def test_get_node_list_alone_registers_folders_as_on_0_3_64(models_root):
 @pytest.fixture
 def interrupt_2026(comfy, monkeypatch):
     """The stub's interrupt as ComfyUI 2026 raises it; records which components end their use."""
-    from cogvid_core import session
+    from cogvid_core.run import session
     monkeypatch.setattr(comfy_stub, "InterruptProcessingException", Interrupt2026)
     mm = comfy[1]["comfy.model_management"]
     monkeypatch.setattr(mm, "InterruptProcessingException", Interrupt2026)

@@ -35,7 +35,7 @@ def _count_calls():
     values, so the count wraps the class (counting only modules a Workflow registered) and holds no
     reference to a component: a cycle through one would keep our models alive until a garbage
     collection, which is not how ComfyUI holds them."""
-    from cogvid_core import session
+    from cogvid_core.run import session
     if getattr(session.Component, "_counted", False):
         return
     for method, slot in (("acquire", 1), ("release", 2)):
@@ -90,7 +90,7 @@ class Workflow:
                         frames=17, steps=steps, cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=seed)[0]
 
     def placements(self):
-        from cogvid_core.placement import placed_of
+        from cogvid_core.memory.placement import placed_of
         return [placed_of(c.module) for c in self.components]
 
 
@@ -128,8 +128,8 @@ def scenario_free(nodes, mm):
 def scenario_lowvram(nodes, mm):
     """ComfyUI started with --lowvram and no plan wired: the sampler streams the transformer.
     (Under --cpu core forces vram_state to DISABLED, so the state --lowvram gives on a GPU is set.)"""
-    from cogvid_core.activations import ff_chunk_tokens
-    from cogvid_core.placement import placed_of
+    from cogvid_core.memory.activations import ff_chunk_tokens
+    from cogvid_core.memory.placement import placed_of
     w = Workflow(nodes)
     w.prepare()
     saved, mm.vram_state = mm.vram_state, mm.VRAMState.LOW_VRAM
@@ -232,7 +232,7 @@ def scenario_file_backed(nodes, mm):
     """The loaders' transformer and T5 are file-backed: unloading leaves meta placeholders and the
     weight index (no host copy kept), and the next use reads the weights from the files again, bit
     for bit the same video."""
-    from cogvid_core.fileindex import index_of
+    from cogvid_core.model.fileindex import index_of
     w = Workflow(nodes)
     first = w.queue(seed=1)
     mm.unload_all_models()
@@ -301,7 +301,7 @@ def test_loader_outputs_visible_to_ram_cache(comfy):
 
 def test_interrupt_is_not_an_exception(comfy, monkeypatch):
     """Cancel (a BaseException in 2026) stops the sampler and releases the transformer."""
-    from cogvid_core import session
+    from cogvid_core.run import session
     nodes, mods = comfy
     mm = mods["comfy.model_management"]
     w = Workflow(nodes)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import comfy_stub
-from cogvid_core import models as M
-from cogvid_core import session
-from cogvid_core.activations import ff_chunk_tokens, low_mem_attention_enabled
-from cogvid_core.placement import Placed
-from cogvid_core.profiles import PROFILES
-from cogvid_core.testing import build_random
+from cogvid_core.model import variants as M
+from cogvid_core.run import session
+from cogvid_core.memory.activations import ff_chunk_tokens, low_mem_attention_enabled
+from cogvid_core.memory.placement import Placed
+from cogvid_core.memory.profiles import PROFILES
+from cogvid_core.model.testing import build_random
 from test_nodes import _encoded, comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 

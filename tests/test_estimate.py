@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogvid_core import estimate as E
-from cogvid_core import planner as PL
-from cogvid_core.chart import chart_image
-from cogvid_core.devmem import GiB
-from cogvid_core.models import V10, V15, latent_frames
-from cogvid_core.profiles import PROFILES, Profile, TileSpec, tile_is_exact
-from cogvid_core.stages import STAGES
+from cogvid_core.plan import estimate as E
+from cogvid_core.plan import planner as PL
+from cogvid_core.plan.chart import chart_image
+from cogvid_core.device.devmem import GiB
+from cogvid_core.model.variants import V10, V15, latent_frames
+from cogvid_core.memory.profiles import PROFILES, Profile, TileSpec, tile_is_exact
+from cogvid_core.model.stages import STAGES
 
 
 def est(variant=V15, frames=81, h=768, w=1360, profile="balanced", **kw):
@@ -167,7 +167,8 @@ def test_fp8_weight_bytes_are_what_fp8_storage_loads(tiny_ckpts, key):
     """The estimate counts the layers fp8 storage keeps in 8 bits with the loader's own predicate."""
     import torch
 
-    from cogvid_core import devmem, loading
+    from cogvid_core.device import devmem
+    from cogvid_core.model import loading
     module, _ = loading.load_transformer(tiny_ckpts[key]["hf"], torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
     size = E.component_sizes(key, tiny=True)["transformer"]
     assert E.weight_bytes(size, "fp8_e4m3fn", 2) == devmem.module_bytes(module)
@@ -175,7 +176,7 @@ def test_fp8_weight_bytes_are_what_fp8_storage_loads(tiny_ckpts, key):
 
 # ----------------------------------------------------------------------------- host RAM (issue 12)
 def test_host_bytes_per_stage():
-    from cogvid_core import hostplan as H
+    from cogvid_core.memory import hostplan as H
 
     sizes = E.component_sizes(V15.key)
     low = E.estimate(V15, 81, 768, 1360, "lowvram")
@@ -211,7 +212,7 @@ def test_report_says_whether_host_ram_suffices():
 
 # ----------------------------------------------------------------------------- calibration per card (issue 14)
 def test_card_family_and_fallback():
-    from cogvid_core import cards
+    from cogvid_core.plan import cards
     assert cards.family_of("NVIDIA H200") == "h200" and cards.family_of("NVIDIA H100 80GB HBM3") == "h100"
     assert cards.family_of("NVIDIA GeForce RTX 3060") is None and cards.family_of(None) is None
     assert cards.allocator_backend() in cards.ALLOCATORS
@@ -229,7 +230,7 @@ def test_card_family_and_fallback():
 def test_allocator_picks_its_constants(tmp_path, monkeypatch):
     """One file, two allocators: the estimate takes the set of the allocator it is given (or runs
     under); an allocator the file lacks falls back to native and says so."""
-    from cogvid_core import cards
+    from cogvid_core.plan import cards
     base = dict(E.DEFAULT_CONSTANTS)
     doc = {"card": "NVIDIA H200", "tolerance": 0.1, "allocators": {
         "native": {"constants": base},
@@ -305,7 +306,7 @@ def test_file_backed_h200_runs_replay(workflow):
 def test_decode_host_term_replays_the_cpu_measurement():
     """hostplan.decode_host_bytes against bench/decode_host_cpu.json (81x768x1360, the decode's host
     assembly measured on the CPU: tiles written into the float32 frames), within +-15%."""
-    from cogvid_core import hostplan as H
+    from cogvid_core.memory import hostplan as H
 
     rows = _bench_json("decode_host_cpu.json")["rows"]
     video = 81 * 3 * 768 * 1360 * 2

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvid_core import models, pipeline
+from cogvid_core.model import variants as models
+from cogvid_core.run import pipeline
 
 STEPS = 3
 BOUND = 1e-5

@@ -1,4 +1,4 @@
-"""Speed options (cogvid_core.fast): names, fallbacks and their messages, the attention redirect,
+"""Speed options (cogvid_core.speed.fast): names, fallbacks and their messages, the attention redirect,
 fp8's per-call weight swap, regional compile (exactness, no recompiles), wiring (Component, CLI, node)."""
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cogvid_core import cli, fast, loading, models as M, pipeline, placement as P, sampling, session, testing
+from cogvid_core import cli
+from cogvid_core.speed import fast
+from cogvid_core.model import loading
+from cogvid_core.model import variants as M
+from cogvid_core.run import pipeline
+from cogvid_core.memory import placement as P
+from cogvid_core.run import sampling
+from cogvid_core.run import session
+from cogvid_core.model import testing
 from test_nodes import comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 
@@ -264,7 +272,7 @@ def _sample(tr, steps):
 
 
 def _image_latent(h, w):
-    from cogvid_core.vae import ImageLatent
+    from cogvid_core.model.vae import ImageLatent
     shape = (1, 16, 1, h // 8, w // 8)
     return ImageLatent(mean=torch.randn(shape), std=torch.full(shape, 0.1), scale=0.7, height=h, width=w)
 
@@ -289,7 +297,7 @@ def test_compile_with_file_backed_streaming_swaps_weights_without_recompiling(ti
 def test_compile_is_off_with_loras_and_says_so(tmp_path, monkeypatch, caplog):
     """LoRA hooks inside compiled blocks gave wrong results from the second call on (torch 2.13, eager
     backend, 4 blocks: up to 0.09 off on outputs of order 1): with LoRAs the blocks run eagerly, with a message."""
-    from cogvid_core import lora
+    from cogvid_core.model import lora
     monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
     torch._dynamo.reset()
     v = M.VARIANTS[K15]

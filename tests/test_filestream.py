@@ -7,13 +7,13 @@ import pytest
 import torch
 from test_placement import _inputs, _run
 
-from cogvid_core import fileindex as FI
-from cogvid_core import loading as L
-from cogvid_core import models as M
-from cogvid_core import placement as P
-from cogvid_core.checkpoints import plain_shapes, read_shapes, t5_config_from_shapes
-from cogvid_core.models import CheckpointError
-from cogvid_core.testing import write_checkpoints
+from cogvid_core.model import fileindex as FI
+from cogvid_core.model import loading as L
+from cogvid_core.model import variants as M
+from cogvid_core.memory import placement as P
+from cogvid_core.model.checkpoints import plain_shapes, read_shapes, t5_config_from_shapes
+from cogvid_core.model.variants import CheckpointError
+from cogvid_core.model.testing import write_checkpoints
 
 V15 = M.V15.key
 
@@ -227,15 +227,15 @@ def test_cut_file_refused_at_load(tiny_ckpts, tmp_path):
 
 
 def test_short_ram_is_reported(tiny_ckpts, monkeypatch, caplog):
-    from cogvid_core import devmem
+    from cogvid_core.device import devmem
 
     monkeypatch.setattr(devmem, "host_available_bytes", lambda: 1024)
-    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
+    with caplog.at_level("WARNING", logger="cogvid_core.model.loading"):
         L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
     assert "reads it from disk again" in caplog.text
     caplog.clear()
     monkeypatch.setattr(devmem, "host_available_bytes", lambda: 2 ** 40)
-    with caplog.at_level("WARNING", logger="cogvid_core.loading"):
+    with caplog.at_level("WARNING", logger="cogvid_core.model.loading"):
         L.load_transformer(tiny_ckpts[V15]["single"]["transformer"], dtype=torch.float32)
     assert "from disk" not in caplog.text
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cogvid_core import checkpoints as C
-from cogvid_core import fileindex as FI
-from cogvid_core import loading as L
-from cogvid_core import models as M
-from cogvid_core import placement as P
-from cogvid_core import sources as S
-from cogvid_core import testing as T
-from cogvid_core.models import CheckpointError
+from cogvid_core.model import checkpoints as C
+from cogvid_core.model import fileindex as FI
+from cogvid_core.model import loading as L
+from cogvid_core.model import variants as M
+from cogvid_core.memory import placement as P
+from cogvid_core.model import sources as S
+from cogvid_core.model import testing as T
+from cogvid_core.model.variants import CheckpointError
 
 KEYS = list(M.VARIANTS)
 

@@ -12,7 +12,15 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cogvid_core import activations, guard, loading, lora, models, pipeline, profiles, sampling, testing
+from cogvid_core.memory import activations
+from cogvid_core.run import guard
+from cogvid_core.model import loading
+from cogvid_core.model import lora
+from cogvid_core.model import variants as models
+from cogvid_core.run import pipeline
+from cogvid_core.memory import profiles
+from cogvid_core.run import sampling
+from cogvid_core.model import testing
 
 K10, K15 = models.VARIANTS
 STEPS = 2

@@ -13,8 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cogvid_core import cli, estimate as E, loading, lora, models as M, pipeline, planner, session, testing
-from cogvid_core.profiles import PROFILES
+from cogvid_core import cli
+from cogvid_core.plan import estimate as E
+from cogvid_core.model import loading
+from cogvid_core.model import lora
+from cogvid_core.model import variants as M
+from cogvid_core.run import pipeline
+from cogvid_core.plan import planner
+from cogvid_core.run import session
+from cogvid_core.model import testing
+from cogvid_core.memory.profiles import PROFILES
 from test_nodes import _encoded, comfy, models_root, run  # noqa: F401  (fixture re-export)
 from test_placement import _inputs
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvid_core import models as M
-from cogvid_core import multigpu as MG
-from cogvid_core import sampling
-from cogvid_core.placement import place, placed_of, unplace
-from cogvid_core.testing import build_random
-from cogvid_core.vae import ImageLatent
+from cogvid_core.model import variants as M
+from cogvid_core.speed import multigpu as MG
+from cogvid_core.run import sampling
+from cogvid_core.memory.placement import place, placed_of, unplace
+from cogvid_core.model.testing import build_random
+from cogvid_core.model.vae import ImageLatent
 
 KEY = "cogvideox1.5-5b-i2v"
 
@@ -95,7 +95,7 @@ def test_replica_refused_after_placement(transformer):
 
 
 def test_second_copy_takes_the_first_ones_settings(transformer):
-    from cogvid_core.activations import apply_profile, ff_chunk_tokens, low_mem_attention_enabled
+    from cogvid_core.memory.activations import apply_profile, ff_chunk_tokens, low_mem_attention_enabled
 
     second = MG.attach_second(transformer, "cpu")
     apply_profile(transformer, "lowvram")
@@ -136,14 +136,14 @@ def _job(image_size, cfg=6.0):
     import numpy as np
     from PIL import Image
 
-    from cogvid_core import pipeline
+    from cogvid_core.run import pipeline
     w, h = image_size
     img = Image.fromarray((np.random.RandomState(1).rand(h, w, 3) * 255).astype(np.uint8))
     return pipeline.Job(image=img, prompt="a boat on a lake", negative_prompt="blurry", steps=2, cfg=cfg, seed=9)
 
 
 def _generate(tiny_ckpts, **kw):
-    from cogvid_core import pipeline
+    from cogvid_core.run import pipeline
     folder = str(tiny_ckpts[KEY]["hf"])
     variant = M.VARIANTS[KEY]
     _, h, w = M.default_size(variant, M.transformer_config(variant, tiny=True))
@@ -165,7 +165,10 @@ def test_pipeline_cfg_pair_equals_one_device(tiny_ckpts, monkeypatch):
 def test_components_on_other_devices(tiny_ckpts, monkeypatch):
     """T5 and the VAE on one device, the transformer on another: each stage gets its component's
     device ("cpu:0" is a device named apart from "cpu" that a CPU machine has), the video is the same."""
-    from cogvid_core import guard, pipeline, text, vae
+    from cogvid_core.run import guard
+    from cogvid_core.run import pipeline
+    from cogvid_core.model import text
+    from cogvid_core.model import vae
     one = _generate(tiny_ckpts, device="cpu")
     calls = {}
 
@@ -203,8 +206,8 @@ def test_cli_devices(tiny_ckpts, tmp_path, capsys):
 
 
 def test_planner_cfg_pair_budget_is_one_branch_per_gpu():
-    from cogvid_core import planner
-    from cogvid_core.estimate import estimate
+    from cogvid_core.plan import planner
+    from cogvid_core.plan.estimate import estimate
     cands = planner.one_branch(planner.candidates())
     assert cands and all(p.cfg_mode == "sequential" for p in cands)
     assert len({p.name for p in cands}) == len(cands) and "lowvram" in {p.name for p in cands}
@@ -275,7 +278,7 @@ def _forward_rank(rank, n, port, out):
 
     import torch.distributed as dist
 
-    from cogvid_core import seqpar
+    from cogvid_core.speed import seqpar
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=n)
     torch.set_num_threads(1)
@@ -302,7 +305,7 @@ def test_sequence_parallel_forward_equals_one_process(tmp_path):
     assert torch.equal(r0["got"], r1["got"]), "every rank ends with the whole output"
     assert torch.equal(r0["again"], r0["ref"]) and r0["ref"].abs().max() > 0.1
     cfg = M.transformer_config(M.VARIANTS[KEY], tiny=True)
-    from cogvid_core.seqpar import alltoall_bytes
+    from cogvid_core.speed.seqpar import alltoall_bytes
     per_layer = alltoall_bytes(1, cfg["num_attention_heads"], M.MAX_TEXT_TOKENS, 72 // 2, cfg["attention_head_dim"], 4, 2)
     assert r0["sent"] == cfg["num_layers"] * per_layer
 
@@ -311,7 +314,7 @@ def _torchrun_rank(rank, n, port, argv, out):
     import os
     from contextlib import contextmanager
 
-    from cogvid_core import seqpar
+    from cogvid_core.speed import seqpar
     os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -186,7 +186,7 @@ def test_memory_cooperation_and_interrupt(comfy, monkeypatch):
     ours = [p for p in mm.current_loaded_models if getattr(p, "component", None) in (t5, vae)]
     assert len(ours) == 2                                # ComfyUI sees our models
     released = []
-    from cogvid_core import session
+    from cogvid_core.run import session
     monkeypatch.setattr(session.Component, "release", lambda self: released.append(self.kind))
     mm.unload_all_models()                               # what POST /free {"unload_models": true} does
     monkeypatch.undo()
@@ -194,8 +194,8 @@ def test_memory_cooperation_and_interrupt(comfy, monkeypatch):
     mm.vram_state = mm.VRAMState.LOW_VRAM                # ComfyUI started with --lowvram, no plan wired
     run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1,
         cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=0)
-    from cogvid_core.activations import ff_chunk_tokens
-    from cogvid_core.placement import placed_of
+    from cogvid_core.memory.activations import ff_chunk_tokens
+    from cogvid_core.memory.placement import placed_of
     assert placed_of(tr.module).requested == "stream" and ff_chunk_tokens(tr.module) == 8192
     mm.interrupt_processing = True
     with pytest.raises(comfy_stub.InterruptProcessingException):

@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from cogvid_core import activations as A
-from cogvid_core import models as M
-from cogvid_core import placement as P
-from cogvid_core import planner as PL
-from cogvid_core import profiles as PR
-from cogvid_core.testing import build_random
-from cogvid_core.profiles import TileSpec
+from cogvid_core.memory import activations as A
+from cogvid_core.model import variants as M
+from cogvid_core.memory import placement as P
+from cogvid_core.plan import planner as PL
+from cogvid_core.memory import profiles as PR
+from cogvid_core.model.testing import build_random
+from cogvid_core.memory.profiles import TileSpec
 
 VARIANTS = [M.V15, M.V10]
 
@@ -300,7 +300,7 @@ def test_flat_copy_packs_every_tensor_into_one_buffer():
 def test_registered_host_bytes_are_counted_until_unregistered(monkeypatch):
     """What the benches report as page-locked beside torch's pinned allocator: every cudaHostRegister of a
     staging buffer or offload copy counts until its unregister (the CUDA calls replaced: no GPU here)."""
-    from cogvid_core import fileread
+    from cogvid_core.memory import fileread
 
     calls = []
 

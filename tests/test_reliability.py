@@ -24,7 +24,11 @@ import torch
 from PIL import Image
 
 import comfy_stub
-from cogvid_core import devmem, guard, loading, pipeline, vae as vae_mod
+from cogvid_core.device import devmem
+from cogvid_core.run import guard
+from cogvid_core.model import loading
+from cogvid_core.run import pipeline
+from cogvid_core.model import vae as vae_mod
 from cogvid_core.cli import main as cli_main
 from test_nodes import _encoded, _image, _load, load_pack, models_root, run  # noqa: F401  (fixture re-export)
 
@@ -670,7 +674,7 @@ socket.socket.connect = refuse
 socket.create_connection = refuse
 import comfy_stub
 comfy_stub.install({str(models_root)!r})
-heavy = ("diffusers", "transformers", "huggingface_hub", "cogvid_core.loading")
+heavy = ("diffusers", "transformers", "huggingface_hub", "cogvid_core.model.loading")
 spec = importlib.util.spec_from_file_location("pack", {str(REPO / '__init__.py')!r},
                                               submodule_search_locations=[{str(REPO)!r}])
 mod = importlib.util.module_from_spec(spec); sys.modules["pack"] = mod; spec.loader.exec_module(mod)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from cogvid_core import models as M
-from cogvid_core import vae as V
-from cogvid_core.profiles import TileSpec
-from cogvid_core.testing import build_random
+from cogvid_core.model import variants as M
+from cogvid_core.model import vae as V
+from cogvid_core.memory.profiles import TileSpec
+from cogvid_core.model.testing import build_random
 
 
 def _frames(video):   # what decode() did before: the whole video widened at once

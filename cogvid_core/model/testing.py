@@ -1,0 +1,368 @@
+"""Random-weight CogVideoX I2V checkpoints in the real on-disk layouts, for tests, demos and benches.
+
+Layouts written under ``root`` (see ``write_checkpoints``):
+
+* ``<root>/<hub folder name>/`` (e.g. CogVideoX-5b-I2V) : a hub / ``save_pretrained`` folder (``model_index.json``,
+  ``transformer/`` and ``text_encoder/`` sharded with ``*.safetensors.index.json``, ``vae/``,
+  ``tokenizer/`` (sentencepiece ``spiece.model``), ``scheduler/``).
+* ``<root>/single/`` : single files as people download them: transformer and VAE with diffusers
+  key names (ours, kijai's), a kijai-style fp8 transformer, a ComfyUI ``t5xxl_*.safetensors``
+  encoder, a ComfyUI ``t5xxl_fp8_e4m3fn_scaled`` encoder and a ``tokenizer/`` folder beside them.
+
+Every tensor is drawn from its own generator seeded by (seed, component, tensor name), so all
+layouts hold identical values, the output is reproducible, and full-size files are streamed
+shard by shard from a meta-device model without ever holding a whole model in RAM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import struct
+import zlib
+from pathlib import Path
+
+import torch
+
+from cogvid_core.model import variants as M
+from cogvid_core.model.testing_tokenizer import write_scheduler, write_tokenizer  # noqa: F401  (public writers)
+
+TRANSFORMER_SHARD_BYTES = {True: 100_000, False: 5_000_000_000}   # tiny: force >= 2 shards
+T5_SHARD_BYTES = {True: 1_000_000, False: 5_000_000_000}
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+MODEL_INDEX = {
+    "_class_name": "CogVideoXImageToVideoPipeline",
+    "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+}
+_COMPONENT_FILES = {  # (weights file stem, shard bytes table); stems are the libraries' own names
+    "transformer": ("diffusion_pytorch_model", TRANSFORMER_SHARD_BYTES),
+    "vae": ("diffusion_pytorch_model", None),
+    "text_encoder": ("model", T5_SHARD_BYTES),
+}
+
+
+# ----------------------------------------------------------------------------- model skeletons
+def _model_class(component: str):
+    if component == "transformer":
+        from diffusers import CogVideoXTransformer3DModel
+        return CogVideoXTransformer3DModel
+    if component == "vae":
+        from diffusers import AutoencoderKLCogVideoX
+        return AutoencoderKLCogVideoX
+    if component == "text_encoder":
+        from transformers import T5EncoderModel
+        return T5EncoderModel
+    raise ValueError(f"unknown component {component!r}: transformer, vae or text_encoder")
+
+
+def _build(component: str, variant: M.Variant, tiny: bool, layers: int | None = None):
+    """Construct a component with default init on the current torch default device.
+
+    ``layers`` caps the transformer's and T5's depth (widths unchanged): real activation and
+    weight shapes per block for GPU checks, without tens of GB of files."""
+    cls = _model_class(component)
+    depth = {"num_layers": layers} if layers else {}
+    if component == "transformer":
+        return cls(**{**M.transformer_config(variant, tiny), **depth})
+    if component == "vae":
+        return cls(**M.vae_config(variant, tiny))
+    from transformers import T5Config
+    return cls(T5Config(**{**M.t5_config(tiny), **depth}))
+
+
+def build_random(component: str, variant: M.Variant | str, tiny: bool = True,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int | None = 0):
+    """A diffusers/transformers module with random (default-init) weights, built on ``device``.
+
+    Construction happens directly on the device (``with torch.device(device)``), so a full-size
+    transformer appears on a GPU in about a second. Values differ from ``write_checkpoints``.
+    """
+    variant = M.VARIANTS[variant] if isinstance(variant, str) else variant
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device):
+        model = _build(component, variant, tiny)
+    return model.to(dtype=dtype).eval()
+
+
+def _skeleton(component: str, variant: M.Variant, tiny: bool, layers: int | None = None):
+    """Meta-device model: its config and tensor names/shapes without allocating any weights."""
+    with torch.device("meta"):
+        return _build(component, variant, tiny, layers)
+
+
+def tensor_shapes(component: str, variant: M.Variant, tiny: bool,
+                  layers: int | None = None) -> dict[str, tuple[int, ...]]:
+    sd = _skeleton(component, variant, tiny, layers).state_dict()
+    if component == "text_encoder":
+        sd.pop("encoder.embed_tokens.weight", None)  # tied to shared.weight; files store it once
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- random values
+def random_tensor(component: str, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                  seed: int = 0) -> torch.Tensor:
+    """Default-init-like values for one tensor, independent of every other tensor.
+
+    Linear/conv weights: uniform(+-1/sqrt(fan_in)) as torch's default init; norm weights 1,
+    biases 0; embeddings N(0, 1); positional embedding N(0, 0.5). Generated in fp32 then cast so
+    every dtype holds the same values up to rounding.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{component}/{name}".encode())) % 2**63)
+    leaf = name.rsplit(".", 1)[-1]
+    if "pos_embedding" in name:
+        t = torch.randn(shape, generator=gen) * 0.5
+    elif name in ("shared.weight",) or "relative_attention_bias" in name:
+        t = torch.randn(shape, generator=gen)
+    elif len(shape) == 1:
+        t = torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
+    else:
+        fan_in = math.prod(shape[1:])
+        bound = 1.0 / math.sqrt(fan_in)
+        t = torch.empty(shape).uniform_(-bound, bound, generator=gen)
+    return t.to(dtype)
+
+
+def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int | None) -> list[list[str]]:
+    shards, size = [[]], 0
+    item = torch.empty((), dtype=dtype).element_size()
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * item
+        if max_bytes and shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool,
+                    dtype: torch.dtype, seed: int, layers: int | None = None) -> None:
+    """config.json + safetensors (sharded with an index when over the shard size), one shard in RAM at a time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    skeleton = _skeleton(component, variant, tiny, layers)
+    if component == "text_encoder":
+        skeleton.config.architectures = ["T5EncoderModel"]
+        skeleton.config.save_pretrained(folder)
+    else:
+        skeleton.save_config(folder)
+    shapes = tensor_shapes(component, variant, tiny, layers)
+    del skeleton
+    stem, shard_bytes = _COMPONENT_FILES[component]
+    shards = _plan_shards(shapes, dtype, shard_bytes[bool(tiny)] if shard_bytes else None)
+    if len(shards) == 1:
+        _write(folder / f"{stem}.safetensors", component, {n: shapes[n] for n in shards[0]}, dtype, seed)
+        return
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards, 1):
+        fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        total += _write(folder / fname, component, {n: shapes[n] for n in names}, dtype, seed)
+        weight_map.update({n: fname for n in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write(path: Path, component: str, shapes: dict, dtype: torch.dtype, seed: int, transform=None) -> int:
+    """Stream one safetensors file tensor by tensor (peak RAM: one tensor, even for 11 GB files).
+
+    ``transform`` maps {name: tensor} -> {name: tensor} for one tensor at a time (fp8 casts);
+    running it on meta tensors first gives the header before any value exists.
+    """
+    transform = transform or (lambda d: d)
+    specs = {}
+    for n, s in shapes.items():
+        specs.update(transform({n: torch.empty(s, dtype=dtype, device="meta")}))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for n, t in specs.items():
+        nbytes = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        written = set()
+        for n, s in shapes.items():
+            for name, t in transform({n: random_tensor(component, n, s, dtype, seed)}).items():
+                if name in written:  # a marker (scaled_fp8) returned with every tensor: write once
+                    continue
+                written.add(name)
+                assert tuple(t.shape) == tuple(specs[name].shape) and t.dtype == specs[name].dtype, name
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return offset
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+# ----------------------------------------------------------------------------- fp8 variants
+def to_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """kijai-style fp8: the fp8 layers (``models.is_fp8_layer``) cast to float8_e4m3fn, no scales."""
+    return {n: t.to(FP8) if M.is_fp8_layer(n, t.shape) else t for n, t in tensors.items()}
+
+
+def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI ``*_fp8_e4m3fn_scaled`` format: ``scaled_fp8`` marker + per-weight ``.scale_weight``.
+
+    Stored weight = W / scale in fp8; ComfyUI's scaled_fp8_ops multiply back by ``scale_weight``.
+    """
+    out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    for n, t in tensors.items():
+        if M.is_fp8_layer(n, t.shape):
+            scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+            out[n] = (t.float() / scale).to(FP8)
+            out[n[: -len("weight")] + "scale_weight"] = scale.reshape(())
+        else:
+            out[n] = t
+    return out
+
+
+# ----------------------------------------------------------------------------- public writers
+def _dtype_tag(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dtype: torch.dtype = torch.float32,
+                      layouts=("hf", "single"), seed: int = 0, layers: int | None = None) -> dict:
+    """Write one variant's random checkpoints; returns where they are.
+
+    Returns ``{"hf": Path(<root>/<folder>), "single": {"transformer", "transformer_fp8", "vae",
+    "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path}`` (only the layouts asked for).
+    The T5 files and tokenizer are shared by both variants (same values, same names).
+    ``layers``: cap the transformer's and T5's depth, keeping every width (see ``_build``).
+    """
+    variant = M.VARIANTS[variant_key]
+    root = Path(root)
+    out: dict = {}
+    if "hf" in layouts:
+        folder = root / variant.folder
+        for component in ("transformer", "vae", "text_encoder"):
+            _save_component(folder / component, component, variant, tiny, dtype, seed, layers)
+        write_tokenizer(folder / "tokenizer", seed)
+        write_scheduler(folder / "scheduler")
+        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+        out["hf"] = folder
+    if "single" in layouts:
+        out["single"] = _write_single(root / "single", variant, tiny, dtype, seed, layers)
+    return out
+
+
+def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int,
+                  layers: int | None = None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    tag, stem = _dtype_tag(dtype), variant.key.replace(".", "_")
+    paths = {
+        "transformer": folder / f"{stem}_transformer_{tag}.safetensors",
+        "transformer_fp8": folder / f"{stem}_transformer_fp8_e4m3fn.safetensors",
+        "vae": folder / f"{stem}_vae_{tag}.safetensors",
+        "text_encoder": folder / f"t5xxl_{tag}.safetensors",
+        "text_encoder_fp8_scaled": folder / "t5xxl_fp8_e4m3fn_scaled.safetensors",
+    }
+    shapes = {c: tensor_shapes(c, variant, tiny, layers) for c in ("transformer", "vae", "text_encoder")}
+    _write(paths["transformer"], "transformer", shapes["transformer"], dtype, seed)
+    _write(paths["transformer_fp8"], "transformer", shapes["transformer"], dtype, seed, to_fp8)
+    _write(paths["vae"], "vae", shapes["vae"], dtype, seed)
+    _write(paths["text_encoder"], "text_encoder", shapes["text_encoder"], dtype, seed)
+    _write(paths["text_encoder_fp8_scaled"], "text_encoder", shapes["text_encoder"], dtype, seed, to_scaled_fp8)
+    paths["tokenizer"] = write_tokenizer(folder / "tokenizer", seed)
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("out_dir", type=Path, help="folder to write the checkpoints into")
+    parser.add_argument("--variant", default="both", choices=[*M.VARIANTS, "both"])
+    parser.add_argument("--full", action="store_true", help="full-size shapes (tens of GB) instead of tiny ones")
+    parser.add_argument("--trained-size", action="store_true",
+                        help="tiny widths but the real sample sizes (CogVideoX-5B-I2V then runs at 720x480)")
+    parser.add_argument("--dtype", default=None, choices=list(DTYPES),
+                        help="weight dtype (default: bf16 with --full, fp32 for tiny)")
+    parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="cap the transformer's and T5's depth (every width kept): real per-block shapes in a few GB")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    keys = list(M.VARIANTS) if args.variant == "both" else [args.variant]
+    dtype = DTYPES[args.dtype or ("bf16" if args.full else "fp32")]
+    layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
+    result = {}
+    for key in keys:
+        result[key] = write_checkpoints(args.out_dir, key, tiny=not args.full and (M.TRAINED_SIZE if args.trained_size else True), dtype=dtype,
+                                        layouts=layouts, seed=args.seed, layers=args.layers)
+        print(f"{key}: {json.dumps(result[key], default=str, indent=2)}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m cogvid_core.model.testing",
+                                                   description="Write random CogVideoX I2V checkpoints."))
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+def write_lora(path: str | Path, variant_key: str, targets=("attn", "ff"), rank: int = 4, seed: int = 0, *,
+               layout: str = "peft", alpha: float | None = None, tiny: bool | str = True,
+               width: int | None = None, layers: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """A random LoRA safetensors file for one variant's transformer, in a real on-disk layout.
+
+    ``targets``: "attn" (attn1.to_q/k/v/to_out.0) and "ff" (ff.net.0.proj, ff.net.2) in every block,
+    or literal module names ("proj_out"). ``layout``: "peft" (``transformer.<m>.lora_A.weight`` as
+    CogVideoX training scripts save), "alpha" (plus ``<m>.alpha`` tensors), "metadata" (diffusers'
+    ``lora_adapter_metadata`` header with ``lora_alpha``), "attn_procs" (diffusers' older
+    ``attn1.processor.to_q_lora.down.weight`` names). ``width`` replaces the model width (1920: a
+    CogVideoX-2B-shaped LoRA). lora_B is non-zero (unlike a fresh training init) so it has an effect.
+    """
+    from safetensors.torch import save_file
+
+    variant = M.VARIANTS[variant_key]
+    shapes = tensor_shapes("transformer", variant, tiny, layers)
+    cfg = M.transformer_config(variant, tiny)
+    inner = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    wide = {inner: width, 4 * inner: 4 * width} if width else {}
+    suffixes = {"attn": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
+                "ff": ("ff.net.0.proj", "ff.net.2")}
+    modules = []
+    for target in targets:
+        if target in suffixes:
+            modules += [n[: -len(".weight")] for n in shapes
+                        if n.endswith(".weight") and n[: -len(".weight")].endswith(suffixes[target])]
+        else:
+            modules.append(target)
+    tensors, old_names = {}, {"to_q": "to_q_lora", "to_k": "to_k_lora", "to_v": "to_v_lora", "to_out.0": "to_out_lora"}
+    for m in modules:
+        out_f, in_f = (wide.get(d, d) for d in shapes[f"{m}.weight"][:2])
+        down = random_tensor("lora", f"{m}.down", (rank, in_f), dtype, seed)
+        up = random_tensor("lora", f"{m}.up", (out_f, rank), dtype, seed)
+        if layout == "attn_procs":
+            head, _, leaf = m.partition(".attn1.")
+            base = f"transformer.{head}.attn1.processor.{old_names[leaf]}" if leaf else f"transformer.{m}.lora"
+            tensors.update({f"{base}.down.weight": down, f"{base}.up.weight": up})
+            continue
+        tensors.update({f"transformer.{m}.lora_A.weight": down, f"transformer.{m}.lora_B.weight": up})
+        if layout == "alpha":
+            tensors[f"transformer.{m}.alpha"] = torch.tensor(float(alpha if alpha is not None else rank))
+    metadata = None
+    if layout == "metadata":
+        config = {"r": rank, "lora_alpha": alpha if alpha is not None else rank, "target_modules": modules}
+        metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()}),
+                    "format": "pt"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path

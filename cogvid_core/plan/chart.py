@@ -1,0 +1,123 @@
+"""How an estimate reads: the advice when it does not fit, the text report, and the bar chart
+(per stage weights, activations and reserved memory against the budget)."""
+from __future__ import annotations
+
+import math
+
+from cogvid_core.device.devmem import GiB
+from cogvid_core.model.variants import VARIANTS
+from cogvid_core.model.stages import COMPONENT_OF_STAGE, LABELS
+
+
+def advice(est) -> str:
+    """What to change when the estimate does not fit its budget; "" when it fits or has none."""
+    if est.fits is not False:
+        return ""
+    worst = est.peak_stage
+    comp = COMPONENT_OF_STAGE[worst]
+    s = est.stage(worst)
+    if s.weights >= s.activations:
+        if est.keep_loaded:
+            return (f"the {LABELS[worst]} is the peak and mostly weights: offload the models it does not "
+                    f"use, stream the {comp} or store it in fp8; or use the 'lowvram' profile")
+        return (f"the {LABELS[worst]} is the peak and mostly weights: stream the {comp} "
+                f"or store it in fp8; or use the 'lowvram' profile")
+    if worst == "decode":
+        return "the decode is the peak: use smaller VAE tiles (e.g. 192x288 or 128x192)"
+    if worst == "denoise_step":
+        return ("the denoise step's activations are the peak: sequential CFG, smaller feed-forward chunks, "
+                "low-memory attention, or fewer frames / a smaller size")
+    return "use the 'lowvram' profile"
+
+
+def report_text(est, host_available: int | None = None) -> str:
+    """The per-stage table, the overall peak and the verdict, as the CLI and the estimate node show it;
+    with ``host_available`` (MemAvailable) also whether this machine's RAM holds the plan."""
+    from cogvid_core.memory.hostplan import verdict
+
+    g = lambda b: f"{b / GiB:6.2f}"
+    tile = f"{est.tile[1]}x{est.tile[0]}" if est.tile else "off"
+    lines = [f"{VARIANTS[est.variant_key].label}: {est.frames} frames at {est.width}x{est.height} "
+             f"({est.tokens} tokens), profile {est.profile_name}, CFG {est.cfg_mode}, "
+             f"FF chunk {est.ff_chunk or 'off'}, VAE tile {tile}",
+             "precision: " + ", ".join(f"{k} {v}" for k, v in est.precision.items()),
+             f"{'stage':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}{'host':>7}{'file':>7}  GiB"]
+    for s in est.stages:
+        lines.append(f"{LABELS[s.name]:<14}{g(s.weights):>8}{g(s.activations):>8}"
+                     f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}{g(s.host_bytes):>7}{g(s.host_file_bytes):>7}")
+    lines.append(f"{'overall peak':<14}{'':>8}{'':>8}{g(est.peak_allocated):>8}{g(est.peak_reserved):>10}"
+                 f"  ({LABELS[est.peak_stage]})")
+    name = est.needed_stage
+    need, extra = est.stage(name), est.stage_margin_extra(name)
+    seen = f"{est.stage_margin(name) * 100:.0f}%"
+    if extra is not None and est.calibration.get("tolerance") is not None:
+        seen += f", {extra / GiB:.2f} GiB; at least its {est.calibration['tolerance']:.0%} tolerance"
+    lines.append(f"needed: {LABELS[name]} reserved {need.peak_reserved / GiB:.2f} + "
+                 f"{(est.needed_bytes - need.peak_reserved) / GiB:.2f} GiB calibration margin (largest misses "
+                 f"seen for this stage: {seen}) = {est.needed_bytes / GiB:.2f} GiB")
+    if est.budget_bytes is None:
+        lines.append("budget: unknown (no CUDA device): no verdict")
+    elif est.fits:
+        lines.append(f"FITS: needs ~{est.needed_bytes / GiB:.2f} GiB, budget {est.budget_bytes / GiB:.2f} GiB "
+                     f"({(est.budget_bytes - est.needed_bytes) / GiB:.2f} GiB spare)")
+    else:
+        lines.append(f"DOES NOT FIT: needs ~{est.needed_bytes / GiB:.2f} GiB, budget "
+                     f"{est.budget_bytes / GiB:.2f} GiB: {advice(est)}")
+    lines.append("host: RAM the process owns (anonymous + pinned); file: checkpoint bytes re-read per use, "
+                 "which the page cache keeps when RAM allows (else read from disk, slower)")
+    if host_available is not None or est.host_peak_bytes:
+        lines.append(verdict(est.host_peak_bytes, host_available, max(s.host_file_bytes for s in est.stages)))
+    lines.append(calibration_line(est))
+    return "\n".join(lines)
+
+
+def calibration_line(est) -> str:
+    """The card the estimate was calibrated on, the allocator and the tolerance, and what is not covered."""
+    cal = est.calibration or {}
+    if not cal.get("card"):
+        return f"calibration: {est.calibration_source or 'built-in defaults'} (tolerance unknown)"
+    tol = cal.get("tolerance")
+    line = (f"calibrated on {cal['card']} ({cal['allocator']} allocator): peak allocated and reserved of the "
+            f"stages it covers within {'+-' + format(tol, '.0%') if tol else 'an unknown tolerance'} of measured "
+            f"on its grid; "
+            f"{est.calibration_source}")
+    return line + (f". NOTE: {cal['note']}" if cal.get("note") else "")
+
+
+STAGE_COLORS = {"weights": (70, 110, 190), "activations": (230, 150, 60), "reserved": (200, 200, 200)}
+
+
+def chart_image(est, width: int = 640, height: int = 360):
+    """Bars per stage (weights + activations, reserved outline) against the budget line: uint8 HxWx3."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    left, right, top, bottom = 48, width - 12, 28, height - 36
+    top_val = max([est.peak_reserved] + ([est.budget_bytes] if est.budget_bytes else [])) * 1.1 or 1
+    y = lambda b: bottom - (bottom - top) * b / top_val
+    d.text((left, 6), f"{VARIANTS[est.variant_key].label} {est.frames}f {est.width}x{est.height} "
+                      f"[{est.profile_name}]", fill=(0, 0, 0))
+    step = max(1, math.ceil(top_val / GiB / 6))
+    for gb in range(0, int(top_val / GiB) + 1, step):
+        yy = y(gb * GiB)
+        d.line([(left, yy), (right, yy)], fill=(235, 235, 235))
+        d.text((4, yy - 6), f"{gb}G", fill=(90, 90, 90))
+    n = len(est.stages)
+    slot = (right - left) / n
+    for i, s in enumerate(est.stages):
+        x0, x1 = left + slot * i + slot * 0.2, left + slot * (i + 1) - slot * 0.2
+        d.rectangle([x0, y(s.peak_reserved), x1, bottom], fill=STAGE_COLORS["reserved"])
+        d.rectangle([x0, y(s.weights), x1, bottom], fill=STAGE_COLORS["weights"])
+        d.rectangle([x0, y(s.peak_allocated), x1, y(s.weights)], fill=STAGE_COLORS["activations"])
+        d.text((x0, bottom + 4), LABELS[s.name], fill=(0, 0, 0))
+        d.text((x0, y(s.peak_reserved) - 12), f"{s.peak_reserved / GiB:.1f}", fill=(0, 0, 0))
+    d.line([(left, bottom), (right, bottom)], fill=(0, 0, 0))
+    if est.budget_bytes:
+        yy = y(est.budget_bytes)
+        color = (0, 150, 0) if est.fits else (210, 0, 0)
+        d.line([(left, yy), (right, yy)], fill=color, width=2)
+        d.text((right - 150, yy - 13), f"budget {est.budget_bytes / GiB:.1f} GiB", fill=color)
+    d.text((left, height - 16), "blue weights, orange activations, grey reserved", fill=(90, 90, 90))
+    return np.asarray(img, dtype=np.uint8).copy()

@@ -1,0 +1,6 @@
+"""run: one video from sources to frames. The stages in order (``pipeline``), the sampling loop
+(``sampling``), loaded components as values with their placements (``session``), out-of-memory and
+cancel handling (``guard``), the per-stage report (``report``) and the mp4 writer (``video``).
+
+May import every other package. Live previews belong here (they watch the sampling loop).
+"""

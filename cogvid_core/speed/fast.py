@@ -1,0 +1,312 @@
+"""Speed options for the CogVideoX transformer, active only while a Component value is in use.
+
+A speed is a name (the public contract, shown in the loader's combo and the CLI's ``--speed``):
+
+* ``exact``    today's math, bit for bit (the default).
+* ``cudnn``    attention through cuDNN's fused kernel first (torch SDPA backend choice). Exact-class:
+               the same math in another summation order.
+* ``compile``  regional ``torch.compile`` of each transformer block's ``forward``. Exact-class.
+* ``sage``     attention with 8-bit Q·K (SageAttention, Triton). Quantized: small, measured error.
+* ``fp8``      the blocks' attention and feed-forward Linear layers in float8 e4m3 (torchao dynamic
+               quantization, per-row scales of activations and weights). Quantized; needs compute
+               capability >= 8.9 (Ada, Hopper).
+* ``fa3fp8``   attention in FP8 through FlashAttention-3 (Hopper only; PyPI ``tokenspeed-fa3``): q, k, v in
+               float8 with one scale per batch row and head. Quantized.
+
+Parts combine with ``+`` (``fp8+compile``, ``sage+compile``...). A part that cannot run here (no CUDA,
+an older card, a package missing) is dropped with a message saying what to do; the rest runs.
+
+How each part is applied, without copying diffusers' code and without changing the shared module for
+other values: attention calls are redirected by a ``TorchFunctionMode`` entered while the transformer
+runs (diffusers' CogVideoX processor, and ours in ``activations``, call
+``F.scaled_dot_product_attention``); the kernels are ``torch.library`` custom ops, so a compiled
+block treats them as one opaque call. fp8 swaps each block Linear's weight for a torchao float8 copy
+in a block pre-hook, after the placement's own hooks have brought the block in, so resident, offload
+and file-backed streaming all work (streamed blocks are quantized again at each call, as they are
+read again). Compile sets a compiled ``forward`` on each block instance; module hooks (file-backed
+streaming, LoRA) stay outside it. Everything is undone when the use ends.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
+
+log = logging.getLogger(__name__)
+
+EXACT = "exact"
+# what the loader offers, cheapest in quality first (any "+" combination of known parts parses)
+# (new names go at the end: saved workflows hold the combo's value)
+CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
+           "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile")
+FP8_MIN_CC = (8, 9)
+_FP8_LINEARS = ("attn1.", "ff.")   # the token-sized matmuls of a block (norm Linears see one row per video)
+
+
+class SpeedError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Speed:
+    attention: str = "sdpa"     # "sdpa" (torch's own choice) or a name in ATTENTION
+    fp8: bool = False
+    compile: bool = False
+    notes: tuple = field(default=(), compare=False)   # why parts were dropped (resolve)
+
+    @property
+    def exact(self) -> bool:
+        return self.attention == "sdpa" and not self.fp8 and not self.compile
+
+    @property
+    def quantized(self) -> bool:
+        """False: exact-class (the same math in another order); True: lower-precision arithmetic."""
+        return self.fp8 or (self.attention != "sdpa" and not ATTENTION[self.attention].exact_class)
+
+    @property
+    def name(self) -> str:
+        parts = (["fp8"] if self.fp8 else []) + ([self.attention] if self.attention != "sdpa" else []) \
+            + (["compile"] if self.compile else [])
+        return "+".join(parts) or EXACT
+
+
+# ============================================================================ parsing and checks
+def parse(name: str) -> Speed:
+    """``"fp8+compile"`` -> Speed; SpeedError names the valid parts."""
+    if not isinstance(name, str) or not name.strip():
+        raise SpeedError(f"speed must be a name such as {', '.join(CHOICES)}; got {name!r}")
+    parts = [p.strip().lower() for p in name.split("+")]
+    if parts == [EXACT]:
+        return Speed()
+    known = ("fp8", "compile", *ATTENTION)
+    bad = [p for p in parts if p not in known]
+    if bad or len(set(parts)) != len(parts):
+        raise SpeedError(f"unknown or repeated speed part(s) {bad or parts} in {name!r}: combine 'exact' alone, or "
+                         f"{', '.join(known)} with '+' (e.g. fp8+compile)")
+    attention = [p for p in parts if p in ATTENTION]
+    if len(attention) > 1:
+        raise SpeedError(f"{name!r} names two attention kernels ({' and '.join(attention)}): pick one")
+    return Speed(attention=attention[0] if attention else "sdpa", fp8="fp8" in parts, compile="compile" in parts)
+
+
+def _fp8_reason(device) -> str | None:
+    reason = cuda_reason(device)
+    if reason:
+        return reason
+    cc = torch.cuda.get_device_capability(torch.device(device))
+    if cc < FP8_MIN_CC:
+        return (f"float8 matmuls need compute capability >= {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]} (Ada, Hopper); "
+                f"this GPU has {cc[0]}.{cc[1]}")
+    if importlib.util.find_spec("torchao") is None:
+        return "the torchao package is not installed (pip install torchao, a version made for your torch)"
+    return None
+
+
+def _compile_reason(device) -> str | None:
+    if torch.device(device).type == "cuda":
+        return triton_reason()
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "torch.compile on the CPU needs a C++ compiler (g++), none found"
+    return None
+
+
+def resolve(speed: Speed | str, device) -> Speed:
+    """The parts of ``speed`` that can run on ``device``; each dropped part leaves a note (what was
+    asked, why not, what runs instead)."""
+    speed = parse(speed) if isinstance(speed, str) else speed
+    notes = list(speed.notes)
+    if speed.attention != "sdpa":
+        why = ATTENTION[speed.attention].check(device)
+        if why:
+            notes.append(f"speed '{speed.attention}' is off: {why}; attention runs torch's exact SDPA")
+            speed = replace(speed, attention="sdpa")
+    if speed.fp8:
+        why = _fp8_reason(device)
+        if why:
+            notes.append(f"speed 'fp8' is off: {why}; the matmuls run in the exact bf16 path")
+            speed = replace(speed, fp8=False)
+    if speed.compile:
+        why = _compile_reason(device)
+        if why:
+            notes.append(f"speed 'compile' is off: {why}; the blocks run eagerly")
+            speed = replace(speed, compile=False)
+    return replace(speed, notes=tuple(notes))
+
+
+def resolve_alone(speed: Speed | str, device, split: str | None) -> Speed:
+    """:func:`resolve`, refusing a speed that still changes something when the run is ``split`` (named:
+    a CFG pair over two GPUs, torchrun's ranks): the pair's second copy would run exact, and sequence
+    parallel's attention mode would be bypassed by the speed's redirect; neither is wired yet."""
+    resolved = resolve(speed, device)
+    if split and not resolved.exact:
+        raise SpeedError(f"speed {speed} does not combine with {split} yet: use speed exact there, "
+                         "or one GPU with the speed option")
+    return resolved
+
+
+# ============================================================================ applying
+_COMPILED = "_cogvid_compiled_forward"   # block attribute: its compiled forward, kept for later uses
+# static shapes: a run's shapes never change (batched CFG: batch 2; sequential: batch 1 for both branches),
+# so each block gets two graphs (the first block's input is a strided slice) and nothing recompiles per step
+COMPILE_OPTIONS = {"dynamic": False}
+
+
+def _blocks(transformer: nn.Module) -> nn.ModuleList:
+    from cogvid_core.memory.activations import _blocks as blocks_of
+    return blocks_of(transformer)
+
+
+def _while_running(module: nn.Module, stack: ExitStack, enter, leave) -> None:
+    """``enter()`` before each forward of ``module``, ``leave()`` after it (also when it raises);
+    the hooks come off when ``stack`` closes."""
+    entered = []
+
+    def pre(_module, _args):
+        enter()
+        entered.append(True)
+
+    def post(_module, _args, _output):
+        if entered:
+            entered.pop()
+            leave()
+
+    stack.callback(module.register_forward_pre_hook(pre).remove)
+    stack.callback(module.register_forward_hook(post, always_call=True).remove)
+
+
+def _route(transformer: nn.Module, kernel: AttentionKernel, stack: ExitStack) -> None:
+    mode = mode_of(kernel)
+    _while_running(transformer, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
+
+
+def _computable(w: torch.Tensor) -> bool:
+    """float8 matmuls run on CUDA tensors only (a test may say otherwise)."""
+    return w.is_cuda
+
+
+class _Fp8Block:
+    """Swaps the block's token-sized Linear weights for torchao float8 copies for one call and puts
+    the originals back after it: nothing is kept between calls, so every placement's own weight
+    traffic (offload, file-backed streaming) is untouched, and memory grows by one block's float8
+    copy. Re-quantizing a block costs reading its weights once, small beside a call's matmuls.
+    Weights stored in fp8 (``precision=fp8_e4m3fn``, loading.Fp8Linear) are upcast and re-scaled per
+    row: streamed bytes stay halved and the matmul runs in float8 too."""
+
+    def __init__(self, block: nn.Module, config, skipped: list):
+        self.linears = [m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name.startswith(_FP8_LINEARS)]
+        self.config, self.skipped, self.live = config, skipped, []
+
+    def enter(self) -> None:
+        from torchao.quantization import quantize_
+
+        for lin in self.linears:
+            w, cls = lin.weight, type(lin)
+            if not _computable(w):
+                self.skipped.append(lin)   # e.g. diffusers group offloading brings weights in later
+                continue
+            if w.element_size() == 1:   # fp8 storage (loading.Fp8Linear)
+                lin.__class__ = nn.Linear   # its forward would upcast torchao's tensor back to bf16
+                lin.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+            quantize_(lin, self.config)
+            self.live.append((lin, w, lin.weight, cls))
+
+    def leave(self) -> None:
+        for lin, w, q, cls in self.live:
+            lin.__dict__.pop("extra_repr", None)   # torchao's repr decoration, instance-level
+            lin.__class__ = cls
+            if lin.weight is q:   # else the placement has already swapped it (a streamed block dropped)
+                lin.weight = w
+        self.live = []
+
+
+def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    # set_inductor_config=False: torchao would otherwise change process-wide settings (float32 matmul
+    # precision among them) that other models in the same process would then run with
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    skipped: list = []
+    for block in _blocks(transformer):
+        swap = _Fp8Block(block, config, skipped)
+        _while_running(block, stack, swap.enter, swap.leave)
+
+    def report():
+        if skipped:
+            log.warning("speed 'fp8': %d Linear calls ran in bf16, their weights were not on the GPU when the block "
+                        "started (diffusers group offloading of a model loaded into memory); load it file-backed or "
+                        "use resident/offload placement", len(skipped))
+    stack.callback(report)
+
+
+def _compile(transformer: nn.Module, stack: ExitStack) -> None:
+    """Each block's ``forward`` compiled (once per block object, kept for later uses). The blocks
+    share one code object, so with torch's default inlining of nn modules one graph serves all of
+    them; module hooks on the blocks (streaming, fp8) run outside it."""
+    blocks = _blocks(transformer)
+    inside = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for b in blocks for m in b.modules() if m is not b)
+    if inside:
+        # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
+        # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
+        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
+                    "correctly; the blocks run eagerly (the other speed parts stay on)", inside)
+        return
+    wrapped = 0
+    for block in blocks:
+        if "forward" in block.__dict__:   # someone else's forward wrapper (diffusers hooks): leave it alone
+            wrapped += 1
+            continue
+        fn = block.__dict__.get(_COMPILED)
+        if fn is None:
+            fn = torch.compile(block.forward, **COMPILE_OPTIONS)
+            object.__setattr__(block, _COMPILED, fn)
+        object.__setattr__(block, "forward", fn)
+        stack.callback(_uncompile, block, fn)
+    if wrapped:
+        log.warning("speed 'compile': %d blocks run eagerly, their forward is wrapped by diffusers hooks (group "
+                    "offloading of a model loaded into memory); resident, offload and file-backed streaming compile",
+                    wrapped)
+
+
+def _uncompile(block: nn.Module, fn) -> None:
+    if block.__dict__.get("forward") is fn:
+        del block.__dict__["forward"]
+
+
+@contextmanager
+def applied(transformer: nn.Module, speed: Speed | str, device):
+    """Inside: ``transformer`` runs with the parts of ``speed`` that work on ``device`` (each dropped
+    part logged once, with what to do). Parts that need weights on the GPU (fp8) or a placed module
+    (compile) are set up at the transformer's first forward, after the placement's own hooks ran.
+    Yields the resolved Speed; everything is undone on exit."""
+    speed = resolve(speed, device)
+    for note in speed.notes:
+        log.warning(note)
+    with ExitStack() as stack:
+        if not speed.exact:
+            _setup_at_first_call(transformer, speed, stack)
+        yield speed
+
+
+def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack) -> None:
+    done = []
+
+    def setup(_module, _args):
+        if done:
+            return
+        done.append(True)
+        if speed.compile:
+            _compile(transformer, stack)
+        if speed.fp8:
+            _fp8(transformer, stack)
+
+    if speed.compile or speed.fp8:
+        stack.callback(transformer.register_forward_pre_hook(setup).remove)
+    if speed.attention != "sdpa":
+        _route(transformer, ATTENTION[speed.attention], stack)
