@@ -28,8 +28,8 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a CogVideoX LoRA .safetensors file and its strength (default 1.0, negative inverts "
                         "it); repeat for several")
-    p.add_argument("--image", required=True, help="start image")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", help="start image (required unless --from-latents)")
+    p.add_argument("--prompt", help="what the video shows (required unless --from-latents)")
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--frames", type=int, help="default: the variant's (49 for 1.0, 81 for 1.5)")
     p.add_argument("--width", type=int)
@@ -54,6 +54,9 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where hub downloads go (default: huggingface_hub's cache)")
     p.add_argument("--report", type=Path, help="write the per-stage memory/time summary as JSON here")
     p.add_argument("--out", required=True, type=Path, help="OUT.mp4 for an H.264 video, else a folder of PNG frames")
+    p.add_argument("--from-latents", type=Path, metavar="FILE",
+                   help="decode the OUT.latents.safetensors a failed or interrupted run kept (same --model), "
+                        "without sampling again")
 
 
 def _speeds():
@@ -82,42 +85,82 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run_i2v(args) -> int:
-    from cogvid_core.run import pipeline
-    from cogvid_core.run import video
+    from cogvid_core.run import keep, pipeline
     from cogvid_core.run.report import StageRecorder
 
+    keep.check_writable(args.out)                 # before anything loads: a bad --out costs a second
     sources = pipeline.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
                                text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
                                scheduler=args.model, loras=tuple(parse_lora(x) for x in args.lora))
+    device, devices = _devices(args)
+    rec = StageRecorder(device)
+    if args.from_latents:
+        latents, tile, _ = keep.load(args.from_latents)
+        result = pipeline.decode_saved(sources, latents, tile, precision=_vae_precision(args.precision),
+                                       device=device, recorder=rec, cache_dir=args.cache_dir)
+        return _write(args, result, rec, keep)
+    if not args.image or not args.prompt:
+        raise ValueError("i2v needs --image and --prompt (or --from-latents FILE to decode kept latents)")
     job = pipeline.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
                        dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,
                        resize=args.resize)
     if not Path(args.image).is_file():
         raise ValueError(f"start image not found: {args.image}")
-    device, devices = _devices(args)
-    rec = StageRecorder(device)
     bar = _Bar("denoise")
-    result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
-                               vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
-                               cache_dir=args.cache_dir, devices=devices,
-                               speed=args.speed)
+    try:
+        result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
+                                   vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
+                                   cache_dir=args.cache_dir, devices=devices,
+                                   speed=args.speed)
+    except BaseException as e:                   # the decode failed or was interrupted: keep what was sampled
+        bar.close()
+        if getattr(e, "latents", None) is not None:
+            _keep(args, keep, e.latents, getattr(e, "decode_tile", None))
+        raise
     bar.close()
     from cogvid_core.speed import seqpar
     if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
         return 0
+    return _write(args, result, rec, keep)
+
+
+def _vae_precision(precision: str) -> str:
+    return "bf16" if precision == "fp8_e4m3fn" else precision     # fp8 is the transformer's storage only
+
+
+def _keep(args, keep, latents, tile) -> None:
+    where = keep.save(latents, keep.latents_path(args.out), tile, settings={"model": args.model})
+    print(f"note: {keep.kept_message(where, f'--model {args.model}')}", file=sys.stderr)
+
+
+def _write(args, result, rec, keep) -> int:
+    from cogvid_core.run import video
+
     fps = args.fps or result.fps
     out = args.out
-    with rec.stage("write"):
-        if out.suffix.lower() == ".mp4":
-            video.write_mp4(result.frames, out, fps)
-        else:
-            video.write_pngs(result.frames, out)
+    try:
+        with rec.stage("write"):
+            if out.suffix.lower() == ".mp4":
+                video.write_mp4(result.frames, out, fps)
+            else:
+                video.write_pngs(result.frames, out)
+    except BaseException as e:                   # a full disk, a lost drive, Ctrl-C: the latents outlive it
+        if not args.from_latents:
+            _keep(args, keep, result.latents, result.tile)
+        if isinstance(e, OSError):
+            raise ValueError(f"could not write {out}: {e.strerror or e}") from e
+        raise
+    _summary(args, result, rec, fps, out)
+    return 0
+
+
+def _summary(args, result, rec, fps, out) -> None:
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(rec.table())
     print(f"profile {result.profile}: " + ", ".join(f"{k} {v}" for k, v in result.settings.items())
-          + (" (on the CPU every placement is resident)" if device.type == "cpu" else ""))
+          + (" (on the CPU every placement is resident)" if rec.device.type == "cpu" else ""))
     if result.host_estimate:
         print("host RAM estimate (anonymous + pinned; file pages the page cache would keep): " + ", ".join(
             f"{k} {o / GiB:.2f} ({f / GiB:.2f})" for k, (o, f) in result.host_estimate.items()) + " GiB")
@@ -127,7 +170,6 @@ def run_i2v(args) -> int:
         host = {k: dict(host_anon_pinned_gib=o / GiB, host_file_gib=f / GiB) for k, (o, f) in result.host_estimate.items()}
         args.report.write_text(rec.to_json(profile=result.profile, settings=result.settings,
                                            variant=result.variant.key, out=str(out), host_estimate=host))
-    return 0
 
 
 def _devices(args):

@@ -23,7 +23,7 @@ from cogvid_core.speed import seqpar
 from cogvid_core.run import session
 from cogvid_core.model import text
 from cogvid_core.model import vae as vae_mod
-from cogvid_core.memory.profiles import Profile
+from cogvid_core.memory.profiles import Profile, get_profile
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)   # the profile's choices, for the run summary
     host_estimate: dict = field(default_factory=dict)  # {stage: (owned, file) bytes}: estimate.host_plan
+    tile: object = None                   # the decode tile the frames came from (keep.save records it)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -173,7 +174,29 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
         _free()
     notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
-                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision))
+                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision),
+                  tile=run.profile.vae_tile)
+
+
+def decode_saved(sources: Sources, latents: vae_mod.VideoLatents, tile, precision: str = "bf16", device=None,
+                 recorder=None, interrupt=None, cache_dir=None) -> Result:
+    """Frames from latents a run kept (run.keep): only the VAE loads, with the run's decode tile, so the
+    frames equal the ones the uninterrupted run would have written."""
+    device = pick_device(device)
+    dtype, _storage = session.precision(precision)
+    variant = models.VARIANTS[latents.variant_key]
+    prof = get_profile("balanced").replace(vae_tile=tile)      # the VAE resident while it decodes
+    run = _Run(sources, Job(image=None, prompt=""), device, dtype, None, variant, latents.frames, latents.height,
+               latents.width, prof, recorder=recorder, interrupt=interrupt, cache_dir=cache_dir)
+    vc = _load_vae(run)
+    try:
+        with multigpu.on_device(vc.device):
+            frames_out = _decode(run, vc, latents)
+    finally:
+        del vc
+        _free()
+    return Result(frames=frames_out, latents=latents, variant=variant, fps=latents.fps, profile=prof.name,
+                  settings=profile_settings(prof), tile=tile)
 
 
 def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir,
@@ -281,6 +304,7 @@ def _decode(run: _Run, vc: session.Component, lat):
         # Any failure, interrupts included (ComfyUI 2026's derives from BaseException), keeps the
         # sampled latents reachable to decode again without re-sampling; it is always re-raised.
         e.latents = lat
+        e.decode_tile = run.profile.vae_tile
         raise
     finally:
         vc.release()
