@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from test_placement import _inputs, _run
 from cogvid_core.model import loading as L
 from cogvid_core.model import variants as M
 from cogvid_core.model.testing import write_checkpoints
+from cogvid_core.model.variants import CheckpointError
 from cogvid_core.memory import placement as P
 from cogvid_core.memory.fileread import registered_bytes
 
@@ -61,3 +63,49 @@ def test_dropped_model_closes_its_files(two, mode):
         gc.collect()
     assert _open_files(path) == before
     assert registered_bytes() == 0
+
+
+# ------------------------------------------------------------------------------- item 7: a changed file is refused
+def _replace_same_size(dst, src, keep_inode: bool) -> None:
+    """``dst`` gets ``src``'s bytes (same size): in place (same inode, later mtime) or as a new file
+    renamed over it with ``dst``'s old times (what ``cp -p`` / a copy2 then move gives)."""
+    st = os.stat(dst)
+    if keep_inode:
+        with open(dst, "r+b") as f:
+            f.write(src.read_bytes())
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    else:
+        tmp = dst.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, dst)
+    assert os.path.getsize(dst) == st.st_size
+
+
+@pytest.mark.parametrize("keep_inode", [True, False], ids=["rewritten", "renamed-over"])
+@pytest.mark.parametrize("mode", ["stream", "offload"])
+def test_file_replaced_under_a_loaded_model_is_refused(two, tmp_path, mode, keep_inode):
+    path = tmp_path / "transformer.safetensors"
+    shutil.copyfile(two[0], path)
+    lazy = _lazy(path)
+    kw = _inputs(lazy, M.V15)
+    placed = P.place(lazy, "cpu", mode, degrade_on_cpu=False)
+    with placed.use():
+        want = _run(lazy, kw)
+    _replace_same_size(path, two[1], keep_inode)
+    with pytest.raises(CheckpointError, match="changed on disk.*Load the model again"):
+        with placed.use():
+            _run(lazy, kw)
+    placed.release()
+    reloaded = _lazy(path)                          # a new load indexes the new file: its own weights
+    with P.place(reloaded, "cpu", mode, degrade_on_cpu=False).use():
+        assert not torch.equal(_run(reloaded, kw), want)
+
+
+def test_removed_file_is_refused(two, tmp_path):
+    path = tmp_path / "transformer.safetensors"
+    shutil.copyfile(two[0], path)
+    lazy = _lazy(path)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="was removed or moved.*Load the model again"):
+        P.place(lazy, "cpu", "resident")
