@@ -81,6 +81,37 @@ def _source(component: str, model: str) -> str:
     return str([sources.resolve(src, sub, local_dir=local) for sub in folders][0])
 
 
+def _model_files(component: str, model: str) -> list[str]:
+    """The weight files a listed option reads (none yet for a hub repo not downloaded)."""
+    src = C.resolve_model(component, model)
+    if src in C.HUB_REPOS:
+        src = os.path.join(C.download_dir(), src.split("/")[-1])
+    if os.path.isfile(src):
+        return [src]
+    sub = os.path.join(src, C.SUBFOLDER[component])
+    top = sub if os.path.isdir(sub) else src
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(top) for f in names
+                  if f.endswith(C.MODEL_EXTENSIONS))
+
+
+def files_fingerprint(component: str, model: str):
+    """ComfyUI runs a loader again when this value changes: a model file replaced under the same name
+    (a new download, a converted copy) is then loaded and indexed anew at the next queue, instead of the
+    cached model reading the new file at the old offsets (the engine refuses that: fileindex)."""
+    from cogvid_core.model.fileindex import file_stamp
+    try:
+        files = _model_files(component, model)
+    except ValueError:
+        return model             # not in the list: the loader's own validation says so
+    stamps = []
+    for path in files:
+        try:
+            stamps.append((path, file_stamp(path)))
+        except OSError:
+            stamps.append((path, None))
+    return model, tuple(stamps)
+
+
 class CogVidTransformerLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -97,6 +128,10 @@ class CogVidTransformerLoader(io.ComfyNode):
             + [io.Combo.Input("speed", options=C.speed_options(), default="exact", tooltip=_SPEED_TIP)],
             outputs=[C.TRANSFORMER.Output(display_name="transformer")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model, **_other):
+        return files_fingerprint("transformer", model)
 
     @classmethod
     def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
@@ -133,6 +168,10 @@ class CogVidT5Loader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, model, **_other):
+        return files_fingerprint("t5", model)
+
+    @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core.model import loading
         from cogvid_core.run import session
@@ -158,6 +197,10 @@ class CogVidVAELoader(io.ComfyNode):
                                   "for encode and decode"),
             outputs=[C.VAE.Output(display_name="vae")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, model, **_other):
+        return files_fingerprint("vae", model)
 
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:

@@ -53,9 +53,11 @@ class CogVidSampler(io.ComfyNode):
         h, w = image_latent.height, image_latent.width
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
-            # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
-            fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device),
-                                             lora_bytes=transformer.lora_bytes(), speed=transformer.speed).profile
+            # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure, plus
+            # what the transformer itself holds there (resident from the last queue): its own plan reuses it
+            budget = planner.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
+            fallback = planner.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
+                                             speed=transformer.speed).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)

@@ -26,3 +26,38 @@ def test_bug_shows_its_traceback(capsys, monkeypatch):
     assert "Traceback (most recent call last)" in err and "in broken" in err
     assert "TypeError: estimate() got an unexpected keyword argument 'x'" in err
     assert "error: " not in err
+
+
+def _tagged_photo(path, orientation: int):
+    """A 16x8 picture, red left half, blue right half, stored with an EXIF orientation tag."""
+    from PIL import Image
+    im = Image.new("RGB", (16, 8), (0, 0, 255))
+    im.paste((255, 0, 0), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, quality=95)
+
+
+def test_i2v_applies_the_photo_orientation(tiny_ckpts, tmp_path, monkeypatch, capsys):
+    """A phone photo stores its pixels sideways plus an orientation tag: the video starts from the photo
+    as seen (ComfyUI's LoadImage applies the tag too), not from the raw sideways pixels."""
+    from cogvid_core.run import pipeline
+
+    seen = []
+
+    def capture(run, vc, image):
+        seen.append(image)
+        raise KeyboardInterrupt      # stop here: the image as the encode receives it is all this test needs
+    monkeypatch.setattr(pipeline, "_encode_prompts", lambda run: (None, None))
+    monkeypatch.setattr(pipeline, "_encode_image", capture)
+    model = str(tiny_ckpts["cogvideox1.5-5b-i2v"]["hf"])
+    for name in ("photo.jpg", "photo.png"):
+        path = tmp_path / name
+        _tagged_photo(path, 6)                 # 6: turn 90 degrees clockwise to view
+        main(["i2v", "--model", model, "--image", str(path), "--prompt", "x", "--frames", "17", "--height", "64",
+              "--width", "96", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "out.mp4")])
+        im = seen[-1]
+        assert im.size == (8, 16), name                          # upright: portrait
+        top, bottom = im.getpixel((4, 1)), im.getpixel((4, 14))
+        assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], name   # the left half went up
+    capsys.readouterr()

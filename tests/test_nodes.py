@@ -216,6 +216,27 @@ def test_wrong_component_is_a_clear_error(comfy, models_root, tiny_ckpts):
         dst.unlink()
 
 
+def test_loader_runs_again_when_its_file_changes(comfy, models_root, tiny_ckpts):
+    """ComfyUI re-runs a node whose fingerprint changed: a file replaced under the same name is loaded
+    again, not read at the cached model's old offsets."""
+    nodes, _ = comfy
+    dst = models_root / "models" / "vae" / "zz_replaced.safetensors"
+    shutil.copy(tiny_ckpts[V10]["single"]["vae"], dst)
+    try:
+        fp = nodes["CogVidVAELoader"].fingerprint_inputs(model="vae/" + dst.name, precision="fp32",
+                                                         placement="auto", device="auto")
+        assert nodes["CogVidVAELoader"].fingerprint_inputs(model="vae/" + dst.name) == fp
+        tmp = dst.with_suffix(".tmp")
+        shutil.copy2(dst, tmp)                 # same bytes, same times: only the file identity differs
+        os.replace(tmp, dst)
+        assert nodes["CogVidVAELoader"].fingerprint_inputs(model="vae/" + dst.name) != fp
+        folder = "CogVideo/CogVideoX1.5-5B-I2V"
+        fp = nodes["CogVidTransformerLoader"].fingerprint_inputs(model=folder)
+        assert len(fp[1]) >= 1 and all(p.endswith(".safetensors") and "transformer" in p for p, _ in fp[1])
+    finally:
+        dst.unlink()
+
+
 @pytest.mark.parametrize("workflow", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "workflows").glob("*.json")))
 def test_shipped_workflows_carry_one_value_per_widget(comfy, workflow):
     """The frontend maps widgets_values to widget inputs by position: a node's inputs added later must be

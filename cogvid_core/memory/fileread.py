@@ -120,8 +120,6 @@ class Reader:
         self.cuda = device.type == "cuda"
         self.buffer_bytes = max(size, 1)
         self._bufs = [staging_buffer(size, self.cuda) for _ in range(max(1, buffers))]
-        # also when a reader is dropped without close() (an error left its placement behind)
-        self._unpin = weakref.finalize(self, unregister, self._bufs)
         self._free: list = [None] * len(self._bufs)
         self._next = 0
         self._fds: dict[str, int] = {}
@@ -130,6 +128,10 @@ class Reader:
         # compute per byte) then wait on the reads
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="cogvid-pread")
         self.side = torch.cuda.Stream(device) if self.cuda else None
+        # also when a reader is dropped without close(): ComfyUI drops a cached loader output without
+        # release(), and an error can leave a placement behind; each drop kept the files open (locked on
+        # Windows) and the staging buffers page-locked. The callback holds the parts, never the reader.
+        self._finish = weakref.finalize(self, _finish, self._pool, self._io, self._free, self._bufs, self._fds)
 
     def staging_bytes(self) -> int:
         return sum(b.numel() for b, _ in self._bufs)
@@ -194,7 +196,19 @@ class Reader:
         self._io.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        self._unpin()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        self._finish()
+
+
+def _finish(pool, io, copies: list, bufs: list, fds: dict) -> None:
+    """A reader's end, by close() or by the garbage collector: no thread, page-locked buffer or open
+    file left. Never waits for the threads: the collector may run this on one of them, and a reader
+    nobody refers to has no read queued (a queued read refers to it)."""
+    pool.shutdown(wait=False)
+    io.shutdown(wait=False)
+    for copied in copies:        # a copy out of a staging buffer may still run: unpin after it
+        if copied is not None:
+            copied.synchronize()
+    unregister(bufs)
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()

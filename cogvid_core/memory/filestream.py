@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cogvid_core.model.fileindex import _assign, index_of
+from cogvid_core.model.fileindex import _assign, check_unchanged, index_of, stamps
 from cogvid_core.memory.fileread import ALIGN, Layout, Reader
 
 PREFETCH_DEPTH = 2         # blocks read ahead of the running one in ``stream`` mode
@@ -39,6 +39,7 @@ class FilePlacement:
         if index is None:
             raise ValueError(f"{type(model).__name__} is not file-backed (no weight index attached)")
         self.model, self.device, self.mode, self.depth = model, torch.device(device), mode, max(1, depth)
+        self._stamps = stamps(index)
         prefix = _block_prefix(model, blocks) if blocks is not None else None
         groups: dict[int, list] = {}
         outside = []
@@ -109,6 +110,7 @@ class FilePlacement:
     def _read_outside(self) -> None:
         if self._outside_live:
             return
+        check_unchanged(self._stamps)   # a use starts here (stream) or the placement does: one stat per file
         for layout in self._outside:
             for name, t in self._reader.read_now(layout).items():
                 _assign(self.model, name, t)
@@ -128,6 +130,7 @@ class FilePlacement:
             self._read_outside()
 
     def _fetch_all(self) -> None:
+        check_unchanged(self._stamps)   # offload: every use reads all blocks again
         n = len(self.blocks)
         for i in range(n):
             for j in range(i, min(n, i + 1 + self.depth)):

@@ -35,6 +35,7 @@ class TensorSource:
     shape: tuple[int, ...]
     target: torch.dtype        # as computed with
     scale: "TensorSource | None" = None   # ComfyUI scaled fp8: weight * scale (float32), then target
+    stamp: tuple = ()          # file_stamp(path) when indexed: the offsets hold for that version only
 
 
 WeightIndex = dict      # {model tensor name: TensorSource}
@@ -65,6 +66,42 @@ def read_header(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple[i
     return out
 
 
+def file_stamp(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another under the same name: size, modification time
+    (ns), inode and device. A file replaced by a download or a copy changes at least one of them."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
+def stamps(index: WeightIndex) -> dict[str, tuple]:
+    """{file: its stamp when indexed} for every file ``index`` reads (fp8 scales' files included)."""
+    out = {}
+    for src in index.values():
+        for s in (src, src.scale):
+            if s is not None and s.stamp:
+                out.setdefault(s.path, s.stamp)
+    return out
+
+
+def check_unchanged(files: dict[str, tuple]) -> None:
+    """Refuse to read a file that changed since it was indexed: the index's byte offsets are the old
+    version's, so the new file would give wrong weights without any error. ComfyUI keeps a loader's
+    output while its inputs stay the same, so a model replaced under the same name reaches here."""
+    for path, stamp in files.items():
+        try:
+            now = file_stamp(path)
+        except OSError:
+            now = None
+        if now != stamp:
+            what = ("was removed or moved" if now is None else
+                    "was truncated or replaced (it is shorter now)" if now[0] < stamp[0] else
+                    "changed on disk (its size, time or file identity differ)")
+            raise CheckpointError(
+                f"{Path(path).name} {what} after this model was loaded from it: its weights would be read at "
+                "the old file's byte offsets. Load the model again (in ComfyUI: queue again, the loader reloads a "
+                "changed file; or press 'Unload models'); keep a file in place while a loaded model uses it")
+
+
 def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=None, keep_fp8: bool = False,
                   ignore=lambda k: False) -> WeightIndex:
     """What ``loading.load_weights`` would read into ``model``, recorded instead of read.
@@ -74,22 +111,28 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
     tensors the model does not have."""
     index, unexpected = {}, []
     for path in map(Path, files):
+        # before the header: a file replaced in between is refused at its first read, never misread
+        try:
+            stamp = file_stamp(path)
+        except OSError:
+            stamp = ()              # read_header says what is wrong with the file
         header = read_header(path)
         prefix = strip_prefix(header)
-        scales = {k[len(prefix):]: _source(path, v, torch.float32) for k, v in header.items()
+        scales = {k[len(prefix):]: _source(path, v, torch.float32, stamp=stamp) for k, v in header.items()
                   if k.endswith(".scale_weight")}
         for key, name, slot in T.matched(model, header, prefix, ignore, unexpected):
             v = header[key]
             scale = scales.get(T.scale_name(name))
             probe = torch.empty(v[1], dtype=torch.float32 if scale is not None else v[0], device="meta")
-            index[name] = _source(path, v, T.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8), scale)
+            target = T.target_dtype(name, probe, slot[0], dtype, storage_dtype, keep_fp8)
+            index[name] = _source(path, v, target, scale, stamp)
     T.refuse_unexpected(unexpected)
     return index
 
 
-def _source(path: Path, entry, target, scale=None) -> TensorSource:
+def _source(path: Path, entry, target, scale=None, stamp=()) -> TensorSource:
     dt, shape, a, b = entry
-    return TensorSource(str(path), a, b - a, dt, shape, target, scale)
+    return TensorSource(str(path), a, b - a, dt, shape, target, scale, stamp)
 
 
 def attach(model: nn.Module, index: WeightIndex, finalize=None) -> nn.Module:

@@ -149,10 +149,29 @@ def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
     return None if free is None else max(0, free - int(reserve_bytes))
 
 
+def own_budget(free_bytes: int, held_bytes: int) -> int:
+    """The budget for a component's own plan: the device's free bytes plus those it already holds there,
+    which its next placement reuses or gives back. On free memory alone a card that fits 'resident' only
+    without the transformer on it (32-40 GB for 1.5 at 81x768x1360) chose resident, then balanced with
+    the resident weights counted as taken, then resident again: ~11 GB re-read every other queue."""
+    return int(free_bytes) + max(0, int(held_bytes))
+
+
+def _free_budget(devices, dev: torch.device, held_bytes: int) -> int | None:
+    """The smallest free memory of ``devices`` (None without CUDA), ``dev``'s with ``held_bytes`` back."""
+    budgets = []
+    for d in devices:
+        free = gpu_budget(d)
+        if free is not None:
+            budgets.append(own_budget(free, held_bytes if torch.device(d) == dev else 0))
+    return min(budgets) if budgets else None
+
+
 def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     device=None, budget_gib: float | None = None, precision: dict | None = None,
-                    lora_bytes: int = 0, devices=(), cfg_pair: bool = False, speed: str = "exact") -> Profile:
+                    lora_bytes: int = 0, devices=(), cfg_pair: bool = False, speed: str = "exact",
+                    held_bytes: int = 0) -> Profile:
     """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
 
     ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
@@ -161,7 +180,8 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     LoRAs' device bytes, counted with the transformer's weights. ``devices``: every GPU the run uses
     (components on different cards, a CFG pair): the free-memory budget is the smallest one's;
     ``cfg_pair``: each GPU runs one CFG branch (:func:`plan`); ``speed``: the transformer's speed option
-    (its memory counts in the estimate).
+    (its memory counts in the estimate); ``held_bytes``: what the component being planned already holds
+    on ``device`` (a transformer left resident by the last run), free for its own plan (:func:`own_budget`).
     """
     if not (isinstance(name, str) and name == AUTO):
         return get_profile(name)
@@ -171,8 +191,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     if budget_bytes is None:
         if dev is None or dev.type == "cpu" or not torch.cuda.is_available():
             return PROFILES["resident"]
-        budgets = [b for b in (gpu_budget(d) for d in (devices or [dev])) if b is not None]
-        budget_bytes = min(budgets) if budgets else None
+        budget_bytes = _free_budget(devices or [dev], dev, held_bytes)
         if budget_bytes is None:
             return PROFILES["resident"]
     if estimate_fn is not None:

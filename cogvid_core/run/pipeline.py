@@ -330,12 +330,15 @@ def profile_settings(prof) -> dict:
 
 
 def _open_image(image):
+    """A path -> the picture as it is meant to be seen: a phone photo stores its pixels sideways with an
+    EXIF orientation tag, which viewers (and ComfyUI's LoadImage) apply; read raw, a portrait photo
+    became a sideways video."""
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
         try:
             with Image.open(image) as im:
                 im.load()
-                return im.copy()
+                return ImageOps.exif_transpose(im)    # a new image (a copy when there is no tag)
         except FileNotFoundError:
             raise ValueError(f"start image not found: {image}") from None
         except UnidentifiedImageError:

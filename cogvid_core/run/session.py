@@ -191,7 +191,7 @@ def _profile_for(transformer: Component, plan, frames, height, width, fallback: 
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
                                   frames=frames, height=height, width=width, lora_bytes=transformer.lora_bytes(),
-                                  speed=transformer.speed)
+                                  speed=transformer.speed, held_bytes=transformer.device_bytes())
     return get_profile(profile)
 
 
