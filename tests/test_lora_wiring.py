@@ -4,6 +4,7 @@ diffusers are in test_lora.py; here: which value applies what, when, and that no
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 from pathlib import Path
@@ -205,6 +206,36 @@ def test_lora_node_schema_and_listing(lora_nodes):
     # the estimate node's new input is optional and last: old graphs still run without it
     est_inputs = nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs
     assert [i.id for i in est_inputs[-2:]] == ["lora_mib", "speed"] and all(i.optional for i in est_inputs[-2:])
+
+
+def _frontend_value(typed: float, spec) -> float:
+    """What ComfyUI's frontend keeps of a typed FLOAT: rounded to ``round`` and then to the decimals its
+    ``step`` shows (useFloatWidget: precision = -floor(log10(step)), value toFixed(precision))."""
+    step, rnd = spec.kwargs["step"], spec.kwargs.get("round") or spec.kwargs["step"]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return round(round(typed / rnd) * rnd, decimals)
+
+
+def test_lora_strength_takes_four_decimals(lora_nodes, tmp_path, caplog):
+    nodes, mods = lora_nodes
+    spec = nodes["CogVidLoraLoader"].GET_SCHEMA().inputs[2]
+    assert spec.id == "strength" and spec.default == 1.0       # saved workflows: same widget, same default
+    assert abs(_frontend_value(1 / 256, spec) - 1 / 256) < 1e-4   # CogVideoX's 1/rank scale can be entered
+    assert abs(_frontend_value(-0.0078, spec) + 0.0078) < 1e-9
+    for saved in (1.0, 0.8, 0.85, -1.5, 0.05):                 # values old workflows hold load unchanged
+        assert _frontend_value(saved, spec) == saved
+    tr = run(nodes["CogVidTransformerLoader"], model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32",
+             placement="auto", device="auto")[0]
+    wide = testing.write_lora(tmp_path / "loras" / "wide.safetensors", K15, ("attn",), rank=256)
+    with caplog.at_level("WARNING"):
+        out = run(nodes["CogVidLoraLoader"], transformer=tr, lora="wide.safetensors", strength=1.0)[0]
+    assert out.loras[0][1] == 1.0
+    hints = [r.getMessage() for r in caplog.records if "wide.safetensors" in r.getMessage()]
+    assert len(hints) == 1 and "enter strength 0.0039 (= 1/256)" in hints[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = run(nodes["CogVidLoraLoader"], transformer=tr, lora="wide.safetensors", strength=0.0039)[0]
+    assert out.loras[0][1] == 0.0039 and "wide.safetensors" not in caplog.text   # taken as given; no hint
 
 
 def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):
