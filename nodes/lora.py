@@ -13,7 +13,9 @@ from . import common as C
 LORA_FOLDER = "loras"                 # ComfyUI's models/loras (and extra_model_paths.yaml entries)
 LORA_EXTENSIONS = (".safetensors", ".sft")   # pickled LoRAs are refused (reading them can run code)
 _READ: OrderedDict = OrderedDict()    # (path, mtime, size) -> LoraWeights: a strength change re-reads nothing
-_READ_SIZE = 8
+# Bounded by bytes, not files: one rank-256 CogVideoX LoRA holds ~0.5 GB (bf16), eight of them would pin
+# 4+ GB of host RAM. The newest file stays whatever its size (it is in use).
+READ_CACHE_BYTES = 2 * 1024 ** 3
 # The frontend shows and rounds a FLOAT to the decimals of its step (round alone is cut back to them),
 # so both are 1e-4: CogVideoX's 1/rank strengths (1/256 = 0.0039) must be enterable. Saved values
 # (multiples of 0.01 or 0.05) load unchanged.
@@ -39,9 +41,9 @@ def read_lora(name: str):
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _READ:
         _READ[key] = lora.load_lora(path)
-        while len(_READ) > _READ_SIZE:
-            _READ.popitem(last=False)
     _READ.move_to_end(key)
+    while len(_READ) > 1 and sum(lw.nbytes for lw in _READ.values()) > READ_CACHE_BYTES:
+        _READ.popitem(last=False)    # least recently used first
     return _READ[key]
 
 

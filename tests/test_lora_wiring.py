@@ -269,6 +269,38 @@ def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):
     assert _lora_hooks(tr.module) == 0
 
 
+def test_lora_read_cache_is_bounded_by_bytes(lora_nodes, tmp_path, monkeypatch):
+    import sys
+    from collections import OrderedDict
+    nodes, _ = lora_nodes
+    mod = sys.modules[nodes["CogVidLoraLoader"].__module__]
+    monkeypatch.setattr(mod, "_READ", OrderedDict())
+    names = [f"s{i}.safetensors" for i in range(10)]
+    for i, name in enumerate(names):
+        testing.write_lora(tmp_path / "loras" / name, K15, ("attn",), rank=2, seed=i)
+    reads = []
+    real_load_lora = lora.load_lora
+    monkeypatch.setattr(lora, "load_lora", lambda path, *a, **k: (reads.append(Path(path).name),
+                                                                    real_load_lora(path, *a, **k))[1])
+    for name in names:                                   # ten small files fit the default budget: all kept
+        mod.read_lora(name)
+    mod.read_lora(names[0])
+    assert reads == names and len(mod._READ) == 10
+    one = mod._READ[next(iter(mod._READ))].nbytes
+    monkeypatch.setattr(mod, "READ_CACHE_BYTES", int(3.5 * one))   # room for three
+    mod.read_lora(names[5])
+    assert [Path(k[0]).name for k in mod._READ] == [names[9], names[0], names[5]]   # least recently used went
+    assert sum(lw.nbytes for lw in mod._READ.values()) <= mod.READ_CACHE_BYTES
+    reads.clear()
+    mod.read_lora(names[9])
+    mod.read_lora(names[1])
+    assert reads == [names[1]]
+    monkeypatch.setattr(mod, "READ_CACHE_BYTES", 1)      # a file above the budget is still kept while newest
+    mod.read_lora(names[2])
+    mod.read_lora(names[2])
+    assert reads == [names[1], names[2]] and len(mod._READ) == 1
+
+
 def test_lora_node_refuses_bad_input(lora_nodes):
     nodes, _ = lora_nodes
     tr = run(nodes["CogVidTransformerLoader"], model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32",
