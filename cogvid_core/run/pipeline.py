@@ -195,6 +195,9 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
     notes = [hint for lw, strength in loras if (hint := lora.scale_hint(lw, strength))]
     for note in notes:
         log.warning(note)
+    positions = models.positions_note(variant, config, frames)   # sampling logs it when it runs
+    if positions:
+        notes.append(positions)
     prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
                                    budget_gib=vram_budget_gib, precision={"transformer": precision},
                                    lora_bytes=lora.lora_bytes(loras, dtype),
