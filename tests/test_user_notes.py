@@ -4,10 +4,12 @@ its trained length (diffusers swaps its learned positional embedding) and a star
 import logging
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from cogvid_core.model import loading
+from cogvid_core.model import vae as vae_mod
 from cogvid_core.model import variants as models
 from cogvid_core.run import pipeline
 
@@ -58,3 +60,36 @@ def test_run_below_trained_length_logs_once_and_notes_it(tiny_ckpts, caplog):
     said = [r.getMessage() for r in caplog.records if "sin-cos" in r.getMessage()]
     assert len(said) == 1 and "5 frames" in said[0]          # logged where it samples (the node path too)
     assert said[0] in result.notes                            # and in the CLI's closing notes
+
+
+# ----------------------------------------------------------------------------- a start image cropped hard
+@pytest.mark.parametrize("w,h,said", [
+    (60, 100, "only the middle 40% of its height"),   # portrait into landscape: a strip
+    (100, 100, None),                                 # square into 3:2 keeps 67 %: not worth a word
+    (80, 60, None),                                   # 4:3 into 3:2
+    (200, 50, "only the middle 38% of its width"),    # a panorama
+])
+def test_crop_note(w, h, said):
+    note = vae_mod.crop_note(h, w, 64, 96, "crop")
+    print(note)
+    assert (note is None) if said is None else (said in note and "'pad'" in note and "\n" not in note)
+    if note and h > w:
+        assert "96x64 video (landscape)" in note and "make a 64x96 video" in note
+    assert vae_mod.crop_note(h, w, 64, 96, "pad") is None and vae_mod.crop_note(h, w, 64, 96, "stretch") is None
+
+
+def test_square_into_16_9_is_said():
+    assert "56% of its height" in vae_mod.crop_note(1024, 1024, 768, 1360, "crop")
+
+
+def test_prepare_image_says_the_crop(caplog):
+    portrait = Image.new("RGB", (60, 100), (200, 10, 10))
+    with caplog.at_level(logging.WARNING):
+        x = vae_mod.prepare_image(portrait, 64, 96)
+    assert x.shape == (1, 3, 64, 96)
+    assert "60x100 start image (portrait) is cropped" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        vae_mod.prepare_image(portrait, 64, 96, resize="pad")
+        vae_mod.prepare_image(torch.rand(1, 64, 96, 3), 64, 96)
+    assert caplog.text == ""
