@@ -1,6 +1,7 @@
 """LoRA loader node: transformer + a file from models/loras + strength -> a transformer that applies it."""
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 
@@ -12,7 +13,15 @@ from . import common as C
 LORA_FOLDER = "loras"                 # ComfyUI's models/loras (and extra_model_paths.yaml entries)
 LORA_EXTENSIONS = (".safetensors", ".sft")   # pickled LoRAs are refused (reading them can run code)
 _READ: OrderedDict = OrderedDict()    # (path, mtime, size) -> LoraWeights: a strength change re-reads nothing
-_READ_SIZE = 8
+# Bounded by bytes, not files: one rank-256 CogVideoX LoRA holds ~0.5 GB (bf16), eight of them would pin
+# 4+ GB of host RAM. The newest file stays whatever its size (it is in use).
+READ_CACHE_BYTES = 2 * 1024 ** 3
+# The frontend shows and rounds a FLOAT to the decimals of its step (round alone is cut back to them),
+# so both are 1e-4: CogVideoX's 1/rank strengths (1/256 = 0.0039) must be enterable. Saved values
+# (multiples of 0.01 or 0.05) load unchanged.
+STRENGTH_STEP = 0.0001
+
+log = logging.getLogger(__name__)
 
 
 def lora_options() -> list[str]:
@@ -32,9 +41,9 @@ def read_lora(name: str):
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _READ:
         _READ[key] = lora.load_lora(path)
-        while len(_READ) > _READ_SIZE:
-            _READ.popitem(last=False)
     _READ.move_to_end(key)
+    while len(_READ) > 1 and sum(lw.nbytes for lw in _READ.values()) > READ_CACHE_BYTES:
+        _READ.popitem(last=False)    # least recently used first
     return _READ[key]
 
 
@@ -56,16 +65,25 @@ class CogVidLoraLoader(io.ComfyNode):
                                tooltip="A LoRA trained for this CogVideoX variant, from models/loras "
                                        "(.safetensors in diffusers/PEFT format, as CogVideoX training "
                                        "scripts save them)"),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05, round=0.01,
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=STRENGTH_STEP,
+                               round=STRENGTH_STEP,
                                tooltip="How strongly the LoRA applies: 1 as trained, 0 off; negative "
-                                       "values invert its effect"),
+                                       "values invert its effect. Type the value: 4 decimals, so LoRAs made "
+                                       "for CogVideoX's own code (no alpha, applied at 1/rank) take e.g. "
+                                       "0.0039 = 1/256"),
             ],
             outputs=[C.TRANSFORMER.Output(display_name="transformer")],
         )
 
     @classmethod
     def execute(cls, transformer, lora, strength) -> io.NodeOutput:
-        return io.NodeOutput(transformer.with_lora(read_lora(lora), strength))
+        from cogvid_core.model.lora import scale_hint
+        weights = read_lora(lora)
+        out = transformer.with_lora(weights, strength)
+        hint = scale_hint(weights, strength)
+        if hint:
+            log.warning(hint)
+        return io.NodeOutput(out)
 
 
 NODES = [CogVidLoraLoader]

@@ -138,6 +138,35 @@ def test_alpha_tensors_equal_adapter_metadata(lora_files):
         assert torch.equal(layer.down, m.layers[name].down) and torch.equal(layer.up, m.layers[name].up)
 
 
+# ----------------------------------------------------------------------------- no alpha, large rank
+def test_scale_hint_for_a_wide_lora_without_alpha(tmp_path):
+    def read(name, rank, **kw):
+        return lora.load_lora(testing.write_lora(tmp_path / f"{name}.safetensors", K15, ("attn",), rank=rank, **kw))
+
+    wide = read("wide", 128)
+    assert not wide.has_alpha and {layer.scale for layer in wide.layers.values()} == {1.0}   # diffusers' rule kept
+    hint = lora.scale_hint(wide, 1.0)
+    print(hint)
+    assert "\n" not in hint and "wide.safetensors" in hint and "no alpha" in hint and "rank 128" in hint
+    assert "1/rank" in hint and "enter strength 0.0078 (= 1/128)" in hint
+    assert "enter strength 0.0063 (= 0.8/128)" in lora.scale_hint(wide, 0.8)
+    assert lora.scale_hint(wide, 1 / 128) is None and lora.scale_hint(wide, 0.0) is None   # already at 1/rank, or off
+    assert lora.scale_hint(read("narrow", 4), 1.0) is None                                # small rank: no hint
+    for layout in ("alpha", "metadata"):                                                  # the file says its alpha
+        with_alpha = read(layout, 128, layout=layout, alpha=128.0)
+        assert with_alpha.has_alpha and lora.scale_hint(with_alpha, 1.0) is None
+
+
+def test_pipeline_says_the_hint_before_loading(tmp_path, tiny_ckpts, caplog):
+    path = testing.write_lora(tmp_path / "wide.safetensors", K15, ("attn",), rank=256)
+    sources = dataclasses.replace(pipeline.Sources.from_model(str(tiny_ckpts[K15]["hf"])), loras=((path, 1.0),))
+    job = pipeline.Job(image=None, prompt="a boat")
+    with caplog.at_level("WARNING"):
+        run = pipeline._prepare(sources, job, "fp32", "cpu", "resident", None, None)
+    assert len(run.notes) == 1 and "enter strength 0.0039 (= 1/256)" in run.notes[0]
+    assert run.notes[0] in caplog.text
+
+
 # ----------------------------------------------------------------------------- run-time application
 def test_strength_change_and_removal(tiny_ckpts, lora_files):
     tr = _transformer(tiny_ckpts, K15)

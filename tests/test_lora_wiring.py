@@ -4,6 +4,7 @@ diffusers are in test_lora.py; here: which value applies what, when, and that no
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shutil
 from pathlib import Path
@@ -207,6 +208,36 @@ def test_lora_node_schema_and_listing(lora_nodes):
     assert [i.id for i in est_inputs[-2:]] == ["lora_mib", "speed"] and all(i.optional for i in est_inputs[-2:])
 
 
+def _frontend_value(typed: float, spec) -> float:
+    """What ComfyUI's frontend keeps of a typed FLOAT: rounded to ``round`` and then to the decimals its
+    ``step`` shows (useFloatWidget: precision = -floor(log10(step)), value toFixed(precision))."""
+    step, rnd = spec.kwargs["step"], spec.kwargs.get("round") or spec.kwargs["step"]
+    decimals = max(0, -math.floor(math.log10(step)))
+    return round(round(typed / rnd) * rnd, decimals)
+
+
+def test_lora_strength_takes_four_decimals(lora_nodes, tmp_path, caplog):
+    nodes, mods = lora_nodes
+    spec = nodes["CogVidLoraLoader"].GET_SCHEMA().inputs[2]
+    assert spec.id == "strength" and spec.default == 1.0       # saved workflows: same widget, same default
+    assert abs(_frontend_value(1 / 256, spec) - 1 / 256) < 1e-4   # CogVideoX's 1/rank scale can be entered
+    assert abs(_frontend_value(-0.0078, spec) + 0.0078) < 1e-9
+    for saved in (1.0, 0.8, 0.85, -1.5, 0.05):                 # values old workflows hold load unchanged
+        assert _frontend_value(saved, spec) == saved
+    tr = run(nodes["CogVidTransformerLoader"], model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32",
+             placement="auto", device="auto")[0]
+    wide = testing.write_lora(tmp_path / "loras" / "wide.safetensors", K15, ("attn",), rank=256)
+    with caplog.at_level("WARNING"):
+        out = run(nodes["CogVidLoraLoader"], transformer=tr, lora="wide.safetensors", strength=1.0)[0]
+    assert out.loras[0][1] == 1.0
+    hints = [r.getMessage() for r in caplog.records if "wide.safetensors" in r.getMessage()]
+    assert len(hints) == 1 and "enter strength 0.0039 (= 1/256)" in hints[0]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        out = run(nodes["CogVidLoraLoader"], transformer=tr, lora="wide.safetensors", strength=0.0039)[0]
+    assert out.loras[0][1] == 0.0039 and "wide.safetensors" not in caplog.text   # taken as given; no hint
+
+
 def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):
     nodes, _ = lora_nodes
     tr, t5, vae, cond, lat = _encoded(nodes, positive="a boat")
@@ -236,6 +267,38 @@ def test_lora_nodes_chain_sample_and_never_reload(lora_nodes, monkeypatch):
         hooked = sample(tr)
     assert (hooked - with_two).abs().max() < 1e-6
     assert _lora_hooks(tr.module) == 0
+
+
+def test_lora_read_cache_is_bounded_by_bytes(lora_nodes, tmp_path, monkeypatch):
+    import sys
+    from collections import OrderedDict
+    nodes, _ = lora_nodes
+    mod = sys.modules[nodes["CogVidLoraLoader"].__module__]
+    monkeypatch.setattr(mod, "_READ", OrderedDict())
+    names = [f"s{i}.safetensors" for i in range(10)]
+    for i, name in enumerate(names):
+        testing.write_lora(tmp_path / "loras" / name, K15, ("attn",), rank=2, seed=i)
+    reads = []
+    real_load_lora = lora.load_lora
+    monkeypatch.setattr(lora, "load_lora", lambda path, *a, **k: (reads.append(Path(path).name),
+                                                                    real_load_lora(path, *a, **k))[1])
+    for name in names:                                   # ten small files fit the default budget: all kept
+        mod.read_lora(name)
+    mod.read_lora(names[0])
+    assert reads == names and len(mod._READ) == 10
+    one = mod._READ[next(iter(mod._READ))].nbytes
+    monkeypatch.setattr(mod, "READ_CACHE_BYTES", int(3.5 * one))   # room for three
+    mod.read_lora(names[5])
+    assert [Path(k[0]).name for k in mod._READ] == [names[9], names[0], names[5]]   # least recently used went
+    assert sum(lw.nbytes for lw in mod._READ.values()) <= mod.READ_CACHE_BYTES
+    reads.clear()
+    mod.read_lora(names[9])
+    mod.read_lora(names[1])
+    assert reads == [names[1]]
+    monkeypatch.setattr(mod, "READ_CACHE_BYTES", 1)      # a file above the budget is still kept while newest
+    mod.read_lora(names[2])
+    mod.read_lora(names[2])
+    assert reads == [names[1], names[2]] and len(mod._READ) == 1
 
 
 def test_lora_node_refuses_bad_input(lora_nodes):

@@ -6,7 +6,9 @@ loaded transformer serves runs with other LoRAs, other strengths or none, in any
 (resident, offloaded, streamed, fp8 storage, chunked feed-forward): all of them call the same
 Linear modules. Numerically this is PEFT's LoRA layer as diffusers' ``load_lora_weights`` +
 ``set_adapters`` build it (scale ``lora_alpha / r`` from the file's adapter metadata or ``.alpha``
-tensors, else 1).
+tensors, else 1). A file without an alpha and a large rank is often made for CogVideoX's own
+inference code, which applies LoRAs at ``lora_scale = 1/rank``: :func:`scale_hint` says so in one
+line, and what strength gives that result here (the semantics stay diffusers').
 
 Layouts read (those diffusers' ``CogVideoXLoraLoaderMixin`` reads, plus bare and PEFT prefixes):
 ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` (optional ``lora_B.bias``, ``<module>.alpha``)
@@ -33,6 +35,10 @@ METADATA_KEY = "lora_adapter_metadata"             # diffusers' LORA_ADAPTER_MET
 _LEAVES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "alpha")
 WIDTH_2B = 1920                                    # CogVideoX-2B: 30 heads x 64
 VARIANT_LAYERS = ("proj_out", "patch_embed.proj", "ofs_embedding")  # shapes/presence differ 1.0 vs 1.5
+# Without an alpha diffusers applies a LoRA at scale 1 (alpha = rank). CogVideoX's own inference code
+# (cli_demo: fuse_lora(lora_scale=1 / lora_rank), default rank 128) and LoRAs released for it (DimensionX,
+# rank 256) expect 1/rank instead; from this rank on the two differ enough to be worth a hint.
+HINT_RANK = 64
 
 
 class LoraError(CheckpointError):
@@ -57,10 +63,17 @@ class LoraWeights:
     name: str
     path: str
     layers: dict[str, LoraLayer]
+    has_alpha: bool = True          # False: no .alpha tensor and no lora_alpha metadata (scale 1, diffusers' rule)
 
     @property
     def rank(self) -> int:
         return max(layer.rank for layer in self.layers.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the tensors as read (the node's read cache is bounded by these)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers.values()
+                   for t in (layer.down, layer.up, layer.bias) if t is not None)
 
     def __repr__(self) -> str:
         return f"LoraWeights({self.name!r}, {len(self.layers)} layers, rank {self.rank})"
@@ -76,8 +89,20 @@ def load_lora(path, name: str | None = None) -> LoraWeights:
         what = "a model checkpoint (no lora_* tensors)"
     if what:
         raise LoraError(f"{path.name} is {what}, not a CogVideoX LoRA: pick a LoRA trained for CogVideoX 5B I2V")
-    layers = _layers(path, _peft_keys(path, tensors), _adapter_config(metadata))
-    return LoraWeights(name=name or path.stem, path=str(path), layers=layers)
+    sd, cfg = _peft_keys(path, tensors), _adapter_config(metadata)
+    has_alpha = any(k.endswith(".alpha") for k in sd) or "lora_alpha" in cfg or bool(cfg.get("alpha_pattern"))
+    return LoraWeights(name=name or path.stem, path=str(path), layers=_layers(path, sd, cfg), has_alpha=has_alpha)
+
+
+def scale_hint(lw: LoraWeights, strength: float) -> str | None:
+    """One line when ``lw`` has no alpha and a rank of HINT_RANK or more and is used at a strength far
+    above 1/rank: it runs at diffusers' scale 1, CogVideoX's own code would run it at 1/rank. None otherwise."""
+    rank = lw.rank
+    if lw.has_alpha or rank < HINT_RANK or abs(strength) <= 2.0 / rank:
+        return None
+    return (f"LoRA {Path(lw.path).name} has no alpha and rank {rank}: applied as diffusers does (scale 1) at "
+            f"strength {strength:g}; CogVideoX's own inference code applies such LoRAs at lora_scale = 1/rank: "
+            f"for that result enter strength {strength / rank:.4f} (= {strength:g}/{rank})")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,6 +1,7 @@
 """Start-image encoding and (tiled) video decoding with the CogVideoX VAE."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -12,6 +13,11 @@ from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant
 from cogvid_core.model.tiles import TileSpec, exact_overlap
 
 RESIZE_MODES = ("crop", "stretch", "pad")
+# A crop that keeps less than this share of the picture's cut side is said (a square photo into 16:9
+# keeps 56 %, a portrait one 32 %; 4:3 keeps 75 % and is not worth a word), as is any change of orientation.
+CROP_NOTE_BELOW = 0.6
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,8 +57,34 @@ def prepare_image(image, height: int, width: int, resize: str = "crop") -> torch
     if max(h / w, w / h) > 8:
         raise ValueError(f"start image is {w}x{h}: aspect ratio above 8:1, crop it first")
     if (h, w) != (height, width):
+        note = crop_note(h, w, height, width, resize)
+        if note:
+            log.warning(note)
         x = _resize(x, height, width, resize)
     return x.clamp(0, 1) * 2.0 - 1.0
+
+
+def _orientation(h: int, w: int) -> str:
+    return "portrait" if h > w else "landscape" if w > h else "square"
+
+
+def crop_note(h: int, w: int, height: int, width: int, resize: str) -> str | None:
+    """One line when ``crop`` cuts a large part of an h x w picture to fill height x width (what is kept,
+    and what keeps all of it), else None."""
+    if resize != "crop" or (h, w) == (height, width):
+        return None
+    image_ratio, video_ratio = w / h, width / height
+    kept = min(image_ratio / video_ratio, video_ratio / image_ratio)
+    turned = {_orientation(h, w), _orientation(height, width)} == {"portrait", "landscape"}
+    if kept >= CROP_NOTE_BELOW and not turned:
+        return None
+    side = "height" if image_ratio < video_ratio else "width"
+    note = (f"the {w}x{h} start image ({_orientation(h, w)}) is cropped to fill the {width}x{height} video "
+            f"({_orientation(height, width)}): only the middle {kept:.0%} of its {side} is kept; resize 'pad' "
+            f"keeps all of it (with bars)")
+    if turned:
+        note += f", or make a {height}x{width} video where the model allows it (CogVideoX1.5 does)"
+    return note
 
 
 def _to_tensor(image) -> torch.Tensor:

@@ -232,6 +232,19 @@ def check_video_shape(variant: Variant, cfg: dict, frames: int, height: int, wid
         raise ValueError(f"{variant.label} supports sides up to {limit} px; got {width}x{height}")
 
 
+def positions_note(variant: Variant, cfg: dict, frames: int) -> str | None:
+    """One line when a variant with a learned positional embedding runs shorter than it was trained:
+    diffusers' CogVideoXPatchEmbed then adds a sin-cos table computed for the shorter video instead of
+    the checkpoint's learned one (no error, no warning there). None when the learned one is used."""
+    trained = cfg.get("sample_frames")
+    if not variant.fixed_size or trained is None or frames >= trained:
+        return None
+    return (f"{variant.label} at {frames} frames: its positional embedding is learned for {trained} frames; "
+            f"at any other length diffusers replaces it with a fixed sin-cos embedding computed for "
+            f"{frames} frames, values the model was not trained with, which can lower the quality: "
+            f"use {trained} frames for the trained embedding")
+
+
 def latent_frames(variant: Variant, frames: int) -> tuple[int, int]:
     """(latent frames incl. padding, padding frames dropped before decode)."""
     n = (frames - 1) // TEMPORAL_COMPRESSION + 1

@@ -114,6 +114,7 @@ class _Run:
     loras: tuple = ()             # ((lora.LoraWeights, strength), ...)
     devices: multigpu.DeviceMap | None = None   # None: every component on `device`
     speed: str = fast.EXACT       # the transformer's speed option (fast.CHOICES)
+    notes: list = field(default_factory=list)   # said (logged) before any model loads; repeated in the Result
 
     def device_of(self, kind: str) -> torch.device:
         return self.device if self.devices is None else self.devices.of(kind)
@@ -172,7 +173,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     finally:
         del vc
         _free()
-    notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
+    notes = run.notes + ([f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else [])
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
                   notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision),
                   tile=run.profile.vae_tile)
@@ -214,13 +215,19 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
         log.warning("the prompt is empty: the video follows the image only")
     # read before any model loads, so a bad LoRA file fails in a second, not after the T5 stage
     loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
+    notes = [hint for lw, strength in loras if (hint := lora.scale_hint(lw, strength))]
+    for note in notes:
+        log.warning(note)
+    positions = models.positions_note(variant, config, frames)   # sampling logs it when it runs
+    if positions:
+        notes.append(positions)
     prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
                                    budget_gib=vram_budget_gib, precision={"transformer": precision},
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
                                    cfg_pair=devices is not None and devices.second is not None, speed=speed)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
-                loras=loras, devices=devices)
+                loras=loras, devices=devices, notes=notes)
 
 
 def _check_speed(speed: str, run: _Run) -> str:

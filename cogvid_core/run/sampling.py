@@ -7,6 +7,7 @@ run on its own with only its model on the GPU, and CFG can run one branch at a t
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 
@@ -16,11 +17,13 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resi
 from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames
+from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames, positions_note
 from cogvid_core.speed.multigpu import cfg_parallel
 from cogvid_core.model.vae import ImageLatent, VideoLatents
 
 SCHEDULERS = ("dpm", "ddim")
+
+log = logging.getLogger(__name__)
 
 
 def rotary_embedding(config, height: int, width: int, num_latent_frames: int, device):
@@ -178,6 +181,9 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     """
     config = transformer.config
     check_args(variant, config, frames, image.height, image.width, steps, cfg, negative, cfg_mode)
+    note = positions_note(variant, dict(config), frames)
+    if note:
+        log.warning(note)
     use_cfg = cfg > 1.0
     w_device, w_dtype = _device_dtype(transformer)
     device = torch.device(device) if device is not None else w_device
