@@ -55,7 +55,8 @@ class CogVidSampler(io.ComfyNode):
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure
             fallback = planner.best_estimate(variant, frames, h, w, C.budget_bytes(0, transformer.device),
-                                             lora_bytes=transformer.lora_bytes(), speed=transformer.speed).profile
+                                             lora_bytes=transformer.lora_bytes(), speed=transformer.speed,
+                                             precision=transformer.planned_precision).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)

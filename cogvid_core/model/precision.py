@@ -134,6 +134,11 @@ def name_of(dtype: torch.dtype, storage: torch.dtype | None = None) -> str:
     return {d: n for n, d in DTYPES.items()}[dtype]
 
 
+def default_device() -> torch.device:
+    """Where a run with no device named computes: the current CUDA device, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def native_bf16(device) -> bool:
     """Whether ``device`` computes bf16 in hardware: CUDA compute capability 8.0+ (Ampere), ROCm, the CPU.
     T4, V100 and RTX 20xx run bf16 emulated (torch.cuda.is_bf16_supported() says True there): slowly."""
@@ -176,22 +181,23 @@ def check(component: str, name: str, variant=None) -> None:
         raise PrecisionError(fp16_refusal(variant.label))
 
 
-def resolve(component: str, name: str, device, variant=None) -> str:
+def resolve(component: str, name: str, device, variant=None, warn: bool = True) -> str:
     """The precision a component runs in: ``auto`` chosen for ``device`` (:func:`choose`), any name
-    checked (:func:`check`; the transformer's with its ``variant`` when known)."""
+    checked (:func:`check`; the transformer's with its ``variant`` when known). ``warn``: say when bf16
+    runs emulated on this card."""
     chosen = choose(component, device, variant) if name == AUTO else name
     check(component, chosen, variant)
-    if chosen in (BF16, FP8) and not native_bf16(device):
+    if warn and chosen in (BF16, FP8) and not native_bf16(device):
         log.warning("the %s computes in bf16 on %s, which has no native bf16 (%s): it runs emulated, "
                     "several times slower; precision 'auto' picks fp16/fp32 for this card",
                     _LABELS[component], device, NO_BF16_CARDS)
     return chosen
 
 
-def resolve_all(precision: dict | str | None, device, variant=None) -> dict[str, str]:
+def resolve_all(precision: dict | str | None, device, variant=None, warn: bool = True) -> dict[str, str]:
     """{component: name} for every component from a dict (missing: auto) or one name for all (fp8 is
     the transformer's; T5 and the VAE then take auto)."""
     if not isinstance(precision, dict):
         one = precision or AUTO
         precision = {c: (AUTO if one == FP8 and c != "transformer" else one) for c in COMPONENTS}
-    return {c: resolve(c, precision.get(c) or AUTO, device, variant) for c in COMPONENTS}
+    return {c: resolve(c, precision.get(c) or AUTO, device, variant, warn) for c in COMPONENTS}
