@@ -13,6 +13,10 @@ from cogvid_core.run.guard import StageOOM
 from cogvid_core.model.variants import VARIANTS, CheckpointError
 from cogvid_core.memory.profiles import AUTO
 
+_PRECISION_HELP = ("bf16, fp16, fp32, fp8_e4m3fn (block matrices in 8 bits, computed in bf16) or auto (default): "
+                   "bf16 where the card has it; on cards without (T4, V100, RTX 20xx) fp16 for T5, the VAE and "
+                   "CogVideoX-5B-I2V, fp32 for CogVideoX1.5 (fp16 gives it NaN / black frames)")
+
 # what a user can fix gets one line (exit 2); anything else (TypeError, KeyError, ...) is a bug: its
 # traceback shows (exit 70, sysexits' EX_SOFTWARE; 1 is the estimate's "does not fit")
 USER_ERRORS = (ValueError, CheckpointError, FileNotFoundError, FloatingPointError, StageOOM)
@@ -39,7 +43,8 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-dynamic-cfg", action="store_true")
     p.add_argument("--scheduler", choices=["dpm", "ddim"], default="dpm")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8_e4m3fn"], default="bf16")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32", "fp8_e4m3fn", "auto"], default="auto",
+                   help="every component's (fp8_e4m3fn: the transformer's; T5 and the VAE then auto): " + _PRECISION_HELP)
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--devices", help="several GPUs (replaces --device): cuda:0,cuda:1 runs the two CFG branches at once, "
                                      "one per GPU; t5=DEV, vae=DEV, transformer=DEV[+DEV] put components on other cards")
@@ -96,7 +101,7 @@ def run_i2v(args) -> int:
     rec = StageRecorder(device)
     if args.from_latents:
         latents, tile, _ = keep.load(args.from_latents)
-        result = pipeline.decode_saved(sources, latents, tile, precision=_vae_precision(args.precision),
+        result = pipeline.decode_saved(sources, latents, tile, precision=args.precision,
                                        device=device, recorder=rec, cache_dir=args.cache_dir)
         return _write(args, result, rec, keep)
     if not args.image or not args.prompt:
@@ -123,10 +128,6 @@ def run_i2v(args) -> int:
     if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
         return 0
     return _write(args, result, rec, keep)
-
-
-def _vae_precision(precision: str) -> str:
-    return "bf16" if precision == "fp8_e4m3fn" else precision     # fp8 is the transformer's storage only
 
 
 def _keep(args, keep, latents, tile) -> None:
@@ -229,9 +230,9 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--profile", default=AUTO,
                    help="placement profile name; 'auto' picks the fastest that fits the budget")
-    p.add_argument("--precision", default="bf16", help="transformer storage: bf16, fp16, fp32, fp8_e4m3fn")
-    p.add_argument("--text-encoder-precision", default="bf16")
-    p.add_argument("--vae-precision", default="bf16")
+    p.add_argument("--precision", default="auto", help="transformer: " + _PRECISION_HELP)
+    p.add_argument("--text-encoder-precision", default="auto", help="T5: bf16, fp16 (its wo layers in fp32), fp32, auto")
+    p.add_argument("--vae-precision", default="auto", help="VAE: bf16, fp16, fp32, auto")
     p.add_argument("--tile", default=None, help="decode tile HEIGHTxWIDTH in pixels (default: the profile's)")
     p.add_argument("--budget-gib", type=float, default=None, help="default: free memory of --device")
     p.add_argument("--reserve-gib", type=float, default=0.0, help="keep this much of the free memory unused")
@@ -260,7 +261,10 @@ def run_estimate(args) -> int:
     v = VARIANTS[args.variant]
     frames, height, width = args.frames or v.default_frames, args.height or v.default_height, args.width or v.default_width
     check_video_shape(v, transformer_config(v), frames, height, width)
-    precision = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
+    from cogvid_core.model import precision as P
+    asked = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
+    dev = P.default_device() if args.device in (None, "", "auto") else args.device
+    precision = P.resolve_all(asked, dev, v)      # the loaders' rule: 1.5 in fp16 refused, auto for this card
     tile = None
     if args.tile:
         th, tw = (int(x) for x in args.tile.lower().split("x"))

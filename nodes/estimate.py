@@ -8,6 +8,11 @@ from . import common as C
 AUTO = "auto"
 
 
+def precision_names() -> list[str]:
+    from cogvid_core.model.precision import AUTO
+    return [*C.PRECISIONS, AUTO]
+
+
 def profile_names() -> list[str]:
     from cogvid_core.memory import profiles
     return [AUTO, *profiles.PROFILES]
@@ -42,14 +47,20 @@ class CogVidVRAMEstimate(io.ComfyNode):
                                tooltip="The Transformer Loader's speed option: FP8 attention (fa3fp8) and fp8 "
                                        "without compile hold more memory while sampling; the others no more "
                                        "than exact"),
+                io.Combo.Input("precision", options=precision_names(), default="auto", optional=True,
+                               tooltip="The Transformer Loader's precision (T5 and the VAE: auto, as their "
+                                       "loaders pick by default). auto: bf16 where the card has it; on T4, V100, "
+                                       "RTX 20xx fp32 for CogVideoX1.5 (twice the weights), fp16 otherwise"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      C.PLAN.Output(display_name="plan")],
         )
 
     @classmethod
-    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact") -> io.NodeOutput:
+    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact",
+                precision="auto") -> io.NodeOutput:
         import torch
+        from cogvid_core.model import precision as P
         from cogvid_core.plan import estimate as E
         from cogvid_core.plan import planner
         from cogvid_core.plan.chart import chart_image
@@ -60,10 +71,13 @@ class CogVidVRAMEstimate(io.ComfyNode):
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         lora_bytes = int(lora_mib * 1024 ** 2)
+        # the loaders' rule for the device the loaders' auto computes on (1.5 in fp16 refused here too)
+        names = P.resolve_all({"transformer": precision}, C.compute_device("auto"), v, warn=False)
         if profile == AUTO:
-            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed)
+            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
+                                        precision=names)
         else:
-            est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes,
+            est = E.estimate(v, frames, height, width, profile, names, budget_bytes=budget, lora_bytes=lora_bytes,
                              speed=speed)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)

@@ -10,8 +10,12 @@ from . import memory
 
 _MODEL_TIP = ("models/CogVideo folders (hub layout), single .safetensors files from {single}, or a hub repo "
               "(downloaded once into models/CogVideo, only the needed sub-folders)")
-_PRECISION_TIP = ("Weight precision. bf16 is right for both models; fp16 gives black frames with CogVideoX1.5; "
-                  "fp8_e4m3fn (transformer) stores the block weights in 8 bits (half the memory) and computes in bf16")
+_PRECISION_TIP = ("Weight precision. auto: bf16 where the card has it (RTX 30xx / A100 and newer); on cards without "
+                  "(T4, V100, RTX 20xx) fp16 for T5 (its wo layers stay fp32), the VAE and CogVideoX-5B-I2V, and fp32 "
+                  "for CogVideoX1.5 (slower, its weights streamed). bf16 is right for both models where the card has "
+                  "it (elsewhere it runs emulated, slowly); fp16 gives CogVideoX1.5 NaN / black frames and is "
+                  "refused for it; fp8_e4m3fn (transformer) stores the attention and feed-forward weights in 8 bits "
+                  "(~0.57x the memory; the modulation layers stay bf16) and computes in bf16")
 _DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda, cuda:N or cpu to force one"
 _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one per GPU, each GPU holding a copy of "
              "the transformer (or streaming it from the files) and one branch's activations")
@@ -37,11 +41,13 @@ def _placement_input(tip: str) -> io.Combo.Input:
 
 
 def _common_inputs(component: str, single: str, placement_tip: str) -> list:
-    # fp8 storage is offered where the engine stores it (the transformer's block Linear weights)
-    precisions = list(C.PRECISIONS) if component == "transformer" else list(C.PRECISIONS[:-1])
+    # fp8 storage is offered where the engine stores it (the transformer's block Linear weights); auto
+    # after the saved workflows' values (options only grow at the end)
+    from cogvid_core.model.precision import AUTO, FP8
+    precisions = [p for p in C.PRECISIONS if component == "transformer" or p != FP8] + [AUTO]
     return [
         io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
-        io.Combo.Input("precision", options=precisions, default="bf16", tooltip=_PRECISION_TIP),
+        io.Combo.Input("precision", options=precisions, default=AUTO, tooltip=_PRECISION_TIP),
         _placement_input(placement_tip),
         io.Combo.Input("device", options=_device_options(component), default="auto",
                        tooltip=_DEVICE_TIP + (_PAIR_TIP if component == "transformer" else "")),
@@ -137,18 +143,22 @@ class CogVidTransformerLoader(io.ComfyNode):
     def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
         from cogvid_core.speed import fast
         from cogvid_core.model import loading
+        from cogvid_core.model import precision as P
         from cogvid_core.run import session
         from cogvid_core.speed import multigpu
-        dtype, storage = session.precision(precision)
         dev, second = _devices(device, "transformer")
+        P.resolve("transformer", precision, dev, warn=False)   # a bad name fails before any download
         fast.resolve_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
         src = _source("transformer", model)
+        # the variant from the headers: 1.5 in fp16 is refused here, before gigabytes load (and NaN at step 1)
+        precision = P.resolve("transformer", precision, dev, loading.peek_transformer(src)[0])
+        dtype, storage = P.dtypes(precision)
         memory.free_for_load(0, dev)
         module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
         if second is not None:      # the sampler finds the copy on the module (cogvid_core.speed.multigpu)
             multigpu.attach_second(module, second)
         comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model,
-                                 speed=speed)
+                                 speed=speed, precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
 
@@ -174,13 +184,16 @@ class CogVidT5Loader(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core.model import loading
+        from cogvid_core.model import precision as P
         from cogvid_core.run import session
-        dtype, _storage = session.precision(precision)
         dev, _ = _devices(device, "t5")
+        precision = P.resolve("text_encoder", precision, dev)
+        dtype, _storage = P.dtypes(precision)
         src = _source("t5", model)
         memory.free_for_load(0, dev)
         module, tokenizer = loading.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
-        comp = session.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer)
+        comp = session.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer,
+                                 precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
 
@@ -205,14 +218,16 @@ class CogVidVAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
         from cogvid_core.model import loading
+        from cogvid_core.model import precision as P
         from cogvid_core.run import session
-        dtype, _storage = session.precision(precision)
         dev, _ = _devices(device, "vae")
+        precision = P.resolve("vae", precision, dev)
+        dtype, _storage = P.dtypes(precision)
         src = _source("vae", model)
         # The VAE weights serve both variants: the latent scaling rule is the transformer's variant's,
         # applied by the sampler, so the VAE needs none.
         module = loading.load_vae(src, dtype, device="cpu")
-        comp = session.Component("vae", module, dev, dtype, placement, source=model)
+        comp = session.Component("vae", module, dev, dtype, placement, source=model, precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
 

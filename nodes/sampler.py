@@ -57,7 +57,8 @@ class CogVidSampler(io.ComfyNode):
             # what the transformer itself holds there (resident from the last queue): its own plan reuses it
             budget = planner.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
             fallback = planner.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
-                                             speed=transformer.speed).profile
+                                             speed=transformer.speed,
+                                             precision=transformer.planned_precision).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)

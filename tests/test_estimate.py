@@ -42,7 +42,9 @@ def test_weight_bytes_are_params_times_element_size():
 
 def test_fp8_storage_shrinks_weights():
     s = E.component_sizes(V15.key)["transformer"]
-    assert E.weight_bytes(s, "fp8_e4m3fn") < 0.55 * E.weight_bytes(s, "bf16")
+    # attention and feed-forward in 1 byte; the AdaLN modulation (norm1/norm2.linear, ~0.8 B parameters)
+    # stays bf16: ~0.57 of the bf16 bytes
+    assert E.weight_bytes(s, "fp8_e4m3fn") < 0.6 * E.weight_bytes(s, "bf16")
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))

@@ -15,6 +15,7 @@ from cogvid_core.model import variants as M
 from cogvid_core.memory import placement as P
 from cogvid_core.model import sources as S
 from cogvid_core.model import testing as T
+from cogvid_core.model.precision import is_fp8_layer
 from cogvid_core.model.variants import CheckpointError
 
 KEYS = list(M.VARIANTS)
@@ -353,7 +354,7 @@ def test_fp8_files_hold_exactly_the_fp8_layers(tiny_ckpts):
         raw = C.plain_shapes(C.read_shapes(s[key]))
         dtypes = {k: d for k, (_, d) in C.read_shapes(s[key]).items()}
         fp8 = {k for k, d in dtypes.items() if d.startswith("F8") and k != "scaled_fp8"}
-        assert fp8 and fp8 == {k for k, shape in raw.items() if M.is_fp8_layer(k, shape)}, key
+        assert fp8 and fp8 == {k for k, shape in raw.items() if is_fp8_layer(k, shape)}, key
     quant, _ = load_transformer(s["transformer"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
     stored = {k for k, t in quant.state_dict().items() if t.dtype == torch.float8_e4m3fn}
-    assert stored == {k for k, t in quant.state_dict().items() if M.is_fp8_layer(k, t.shape)}
+    assert stored == {k for k, t in quant.state_dict().items() if is_fp8_layer(k, t.shape)}

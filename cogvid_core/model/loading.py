@@ -2,7 +2,8 @@
 
 Each tensor is read from safetensors straight into its final dtype and device, so RAM never
 holds two copies of a model. Where a source lives is ``sources``' concern, what a file is and
-the config its shapes imply is ``checkpoints``'; the fp8 storage rule is ``models.is_fp8_layer``.
+the config its shapes imply is ``checkpoints``'; which dtype each tensor takes is ``precision``'s
+(fp8 storage: ``precision.is_fp8_layer``; fp32 kept modules: ``precision.mark_keep_fp32``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
+from cogvid_core.model import precision as P
 from cogvid_core.model import variants as M
 from cogvid_core.model import tensors as T
 from cogvid_core.model.checkpoints import (read_config, read_shapes, single_file, stored_fp8, strip_prefix,
@@ -147,6 +149,7 @@ def load_transformer(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
     variant, config, files, fp8 = _transformer_source(source, cache_dir, progress)
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel.from_config(config)
+    P.mark_keep_fp32(model, "transformer", dtype)
     keep = fp8 and storage_dtype is None or storage_dtype in FP8_DTYPES
     _reader(file_backed, device)(model, files, dtype, device, storage_dtype=storage_dtype, keep_fp8=keep)
     return _finish(model), variant
@@ -197,6 +200,7 @@ def load_vae(source, dtype: torch.dtype = torch.bfloat16, device="cpu", variant:
         config, files = vae_config_from_shapes(shapes, variant), [path]
     with torch.device("meta"):
         model = AutoencoderKLCogVideoX.from_config(config)
+    P.mark_keep_fp32(model, "vae", dtype)
     load_weights(model, files, dtype, device)
     return _finish(model)
 
@@ -222,6 +226,7 @@ def load_text_encoder(source, dtype: torch.dtype = torch.bfloat16, device="cpu",
         config, files = T5Config(**t5_config_from_shapes(shapes)), [path]
     with torch.device("meta"):
         model = T5EncoderModel(config)
+    P.mark_keep_fp32(model, "text_encoder", dtype)   # fp16: the wo layers stay fp32, as transformers loads T5
     # decoder/lm_head live in full T5 files; the encoder-only model ignores them.
     _reader(file_backed, device)(model, files, dtype, device, ignore=lambda k: k.startswith(("decoder.", "lm_head.")),
                                  finalize=_tie_embeddings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cogvid_core.model import variants as M
+from cogvid_core.model import precision as P
 from cogvid_core.model.checkpoints import MARKERS, SCALE_SUFFIXES
 from cogvid_core.model.variants import CheckpointError
 
@@ -13,11 +13,14 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def target_dtype(name: str, t: torch.Tensor, module: torch.nn.Module, dtype, storage_dtype, keep_fp8: bool):
-    """Which dtype one tensor is stored in after load (fp8 only for Linear weights: see Fp8Linear)."""
+    """Which dtype one tensor is stored in after load (fp8 only for Linear weights: see Fp8Linear; fp32
+    in the modules the model class keeps in fp32 at this dtype, marked by precision.mark_keep_fp32)."""
     if not t.is_floating_point():
         return t.dtype
+    if getattr(module, P.KEEP_FP32, False):
+        return torch.float32
     linear_weight = isinstance(module, torch.nn.Linear) and name.endswith("weight")
-    if linear_weight and storage_dtype in FP8_DTYPES and M.is_fp8_layer(name, t.shape):
+    if linear_weight and storage_dtype in FP8_DTYPES and P.is_fp8_layer(name, t.shape):
         return storage_dtype
     if linear_weight and keep_fp8 and t.dtype in FP8_DTYPES:
         return t.dtype

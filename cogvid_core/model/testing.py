@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cogvid_core.model import precision as P
 from cogvid_core.model import variants as M
 from cogvid_core.model.testing_tokenizer import write_scheduler, write_tokenizer  # noqa: F401  (public writers)
 
@@ -206,8 +207,8 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 # ----------------------------------------------------------------------------- fp8 variants
 def to_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kijai-style fp8: the fp8 layers (``models.is_fp8_layer``) cast to float8_e4m3fn, no scales."""
-    return {n: t.to(FP8) if M.is_fp8_layer(n, t.shape) else t for n, t in tensors.items()}
+    """kijai-style fp8: the fp8 layers (``precision.is_fp8_layer``) cast to float8_e4m3fn, no scales."""
+    return {n: t.to(FP8) if P.is_fp8_layer(n, t.shape) else t for n, t in tensors.items()}
 
 
 def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,7 +218,7 @@ def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
     for n, t in tensors.items():
-        if M.is_fp8_layer(n, t.shape):
+        if P.is_fp8_layer(n, t.shape):
             scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
             out[n] = (t.float() / scale).to(FP8)
             out[n[: -len("weight")] + "scale_weight"] = scale.reshape(())

@@ -134,16 +134,6 @@ TINY_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 TRAINED_SIZE = "trained-size"
 
 
-def is_fp8_layer(name: str, shape) -> bool:
-    """Whether a checkpoint tensor is one stored in 8 bits by fp8 storage (kijai's fp8 files,
-    ComfyUI's scaled fp8 files, and fp8 storage at load): the repeated blocks' Linear weights.
-
-    Embeddings, norms and in/out projections are small and precision-sensitive, so they keep the
-    high-precision dtype. Works on names and shapes alone (files, meta models, the estimate)."""
-    return (len(shape) == 2 and name.endswith(".weight") and "relative_attention_bias" not in name
-            and ("transformer_blocks." in name or "encoder.block." in name))
-
-
 def transformer_config(variant: Variant, tiny: bool | str = False) -> dict:
     """tiny=True: tiny widths and a tiny trained size (1.0 then runs at 96x64);
     tiny="trained-size": tiny widths, real sample sizes (1.0 runs at 720x480, as its workflows ask)."""

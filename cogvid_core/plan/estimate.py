@@ -31,6 +31,7 @@ from cogvid_core.plan.cards import allocator_backend  # noqa: F401  (the allocat
 from cogvid_core.device.devmem import precision_bytes
 from cogvid_core.memory.filestream import PREFETCH_DEPTH
 from cogvid_core.memory.hostplan import host_stages
+from cogvid_core.model import precision as P
 from cogvid_core.model.variants import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
 from cogvid_core.memory.profiles import PROFILES, Profile
 from cogvid_core.model.sizes import ComponentSize, compute_bytes, component_sizes, weight_bytes  # noqa: F401  (estimate's API)
@@ -38,7 +39,8 @@ from cogvid_core.model.stages import COMPONENT_OF_STAGE, STAGES
 from cogvid_core.plan.verdict import Estimate, StageEstimate  # noqa: F401  (estimate's API)
 
 COMPONENTS = ("transformer", "text_encoder", "vae")
-DEFAULT_PRECISION = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
+# what the loaders' and the CLI's "auto" picks for the card (bf16 where it has it: precision.choose)
+DEFAULT_PRECISION = {c: P.AUTO for c in COMPONENTS}
 
 # Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
@@ -165,11 +167,13 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
              lora_bytes: int = 0, allocator: str | None = None, card: str | None = None,
-             file_backed: bool = True, speed: str = "exact") -> Estimate:
+             file_backed: bool = True, speed: str = "exact", device=None) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
-    precision: storage precision per component; tile: decode tile override ((h, w[, overlap]) in
+    precision: storage precision per component (missing: auto), resolved by the loaders' rule for
+    ``device`` (default: the current CUDA device, else the CPU): 1.5 in fp16 is refused
+    (precision.PrecisionError), auto picks what the card runs; tile: decode tile override ((h, w[, overlap]) in
     pixels or a TileSpec; False: untiled), else the profile's vae_tile.
     keep_loaded: False (the pipeline / CLI): each component is on the GPU only during its own stage
     and given back after it; True (front ends that keep models loaded, e.g. ComfyUI): components
@@ -185,7 +189,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
-    precision = {**DEFAULT_PRECISION, **(precision or {})}
+    precision = _precision(precision, v, device)
     allocator = allocator or allocator_backend()
     cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)
     c = cal["constants"]
@@ -214,6 +218,14 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                     keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"],
                     {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
                     {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()})
+
+
+def _precision(precision: dict | None, v: Variant, device) -> dict:
+    """Each component's precision by the loaders' rule (precision.resolve), quietly: the planner
+    estimates many profiles, the loaders say what a choice costs once."""
+    device = device if device is not None else P.default_device()
+    asked = {**DEFAULT_PRECISION, **(precision or {})}
+    return {c: P.resolve(c, asked[c], device, v, warn=False) for c in COMPONENTS}
 
 
 def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: bool, c: dict,

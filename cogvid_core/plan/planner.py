@@ -15,6 +15,7 @@ import torch
 
 from cogvid_core.device.devmem import GiB, device_free_bytes
 from cogvid_core.plan.estimate import Estimate, estimate, tokens
+from cogvid_core.model.precision import PrecisionError
 from cogvid_core.model.variants import VARIANTS
 from cogvid_core.memory.profiles import AUTO, PROFILES, Profile, TileSpec, get_profile, snap_tile
 from cogvid_core.model.stages import LABELS
@@ -129,15 +130,18 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
 
 
 def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None,
-                  lora_bytes: int = 0, speed: str = "exact") -> Estimate:
+                  lora_bytes: int = 0, speed: str = "exact", precision: dict | None = None) -> Estimate:
     """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
-    nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change)."""
+    nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change).
+    ``precision``: {component: name} (missing: auto, as the loaders pick)."""
     if budget_bytes is None:
-        return estimate(variant, frames, height, width, "balanced", lora_bytes=lora_bytes, speed=speed)
+        return estimate(variant, frames, height, width, "balanced", precision, lora_bytes=lora_bytes, speed=speed)
     try:
-        return plan(variant, frames, height, width, budget_bytes, lora_bytes=lora_bytes, speed=speed)[1]
+        return plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes, speed=speed)[1]
+    except PrecisionError:
+        raise
     except ValueError:
-        return estimate(variant, frames, height, width, candidates()[-1], budget_bytes=budget_bytes,
+        return estimate(variant, frames, height, width, candidates()[-1], precision, budget_bytes=budget_bytes,
                         lora_bytes=lora_bytes, speed=speed)
 
 

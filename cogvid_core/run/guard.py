@@ -136,7 +136,9 @@ def decode(vae, latents, device=None, tile=None, progress=None, interrupt=None, 
     while True:
         failed = None
         try:
-            return vae_mod.decode(vae, latents, device=device, tile=tile, progress=progress, interrupt=interrupt)
+            frames = vae_mod.decode(vae, latents, device=device, tile=tile, progress=progress, interrupt=interrupt)
+            check_frames(frames, vae)
+            return frames
         except BaseException as e:
             if isinstance(e, StageOOM) or not _is_oom(e):
                 raise
@@ -159,6 +161,22 @@ def decode(vae, latents, device=None, tile=None, progress=None, interrupt=None, 
             raise err
         log.warning("decode ran out of memory with tile %s; retrying with %dx%d", tried[-1], nxt.width, nxt.height)
         tile = nxt
+
+
+def check_frames(frames: torch.Tensor, vae) -> None:
+    """Raise FloatingPointError when decoded frames hold NaN (black frames), naming the VAE precision
+    to change: the latents were finite (sampling checks every step), so the decode made them. Checked a
+    frame at a time: a bool copy of a whole 81x768x1360 video would be 254 MiB."""
+    bad = next((i for i, f in enumerate(frames) if not torch.isfinite(f).all()), None)
+    if bad is None:
+        return
+    from cogvid_core.model import precision as P
+    dtype = next(vae.parameters()).dtype
+    fix = {torch.float16: "load the VAE in bf16, or in fp32 on a card without bf16 (T4, V100, RTX 20xx)",
+           torch.bfloat16: "load the VAE in fp32"}.get(dtype, "the VAE file holds NaN/inf: download it again")
+    name = P.name_of(dtype) if dtype in P.DTYPES.values() else str(dtype)
+    raise FloatingPointError(f"the decoded video holds NaN (black frames; first in frame {bad + 1}) with the VAE in "
+                             f"{name}: {fix}")
 
 
 def leftovers(*modules) -> list[str]:

@@ -15,6 +15,7 @@ from cogvid_core.speed import fast
 from cogvid_core.run import guard
 from cogvid_core.model import loading
 from cogvid_core.model import lora
+from cogvid_core.model import precision as P
 from cogvid_core.model import variants as models
 from cogvid_core.speed import multigpu
 from cogvid_core.plan import planner
@@ -90,11 +91,6 @@ def resolve_shape(variant: models.Variant, config: dict, job: Job) -> tuple[int,
     return frames, height, width
 
 
-def check_precision(variant: models.Variant, dtype: torch.dtype) -> None:
-    if dtype == torch.float16 and not variant.fp16_ok:
-        raise ValueError(f"{variant.label} produces NaN (black frames) in fp16: use bf16")
-
-
 @dataclass
 class _Run:
     """What every stage of one run shares."""
@@ -115,6 +111,11 @@ class _Run:
     devices: multigpu.DeviceMap | None = None   # None: every component on `device`
     speed: str = fast.EXACT       # the transformer's speed option (fast.CHOICES)
     notes: list = field(default_factory=list)   # said (logged) before any model loads; repeated in the Result
+    precision: dict = field(default_factory=dict)   # {component: name}, resolved (precision.resolve_all)
+
+    def dtype_of(self, kind: str) -> torch.dtype:
+        """The compute dtype of a component kind ("t5", "vae", "transformer")."""
+        return P.dtypes(self.precision[session.PROFILE_FIELD[kind]])[0] if self.precision else self.dtype
 
     def device_of(self, kind: str) -> torch.device:
         return self.device if self.devices is None else self.devices.of(kind)
@@ -132,7 +133,7 @@ class _Run:
         return self.recorder.stage(name, **kw) if self.recorder is not None else nullcontext()
 
     def component(self, kind: str, module, **kw) -> session.Component:
-        return session.Component(kind, module, self.device_of(kind), self.dtype, profile=self.profile, **kw)
+        return session.Component(kind, module, self.device_of(kind), self.dtype_of(kind), profile=self.profile, **kw)
 
 
 def _free():
@@ -147,11 +148,12 @@ def _then_free(stage, *args):
         _free()
 
 
-def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, profile: str = "auto",
+def generate(sources: Sources, job: Job, precision: str | dict = P.AUTO, device=None, profile: str = "auto",
              vram_budget_gib: float | None = None, recorder=None, progress=None, interrupt=None,
              cache_dir=None, devices=None, speed: str = fast.EXACT) -> Result:
     """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
-    cards); it replaces ``device``."""
+    cards); it replaces ``device``. ``precision``: one name for every component (fp8_e4m3fn is the
+    transformer's; T5 and the VAE then take auto) or {component: name}; auto picks for the card."""
     run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices, speed)
     run.speed = _check_speed(speed, run)
     run.recorder, run.interrupt = recorder, interrupt
@@ -175,20 +177,22 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
         _free()
     notes = run.notes + ([f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else [])
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
-                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision),
+                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run),
                   tile=run.profile.vae_tile)
 
 
-def decode_saved(sources: Sources, latents: vae_mod.VideoLatents, tile, precision: str = "bf16", device=None,
+def decode_saved(sources: Sources, latents: vae_mod.VideoLatents, tile, precision: str = "auto", device=None,
                  recorder=None, interrupt=None, cache_dir=None) -> Result:
     """Frames from latents a run kept (run.keep): only the VAE loads, with the run's decode tile, so the
     frames equal the ones the uninterrupted run would have written."""
     device = pick_device(device)
-    dtype, _storage = session.precision(precision)
     variant = models.VARIANTS[latents.variant_key]
+    names = P.resolve_all(precision, device, variant)
+    dtype = P.dtypes(names["vae"])[0]
     prof = get_profile("balanced").replace(vae_tile=tile)      # the VAE resident while it decodes
     run = _Run(sources, Job(image=None, prompt=""), device, dtype, None, variant, latents.frames, latents.height,
-               latents.width, prof, recorder=recorder, interrupt=interrupt, cache_dir=cache_dir)
+               latents.width, prof, recorder=recorder, interrupt=interrupt, cache_dir=cache_dir,
+               precision=names)
     vc = _load_vae(run)
     try:
         with multigpu.on_device(vc.device):
@@ -200,16 +204,17 @@ def decode_saved(sources: Sources, latents: vae_mod.VideoLatents, tile, precisio
                   settings=profile_settings(prof), tile=tile)
 
 
-def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir,
+def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_budget_gib, cache_dir,
              devices=None, speed: str = fast.EXACT) -> _Run:
     """Everything decided before a model loads: device, dtypes, variant, video shape, profile (``auto``
     counts the speed option's memory)."""
     if isinstance(devices, str):
         devices = multigpu.parse_devices(devices)
     device = devices.primary if devices is not None else pick_device(device)
-    dtype, storage = session.precision(precision)
+    P.resolve_all(precision, "cpu", warn=False)   # a bad name fails before the (maybe downloaded) transformer
     variant, config = loading.peek_transformer(sources.transformer, cache_dir=cache_dir)
-    check_precision(variant, dtype)
+    names = P.resolve_all(precision, device, variant)    # 1.5 in fp16 refused before any model loads
+    dtype, storage = P.dtypes(names["transformer"])
     frames, height, width = resolve_shape(variant, config, job)
     if not job.prompt.strip():
         log.warning("the prompt is empty: the video follows the image only")
@@ -222,12 +227,12 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
     if positions:
         notes.append(positions)
     prof = planner.resolve_profile(profile, variant=variant, frames=frames, height=height, width=width, device=device,
-                                   budget_gib=vram_budget_gib, precision={"transformer": precision},
+                                   budget_gib=vram_budget_gib, precision=names,
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
                                    cfg_pair=devices is not None and devices.second is not None, speed=speed)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
-                loras=loras, devices=devices, notes=notes)
+                loras=loras, devices=devices, notes=notes, precision=names)
 
 
 def _check_speed(speed: str, run: _Run) -> str:
@@ -245,7 +250,7 @@ def _check_speed(speed: str, run: _Run) -> str:
 def _encode_prompts(run: _Run):
     """T5 loaded, both prompts encoded (the negative only with CFG), T5 released."""
     with run.stage("load text encoder"):
-        t5, tok = loading.load_text_encoder(run.sources.text_encoder, dtype=run.dtype, tokenizer=run.sources.tokenizer,
+        t5, tok = loading.load_text_encoder(run.sources.text_encoder, dtype=run.dtype_of("t5"), tokenizer=run.sources.tokenizer,
                                             cache_dir=run.cache_dir)
     t5c = run.component("t5", t5, tokenizer=tok)
     del t5
@@ -262,7 +267,7 @@ def _encode_prompts(run: _Run):
 
 def _load_vae(run: _Run) -> session.Component:
     with run.stage("load vae"):
-        vae = loading.load_vae(run.sources.vae, dtype=run.dtype, variant=run.variant, cache_dir=run.cache_dir)
+        vae = loading.load_vae(run.sources.vae, dtype=run.dtype_of("vae"), variant=run.variant, cache_dir=run.cache_dir)
     return run.component("vae", vae, variant=run.variant)
 
 
@@ -317,15 +322,14 @@ def _decode(run: _Run, vc: session.Component, lat):
         vc.release()
 
 
-def _host_estimate(run: _Run, precision: str) -> dict:
+def _host_estimate(run: _Run) -> dict:
     """What the estimate said this run's host RAM would be, per stage, to set beside the measured rows
     (GPU runs: on the CPU the weights themselves are the host memory, which the estimate does not model)."""
     from cogvid_core.plan import estimate as E
     if run.device.type != "cuda":
         return {}
-    other = "bf16" if precision == session.FP8 else precision
-    est = E.estimate(run.variant, run.frames, run.height, run.width, run.profile,
-                     precision={"transformer": precision, "text_encoder": other, "vae": other})
+    est = E.estimate(run.variant, run.frames, run.height, run.width, run.profile, precision=run.precision,
+                     device=run.device)
     return {s.name: (s.host_bytes, s.host_file_bytes) for s in est.stages}
 
 

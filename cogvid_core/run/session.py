@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cogvid_core.model import precision as precision_rule
 from cogvid_core.speed import fast
 from cogvid_core.model import lora as lora_mod
 from cogvid_core.memory.activations import apply_profile
@@ -24,20 +25,7 @@ from cogvid_core.memory.placement import place, placed_of, unplace
 from cogvid_core.plan.planner import resolve_profile
 from cogvid_core.memory.profiles import AUTO, MODES, Profile, get_profile
 
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FP8 = "fp8_e4m3fn"
 OFFLOAD_DEVICE = torch.device("cpu")
-
-
-def precision(name: str) -> tuple[torch.dtype, torch.dtype | None]:
-    """Widget precision -> (compute dtype, storage dtype or None)."""
-    if name == FP8:
-        if not hasattr(torch, "float8_e4m3fn"):
-            raise ValueError("fp8_e4m3fn storage needs a torch build with float8 support")
-        return torch.bfloat16, torch.float8_e4m3fn
-    if name not in PRECISIONS:
-        raise ValueError(f"precision must be one of {[*PRECISIONS, FP8]}, got {name!r}")
-    return PRECISIONS[name], None
 
 
 PLACEMENTS = (AUTO, *MODES)
@@ -67,6 +55,7 @@ class Component:
     profile: Profile | None = None   # the applied plan's profile (with_plan); None: no plan
     loras: tuple = ()                # ((lora.LoraWeights, strength), ...) active while this value is in use
     speed: str = fast.EXACT          # transformer: a fast.CHOICES name, active while this value is in use
+    precision: str = ""              # the resolved precision name (model.precision); "": named by dtype
     # ONE dict per loaded module, shared by every copy (dataclasses.replace passes it on): the ComfyUI
     # patcher lives here (one per module, so ComfyUI counts the weights once), and the mode the module
     # was last configured for, which `acquire()` honours whichever copy the patcher calls it on.
@@ -90,6 +79,13 @@ class Component:
         else:
             mode = AUTO_MODE[self.kind]
         return "offload" if self.kind == "vae" and mode == "stream" else mode   # the VAE has no block list
+
+    @property
+    def planned_precision(self) -> dict:
+        """{component: precision name} of this value, for the estimate (an fp32 transformer plans 4-byte
+        weights)."""
+        name = self.precision or precision_rule.name_of(self.dtype)
+        return {PROFILE_FIELD[self.kind]: name}
 
     @property
     def patcher(self):
@@ -191,7 +187,8 @@ def _profile_for(transformer: Component, plan, frames, height, width, fallback: 
     if profile is None:
         profile = resolve_profile(AUTO, device=transformer.device, variant=transformer.variant,
                                   frames=frames, height=height, width=width, lora_bytes=transformer.lora_bytes(),
-                                  speed=transformer.speed, held_bytes=transformer.device_bytes())
+                                  speed=transformer.speed, held_bytes=transformer.device_bytes(),
+                                  precision=transformer.planned_precision)
     return get_profile(profile)
 
 

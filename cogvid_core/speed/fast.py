@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from cogvid_core.model import precision as P
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ EXACT = "exact"
 CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
            "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile")
 FP8_MIN_CC = (8, 9)
-_FP8_LINEARS = ("attn1.", "ff.")   # the token-sized matmuls of a block (norm Linears see one row per video)
 
 
 class SpeedError(ValueError):
@@ -200,7 +200,9 @@ class _Fp8Block:
     row: streamed bytes stay halved and the matmul runs in float8 too."""
 
     def __init__(self, block: nn.Module, config, skipped: list):
-        self.linears = [m for name, m in block.named_modules() if isinstance(m, nn.Linear) and name.startswith(_FP8_LINEARS)]
+        # fp8 storage's rule (precision.fp8_module): attention and feed-forward, the token-sized matmuls;
+        # never the AdaLN modulation (norm1/norm2.linear: one row per video, precision-sensitive)
+        self.linears = [m for name, m in block.named_modules() if isinstance(m, nn.Linear) and P.fp8_module(name)]
         self.config, self.skipped, self.live = config, skipped, []
 
     def enter(self) -> None:
