@@ -16,6 +16,13 @@ from cogvid_core.run import session
 from test_nodes import comfy, models_root  # noqa: F401  (fixtures used by name)
 
 GiB = 1024 ** 3
+
+
+@pytest.fixture(autouse=True)
+def bf16_card(monkeypatch):
+    """The simulated card has bf16 (precision 'auto' asks the device, which a CPU build cannot answer)."""
+    from cogvid_core.model import precision as P
+    monkeypatch.setattr(P, "native_bf16", lambda device: True)
 SHAPE = (81, 768, 1360)        # 1.5's default video: resident needs a 32-40 GB card
 
 
