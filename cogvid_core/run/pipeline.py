@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cogvid_core.device import devmem
+from cogvid_core.speed import caches
 from cogvid_core.speed import fast
 from cogvid_core.run import guard
 from cogvid_core.model import loading
@@ -42,6 +43,7 @@ class Job:
     scheduler: str = "dpm"
     seed: int = 42
     resize: str = "crop"
+    cache: str = "none"           # a step cache (speed.caches.NAMES, e.g. "fbc:0.1")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)   # the profile's choices, for the run summary
     host_estimate: dict = field(default_factory=dict)  # {stage: (owned, file) bytes}: estimate.host_plan
+    cache: object = None          # caches.CacheStats of the run's step cache, None without one
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -150,6 +153,7 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
              cache_dir=None, devices=None, speed: str = fast.EXACT) -> Result:
     """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
     cards); it replaces ``device``."""
+    caches.parse(job.cache)      # a bad name fails before any model loads
     run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices, speed)
     run.speed = _check_speed(speed, run)
     run.recorder, run.interrupt = recorder, interrupt
@@ -163,8 +167,9 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
     with on(vc.device):
         latent = _then_free(_encode_image, run, vc, image)
     run.check()
+    cache_stats = []
     with on(run.device):
-        lat = _then_free(_denoise, run, pos, neg, latent, progress)
+        lat = _then_free(_denoise, run, pos, neg, latent, progress, cache_stats)
     try:
         with on(vc.device):
             frames_out = _decode(run, vc, lat)
@@ -172,8 +177,10 @@ def generate(sources: Sources, job: Job, precision: str = "bf16", device=None, p
         del vc
         _free()
     notes = [f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else []
+    notes += [stats.line() for stats in cache_stats]
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
-                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision))
+                  notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run, precision),
+                  cache=cache_stats[0] if cache_stats else None)
 
 
 def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, vram_budget_gib, cache_dir,
@@ -246,7 +253,7 @@ def _encode_image(run: _Run, vc: session.Component, image):
         vc.release()
 
 
-def _denoise(run: _Run, pos, neg, latent, progress):
+def _denoise(run: _Run, pos, neg, latent, progress, cache_stats=None):
     """Transformer loaded, the video sampled, transformer released."""
     with run.stage("load transformer"):
         tr, _ = loading.load_transformer(run.sources.transformer, dtype=run.dtype, storage_dtype=run.storage,
@@ -266,7 +273,8 @@ def _denoise(run: _Run, pos, neg, latent, progress):
             return sampling.sample(module, run.variant, pos.embeds, neg.embeds if neg else None, latent, run.frames,
                                    steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
                                    seed=job.seed, device=run.device, dtype=run.dtype, cfg_mode=run.profile.cfg_mode,
-                                   progress=progress, interrupt=run.interrupt)
+                                   progress=progress, interrupt=run.interrupt, cache=job.cache,
+                                   cache_stats=cache_stats)
     finally:
         tc.release()
         multigpu.detach_second(tc.module)
