@@ -8,6 +8,11 @@ from . import common as C
 AUTO = "auto"
 
 
+def cache_names() -> list[str]:
+    from cogvid_core.speed.caches import NAMES
+    return list(NAMES)
+
+
 def profile_names() -> list[str]:
     from cogvid_core.memory import profiles
     return [AUTO, *profiles.PROFILES]
@@ -42,13 +47,17 @@ class CogVidVRAMEstimate(io.ComfyNode):
                                tooltip="The Transformer Loader's speed option: FP8 attention (fa3fp8) and fp8 "
                                        "without compile hold more memory while sampling; the others no more "
                                        "than exact"),
+                io.Combo.Input("cache", options=cache_names(), default="none", optional=True,
+                               tooltip="The Sampler's step cache: the activations it holds count in the denoise "
+                                       "step (pab and fastercache hold one hidden state per block, GiBs at 1.5's size)"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      C.PLAN.Output(display_name="plan")],
         )
 
     @classmethod
-    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact") -> io.NodeOutput:
+    def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact",
+                cache="none") -> io.NodeOutput:
         import torch
         from cogvid_core.plan import estimate as E
         from cogvid_core.plan import planner
@@ -61,10 +70,11 @@ class CogVidVRAMEstimate(io.ComfyNode):
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         lora_bytes = int(lora_mib * 1024 ** 2)
         if profile == AUTO:
-            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed)
+            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
+                                        cache=cache)
         else:
             est = E.estimate(v, frames, height, width, profile, budget_bytes=budget, lora_bytes=lora_bytes,
-                             speed=speed)
+                             speed=speed, cache=cache)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)
 

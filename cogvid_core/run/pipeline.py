@@ -202,7 +202,8 @@ def _prepare(sources: Sources, job: Job, precision: str, device, profile: str, v
                                    budget_gib=vram_budget_gib, precision={"transformer": precision},
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
-                                   cfg_pair=devices is not None and devices.second is not None, speed=speed)
+                                   cfg_pair=devices is not None and devices.second is not None, speed=speed,
+                                   cache=job.cache)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices)
 
