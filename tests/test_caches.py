@@ -155,3 +155,58 @@ def test_one_branch_decides_as_the_batched_pair():
     assert runs[0] == ref_runs
     for (ru, rc), (ou, oc) in zip(ref, ours):
         assert (ou - ru).abs().max() <= BOUND and (oc - rc).abs().max() <= BOUND
+
+
+# ------------------------------------------------------------------------------- streamed weights
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Tiny 1.5 single files with 6 blocks: enough to tell "a few blocks" from "all of them"."""
+    from cogvid_core.model.testing import write_checkpoints
+    root = tmp_path_factory.mktemp("deep_caches")
+    return write_checkpoints(root, models.V15.key, tiny=True, dtype=torch.float32, layouts=("single",),
+                             layers=6)["single"]["transformer"]
+
+
+def _stream_inputs(tr):
+    from cogvid_core.model.vae import ImageLatent
+    g = torch.Generator().manual_seed(5)
+    h, w = 64, 96
+    latent = ImageLatent(mean=torch.randn(1, 16, 1, h // 8, w // 8, generator=g), std=torch.zeros(1, 16, 1, h // 8, w // 8),
+                         height=h, width=w, scale=0.7)
+    dim = tr.config.text_embed_dim
+    return torch.randn(1, 226, dim, generator=g), torch.randn(1, 226, dim, generator=g), latent
+
+
+@pytest.mark.parametrize("cfg_mode", ["batched", "sequential"])
+def test_streamed_blocks_the_cache_skips_are_not_read(deep, monkeypatch, cfg_mode):
+    """File-backed streaming + first-block cache: the result equals the resident model's with the same
+    cache, and blocks 1..5 are not read on the steps the cache skips (a large threshold skips every step
+    after the first). Only block 0's read-ahead (blocks 1 and 2) is read again."""
+    from cogvid_core.memory import filestream, placement as P
+    from cogvid_core.model import loading as L
+    reads = {}
+    schedule = filestream.FilePlacement._schedule
+
+    def counted(self, i):
+        before = i in self._pending or i in self._live
+        schedule(self, i)
+        if not before:
+            reads[i] = reads.get(i, 0) + 1
+
+    resident = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    P.place(resident, "cpu", "resident")
+    pos, neg, latent = _stream_inputs(resident)
+    kw = dict(steps=STEPS, cfg=6.0, scheduler="dpm", seed=3, device="cpu", dtype=torch.float32, cfg_mode=cfg_mode)
+    stats = []
+    want = sampling.sample(resident, models.V15, pos, neg, latent, 17, cache="fbc:10", cache_stats=stats, **kw).samples
+    lazy = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+    monkeypatch.setattr(filestream.FilePlacement, "_schedule", counted)
+    with placed.use():
+        got = sampling.sample(lazy, models.V15, pos, neg, latent, 17, cache="fbc:10", **kw).samples
+    placed.release()
+    assert stats[0].block_runs < stats[0].branch_passes * 6, "the cache skipped nothing"
+    assert (got - want).abs().max() <= 1e-5
+    first = 1 if cfg_mode == "batched" else 2                 # the first step's passes (one per branch)
+    assert all(reads[i] == first for i in (3, 4, 5)), reads  # read for the first step only
+    assert reads[0] >= STEPS
