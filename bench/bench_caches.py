@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvid_core.model import loading, testing                 # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
-from cogvid_core.model.vae import ImageLatent                  # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
 from cogvid_core.speed import caches, fast                     # noqa: E402
 

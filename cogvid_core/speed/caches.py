@@ -29,13 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-
-import torch
-from torch import nn
-
-from cogvid_core.memory import filestream
 
 log = logging.getLogger(__name__)
 
