@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--speed", default="exact", help="our speed option (fast.CHOICES), e.g. fp8+fa3fp8+compile")
     p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"], help="ours (sequential: "
                    "the small profiles' one-branch CFG)")
-    p.add_argument("--no-diffusers", action="store_true", help="ours only")
+    p.add_argument("--sides", default="diffusers,ours", help="which sides run (one 1.5 run of 50 steps is ~400 s on an "
+                   "H100: run each side in its own command on the same warm machine)")
     p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
     return p.parse_args(argv)
 
@@ -154,8 +155,7 @@ def run_all(args) -> dict:
     peaks = Peaks(s["device"])
     rows, base = [], {}
     for spec in args.caches.split(","):
-        sides = (("ours",) if args.no_diffusers else ("diffusers", "ours"))
-        for side in sides:
+        for side in args.sides.split(","):
             try:
                 row, lat = run_diffusers(s, spec, args.steps, peaks) if side == "diffusers" else \
                     run_ours(s, spec, args.steps, args, peaks)
