@@ -57,6 +57,10 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
     p.add_argument("--fps", type=float, help="default: the variant's (8 for 1.0, 16 for 1.5)")
     p.add_argument("--cache-dir", help="where hub downloads go (default: huggingface_hub's cache)")
+    p.add_argument("--cache", default="none", metavar="NAME[:ARGS]",
+                   help="step cache: none (default, exact), fbc[:THRESHOLD] (first-block cache, 0.05), pab (pyramid "
+                        "attention broadcast), fastercache (needs CFG batched: profile resident). A cache trades "
+                        "quality for speed: the video differs from the uncached one")
     p.add_argument("--report", type=Path, help="write the per-stage memory/time summary as JSON here")
     p.add_argument("--out", required=True, type=Path, help="OUT.mp4 for an H.264 video, else a folder of PNG frames")
     p.add_argument("--from-latents", type=Path, metavar="FILE",
@@ -109,7 +113,7 @@ def run_i2v(args) -> int:
     job = pipeline.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
                        frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
                        dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,
-                       resize=args.resize)
+                       resize=args.resize, cache=args.cache)
     if not Path(args.image).is_file():
         raise ValueError(f"start image not found: {args.image}")
     bar = _Bar("denoise")
@@ -239,6 +243,8 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--keep-loaded", action="store_true", help="resident models stay on the GPU in every stage")
     p.add_argument("--json", action="store_true", help="print JSON instead of the text report")
+    p.add_argument("--cache", default="none", metavar="NAME[:ARGS]",
+                   help="step cache (as i2v --cache): the activations it holds count in the denoise step")
     p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
 
 
@@ -272,11 +278,13 @@ def run_estimate(args) -> int:
     budget = _estimate_budget(args)
     if args.profile == AUTO and budget is None:
         print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
-        est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded)
+        est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded,
+                       cache=args.cache)
     elif args.profile == AUTO:
-        _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded)
+        _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded, cache=args.cache)
     else:
-        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded)
+        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded,
+                       cache=args.cache)
     if args.chart:
         from PIL import Image
 
@@ -289,18 +297,21 @@ def run_estimate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from cogvid_core.model import testing
 
-    parser = argparse.ArgumentParser(prog="python -m cogvid_core", description=__doc__)
+    # no abbreviations: `--cache pab` was read as `--cache-dir pab` (a new flag must never steal an old one's prefix)
+    parser = argparse.ArgumentParser(prog="python -m cogvid_core", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    _i2v_arguments(sub.add_parser("i2v", help="image-to-video"))
-    testing.add_arguments(sub.add_parser("make-checkpoints", help="write random checkpoints in the real layouts"))
-    demo = sub.add_parser("demo", help="tiny random checkpoints + i2v, offline, in seconds on a CPU")
+    _i2v_arguments(sub.add_parser("i2v", help="image-to-video", allow_abbrev=False))
+    testing.add_arguments(sub.add_parser("make-checkpoints", help="write random checkpoints in the real layouts",
+                                         allow_abbrev=False))
+    demo = sub.add_parser("demo", help="tiny random checkpoints + i2v, offline, in seconds on a CPU", allow_abbrev=False)
     demo.add_argument("--dir", default="demo", help="work folder")
     demo.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=["cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"])
     demo.add_argument("--steps", type=int, default=4)
     demo.add_argument("--device", default="auto")
     demo.add_argument("--out", default="demo/demo.mp4")
-    _estimate_arguments(sub.add_parser("estimate", help="predict peak VRAM per stage and pick settings that fit"))
+    _estimate_arguments(sub.add_parser("estimate", help="predict peak VRAM per stage and pick settings that fit",
+                                       allow_abbrev=False))
     return parser
 
 

@@ -13,6 +13,11 @@ def precision_names() -> list[str]:
     return [*C.PRECISIONS, AUTO]
 
 
+def cache_names() -> list[str]:
+    from cogvid_core.speed.caches import NAMES
+    return list(NAMES)
+
+
 def profile_names() -> list[str]:
     from cogvid_core.memory import profiles
     return [AUTO, *profiles.PROFILES]
@@ -51,6 +56,9 @@ class CogVidVRAMEstimate(io.ComfyNode):
                                tooltip="The Transformer Loader's precision (T5 and the VAE: auto, as their "
                                        "loaders pick by default). auto: bf16 where the card has it; on T4, V100, "
                                        "RTX 20xx fp32 for CogVideoX1.5 (twice the weights), fp16 otherwise"),
+                io.Combo.Input("cache", options=cache_names(), default="none", optional=True,
+                               tooltip="The Sampler's step cache: the activations it holds count in the denoise "
+                                       "step (pab and fastercache hold one hidden state per block, GiBs at 1.5's size)"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
                      C.PLAN.Output(display_name="plan")],
@@ -58,7 +66,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
 
     @classmethod
     def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact",
-                precision="auto") -> io.NodeOutput:
+                precision="auto", cache="none") -> io.NodeOutput:
         import torch
         from cogvid_core.model import precision as P
         from cogvid_core.plan import estimate as E
@@ -75,10 +83,10 @@ class CogVidVRAMEstimate(io.ComfyNode):
         names = P.resolve_all({"transformer": precision}, C.compute_device("auto"), v, warn=False)
         if profile == AUTO:
             est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
-                                        precision=names)
+                                        precision=names, cache=cache)
         else:
             est = E.estimate(v, frames, height, width, profile, names, budget_bytes=budget, lora_bytes=lora_bytes,
-                             speed=speed)
+                             speed=speed, cache=cache)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)
 

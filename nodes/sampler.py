@@ -11,6 +11,7 @@ class CogVidSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         from cogvid_core.run.sampling import SCHEDULERS
+        from cogvid_core.speed.caches import NAMES as CACHES, TOOLTIP as CACHE_TOOLTIP
         return io.Schema(
             node_id="CogVidSampler",
             display_name="CogVideoX I2V Sampler",
@@ -38,16 +39,18 @@ class CogVidSampler(io.ComfyNode):
                 C.PLAN.Input("plan", optional=True,
                              tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate (CFG mode, "
                                      "feed-forward chunking, attention, placement)"),
+                io.Combo.Input("cache", options=list(CACHES), default="none", optional=True, tooltip=CACHE_TOOLTIP),
             ],
             outputs=[C.LATENT.Output(display_name="latent")],
         )
 
     @classmethod
     def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
-                plan=None) -> io.NodeOutput:
+                plan=None, cache="none") -> io.NodeOutput:
         from cogvid_core.run import guard
         from cogvid_core.plan import planner
         from cogvid_core.run import session
+        from cogvid_core.plan.estimate import cache_bytes
         from cogvid_core.run.sampling import sample
         variant = transformer.variant
         h, w = image_latent.height, image_latent.width
@@ -58,17 +61,18 @@ class CogVidSampler(io.ComfyNode):
             budget = planner.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
             fallback = planner.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
                                              speed=transformer.speed,
-                                             precision=transformer.planned_precision).profile
+                                             precision=transformer.planned_precision, cache=cache).profile
         transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
         info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
-        # the LoRAs' merged matrices are built on the device during the run, beside the weights ComfyUI counts
-        with memory.in_use(transformer, "denoise_step", info,
-                           memory_required=activations + transformer.lora_bytes()) as module:
+        # the LoRAs' merged matrices and a step cache's activations live on the device during the run,
+        # beside the weights ComfyUI counts
+        held = transformer.lora_bytes() + cache_bytes(variant, frames, h, w, cache)
+        with memory.in_use(transformer, "denoise_step", info, memory_required=activations + held) as module:
             latents = sample(module(), variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
                              image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
                              seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
-                             progress=C.progress_callback(steps), interrupt=C.interrupt)
+                             progress=C.progress_callback(steps), interrupt=C.interrupt, cache=cache)
         return io.NodeOutput(latents)
 
 

@@ -1,4 +1,6 @@
 """The command line: a user's mistake is one `error:` line (exit 2), a bug shows its traceback."""
+import pytest
+
 from cogvid_core.plan import estimate as E
 from cogvid_core.cli import BUG_EXIT, main
 
@@ -61,3 +63,26 @@ def test_i2v_applies_the_photo_orientation(tiny_ckpts, tmp_path, monkeypatch, ca
         top, bottom = im.getpixel((4, 1)), im.getpixel((4, 14))
         assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0], name   # the left half went up
     capsys.readouterr()
+
+
+def test_no_abbreviations_cache_is_not_cache_dir():
+    """argparse read `--cache pab` as `--cache-dir pab` while abbreviations were allowed."""
+    from cogvid_core.cli import build_parser
+    args = build_parser().parse_args(["i2v", "--model", "m", "--image", "i", "--prompt", "p", "--out", "o",
+                                      "--cache", "pab"])
+    assert args.cache == "pab" and args.cache_dir is None
+    with pytest.raises(SystemExit):   # an abbreviation is an error now, not a silent other flag
+        build_parser().parse_args(["i2v", "--model", "m", "--image", "i", "--prompt", "p", "--out", "o",
+                                   "--cache-d", "x"])
+
+
+def test_estimate_with_a_cache_that_does_not_fit_names_what_fits(capsys):
+    assert main(["estimate", "--budget-gib", "6", "--cache", "pab"]) == 2
+    err = capsys.readouterr().err
+    assert "step cache pab holds ~21.7 GiB" in err and "what fits: cache none, fbc" in err
+    assert main(["estimate", "--budget-gib", "6", "--cache", "fbc"]) == 0
+
+
+def test_unknown_cache_is_one_line(capsys):
+    assert main(["estimate", "--budget-gib", "80", "--cache", "teacache"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown step cache 'teacache'")

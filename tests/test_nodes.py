@@ -92,7 +92,7 @@ def test_schemas(comfy):
     # the public contract: widget names and order
     assert [i.id for i in nodes["CogVidSampler"].GET_SCHEMA().inputs] == [
         "transformer", "conditioning", "image_latent", "frames", "steps", "cfg", "dynamic_cfg", "scheduler",
-        "seed", "plan"]
+        "seed", "plan", "cache"]
     assert [i.id for i in nodes["CogVidTransformerLoader"].GET_SCHEMA().inputs] == [
         "model", "precision", "placement", "device", "speed"]
 
@@ -266,6 +266,36 @@ def test_estimate_without_budget_on_cpu(comfy):
     report, _, _ = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=81, width=1360,
                        height=768, profile="auto", budget_gib=1.5).args
     assert "DOES NOT FIT" in report
+
+
+def test_sampler_step_cache(comfy):
+    """cache pab on the Sampler: the transformer is hooked for the run only (a later run without a cache is
+    the uncached video); fastercache on a one-branch profile is a clear error."""
+    nodes, _ = comfy
+    tr, t5, vae = _load(nodes, "CogVideo/CogVideoX1.5-5B-I2V")
+    cond = run(nodes["CogVidTextEncode"], t5=t5, positive="a red fox runs", negative="")[0]
+    lat = run(nodes["CogVidImageEncode"], vae=vae, image=_image(), width=96, height=64, resize="crop")[0]
+    kw = dict(transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=4, cfg=6.0, dynamic_cfg=True,
+              scheduler="dpm", seed=1)
+    plain = run(nodes["CogVidSampler"], **kw)[0].samples
+    cached = run(nodes["CogVidSampler"], cache="pab", **kw)[0].samples
+    again = run(nodes["CogVidSampler"], cache="none", **kw)[0].samples
+    assert (cached - plain).abs().max() > 1e-6 and torch.equal(again, plain)
+    _, _, plan = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=17, width=96, height=64,
+                     profile="lowvram", budget_gib=24.0).args
+    with pytest.raises(ValueError, match="fastercache works on the batched CFG pair"):
+        run(nodes["CogVidSampler"], cache="fastercache", plan=plan, **kw)
+
+
+def test_estimate_counts_the_step_cache(comfy):
+    """PAB holds each block's attention output per branch: at 81x768x1360 ~21.7 GiB on the GPU."""
+    nodes, _ = comfy
+    kw = dict(variant="CogVideoX1.5-5B-I2V", frames=81, width=1360, height=768, profile="resident", budget_gib=80.0)
+    plain = run(nodes["CogVidVRAMEstimate"], **kw).args[2]
+    pab = run(nodes["CogVidVRAMEstimate"], cache="pab", **kw).args[2]
+    grown = pab.stage("denoise_step").peak_allocated - plain.stage("denoise_step").peak_allocated
+    assert 21 * 2 ** 30 < grown < 22.5 * 2 ** 30
+    assert "cache" in [i.id for i in nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs][-1:]
 
 
 def test_estimate_counts_the_speed_option(comfy):

@@ -20,6 +20,8 @@ buffer), which is what the tests exercise; ``placement.place`` degrades CPU plac
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -27,6 +29,19 @@ from cogvid_core.model.fileindex import _assign, check_unchanged, index_of, stam
 from cogvid_core.memory.fileread import ALIGN, Layout, Reader
 
 PREFETCH_DEPTH = 2         # blocks read ahead of the running one in ``stream`` mode
+_SKIPPED = "_cogvid_blocks_skipped"   # model attribute: predicate(i) -> True for a block a step cache skips
+
+
+@contextmanager
+def blocks_skipped_when(model: nn.Module, predicate):
+    """Inside, a streamed block ``i`` with ``predicate(i)`` true when it is called is neither read nor
+    dropped: a step cache runs none of it (its hook returns the cached result). A read already
+    prefetched for it stays pending for the next pass that runs it."""
+    model.__dict__[_SKIPPED] = predicate
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_SKIPPED, None)
 
 
 # =============================================================================== placement
@@ -94,8 +109,14 @@ class FilePlacement:
         self._unload(self._live.pop(i, ()))
         self._ring.give_back(i)
 
+    def _skipped(self, i: int) -> bool:
+        predicate = self.model.__dict__.get(_SKIPPED)
+        return predicate is not None and predicate(i)
+
     def _pre_hook(self, i: int):
         def hook(module, args):
+            if self._skipped(i):
+                return
             self._fetch(i)
             n = len(self.blocks)
             for j in range(i + 1, i + 1 + min(self.depth, n - 1)):   # wraps: the next call starts at 0
@@ -104,7 +125,8 @@ class FilePlacement:
 
     def _post_hook(self, i: int):
         def hook(module, args, output):
-            self._drop(i)
+            if not self._skipped(i):
+                self._drop(i)
         return hook
 
     def _read_outside(self) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cogvid_core.plan import cards
-from cogvid_core.speed import fast
+from cogvid_core.speed import caches, fast
 from cogvid_core.plan.cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from cogvid_core.device.devmem import precision_bytes
 from cogvid_core.memory.filestream import PREFETCH_DEPTH
@@ -167,7 +167,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
              lora_bytes: int = 0, allocator: str | None = None, card: str | None = None,
-             file_backed: bool = True, speed: str = "exact", device=None) -> Estimate:
+             file_backed: bool = True, speed: str = "exact", device=None, cache: str = "none") -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -186,6 +186,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     fit); False: loaded into memory and streamed by diffusers' group offloading (the calibration's
     fitted ``stream_blocks``, e.g. the H100 grid's in-memory models).
     speed: the transformer's speed option (fast.CHOICES): what it adds to the denoise step.
+    cache: a step cache (speed.caches.NAMES): the activations it holds between steps, on the GPU through
+    the denoise (caches.held_bytes; CFG assumed, as everywhere in the estimate).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
@@ -206,6 +208,11 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     blocks = 1 + PREFETCH_DEPTH if file_backed else float(c["stream_blocks"])
     weights = _stage_weights(sizes, precision, profile, keep_loaded, c, blocks)
     weights["denoise_step"] += int(lora_bytes)
+    # held through the whole denoise, allocated once per block like the weights: counted with them, not
+    # with the step's transient activations (their fragmentation share does not apply). Against
+    # diffusers' hooks on the H100 (1.0, 49x480x720, nvidia-smi): PAB +8.8 GiB measured, 8.5 here;
+    # FasterCache +15.6 measured, 17.1 here; 1.5 at 81x768x1360 FasterCache +42.3, 43.4 here
+    weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, tiny, tiled=tile_t is not None)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
@@ -290,6 +297,17 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
     step_act += 2 * video_tokens(v, frames, height, width) * tcfg["attention_head_dim"] * 4  # RoPE cos/sin
     return step_act
+
+
+def cache_bytes(variant, frames: int, height: int, width: int, cache: str = "none", precision: dict | None = None,
+                tiny: bool = False) -> int:
+    """Bytes a step cache holds on the GPU through the denoise (hidden states in the compute dtype)."""
+    v = VARIANTS[variant] if isinstance(variant, str) else variant
+    tcfg = transformer_config(v, tiny)
+    xb = compute_bytes({**DEFAULT_PRECISION, **(precision or {})}["transformer"])
+    return caches.held_bytes(cache, tcfg["num_layers"], video_tokens(v, frames, height, width),
+                             tcfg["max_text_seq_length"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"],
+                             dtype_bytes=xb)
 
 
 def _decoded_latent_frames(v: Variant, frames: int) -> int:

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from cogvid_core.device.devmem import GiB, device_free_bytes
-from cogvid_core.plan.estimate import Estimate, estimate, tokens
+from cogvid_core.plan.estimate import Estimate, cache_bytes, estimate, tokens
 from cogvid_core.model.precision import PrecisionError
+from cogvid_core.speed import caches
 from cogvid_core.model.variants import VARIANTS
 from cogvid_core.memory.profiles import AUTO, PROFILES, Profile, TileSpec, get_profile, snap_tile
 from cogvid_core.model.stages import LABELS
@@ -108,41 +109,70 @@ def _derive(profile: Profile, **changes) -> Profile:
 def plan(variant, frames: int, height: int, width: int, budget_bytes: int, precision: dict | None = None,
          profiles: dict | None = None, calibration_path: Path | None = None, tiny: bool = False,
          keep_loaded: bool = False, lora_bytes: int = 0, cfg_pair: bool = False,
-         speed: str = "exact") -> tuple[Profile, Estimate]:
+         speed: str = "exact", cache: str = "none") -> tuple[Profile, Estimate]:
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes (``cfg_pair``:
-    the per-GPU budget of a CFG pair, among :func:`one_branch` candidates).
+    the per-GPU budget of a CFG pair, among :func:`one_branch` candidates). ``cache``: a step cache,
+    its held activations counted; fastercache only among batched-CFG profiles (it needs the pair).
 
     Raises ValueError saying what the smallest option needs when none fits."""
-    last = None
     v = VARIANTS[variant] if isinstance(variant, str) else variant
-    for prof in (one_branch if cfg_pair else list)(candidates(profiles, tokens(v, frames, height, width))):
-        est = estimate(variant, frames, height, width, prof, precision, budget_bytes=budget_bytes,
-                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
-                       lora_bytes=lora_bytes, speed=speed)
-        if est.fits:
-            return prof, est
-        last = est
+    spec = caches.parse(cache)
+    args = (v, frames, height, width, budget_bytes, precision, profiles, calibration_path, tiny, keep_loaded,
+            lora_bytes, cfg_pair, speed)
+    prof, est, last = _first_fit(*args, spec)
+    if prof is not None:
+        return prof, est
     if last is None:
         raise ValueError("no placement profiles to choose from")
+    fits = _caches_that_fit(args, spec) if spec.on else ""
     raise ValueError(f"{frames} frames at {width}x{height} needs ~{last.needed_bytes / GiB:.1f} GiB with profile "
                      f"{last.profile_name} (peak: {LABELS[last.peak_stage]}), the budget is "
-                     f"{budget_bytes / GiB:.1f} GiB: reduce frames or size, or free GPU memory")
+                     f"{budget_bytes / GiB:.1f} GiB: {fits}reduce frames or size, or free GPU memory")
+
+
+def _first_fit(v, frames, height, width, budget_bytes, precision, profiles, calibration_path, tiny, keep_loaded,
+               lora_bytes, cfg_pair, speed, spec):
+    """(profile, estimate, None) of the first candidate that fits, else (None, None, the last estimate)."""
+    last = None
+    for prof in (one_branch if cfg_pair else list)(candidates(profiles, tokens(v, frames, height, width))):
+        if spec.name == "fastercache" and prof.cfg_mode != "batched":
+            continue
+        est = estimate(v, frames, height, width, prof, precision, budget_bytes=budget_bytes,
+                       calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
+                       lora_bytes=lora_bytes, speed=speed, cache=str(spec))
+        if est.fits:
+            return prof, est, None
+        last = est
+    return None, None, last
+
+
+def _caches_that_fit(args: tuple, spec) -> str:
+    """'step cache X holds ~N GiB on the GPU; what fits: cache a, b; or ' for the refusal of a plan."""
+    v, frames, height, width, _budget, precision, _p, _c, tiny = args[:9]
+    held = cache_bytes(v, frames, height, width, str(spec), precision, tiny)
+    fit = [name for name in caches.NAMES
+           if name != spec.name and _first_fit(*args, caches.parse(name))[0] is not None]
+    return (f"step cache {spec} holds ~{held / GiB:.1f} GiB of activations on the GPU; "
+            f"{'what fits: cache ' + ', '.join(fit) if fit else 'no cache fits either'}; or ")
 
 
 def best_estimate(variant, frames: int, height: int, width: int, budget_bytes: int | None,
-                  lora_bytes: int = 0, speed: str = "exact", precision: dict | None = None) -> Estimate:
+                  lora_bytes: int = 0, speed: str = "exact", precision: dict | None = None,
+                  cache: str = "none") -> Estimate:
     """The plan's estimate (fastest profile that fits); without a budget the 'balanced' one; when
     nothing fits, the leanest profile's estimate (its report says DOES NOT FIT and what to change).
     ``precision``: {component: name} (missing: auto, as the loaders pick)."""
     if budget_bytes is None:
-        return estimate(variant, frames, height, width, "balanced", precision, lora_bytes=lora_bytes, speed=speed)
+        return estimate(variant, frames, height, width, "balanced", precision, lora_bytes=lora_bytes, speed=speed,
+                        cache=cache)
     try:
-        return plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes, speed=speed)[1]
+        return plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes, speed=speed,
+                    cache=cache)[1]
     except PrecisionError:
         raise
     except ValueError:
         return estimate(variant, frames, height, width, candidates()[-1], precision, budget_bytes=budget_bytes,
-                        lora_bytes=lora_bytes, speed=speed)
+                        lora_bytes=lora_bytes, speed=speed, cache=cache)
 
 
 def gpu_budget(device=None, reserve_bytes: int = 0) -> int | None:
@@ -175,7 +205,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     device=None, budget_gib: float | None = None, precision: dict | None = None,
                     lora_bytes: int = 0, devices=(), cfg_pair: bool = False, speed: str = "exact",
-                    held_bytes: int = 0) -> Profile:
+                    held_bytes: int = 0, cache: str = "none") -> Profile:
     """A named profile, or for ``"auto"`` the fastest profile that fits the VRAM budget.
 
     ``estimate_fn(budget_bytes) -> Profile`` overrides the choice (tests, other planners); by default
@@ -203,7 +233,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     if variant is None or frames is None or height is None or width is None:
         raise ValueError("profile 'auto' needs the variant, frames, height and width to pick from a budget")
     prof, est = plan(variant, frames, height, width, budget_bytes, precision, lora_bytes=lora_bytes,
-                     cfg_pair=cfg_pair, speed=speed)
+                     cfg_pair=cfg_pair, speed=speed, cache=cache)
     if prof.vae_tile is not None:        # derived candidates may carry inexact tiles
         prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
     log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,

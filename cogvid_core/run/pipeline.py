@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cogvid_core.device import devmem
+from cogvid_core.speed import caches
 from cogvid_core.speed import fast
 from cogvid_core.run import guard
 from cogvid_core.model import loading
@@ -43,6 +44,7 @@ class Job:
     scheduler: str = "dpm"
     seed: int = 42
     resize: str = "crop"
+    cache: str = "none"           # a step cache (speed.caches.NAMES, e.g. "fbc:0.1")
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Result:
     settings: dict = field(default_factory=dict)   # the profile's choices, for the run summary
     host_estimate: dict = field(default_factory=dict)  # {stage: (owned, file) bytes}: estimate.host_plan
     tile: object = None                   # the decode tile the frames came from (keep.save records it)
+    cache: object = None          # caches.CacheStats of the run's step cache, None without one
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -154,6 +157,7 @@ def generate(sources: Sources, job: Job, precision: str | dict = P.AUTO, device=
     """``devices``: a multigpu.DeviceMap or ``--devices`` text (a CFG pair, components on other
     cards); it replaces ``device``. ``precision``: one name for every component (fp8_e4m3fn is the
     transformer's; T5 and the VAE then take auto) or {component: name}; auto picks for the card."""
+    caches.parse(job.cache)      # a bad name fails before any model loads
     run = _prepare(sources, job, precision, device, profile, vram_budget_gib, cache_dir, devices, speed)
     run.speed = _check_speed(speed, run)
     run.recorder, run.interrupt = recorder, interrupt
@@ -167,8 +171,9 @@ def generate(sources: Sources, job: Job, precision: str | dict = P.AUTO, device=
     with on(vc.device):
         latent = _then_free(_encode_image, run, vc, image)
     run.check()
+    cache_stats = []
     with on(run.device):
-        lat = _then_free(_denoise, run, pos, neg, latent, progress)
+        lat = _then_free(_denoise, run, pos, neg, latent, progress, cache_stats)
     try:
         with on(vc.device):
             frames_out = _decode(run, vc, lat)
@@ -176,9 +181,10 @@ def generate(sources: Sources, job: Job, precision: str | dict = P.AUTO, device=
         del vc
         _free()
     notes = run.notes + ([f"prompt truncated at 226 tokens, dropped: {pos.truncated!r}"] if pos.truncated else [])
+    notes += [stats.line() for stats in cache_stats]
     return Result(frames=frames_out, latents=lat, variant=run.variant, fps=run.variant.fps, profile=run.profile.name,
                   notes=notes, settings=profile_settings(run.profile), host_estimate=_host_estimate(run),
-                  tile=run.profile.vae_tile)
+                  tile=run.profile.vae_tile, cache=cache_stats[0] if cache_stats else None)
 
 
 def decode_saved(sources: Sources, latents: vae_mod.VideoLatents, tile, precision: str = "auto", device=None,
@@ -230,7 +236,8 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
                                    budget_gib=vram_budget_gib, precision=names,
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
-                                   cfg_pair=devices is not None and devices.second is not None, speed=speed)
+                                   cfg_pair=devices is not None and devices.second is not None, speed=speed,
+                                   cache=job.cache)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices, notes=notes, precision=names)
 
@@ -281,7 +288,7 @@ def _encode_image(run: _Run, vc: session.Component, image):
         vc.release()
 
 
-def _denoise(run: _Run, pos, neg, latent, progress):
+def _denoise(run: _Run, pos, neg, latent, progress, cache_stats=None):
     """Transformer loaded, the video sampled, transformer released."""
     with run.stage("load transformer"):
         tr, _ = loading.load_transformer(run.sources.transformer, dtype=run.dtype, storage_dtype=run.storage,
@@ -301,7 +308,8 @@ def _denoise(run: _Run, pos, neg, latent, progress):
             return sampling.sample(module, run.variant, pos.embeds, neg.embeds if neg else None, latent, run.frames,
                                    steps=job.steps, cfg=job.cfg, dynamic_cfg=job.dynamic_cfg, scheduler=sched,
                                    seed=job.seed, device=run.device, dtype=run.dtype, cfg_mode=run.profile.cfg_mode,
-                                   progress=progress, interrupt=run.interrupt)
+                                   progress=progress, interrupt=run.interrupt, cache=job.cache,
+                                   cache_stats=cache_stats)
     finally:
         tc.release()
         multigpu.detach_second(tc.module)

@@ -18,12 +18,17 @@ from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames, positions_note
-from cogvid_core.speed.multigpu import cfg_parallel
+from cogvid_core.speed import stepcache
+from cogvid_core.speed.multigpu import cfg_parallel, second_of
 from cogvid_core.model.vae import ImageLatent, VideoLatents
 
 SCHEDULERS = ("dpm", "ddim")
-
 log = logging.getLogger(__name__)
+
+
+def _ranks() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rotary_embedding(config, height: int, width: int, num_latent_frames: int, device):
@@ -121,6 +126,7 @@ class Denoiser:
     steps: int
     dynamic_cfg: bool
     cfg_mode: str
+    cache: stepcache.StepCache | None = None
 
     def run(self, x, embeds, t):
         return self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
@@ -128,6 +134,8 @@ class Denoiser:
 
     def predict(self, x, t):
         """The noise prediction, or with CFG the (uncond, cond) pair, batched or one branch at a time."""
+        if self.cache is not None:
+            return self.cache.predict(lambda xs, embeds: self.run(xs, embeds, t), x, self.negative, self.positive, t)
         if self.negative is None:
             return self.run(x, self.positive, t)
         if self.cfg_mode == "batched":
@@ -171,13 +179,15 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
 def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torch.Tensor | None,
            image: ImageLatent, frames: int, steps: int = 50, cfg: float = 6.0, dynamic_cfg: bool = True,
            scheduler="dpm", seed: int = 0, device=None, dtype=None, cfg_mode: str = "batched",
-           progress=None, interrupt=None) -> VideoLatents:
+           progress=None, interrupt=None, cache="none", cache_stats: list | None = None) -> VideoLatents:
     """Denoise a video from the start-image latent and prompt embeddings [1, 226, D].
 
     progress(done, total) is called after each step; interrupt() is called before each step
     and may raise to abort. cfg_mode "sequential" runs the two CFG branches one after the other
     (half the activation memory, same result up to kernel rounding). A transformer with a second
     device (multigpu.attach_second) runs the two branches at once, one per device, as "sequential" does.
+    cache: a step cache (speed.caches.NAMES, e.g. "fbc:0.1"): diffusers' hooks on the transformer for this
+    run only; its counts (caches.CacheStats) are appended to ``cache_stats`` when given.
     """
     config = transformer.config
     check_args(variant, config, frames, image.height, image.width, steps, cfg, negative, cfg_mode)
@@ -202,7 +212,17 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     ofs = latents.new_full((1,), 2.0) if config.ofs_embed_dim is not None else None
     denoiser = Denoiser(transformer, positive.to(device, dtype), negative.to(device, dtype) if use_cfg else None,
                         rope, ofs, cfg, steps, dynamic_cfg, cfg_mode)
-    with cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
+    split = "a CFG pair (two GPUs)" if second_of(transformer) is not None and use_cfg else \
+        "sequence parallel (torchrun)" if _ranks() > 1 else None
+    with stepcache.applied(transformer, cache, cfg_mode, use_cfg, split) as step_cache, \
+            cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
+        if step_cache is not None:
+            denoiser.cache = step_cache
         latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt)
+    if step_cache is not None:
+        stats = stepcache.finish_stats(step_cache)
+        log.info(stats.line())
+        if cache_stats is not None:
+            cache_stats.append(stats)
     return VideoLatents(samples=latents.cpu(), frames=frames, height=image.height, width=image.width,
                         variant_key=variant.key, fps=variant.fps, drop_first=pad)

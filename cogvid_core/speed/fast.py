@@ -252,12 +252,16 @@ def _compile(transformer: nn.Module, stack: ExitStack) -> None:
     share one code object, so with torch's default inlining of nn modules one graph serves all of
     them; module hooks on the blocks (streaming, fp8) run outside it."""
     blocks = _blocks(transformer)
-    inside = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for b in blocks for m in b.modules() if m is not b)
+    # a forward in a submodule's __dict__: a diffusers hook (a step cache's PAB/FasterCache state on the
+    # attention), whose Python state a compiled block would trace and guard on
+    inside = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
+                 for b in blocks for m in b.modules() if m is not b)
     if inside:
         # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
         # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
-        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
-                    "correctly; the blocks run eagerly (the other speed parts stay on)", inside)
+        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs, step cache pab or "
+                    "fastercache) do not compile correctly; the blocks run eagerly (the other speed parts stay "
+                    "on; step cache fbc compiles)", inside)
         return
     wrapped = 0
     for block in blocks:

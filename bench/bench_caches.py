@@ -1,0 +1,217 @@
+"""Step caches (cogvid_core.speed.caches) beside diffusers' pipeline with the same hook, whole denoise.
+
+    python bench/bench_caches.py --variant cogvideox1.5-5b-i2v --steps 50 --caches none,fbc
+    python bench/bench_caches.py --variant cogvideox-5b-i2v --steps 50 --caches none,fbc,pab,fastercache
+    python bench/bench_caches.py --tiny --device cpu --steps 4          # the code path, seconds
+
+On the GPU machine carry .whl (diffusers + importlib_metadata) and install as bench/bench_speed.py says.
+Random bf16 weights built on the GPU (full size), one transformer shared by both sides. Per cache:
+
+* diffusers: CogVideoXImageToVideoPipeline (random VAE for the start frame, its one-frame encode inside the
+  timed call; prompt embeddings given,
+  output_type latent) with ``transformer.enable_cache(config)`` (the config our name stands for);
+* ours: sampling.sample with ``cache=NAME`` in the given ``--cfg-mode`` and ``--speed``.
+Denoise seconds (synchronised, the whole loop), full transformer passes (branch block runs / layers,
+ours from CacheStats; diffusers' from a counter on its last block), peak GPU memory (torch allocated and
+reserved; NVML whole-process when pynvml is there), host RSS peak, and the final-latent relative L2 of
+each side against its own uncached run ("not a quality measure": random weights).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cogvid_core.model import loading, testing                 # noqa: E402
+from cogvid_core.model import variants as M                    # noqa: E402
+from cogvid_core.run import sampling                           # noqa: E402
+from cogvid_core.speed import caches, fast                     # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", default="cogvideox1.5-5b-i2v", choices=sorted(M.VARIANTS))
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--caches", default="none,fbc,pab,fastercache", help="comma-separated cache names (none first)")
+    p.add_argument("--speed", default="exact", help="our speed option (fast.CHOICES), e.g. fp8+fa3fp8+compile")
+    p.add_argument("--cfg-mode", default="batched", choices=["batched", "sequential"], help="ours (sequential: "
+                   "the small profiles' one-branch CFG)")
+    p.add_argument("--sides", default="diffusers,ours", help="which sides run (one 1.5 run of 50 steps is ~400 s on an "
+                   "H100: run each side in its own command on the same warm machine)")
+    p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
+    return p.parse_args(argv)
+
+
+class Peaks:
+    """Peak GPU (torch, NVML) and host RSS over a block."""
+
+    def __init__(self, device):
+        self.device = device
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self.nvml = pynvml, pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception:                                   # noqa: BLE001  (no NVML: torch figures only)
+            self.nvml = None
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict:
+        out = {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out.update(peak_alloc_gib=torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved(self.device) / 2 ** 30)
+            if self.nvml:
+                lib, h = self.nvml
+                out["nvml_used_gib_after"] = lib.nvmlDeviceGetMemoryInfo(h).used / 2 ** 30
+        out["seconds"] = time.perf_counter() - self.t0
+        out["host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        return out
+
+
+def build(args):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    v = M.VARIANTS[args.variant]
+    tr = testing.build_random("transformer", v, args.tiny, dtype, device)
+    vae = testing.build_random("vae", v, args.tiny, dtype, device)
+    cfg = tr.config
+    frames, h, w = M.default_size(v, dict(cfg))
+    gen = torch.Generator("cpu").manual_seed(0)
+    text = (1, cfg.max_text_seq_length, cfg.text_embed_dim)
+    pos, neg = (torch.randn(text, generator=gen).to(device, dtype) for _ in range(2))
+    image = torch.rand(1, 3, h, w, generator=gen) * 2 - 1
+    return dict(device=device, dtype=dtype, variant=v, tr=tr, vae=vae, frames=frames, h=h, w=w, pos=pos, neg=neg,
+                image=image)
+
+
+def _tail_counter(tr):
+    runs = [0]
+    h = tr.transformer_blocks[-1].norm1.register_forward_pre_hook(lambda m, a: runs.__setitem__(0, runs[0] + a[0].shape[0]))
+    return runs, h
+
+
+def run_diffusers(s, spec, steps, peaks):
+    from diffusers import CogVideoXImageToVideoPipeline
+    tr = s["tr"]
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=s["vae"], transformer=tr,
+                                         scheduler=loading.load_scheduler(None, "dpm"))
+    pipe.set_progress_bar_config(disable=True)
+    runs, h = _tail_counter(tr)
+    if caches.parse(spec).on:
+        tr.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
+    peaks.start()
+    try:
+        out = pipe(image=s["image"].to(s["device"], s["dtype"]), prompt_embeds=s["pos"], negative_prompt_embeds=s["neg"],
+                   height=s["h"], width=s["w"], num_frames=s["frames"], num_inference_steps=steps, guidance_scale=6.0,
+                   use_dynamic_cfg=True, generator=torch.Generator("cpu").manual_seed(42), output_type="latent").frames
+        row = peaks.stop()
+    finally:
+        if tr.is_cache_enabled:
+            tr.disable_cache()
+        h.remove()
+    row.update(side="diffusers", cache=spec, full_passes=runs[0])
+    return row, out.float().cpu()
+
+
+def run_ours(s, spec, steps, args, peaks):
+    from cogvid_core.model.vae import encode_image
+    with torch.no_grad():
+        latent = s.setdefault("latent", encode_image(s["vae"], ((s["image"][0] + 1) / 2).permute(1, 2, 0),
+                                                      s["h"], s["w"], s["variant"], "crop", s["device"]))
+    stats = []
+    with fast.applied(s["tr"], args.speed, s["device"]), torch.inference_mode():
+        peaks.start()
+        out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,
+                              seed=42, device=s["device"], dtype=s["dtype"], cfg_mode=args.cfg_mode, cache=spec,
+                              cache_stats=stats)
+        row = peaks.stop()
+    row.update(side="ours", cache=spec, speed=args.speed, cfg_mode=args.cfg_mode,
+               full_passes=stats[0].full_passes if stats else 2 * steps, stats=stats[0].line() if stats else "")
+    return row, out.samples.float()
+
+
+def rel_l2(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_all(args) -> dict:
+    s = build(args)
+    peaks = Peaks(s["device"])
+    rows, base = [], {}
+    for spec in args.caches.split(","):
+        for side in args.sides.split(","):
+            try:
+                row, lat = run_diffusers(s, spec, args.steps, peaks) if side == "diffusers" else \
+                    run_ours(s, spec, args.steps, args, peaks)
+            except (ValueError, torch.cuda.OutOfMemoryError) as e:
+                rows.append(dict(side=side, cache=spec, error=str(e)[:300]))
+                continue
+            base.setdefault(side, lat)
+            row["final_latent_rel_l2_vs_uncached"] = rel_l2(lat, base[side])
+            rows.append(row)
+            print(table_line(row), flush=True)
+    ref = {r["cache"]: r["seconds"] for r in rows if r.get("side") == "diffusers" and "seconds" in r}
+    for r in rows:
+        if "seconds" in r and ref.get("none"):
+            r["x_diffusers_uncached"] = r["seconds"] / ref["none"]
+    return dict(rows=rows, env=_env(s, args))
+
+
+def _env(s, args) -> dict:
+    import diffusers
+    dev = s["device"]
+    return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
+                diffusers=diffusers.__version__, variant=s["variant"].key, frames=s["frames"], height=s["h"],
+                width=s["w"], steps=args.steps, tiny=bool(args.tiny), speed=args.speed, cfg_mode=args.cfg_mode,
+                note="final-latent differences on random weights are not a quality measure")
+
+
+HEADER = ("| side | cache | denoise s | x diffusers uncached | full passes | peak alloc / reserved GiB | host RSS GiB | "
+          "latent rel L2 vs uncached |\n|---|---|---|---|---|---|---|---|")
+
+
+def table_line(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['side']} | {r['cache']} | {r['error']} | | | | | |"
+    gpu = f"{r.get('peak_alloc_gib', 0):.2f} / {r.get('peak_reserved_gib', 0):.2f}"
+    ratio = f"{r['x_diffusers_uncached']:.3f}" if "x_diffusers_uncached" in r else "-"
+    return (f"| {r['side']} | {r['cache']} | {r['seconds']:.1f} | {ratio} | {r['full_passes']:g} | {gpu} | "
+            f"{r['host_peak_rss_gib']:.2f} | {r['final_latent_rel_l2_vs_uncached']:.2e} |")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    data = run_all(args)
+    data["env"].update(command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    out = args.out or (Path(os.environ["OUT"]) / "caches.json" if os.environ.get("OUT")
+                       else Path(__file__).with_name("caches_local.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1))
+    e = data["env"]
+    print(f"\n{e['card']}, torch {e['torch']}, diffusers {e['diffusers']}, {e['variant']} "
+          f"{e['frames']}x{e['height']}x{e['width']}, {e['steps']} steps, ours: {e['speed']}, CFG {e['cfg_mode']}\n")
+    print(HEADER)
+    for r in data["rows"]:
+        print(table_line(r))
+    print(f"\n({e['note']})\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Step caches equal diffusers' pipeline with the same hook (fp32, CPU, tiny models, same seed).
+
+The reference is CogVideoXImageToVideoPipeline with ``transformer.enable_cache(config)`` (the config
+our cache name stands for); ours samples with the pipeline's own transformer, so the comparison is of
+the denoising loops (the final latents, before the decode that tests/test_exactness.py covers), in both
+CFG modes. Each case asserts that the cache skipped work at least once, and that the last block ran
+as many times in ours as in diffusers (the same decisions), so a case cannot pass with a cache that
+does nothing. The fbc threshold is 1.2, not 0.05: random weights change block 0's residual by ~1.0-1.5
+(relative) from step to step, so 1.0 both skips and computes within 5 steps.
+"""
+import pytest
+import torch
+
+from cogvid_core.model import text
+from cogvid_core.model import variants as models
+from cogvid_core.model import vae as vae_mod
+from cogvid_core.run import sampling
+from cogvid_core.speed import caches
+from test_exactness import _start_image
+
+STEPS = 5
+BOUND = 1e-4
+FBC = {"dpm": "fbc:1.2", "ddim": "fbc:1.0"}     # per scheduler: both skip and compute in 5 steps
+PROMPT, NEGATIVE = "a small boat drifts on a calm lake at dawn", "blurry"
+
+
+@pytest.fixture(scope="module", params=list(models.VARIANTS))
+def setup(request, tiny_ckpts):
+    """The diffusers pipeline of one tiny variant, and our inputs encoded with its T5 and VAE."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    key = request.param
+    variant = models.VARIANTS[key]
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(tiny_ckpts[key]["hf"]), dtype=torch.float32)
+    frames, h, w = models.default_size(variant, models.transformer_config(variant, tiny=True))
+    image = _start_image(w, h)
+    with torch.no_grad():
+        pos = text.encode_prompt(pipe.text_encoder, pipe.tokenizer, PROMPT, "cpu")
+        neg = text.encode_prompt(pipe.text_encoder, pipe.tokenizer, NEGATIVE, "cpu")
+        latent = vae_mod.encode_image(pipe.vae, image, h, w, variant, "crop", "cpu")
+    return dict(pipe=pipe, variant=variant, frames=frames, h=h, w=w, image=image, pos=pos.embeds,
+                neg=neg.embeds, latent=latent)
+
+
+def _last_block_counter(transformer):
+    """Batch rows the last block really computed (a hook inside the block: it fires only when it runs)."""
+    runs = [0]
+    handle = transformer.transformer_blocks[-1].norm1.register_forward_pre_hook(
+        lambda m, a: runs.__setitem__(0, runs[0] + a[0].shape[0]))
+    return runs, handle
+
+
+def _reference(s, spec, scheduler):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+    pipe = s["pipe"]
+    cls = CogVideoXDPMScheduler if scheduler == "dpm" else CogVideoXDDIMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    runs, handle = _last_block_counter(pipe.transformer)
+    pipe.transformer.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
+    try:
+        out = pipe(image=s["image"], prompt=PROMPT, negative_prompt=NEGATIVE, height=s["h"], width=s["w"],
+                   num_frames=s["frames"], num_inference_steps=STEPS, guidance_scale=6.0, use_dynamic_cfg=True,
+                   generator=torch.Generator("cpu").manual_seed(1234), output_type="latent").frames
+    finally:
+        pipe.transformer.disable_cache()
+        handle.remove()
+    return out, runs[0]
+
+
+def _ours(s, spec, scheduler, cfg_mode, transformer=None):
+    transformer = transformer if transformer is not None else s["pipe"].transformer
+    runs, handle = _last_block_counter(transformer)
+    stats = []
+    try:
+        lat = sampling.sample(transformer, s["variant"], s["pos"], s["neg"], s["latent"], s["frames"], steps=STEPS,
+                              cfg=6.0, scheduler=scheduler, seed=1234, device="cpu", dtype=torch.float32,
+                              cfg_mode=cfg_mode, cache=spec, cache_stats=stats)
+    finally:
+        handle.remove()
+    return lat.samples, runs[0], stats[0] if stats else None
+
+
+def _skipped(spec, stats) -> bool:
+    if caches.parse(spec).name == "fbc":
+        return stats.block_runs < stats.branch_passes * stats.layers
+    return stats.attention_runs < stats.block_runs
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+@pytest.mark.parametrize("spec", ["fbc", "pab", "fastercache"])
+def test_matches_diffusers_hooks(setup, spec, scheduler):
+    spec = FBC[scheduler] if spec == "fbc" else spec
+    ref, ref_runs = _reference(setup, spec, scheduler)
+    modes = ("batched",) if spec == "fastercache" else ("batched", "sequential")
+    for cfg_mode in modes:
+        ours, runs, stats = _ours(setup, spec, scheduler, cfg_mode)
+        diff = (ours - ref).abs().max().item()
+        print(f"{setup['variant'].key}/{spec}/{scheduler}/{cfg_mode}: max abs latent diff {diff:.2e}; {stats.line()}")
+        assert ours.shape == ref.shape
+        assert diff <= BOUND, f"{spec}/{scheduler}/{cfg_mode}: max abs latent diff {diff}"
+        assert runs == ref_runs, f"the last block ran {runs} times, in diffusers {ref_runs}: other decisions"
+        assert _skipped(spec, stats), f"{spec} skipped nothing: the comparison would prove nothing"
+    if spec.startswith("fbc"):
+        assert 2 < ref_runs < 2 * STEPS, "the fbc case must both skip and compute after the first step"
+
+
+def test_uncached_run_after_a_cached_one_is_exact(setup):
+    """The transformer is shared (ComfyUI): after a cached run the hooks are gone, forwards restored."""
+    tr = setup["pipe"].transformer
+    forwards = {m: m.__dict__.get("forward") for m in tr.modules()}   # diffusers' disable_cache leaves some
+    before, _, _ = _ours(setup, "none", "dpm", "batched")
+    for spec in (FBC["dpm"], "pab", "fastercache"):
+        _ours(setup, spec, "dpm", "batched")
+        assert not tr.is_cache_enabled
+        assert {m: m.__dict__.get("forward") for m in tr.modules()} == forwards, "a forward was left changed"
+    after, _, _ = _ours(setup, "none", "dpm", "batched")
+    assert torch.equal(before, after)
+
+
+def test_one_branch_decides_as_the_batched_pair():
+    """First-block cache, one CFG branch at a time: the skip decision is the batched pair's. Here the
+    uncond prompt changes a lot at the second step and the cond prompt very little: the pair computes
+    (diffusers' decision), while a decision per branch would let the cond branch skip."""
+    from cogvid_core.model.testing import build_random
+    from cogvid_core.speed.stepcache import StepCache
+    from test_placement import _inputs
+    torch.manual_seed(0)
+    variant = models.V15
+    tr = build_random("transformer", variant, tiny=True, dtype=torch.float32)
+    kw = _inputs(tr, variant, batch=1)
+    x, pos0, t = kw["hidden_states"], kw["encoder_hidden_states"], torch.tensor(500)
+    g = torch.Generator().manual_seed(3)
+    neg0, neg1 = torch.randn(pos0.shape, generator=g), torch.randn(pos0.shape, generator=g)
+    pos1 = pos0 + 1e-4 * torch.randn(pos0.shape, generator=g)
+    steps = [(neg0, pos0), (neg1, pos1), (neg1, pos1)]   # compute, compute (jointly), skip
+
+    def run(xs, embeds):
+        return tr(hidden_states=xs, encoder_hidden_states=embeds, timestep=t.expand(xs.shape[0]), ofs=kw["ofs"][:1],
+                  image_rotary_emb=kw["image_rotary_emb"], return_dict=False)[0]
+
+    runs, handle = _last_block_counter(tr)
+    ref = []
+    tr.enable_cache(caches.diffusers_config("fbc", None))
+    with torch.no_grad():
+        for neg, pos in steps:
+            with tr.cache_context("cond_uncond"):
+                ref.append(run(torch.cat([x, x]), torch.cat([neg, pos])).chunk(2))
+    tr.disable_cache()
+    ref_runs, runs[0] = runs[0], 0
+    ours = []
+    with StepCache(tr, "fbc", "sequential", True) as cache, torch.no_grad():
+        for neg, pos in steps:
+            ours.append(cache.predict(run, x, neg, pos, t))
+    handle.remove()
+    assert ref_runs == 4, "the reference should compute at steps 1 and 2 and skip step 3"
+    assert runs[0] == ref_runs
+    for (ru, rc), (ou, oc) in zip(ref, ours):
+        assert (ou - ru).abs().max() <= BOUND and (oc - rc).abs().max() <= BOUND
+
+
+# ------------------------------------------------------------------------------- streamed weights
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Tiny 1.5 single files with 6 blocks: enough to tell "a few blocks" from "all of them"."""
+    from cogvid_core.model.testing import write_checkpoints
+    root = tmp_path_factory.mktemp("deep_caches")
+    return write_checkpoints(root, models.V15.key, tiny=True, dtype=torch.float32, layouts=("single",),
+                             layers=6)["single"]["transformer"]
+
+
+def _stream_inputs(tr):
+    from cogvid_core.model.vae import ImageLatent
+    g = torch.Generator().manual_seed(5)
+    h, w = 64, 96
+    latent = ImageLatent(mean=torch.randn(1, 16, 1, h // 8, w // 8, generator=g), std=torch.zeros(1, 16, 1, h // 8, w // 8),
+                         height=h, width=w, scale=0.7)
+    dim = tr.config.text_embed_dim
+    return torch.randn(1, 226, dim, generator=g), torch.randn(1, 226, dim, generator=g), latent
+
+
+@pytest.mark.parametrize("cfg_mode", ["batched", "sequential"])
+def test_streamed_blocks_the_cache_skips_are_not_read(deep, monkeypatch, cfg_mode):
+    """File-backed streaming + first-block cache: the result equals the resident model's with the same
+    cache, and blocks 1..5 are not read on the steps the cache skips (a large threshold skips every step
+    after the first). Only block 0's read-ahead (blocks 1 and 2) is read again."""
+    from cogvid_core.memory import filestream, placement as P
+    from cogvid_core.model import loading as L
+    reads = {}
+    schedule = filestream.FilePlacement._schedule
+
+    def counted(self, i):
+        before = i in self._pending or i in self._live
+        schedule(self, i)
+        if not before:
+            reads[i] = reads.get(i, 0) + 1
+
+    resident = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    P.place(resident, "cpu", "resident")
+    pos, neg, latent = _stream_inputs(resident)
+    kw = dict(steps=STEPS, cfg=6.0, scheduler="dpm", seed=3, device="cpu", dtype=torch.float32, cfg_mode=cfg_mode)
+    stats = []
+    want = sampling.sample(resident, models.V15, pos, neg, latent, 17, cache="fbc:10", cache_stats=stats, **kw).samples
+    lazy = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
+    monkeypatch.setattr(filestream.FilePlacement, "_schedule", counted)
+    with placed.use():
+        got = sampling.sample(lazy, models.V15, pos, neg, latent, 17, cache="fbc:10", **kw).samples
+    placed.release()
+    assert stats[0].block_runs < stats[0].branch_passes * 6, "the cache skipped nothing"
+    assert (got - want).abs().max() <= 1e-5
+    first = 1 if cfg_mode == "batched" else 2                 # the first step's passes (one per branch)
+    assert all(reads[i] == first for i in (3, 4, 5)), reads  # read for the first step only
+    assert reads[0] >= STEPS
+
+
+# ------------------------------------------------------------------------------- with the speed options
+def test_compile_runs_under_first_block_cache_and_is_off_under_pab(monkeypatch, caplog):
+    """fbc goes on after compile set the blocks' compiled forward: the cache hook wraps the compiled block
+    (same result as eager). PAB's hooks sit inside the blocks: compile is off, with a message."""
+    from cogvid_core.model.testing import build_random
+    from cogvid_core.run import session
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    tr = build_random("transformer", models.V15, tiny=True, dtype=torch.float32)
+    pos, neg, latent = _stream_inputs(tr)
+    kw = dict(steps=4, cfg=6.0, seed=3, device="cpu", dtype=torch.float32)
+    comp = session.Component("transformer", tr, torch.device("cpu"), torch.float32, "resident", variant=models.V15)
+    wrapped = []
+    block = tr.transformer_blocks[1]
+    h = block.register_forward_pre_hook(lambda m, a: wrapped.append(
+        m._diffusers_hook.get_hook("fbc_block_hook").fn_ref.original_forward is m.__dict__.get(fast._COMPILED)))
+    for spec in ("fbc:1.2", "pab"):
+        eager = sampling.sample(tr, models.V15, pos, neg, latent, 17, cache=spec, **kw).samples
+        wrapped.clear()
+        with caplog.at_level("WARNING"), comp.with_speed("compile").use() as module, torch.inference_mode():
+            compiled = sampling.sample(module, models.V15, pos, neg, latent, 17, cache=spec, **kw).samples
+        assert (compiled - eager).abs().max() < 1e-5
+        assert "forward" not in block.__dict__
+        if spec.startswith("fbc"):
+            h.remove()
+            assert wrapped and all(wrapped), "the cache hook did not wrap the compiled block"
+            assert "compile' is off" not in caplog.text
+    assert "step cache pab or fastercache" in caplog.text
