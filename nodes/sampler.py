@@ -67,7 +67,7 @@ class CogVidSampler(io.ComfyNode):
                              device=transformer.device)
         # the LoRAs' merged matrices and a step cache's activations live on the device during the run,
         # beside the weights ComfyUI counts
-        held = transformer.lora_bytes() + cache_bytes(variant, frames, h, w, cache)
+        held = transformer.lora_bytes() + cache_bytes(variant, frames, h, w, cache, transformer.planned_precision)
         with memory.in_use(transformer, "denoise_step", info, memory_required=activations + held) as module:
             latents = sample(module(), variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
                              image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,

@@ -304,7 +304,7 @@ def cache_bytes(variant, frames: int, height: int, width: int, cache: str = "non
     """Bytes a step cache holds on the GPU through the denoise (hidden states in the compute dtype)."""
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     tcfg = transformer_config(v, tiny)
-    xb = compute_bytes({**DEFAULT_PRECISION, **(precision or {})}["transformer"])
+    xb = compute_bytes(_precision(precision, v, None)["transformer"])
     return caches.held_bytes(cache, tcfg["num_layers"], video_tokens(v, frames, height, width),
                              tcfg["max_text_seq_length"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"],
                              dtype_bytes=xb)
