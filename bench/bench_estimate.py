@@ -100,6 +100,9 @@ SLOW_DECODE_AREA = 160 * 240
 HELDOUT_FIRST = {"denoise_step": {("resident", "batched", None, False), ("offload", "sequential", 16384, True),
                                   ("stream", "batched", 8192, True), ("stream", "sequential", 8192, True)},
                  "decode": {("resident", (240, 360)), ("offload", (160, 240))}}
+# the files whose code sets a streamed block's allocations: the env records their sha1 (paths from the repo root)
+STREAMING_CODE = ("cogvid_core/memory/filestream.py", "cogvid_core/memory/fileread.py",
+                  "cogvid_core/memory/placement.py")
 PROFILE_FIELDS = ("transformer", "text_encoder", "vae", "cfg_mode", "ff_chunk", "low_mem_attention",
                   "encode_tiled")
 
@@ -465,8 +468,7 @@ def _env(device, dtype, args, t0, writer) -> dict:
                 commit=commit or None, weights="file-backed transformer and T5, in-memory VAE",
                 command=" ".join([sys.executable, *sys.argv]),
                 # which streaming code measured: the cells hold only for this filestream/placement
-                sha1={p: _sha(ROOT / p) for p in ("cogvid_core/filestream.py", "cogvid_core/fileread.py",
-                                                 "cogvid_core/placement.py")},
+                sha1={p: _sha(ROOT / p) for p in STREAMING_CODE},
                 tiny=bool(args.tiny), dtype=str(dtype).replace("torch.", ""), budget_s=args.budget_s,
                 part=args.part, writer=writer, seconds=round(time.perf_counter() - t0, 1))
 
