@@ -35,7 +35,7 @@ from cogvid_core.plan import planner as PL  # noqa: E402
 from cogvid_core.memory import profiles as PR  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
 from cogvid_core.memory.profiles import TileSpec  # noqa: E402
-from bench.common.provenance import log, provenance, write_json  # noqa: E402
+from bench.common.provenance import card_name, log, provenance, write_json  # noqa: E402
 from bench.common.reference import PROMPT, apply_recipe, run_staged, start_image  # noqa: E402
 from bench.common.reference import RECIPES as DIFFUSERS_RECIPES  # noqa: E402
 from bench.common.tables import fmt  # noqa: E402
@@ -258,7 +258,7 @@ def table(results, base):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def _arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=("1.5", "1.0"), default="1.5")
     ap.add_argument("--frames", type=int)
@@ -274,34 +274,22 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 (fp32 with --tiny on CPU)")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
+    return ap
 
-    variant = M.V15 if args.variant == "1.5" else M.V10
-    if args.tiny:
-        cfg = M.transformer_config(variant, tiny=True)
-        d_frames, d_h, d_w = M.default_size(variant, cfg)
-    else:
-        d_frames, d_h, d_w = variant.default_frames, variant.default_height, variant.default_width
-    args.frames, args.height, args.width = args.frames or d_frames, args.height or d_h, args.width or d_w
-    dev = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
-    recipes = list(ALL) if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
+
+def _recipes(ap, text: str) -> list[str]:
+    """The --recipes list, checked, the baseline first."""
+    recipes = list(ALL) if text == "all" else [r.strip() for r in text.split(",") if r.strip()]
     for r in recipes:
         if r.split("#")[0] not in ALL and not r.startswith("ours-auto@"):
             ap.error(f"unknown recipe {r!r}; known: {', '.join(ALL)} (a '#2' suffix repeats one)")
     if not recipes or recipes[0] != BASELINE:
         recipes = [BASELINE] + [r for r in recipes if r != BASELINE]
+    return recipes
 
-    from bench.common.provenance import card_name
-    env = dict(provenance(card_name(dev)), device=str(dev), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
-    log(f"# bench_memory: {variant.label} {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
-        f"{'tiny' if args.tiny else 'full-size'} random weights, {dtype}, {env}")
 
-    models = Models(variant, args.tiny, dtype, dev)
-    if dev.type == "cuda":
-        models.warm_up()
-    models.to_host()
-
+def run_recipes(models: Models, recipes: list[str], args, dev) -> tuple[list[dict], dict | None]:
+    """Each recipe in turn on the same models; (summaries, the baseline's summary with its frames)."""
     results, base = [], None
     for recipe in recipes:
         log(f"## {recipe}")
@@ -330,7 +318,31 @@ def main(argv=None):
         results.append(s)
         del frames
         cleanup(dev)
+    return results, base
 
+
+def main(argv=None):
+    ap = _arguments()
+    args = ap.parse_args(argv)
+    variant = M.V15 if args.variant == "1.5" else M.V10
+    if args.tiny:
+        cfg = M.transformer_config(variant, tiny=True)
+        d_frames, d_h, d_w = M.default_size(variant, cfg)
+    else:
+        d_frames, d_h, d_w = variant.default_frames, variant.default_height, variant.default_width
+    args.frames, args.height, args.width = args.frames or d_frames, args.height or d_h, args.width or d_w
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
+    recipes = _recipes(ap, args.recipes)
+    env = dict(provenance(card_name(dev)), device=str(dev), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    log(f"# bench_memory: {variant.label} {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
+        f"{'tiny' if args.tiny else 'full-size'} random weights, {dtype}, {env}")
+
+    models = Models(variant, args.tiny, dtype, dev)
+    if dev.type == "cuda":
+        models.warm_up()
+    models.to_host()
+    results, base = run_recipes(models, recipes, args, dev)
     out = table(results, base)
     if base is not None and "runs" in base:
         out += (f"\n\nratios are to the mean of {len(base['runs'])} {BASELINE} runs: s/step "
