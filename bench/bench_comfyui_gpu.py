@@ -271,8 +271,9 @@ if __name__ == "__main__":
         faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1`: where a stuck worker is
         out_path = sys.argv[3]
         # the worker's ComfyUI imports cogvid_core from the pack it loads (--pack, copied into custom_nodes),
-        # never from this tree: only bench.* (imported above) was wanted from here
-        sys.path.remove(str(REPO))
+        # never from this tree, and no folder of bench/ (common/) may shadow a module ComfyUI or a node
+        # imports: only bench.* (imported above) was wanted from here
+        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "bench")]
         result = worker(json.loads(Path(sys.argv[2]).read_text()))
         Path(out_path).write_text(json.dumps(result, default=str))
         os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live
