@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common.provenance import provenance, write_json  # noqa: E402
+
 GiB = 2 ** 30
 
 
@@ -58,14 +60,14 @@ def case(kind: str, frames: int, height: int, width: int, tile: str) -> dict:
                 frames_gib=frames_.numel() * 4 / GiB)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--height", type=int, default=768)
     ap.add_argument("--width", type=int, default=1360)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.case:
         kind, tile = a.case.split(":")
         print(json.dumps(case(kind, a.frames, a.height, a.width, tile)))
@@ -80,12 +82,11 @@ def main() -> int:
     for r in rows:
         print(f"| {r['kind']} | {r['tile']} | {r['peak_over_start_gib']:.2f} | {r['frames_gib']:.2f} |")
     if a.json:
-        import datetime
         import platform
-        doc = dict(command=" ".join(sys.argv), date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        doc = dict(provenance(platform.processor() or platform.machine()),
                    machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (CPU only: host memory)",
                    rows=rows)
-        a.json.write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc, indent=2)
     return 0
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common.provenance import provenance, write_json  # noqa: E402
+
 GiB = 2 ** 30
 EXPANDABLE, ASYNC = "expandable_segments:True", "backend:cudaMallocAsync"
 CONFIGS = {
@@ -116,7 +118,8 @@ def child(args) -> dict:
                          peak_alloc=torch.cuda.max_memory_allocated() / GiB if cuda else None,
                          peak_reserved=torch.cuda.max_memory_reserved() / GiB if cuda else None))
     V.devmem.pool_keeps_freed = engine_trim
-    out = dict(backend=torch.cuda.get_allocator_backend() if cuda else "cpu", rows=rows)
+    out = dict(backend=torch.cuda.get_allocator_backend() if cuda else "cpu", rows=rows,
+               card=torch.cuda.get_device_name(device) if cuda else "cpu")
     if args.snapshot and cuda:      # one tile, untiled decode of exactly the tile's size
         one = latents(args.frames, th, tw)
         torch.cuda.empty_cache()
@@ -170,8 +173,8 @@ def main(argv=None) -> int:
         if snap and args.snapshot:
             args.snapshot.write_text(json.dumps(snap, indent=1))
         if args.json:     # after each config: a run cut by a time limit keeps what it measured
-            args.json.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                 command=" ".join(sys.argv), results=results), indent=1))
+            write_json(args.json, dict(args={k: str(v) for k, v in vars(args).items()},
+                                       **provenance(results[name]["card"]), results=results))
         print(f"{name}: {results[name]}", flush=True)
     print(f"\n1.5 decode, {args.frames}x{args.height}x{args.width}, tiles {args.tile}\n")
     print("| config | release | s | x first | peak alloc GiB | peak reserved GiB | reserved - alloc GiB |")

@@ -19,7 +19,6 @@ host memory does not.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import subprocess
@@ -37,6 +36,9 @@ from cogvid_core.model import loading as L  # noqa: E402
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.memory import placement as P  # noqa: E402
 from cogvid_core.model.sources import weight_files  # noqa: E402
+from bench.common.checkpoints import hf_checkpoints  # noqa: E402
+from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+from bench.common.tables import fmt  # noqa: E402
 
 GIB = 1024 ** 3
 CASES = {   # name: (component, weights, placement mode)
@@ -232,8 +234,7 @@ def _sub(args, case: str, pinned_in_rss: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    def f(v, spec=".2f"):
-        return "-" if v is None else format(v, spec)
+    f = fmt
     lines = ["| case | blocks | load s | first fwd s | load+first s | steady s/fwd | host anon+pinned peak GiB "
              "(load / compute) | file-backed peak GiB | torch pinned peak GiB | staging GiB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -271,29 +272,23 @@ def main(argv=None) -> int:
                                                           args.reps)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
-    import diffusers
-    out = dict(command=" ".join(sys.argv), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               card=torch.cuda.get_device_name(0), host=platform.node(), torch=torch.__version__,
-               diffusers=diffusers.__version__, layers=args.layers, frames=args.frames, height=args.height,
-               width=args.width, reps=args.reps)
+    out = dict(provenance(card_name(torch.device("cuda", 0))), host=platform.node(), layers=args.layers,
+               frames=args.frames, height=args.height, width=args.width, reps=args.reps)
     pinned_in_rss = devmem.PINNED_IN_RSS
     if not args.no_diag:
         out["diag"] = _sub(args, "diag", False)
         pinned_in_rss = bool(out["diag"].get("pinned_in_rss"))
         print(json.dumps(out["diag"], indent=1), flush=True)
     if not (args.dir / M.V15.folder / "model_index.json").exists():
-        from cogvid_core.model import testing
         t0 = time.perf_counter()
-        testing.write_checkpoints(args.dir, M.V15.key, tiny=False, dtype=torch.bfloat16, layouts=("hf",),
-                                  layers=args.layers)
+        hf_checkpoints(args.dir, M.V15.key, full=True, layers=args.layers)
         out["write_s"] = round(time.perf_counter() - t0, 1)
-        print(f"wrote checkpoints in {out['write_s']} s", flush=True)
     out["cases"] = []
     for case in args.cases.split(","):
         out["cases"].append(_sub(args, case, pinned_in_rss))
         print(json.dumps(out["cases"][-1]), flush=True)
         if args.out:
-            args.out.write_text(json.dumps(out, indent=1))
+            write_json(args.out, out)
     print(table(out["cases"]))
     return 0
 

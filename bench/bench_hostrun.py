@@ -33,15 +33,13 @@ import torch  # noqa: E402
 
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
+from bench.common.checkpoints import hf_checkpoints  # noqa: E402
+from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
+from bench.common.reference import PROMPT, run_staged, start_image  # noqa: E402
+from bench.common.tables import fmt  # noqa: E402
 
 RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
 BASELINE = "diffusers-resident"
-PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
-GIB = 2 ** 30
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def _steps_clock(device, marks: list):
@@ -54,8 +52,6 @@ def _steps_clock(device, marks: list):
 
 
 def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -> None:
-    from contextlib import ExitStack
-
     from diffusers import CogVideoXImageToVideoPipeline
 
     with rec.stage("load"):
@@ -63,32 +59,8 @@ def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -
     pipe.set_progress_bar_config(disable=True)
     if not args.tiny:             # diffusers' documented recipe (its tiled encode breaks at tiny sizes)
         pipe.vae.enable_tiling()
-    stack = ExitStack()
-    orig = pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents
-
-    def text_stage(*a, **k):
-        with rec.stage("text encode"):
-            return orig[0](*a, **k)
-
-    def image_stage(*a, **k):
-        with rec.stage("image encode"):
-            out = orig[1](*a, **k)
-        stack.enter_context(rec.stage("denoise", steps=args.steps))
-        return out
-
-    def decode_stage(*a, **k):
-        stack.close()
-        with rec.stage("decode"):
-            return orig[2](*a, **k)
-
-    pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents = text_stage, image_stage, decode_stage
-    try:
-        pipe(image=image, prompt=PROMPT, negative_prompt="", height=args.height, width=args.width,
-             num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=args.cfg, use_dynamic_cfg=True,
-             generator=torch.Generator("cpu").manual_seed(42), output_type="pt", return_dict=False,
-             callback_on_step_end=lambda p, i, t, kw: mark())
-    finally:
-        stack.close()
+    run_staged(pipe, rec, image, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+               cfg=args.cfg, seed=42, on_step=mark)
 
 
 def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
@@ -125,8 +97,6 @@ def cold_cache(folder: Path) -> None:
 def child(recipe: str, args) -> dict:
     """One recipe in this process; returns its result row. ``RECIPE+cold``: RECIPE with the checkpoint
     never in the page cache (see cold_cache)."""
-    from bench_memory import start_image
-
     name = recipe
     if recipe.endswith("+cold"):
         cold_cache(args.dir_model)
@@ -151,22 +121,10 @@ def child(recipe: str, args) -> dict:
                 host_peak_file_gib=max((r["host_peak_file_gib"] or 0) for r in rows), **extra)
 
 
-def write_checkpoints(root: Path, tiny: bool, v) -> Path:
-    key = v.key
-    folder = root / v.folder
-    if not (folder / "model_index.json").exists():
-        t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "cogvid_core", "make-checkpoints", str(root), "--variant", key, "--layouts", "hf"]
-        subprocess.run(cmd + ([] if tiny else ["--full"]), check=True, stdout=subprocess.DEVNULL)
-        log(f"wrote {folder} in {time.perf_counter() - t0:.0f} s")
-    return folder
-
-
 def table(results: list[dict]) -> str:
     base = next((r for r in results if r["recipe"] == BASELINE and not r.get("error")), None)
 
-    def f(v, spec=".2f"):
-        return "-" if v is None else format(v, spec)
+    f = fmt
 
     def ratio(r, key):
         return f(r.get(key) / base[key], ".3f") if base and r.get(key) and base.get(key) else "-"
@@ -211,7 +169,7 @@ def main(argv=None) -> int:
         args.dir_model = args.dir / v.folder
         print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
         return 0
-    folder = write_checkpoints(args.dir, args.tiny, v) if args.write else args.dir / v.folder
+    folder = hf_checkpoints(args.dir, v.key, full=not args.tiny) if args.write else args.dir / v.folder
     log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
@@ -229,12 +187,9 @@ def main(argv=None) -> int:
     out = table(results)
     log(out)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(torch=torch.__version__, device=args.device,
-                   card=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                   command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-        args.json.write_text(json.dumps(dict(env=env, frames=args.frames, height=args.height, width=args.width,
-                                             steps=args.steps, results=results, table=out), indent=2, default=str))
+        env = dict(provenance(card_name(args.device) if args.device.startswith("cuda") else "cpu"), device=args.device)
+        write_json(args.json, dict(env=env, frames=args.frames, height=args.height, width=args.width,
+                                   steps=args.steps, results=results, table=out), indent=2)
     return 0
 
 

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 import traceback
-from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cogvid_core.memory import activations as A  # noqa: E402
@@ -39,21 +35,18 @@ from cogvid_core.plan import planner as PL  # noqa: E402
 from cogvid_core.memory import profiles as PR  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
 from cogvid_core.memory.profiles import TileSpec  # noqa: E402
+from bench.common.provenance import card_name, log, provenance, write_json  # noqa: E402
+from bench.common.reference import PROMPT, apply_recipe, run_staged, start_image  # noqa: E402
+from bench.common.reference import RECIPES as DIFFUSERS_RECIPES  # noqa: E402
+from bench.common.tables import fmt  # noqa: E402
 
-DIFFUSERS_RECIPES = ("diffusers-resident", "diffusers-model-offload", "diffusers-group-offload",
-                     "diffusers-sequential-offload")
 OURS = tuple(f"ours-{name}" for name in PR.PROFILES)
 ALL = DIFFUSERS_RECIPES + OURS
 DEFAULT_RECIPES = ("diffusers-resident", "ours-lowvram", "ours-balanced", "diffusers-model-offload")
 BASELINE = "diffusers-resident"
-PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
 STAGES = ("text encode", "image encode", "denoise", "decode")
 GIB = 1024 ** 3
 DIFFUSERS_TILE = TileSpec(240, 360, 0.2)
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -117,15 +110,6 @@ def cleanup(device):
         torch.cuda.empty_cache()
 
 
-def start_image(height, width, seed=0):
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx / width, yy / height, 0.5 + 0.5 * np.sin(xx / 37.0 + yy / 23.0)], -1)
-    arr = np.clip(base * 200 + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)
-
-
 def reset_models(models: Models, pipe=None):
     """Remove every hook a recipe left (accelerate, diffusers group offloading, ours) and put all
     weights back in host memory."""
@@ -170,54 +154,16 @@ def run_diffusers(recipe, models: Models, args, rec: StageRecorder):
     vae_mod.set_tiling(models.vae, DIFFUSERS_TILE)
     models.vae.enable_slicing()
     t0 = time.perf_counter()
-    if recipe == "diffusers-resident" or dev.type == "cpu":
-        pipe.to(dev)
-    elif recipe == "diffusers-model-offload":
-        pipe.enable_model_cpu_offload(device=dev)
-    elif recipe == "diffusers-sequential-offload":
-        pipe.enable_sequential_cpu_offload(device=dev)
-    elif recipe == "diffusers-group-offload":
-        from diffusers.hooks import apply_group_offloading
-        for m in (models.transformer, models.text_encoder):
-            apply_group_offloading(m, onload_device=dev, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-        # the VAE runs through encode()/decode(), not forward(): block level never onloads its top group
-        apply_group_offloading(models.vae, onload_device=dev, offload_device=torch.device("cpu"),
-                               offload_type="leaf_level", use_stream=True)
-    else:
-        raise ValueError(recipe)
+    apply_recipe(pipe, recipe, dev)
     cleanup(dev)
     setup_s = time.perf_counter() - t0
 
-    stack = ExitStack()
-
-    def text_stage(*a, **k):
-        with rec.stage("text encode"):
-            return orig_encode(*a, **k)
-
-    def image_stage(*a, **k):
-        with rec.stage("image encode"):
-            out = orig_prepare(*a, **k)
-        stack.enter_context(rec.stage("denoise", steps=args.steps))
-        return out
-
-    def decode_stage(*a, **k):
-        stack.close()                                    # denoise ends here
-        stack.enter_context(rec.stage("decode"))         # ends after postprocess + hook release
-        return orig_decode(*a, **k)
-
-    orig_encode, orig_prepare, orig_decode = pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents
-    pipe.encode_prompt, pipe.prepare_latents, pipe.decode_latents = text_stage, image_stage, decode_stage
     try:
-        out = pipe(image=start_image(args.height, args.width), prompt=PROMPT, negative_prompt="",
-                   height=args.height, width=args.width, num_frames=args.frames,
-                   num_inference_steps=args.steps, guidance_scale=args.cfg, use_dynamic_cfg=True,
-                   generator=torch.Generator("cpu").manual_seed(args.seed), output_type="pt", return_dict=False)[0]
-        stack.close()
+        out = run_staged(pipe, rec, start_image(args.height, args.width), frames=args.frames, height=args.height,
+                         width=args.width, steps=args.steps, cfg=args.cfg, seed=args.seed, decode_to_end=True)
         frames = out[0].permute(0, 2, 3, 1).float().cpu()           # [T, H, W, 3]
         del out
     finally:
-        stack.close()
         reset_models(models, pipe)
     return frames, setup_s
 
@@ -294,8 +240,7 @@ def ratio(a, b):
 
 
 def table(results, base):
-    def f(v, spec=".2f"):
-        return "-" if v is None else (format(v, spec) if isinstance(v, (int, float)) else str(v))
+    f = fmt
     head = ("| recipe | peak alloc GiB | peak reserved GiB | reserved per stage: text / image / step / decode | "
             "s/step | x resident | decode s | x resident | whole run s | max abs frame diff | host RSS GiB | "
             "host anon+pinned GiB | host file-backed GiB |")
@@ -313,7 +258,7 @@ def table(results, base):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def _arguments() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", choices=("1.5", "1.0"), default="1.5")
     ap.add_argument("--frames", type=int)
@@ -329,38 +274,22 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 (fp32 with --tiny on CPU)")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args(argv)
+    return ap
 
-    variant = M.V15 if args.variant == "1.5" else M.V10
-    if args.tiny:
-        cfg = M.transformer_config(variant, tiny=True)
-        d_frames, d_h, d_w = M.default_size(variant, cfg)
-    else:
-        d_frames, d_h, d_w = variant.default_frames, variant.default_height, variant.default_width
-    args.frames, args.height, args.width = args.frames or d_frames, args.height or d_h, args.width or d_w
-    dev = torch.device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
-    recipes = list(ALL) if args.recipes == "all" else [r.strip() for r in args.recipes.split(",") if r.strip()]
+
+def _recipes(ap, text: str) -> list[str]:
+    """The --recipes list, checked, the baseline first."""
+    recipes = list(ALL) if text == "all" else [r.strip() for r in text.split(",") if r.strip()]
     for r in recipes:
         if r.split("#")[0] not in ALL and not r.startswith("ours-auto@"):
             ap.error(f"unknown recipe {r!r}; known: {', '.join(ALL)} (a '#2' suffix repeats one)")
     if not recipes or recipes[0] != BASELINE:
         recipes = [BASELINE] + [r for r in recipes if r != BASELINE]
+    return recipes
 
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(dev),
-               card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
-    import diffusers
-    import transformers
-    env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
-    log(f"# bench_memory: {variant.label} {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
-        f"{'tiny' if args.tiny else 'full-size'} random weights, {dtype}, {env}")
 
-    models = Models(variant, args.tiny, dtype, dev)
-    if dev.type == "cuda":
-        models.warm_up()
-    models.to_host()
-
+def run_recipes(models: Models, recipes: list[str], args, dev) -> tuple[list[dict], dict | None]:
+    """Each recipe in turn on the same models; (summaries, the baseline's summary with its frames)."""
     results, base = [], None
     for recipe in recipes:
         log(f"## {recipe}")
@@ -389,7 +318,31 @@ def main(argv=None):
         results.append(s)
         del frames
         cleanup(dev)
+    return results, base
 
+
+def main(argv=None):
+    ap = _arguments()
+    args = ap.parse_args(argv)
+    variant = M.V15 if args.variant == "1.5" else M.V10
+    if args.tiny:
+        cfg = M.transformer_config(variant, tiny=True)
+        d_frames, d_h, d_w = M.default_size(variant, cfg)
+    else:
+        d_frames, d_h, d_w = variant.default_frames, variant.default_height, variant.default_width
+    args.frames, args.height, args.width = args.frames or d_frames, args.height or d_h, args.width or d_w
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("fp32" if dev.type == "cpu" else "bf16")]
+    recipes = _recipes(ap, args.recipes)
+    env = dict(provenance(card_name(dev)), device=str(dev), alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    log(f"# bench_memory: {variant.label} {args.frames}x{args.height}x{args.width}, {args.steps} steps, "
+        f"{'tiny' if args.tiny else 'full-size'} random weights, {dtype}, {env}")
+
+    models = Models(variant, args.tiny, dtype, dev)
+    if dev.type == "cuda":
+        models.warm_up()
+    models.to_host()
+    results, base = run_recipes(models, recipes, args, dev)
     out = table(results, base)
     if base is not None and "runs" in base:
         out += (f"\n\nratios are to the mean of {len(base['runs'])} {BASELINE} runs: s/step "
@@ -397,10 +350,9 @@ def main(argv=None):
                 + ", ".join(f"{r[1]:.2f}" for r in base["runs"]))
     log("\n" + out)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
-                                             width=args.width, steps=args.steps, tiny=args.tiny, dtype=str(dtype),
-                                             results=results, table=out), indent=2, default=str))
+        write_json(args.json, dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
+                                   width=args.width, steps=args.steps, tiny=args.tiny, dtype=str(dtype),
+                                   results=results, table=out), indent=2)
     return 0
 
 

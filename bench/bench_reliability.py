@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,11 +34,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from cogvid_core.device import devmem
-from cogvid_core.model import variants as M
-from cogvid_core.run import pipeline
-from cogvid_core.run import session
-from cogvid_core.model import testing  # noqa: E402
+from cogvid_core.device import devmem  # noqa: E402
+from cogvid_core.run import pipeline  # noqa: E402
+from cogvid_core.run import session  # noqa: E402
+from bench.common.checkpoints import hf_checkpoints  # noqa: E402
+from bench.common.provenance import card_name, log, provenance, write_json  # noqa: E402
 
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
 MIB = 2 ** 20
@@ -49,10 +48,6 @@ REAL_EMPTY_HOST_CACHE = devmem.empty_host_cache    # --keep-host-cache replaces 
 
 class Cancelled(Exception):
     pass
-
-
-def log(*a):
-    print(*a, flush=True)
 
 
 def host_pinned(device) -> dict:
@@ -275,18 +270,10 @@ def soak(ckpts, sizes, device, profiles, image, n=20):
 
 
 # ------------------------------------------------------------------------------- main
-def write(root: Path, tiny: bool, layers: int | None, dtype) -> dict:
-    out = {}
-    for key in (V10, V15):
-        if (root / M.VARIANTS[key].folder / "model_index.json").exists():   # --ckpt-dir from an earlier run
-            out[key] = root / M.VARIANTS[key].folder
-            continue
-        t0 = time.perf_counter()
-        out[key] = testing.write_checkpoints(root, key, tiny=M.TRAINED_SIZE if tiny else False, dtype=dtype,
-                                             layouts=("hf",), layers=layers)["hf"]
-        log(f"wrote {key} ({'tiny' if tiny else f'full widths, {layers} blocks'}) in "
-            f"{time.perf_counter() - t0:.1f}s")
-    return out
+def write(root: Path, tiny: bool, layers: int | None, precision: str) -> dict:
+    """Both variants' checkpoints under ``root`` (reused where an earlier run wrote them: --ckpt-dir)."""
+    return {key: hf_checkpoints(root, key, full=not tiny, layers=layers, trained_size=tiny, dtype=precision)
+            for key in (V10, V15)}
 
 
 def main(argv=None) -> int:
@@ -310,7 +297,7 @@ def main(argv=None) -> int:
     root = args.ckpt_dir or Path(tempfile.mkdtemp(prefix="cogvid_rel_"))
     if args.keep_host_cache:
         devmem.empty_host_cache = lambda: False
-    ckpts = write(root, args.tiny, None if args.tiny else args.layers, testing.DTYPES[precision])
+    ckpts = write(root, args.tiny, None if args.tiny else args.layers, precision)
     ckpts["precision"] = precision
     # (frames, height, width) per variant; 1.0 is pinned to 480x720
     sizes = {V10: [(13, 480, 720), (25, 480, 720), (49, 480, 720)],
@@ -318,8 +305,8 @@ def main(argv=None) -> int:
     if args.tiny:   # CPU smoke run: small videos (1.0 stays at its pinned size, few frames)
         sizes = {V10: [(5, 480, 720), (9, 480, 720)], V15: [(17, 64, 96), (17, 96, 160), (33, 64, 96)]}
     image = torch.rand(1, 600, 900, 3)   # an IMAGE tensor, resized/cropped per run
-    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else
-               platform.processor() or "cpu", alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+    env = dict(provenance(card_name(device)), device=card_name(device),
+               alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                layers=None if args.tiny else args.layers, tiny=args.tiny, keep_host_cache=args.keep_host_cache,
                rss_start_mib=devmem.host_rss_bytes() / MIB)
     log(json.dumps(env))
@@ -341,7 +328,7 @@ def main(argv=None) -> int:
     result["ok"] = ok
     log("ALL OK" if ok else "SOME CHECKS FAILED")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1, default=str))
+        write_json(args.out, result)
     return 0 if ok else 1
 
 

@@ -27,7 +27,6 @@ Options that would end past the time budget are skipped (listed as such).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,11 +37,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogvid_core.speed import fast
-from cogvid_core.model import loading
-from cogvid_core.model import variants as M
-from cogvid_core.run import sampling
+from cogvid_core.speed import fast  # noqa: E402
+from cogvid_core.model import loading  # noqa: E402
+from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.run import sampling  # noqa: E402
 from cogvid_core.model import testing  # noqa: E402
+from bench.common.provenance import card_name, provenance, versions, write_json  # noqa: E402
 
 # most wanted first: the time budget drops the tail when steps run slower than expected
 DEFAULT_OPTIONS = ("exact,fa3fp8,fp8+fa3fp8+compile,fa3fp8+compile,flash,compile,fp8+compile,anchor,cudnn,sage,fp8,"
@@ -240,21 +240,13 @@ def run_all(args) -> dict:
 
 
 def _env(inp: Inputs, args) -> dict:
-    import diffusers
     dev = inp.device
-    return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
-                diffusers=diffusers.__version__, torchao=_version("torchao"), sageattention=_version("sageattention"),
-                variant=inp.variant.key, frames=inp.frames, height=inp.height, width=inp.width, tokens=inp.tokens,
+    extras = versions("torchao", "sageattention")
+    return dict(provenance(card_name(dev) if dev.type == "cuda" else "cpu"), torchao=extras["torchao"],
+                sageattention=extras["sageattention"], variant=inp.variant.key, frames=inp.frames,
+                height=inp.height, width=inp.width, tokens=inp.tokens,
                 steps=args.steps, tiny=bool(args.tiny), dtype=str(inp.dtype), build_s=inp.build_s,
                 compile_backend=args.compile_backend, cfg="batched, dynamic 6", scheduler="dpm (50-step schedule)")
-
-
-def _version(name):
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
 
 
 HEADER = ("| option | ran as | s/step | x exact | first call s | step-1 pred rel L2 | final latent rel L2 | "
@@ -272,11 +264,9 @@ def table_line(r: dict) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = run_all(args)
-    data["env"].update(command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     out = args.out or (Path(os.environ["OUT"]) / "speed.json" if os.environ.get("OUT")
                        else Path(__file__).with_name("speed_local.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1))
+    write_json(out, data)
     e = data["env"]
     print(f"\n{e['card']}, torch {e['torch']}, {e['variant']} {e['frames']}x{e['height']}x{e['width']} "
           f"({e['tokens']} video tokens), {e['steps']} steps, total {data['total_s']:.0f} s\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -41,13 +40,9 @@ from cogvid_core.model.loading import load_scheduler  # noqa: E402
 from cogvid_core.memory.placement import place, unplace  # noqa: E402
 from cogvid_core.model.testing import build_random  # noqa: E402
 from cogvid_core.model.vae import ImageLatent  # noqa: E402
-
-GIB = 1024 ** 3
-PROMPT = "a small red boat moves slowly over the river under a bright sky, camera pans"
-
-
-def log(*a):
-    print(*a, flush=True)
+from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
+from bench.common.reference import PROMPT  # noqa: E402
+from bench.common.tables import fmt as _f  # noqa: E402
 
 
 def sync_all(devices):
@@ -233,10 +228,6 @@ def scaling(t1: float, tn: float, sent_n: float, n: int) -> dict:
     return out
 
 
-def _f(v, spec=".2f"):
-    return "-" if v is None else format(v, spec)
-
-
 def table(rows) -> str:
     lines = ["| run | s/step | x batched | x sequential | max abs diff vs batched / sequential | "
              "peak alloc / reserved GiB per GPU |", "|---|---|---|---|---|---|"]
@@ -305,12 +296,11 @@ def main(argv=None) -> int:
         out = table(rows)
         log("\n" + out + f"\n\n{time.perf_counter() - t0:.1f} s so far")
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
-                                                width=args.width, steps=args.steps, split_steps=args.split_steps,
-                                                tiny=args.tiny, dtype=str(args.dtype), rows=rows, table=out,
-                                                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                                command=" ".join(sys.argv)), indent=2))
+            card = card_name(devices[0] if devices else args.device)    # seqpar: this rank's
+            write_json(args.out, dict(env=env, variant=variant.key, frames=args.frames, height=args.height,
+                                      width=args.width, steps=args.steps, split_steps=args.split_steps,
+                                      tiny=args.tiny, dtype=str(args.dtype), rows=rows, table=out,
+                                      **provenance(card)), indent=2)
     if args.seqpar:
         rows = seqpar_runs(variant, args)
         if rows:              # rank 0 reports

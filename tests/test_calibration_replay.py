@@ -19,13 +19,13 @@ Not replayed, on purpose:
 - cells marked ``superseded`` in their file (measured on code that changed what they measure);
 - CPU / tiny runs (no CUDA peaks).
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from bench import estimate_cells as C
+from bench import estimate_replay as R
 from cogvid_core.plan import cards
 from cogvid_core.plan import estimate as E
 
@@ -34,15 +34,6 @@ BENCH = ROOT / "bench"
 FAMILIES = sorted(cards.available())
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_estimate", BENCH / "bench_estimate.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod        # its dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
-B = _bench()
 
 
 def _doc(family):
@@ -54,17 +45,17 @@ def _cells(family):
     files = [BENCH / f for f in doc["measurements"]]
     missing = [f.name for f in files if not f.exists()]
     assert not missing, f"{family}.json names measurement files that are not in bench/: {missing}"
-    _, cells = B.load_cells(files)
+    _, cells = C.load_cells(files)
     return doc, [c for c in cells if cards.family_of(c["card"]) == family and c["stage"] not in doc.get("excluded", {})]
 
 
 def _covered(doc, cell) -> bool:
     covers = doc["allocators"].get(cell["allocator"], {}).get("covers", {})
-    return list(B.stage_key(cell["stage"], B.profile_of(cell))) in covers.get(cell["stage"], [])
+    return list(C.stage_key(cell["stage"], C.profile_of(cell))) in covers.get(cell["stage"], [])
 
 
 def _ident(c) -> tuple:
-    key = c["key"] if "alloc_err" in c else list(B.stage_key(c["stage"], B.profile_of(c)))
+    key = c["key"] if "alloc_err" in c else list(C.stage_key(c["stage"], C.profile_of(c)))
     return (c["allocator"], c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(key))
 
 
@@ -76,7 +67,7 @@ def _listed_misses(doc) -> dict:
 
 def _out_of_tolerance(cells, tol, constants=None):
     bad = []
-    for c, ea, er in B.errors(cells, constants):
+    for c, ea, er in R.errors(cells, constants):
         if abs(ea) > tol or abs(er) > tol:
             bad.append(f"{c['allocator']} {c['variant']} {c['frames']}x{c['height']}x{c['width']} {c['stage']} "
                        f"{c['profile']}: allocated {ea * 100:+.1f}%, reserved {er * 100:+.1f}%")
@@ -116,7 +107,7 @@ def test_listed_misses_do_not_grow(family):
     if not missed:
         pytest.skip(f"{family}: every fitted cell within tolerance")
     seen = 0
-    for c, ea, er in B.errors(cells):
+    for c, ea, er in R.errors(cells):
         if _ident(c) in missed:
             seen += 1
             ra, rr = missed[_ident(c)]
@@ -145,7 +136,7 @@ def test_no_stage_needs_more_than_its_verdict_asks(family):
     """Every measured cell, fitted or held out, of every allocator set: its stage's reserved peak is at
     most what the verdict asks of that stage (peak + the stage's calibrated margin), the misses included."""
     doc, cells = _cells(family)
-    short = B.short_stages(cells)
+    short = R.short_stages(cells)
     assert len(cells) >= 20
     assert not short, f"{family}: " + "\n".join(
         f"{c['allocator']} {c['variant']} {c['frames']}x{c['height']}x{c['width']} {c['stage']} {c['profile']}: "
@@ -153,7 +144,7 @@ def test_no_stage_needs_more_than_its_verdict_asks(family):
     # not vacuous: without the margins the native cells' misses show
     native = dict(doc["allocators"]["native"]["constants"], reserved_margin=0.0, reserved_margin_stages={},
                   reserved_margin_bytes_stages={}, tolerance=0.0)
-    assert B.short_stages([c for c in cells if c["allocator"] == "native"], native)
+    assert R.short_stages([c for c in cells if c["allocator"] == "native"], native)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -162,7 +153,7 @@ def test_no_fits_verdict_for_a_run_that_did_not_fit(family):
     if doc.get("excluded"):
         pytest.skip(f"{family}: {sorted(doc['excluded'])} not calibrated, so no run has all 4 stages to judge")
     checked = []
-    wrong = B.wrong_fits(cells, checked=checked)
+    wrong = R.wrong_fits(cells, checked=checked)
     assert len(checked) >= 5, f"{family}: only {len(checked)} (candidate, shape) pairs have all 4 stages measured"
     assert not wrong, f"{family}: candidates judged to fit budgets they overran: {wrong[:5]}"
 

@@ -1,0 +1,76 @@
+"""What every result JSON says about where it came from, and writing it.
+
+A number in docs/ or README links to a raw file; the file must say which command, card, date and
+commit produced it (bench/README.md lists them). ``provenance`` gives those fields in one form for
+every script; each script puts them where it kept its environment (its ``env`` or the top level).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2 ** 30
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+def command() -> str:
+    """The command line as typed (interpreter included), quoted so it can be pasted again."""
+    return shlex.join([sys.executable, *sys.argv])
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def git_commit(repo: Path = REPO) -> str | None:
+    """The short commit of the tree that ran, or None where there is no git (the device machines run
+    a copy of the tree: the estimate grid records sha1s of the files its cells depend on as well)."""
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True)
+    except OSError:
+        return None
+    return out.stdout.strip() or None
+
+
+def card_name(device=None) -> str:
+    """The GPU's name (torch's) for a CUDA device, else the CPU's."""
+    import torch
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def versions(*packages: str) -> dict:
+    """{package: installed version or None}; python's own first."""
+    out = {"python": platform.python_version()}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def provenance(card: str | None) -> dict:
+    """command, card, date (UTC), commit and the versions that set the numbers."""
+    return dict(command=command(), card=card, date=now(), commit=git_commit(),
+                **versions("torch", "diffusers", "transformers"))
+
+
+def write_json(path: Path | str, doc: dict, indent: int = 1) -> Path:
+    """``doc`` as JSON at ``path`` (folders made); values JSON does not know (paths, dtypes) as text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=indent, default=str))
+    return path
