@@ -75,9 +75,10 @@ class StripCausalConv(nn.Module):
 
 
 class StripGroupNorm(nn.Module):
-    """``nn.GroupNorm`` on [N, C, T, H, W] in strips of rows: the mean, then the (biased) variance around
-    it, each summed strip by strip in float64, then the normalized strips in float32 stored in the
-    input's dtype (as torch's kernel computes a bf16 GroupNorm in float32)."""
+    """``nn.GroupNorm`` on [N, C, T, H, W] in strips of rows: each strip's mean and (biased) variance in
+    float32, merged over the strips in float64 (Chan et al.'s pairwise update: one pass over the data),
+    then the normalized strips computed in float32 and stored in the input's dtype (as torch's kernel
+    computes a bf16 GroupNorm in float32)."""
 
     def __init__(self, inner: nn.GroupNorm, budget_bytes: int):
         super().__init__()
@@ -89,37 +90,44 @@ class StripGroupNorm(nn.Module):
         g = self.inner.num_groups
         n, c, t, height, width = x.shape
         groups = x.view(n, g, c // g, t, height, width)
-        per_row = 3 * c * t * width * 4                   # float32 copies a strip makes
+        per_row = 2 * c * t * width * 4                   # a strip's float32 copy and its normalized form
         spans = list(_row_spans(height, strip_rows(per_row, height, self.budget_bytes)))
-        count = (c // g) * t * height * width
-        total = torch.zeros(n, g, dtype=torch.float64, device=x.device)
-        for r0, r1 in spans:
-            total += groups[..., r0:r1, :].float().sum(dim=(2, 3, 4, 5), dtype=torch.float64)
-        mean = total / count
-        square = torch.zeros_like(total)
-        mean32 = mean.float().view(n, g, 1, 1, 1, 1)
-        for r0, r1 in spans:
-            d = groups[..., r0:r1, :].float() - mean32
-            square += (d * d).sum(dim=(2, 3, 4, 5), dtype=torch.float64)
-        rstd = torch.rsqrt(square / count + self.inner.eps).float().view(n, g, 1, 1, 1, 1)
-        weight, bias = self._affine(g, c // g, x.device)
+        mean, rstd = self._statistics(groups, spans)
+        scale, shift = self._scale_shift(mean, rstd, g, c // g)
         out = torch.empty_like(x)
         out_groups = out.view(n, g, c // g, t, height, width)
         for r0, r1 in spans:
-            d = groups[..., r0:r1, :].float() - mean32
-            d.mul_(rstd)
-            if weight is not None:
-                d.mul_(weight).add_(bias)
-            out_groups[..., r0:r1, :] = d
-            del d
+            out_groups[..., r0:r1, :] = torch.addcmul(shift, groups[..., r0:r1, :].float(), scale)
         return out
 
-    def _affine(self, g: int, per_group: int, device):
-        if not self.inner.affine:
-            return None, None
-        shape = (1, g, per_group, 1, 1, 1)
-        return (self.inner.weight.float().view(shape).to(device),
-                self.inner.bias.float().view(shape).to(device))
+    def _statistics(self, groups: torch.Tensor, spans) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (sample, group) mean and 1 / sqrt(variance + eps), float64, from the strips' own moments."""
+        count = mean = m2 = None
+        for r0, r1 in spans:
+            part = groups[..., r0:r1, :].float()
+            var_b, mean_b = torch.var_mean(part, dim=(2, 3, 4, 5), unbiased=False)
+            n_b = part[0, 0].numel()
+            var_b, mean_b = var_b.double(), mean_b.double()
+            if count is None:
+                count, mean, m2 = n_b, mean_b, var_b * n_b
+                continue
+            delta, total = mean_b - mean, count + n_b
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + var_b * n_b + delta * delta * (count * n_b / total)
+            count = total
+        return mean, torch.rsqrt(m2 / count + self.inner.eps)
+
+    def _scale_shift(self, mean: torch.Tensor, rstd: torch.Tensor, g: int, per_group: int):
+        """y = x * scale + shift per channel, float32: (x - mean) * rstd * weight + bias rearranged."""
+        n = mean.shape[0]
+        scale = rstd.view(n, g, 1).expand(n, g, per_group)
+        if self.inner.affine:
+            scale = scale * self.inner.weight.double().view(1, g, per_group)
+        shift = -mean.view(n, g, 1) * scale
+        if self.inner.affine:
+            shift = shift + self.inner.bias.double().view(1, g, per_group)
+        view = (n, g, per_group, 1, 1, 1)
+        return scale.float().reshape(view), shift.float().reshape(view)
 
 
 class StripDownsample(nn.Module):
