@@ -159,7 +159,8 @@ def split_run(tr, t5, vae, tok, variant, args, devices) -> dict:
     img = Image.fromarray(torch.stack([xx * 255 // args.width, yy * 255 // args.height, (xx + yy) % 256], -1)
                           .to(torch.uint8).numpy())
     with MG.on_device(enc_dev), p_vae.use():
-        lat = vae_mod.encode_image(vae, img, args.height, args.width, variant, device=enc_dev, tile=prof.vae_tile)
+        lat = vae_mod.encode_image(vae, img, args.height, args.width, variant, device=enc_dev,
+                                   strips=prof.encode_tiled)
     clock = Clock()
     with MG.on_device(tr_dev), p_tr.use():    # embeddings and the image latent cross to the transformer's GPU inside sample()
         out = sampling.sample(tr, variant, pos.embeds, neg.embeds, lat, args.frames, steps=args.split_steps,

@@ -40,7 +40,9 @@ def stage_key(stage: str, prof: Profile) -> tuple:
     """The settings of ``prof`` that stage's memory depends on (cells with one key are one measurement)."""
     tile = (prof.vae_tile.height, prof.vae_tile.width) if prof.vae_tile else None
     return {"text_encode": (prof.text_encoder,),
-            "image_encode": (prof.vae, tile if prof.encode_tiled else None),
+            # encode_tiled encodes in strips (issue 30), whatever the tile: its cells are keyed "strips"; the
+            # cells keyed by a tile measured the tiled encode it replaced (marked superseded)
+            "image_encode": (prof.vae, "strips" if prof.encode_tiled else None),
             "denoise_step": (prof.transformer, prof.cfg_mode, prof.ff_chunk, prof.low_mem_attention),
             "decode": (prof.vae, tile)}[stage]
 

@@ -146,8 +146,7 @@ def _compute(task: Task, m, c, device, dtype, inputs: dict) -> None:
                         cfg=6.0, scheduler="dpm", seed=0, device=device, dtype=dtype, cfg_mode=prof.cfg_mode)
     elif task.stage == "image_encode":
         img = Image.new("RGB", (task.width, task.height), (120, 80, 40))
-        lat = vae_mod.encode_image(m, img, task.height, task.width, v, "crop", device,
-                                   tile=prof.vae_tile if prof.encode_tiled else None)
+        lat = vae_mod.encode_image(m, img, task.height, task.width, v, "crop", device, strips=prof.encode_tiled)
         inputs.setdefault(("latent", v.key, task.height, task.width), lat)
     else:   # random latents of the denoiser's output shape: the decode's peak does not depend on values
         n_lat, pad = M.latent_frames(v, task.frames)

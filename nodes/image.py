@@ -32,7 +32,7 @@ class CogVidImageEncode(io.ComfyNode):
                                        "pad: fit inside, black bars"),
                 C.PLAN.Input("plan", optional=True,
                              tooltip="Optional memory plan from CogVideoX I2V VRAM Estimate: low-VRAM plans "
-                                     "encode the start image in tiles"),
+                                     "encode the start image in strips (the same latent, less memory)"),
             ],
             outputs=[C.IMAGE_LATENT.Output(display_name="image_latent")],
         )
@@ -44,14 +44,14 @@ class CogVidImageEncode(io.ComfyNode):
         from cogvid_core.memory.profiles import get_profile
         from cogvid_core.model.vae import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
-        tile = profile.vae_tile if profile is not None and profile.encode_tiled else None
+        strips = profile is not None and profile.encode_tiled   # the exact low-memory encode (vae_strips)
         # the encode's need does not depend on the frame count: any valid one lets the estimator answer
         frames = vae.variant.default_frames if vae.variant is not None else None
         info = guard.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
                              profile=profile or "balanced")
         with memory.in_use(vae, "image_encode", info) as module:
             latent = encode_image(module(), image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,
-                                  device=vae.device, tile=tile)
+                                  device=vae.device, strips=strips)
         return io.NodeOutput(latent)
 
 

@@ -298,6 +298,20 @@ def test_estimate_counts_the_step_cache(comfy):
     assert "cache" in [i.id for i in nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs][-1:]
 
 
+def test_image_encode_with_a_lowvram_plan_is_the_untiled_latent(comfy):
+    """Issue 30: a lowvram plan encodes in strips, the untiled encode's latent; at 400x256 the tiled encode
+    it replaced (240x360 tiles) blended 2 x 2 tiles, a different latent and video."""
+    nodes, _ = comfy
+    vae = run(nodes["CogVidVAELoader"], model="CogVideo/CogVideoX1.5-5B-I2V", precision="fp32", placement="auto",
+              device="auto")[0]
+    _, _, plan = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=17, width=400,
+                     height=256, profile="lowvram", budget_gib=0.0).args
+    image = _image(256, 400)
+    plain = run(nodes["CogVidImageEncode"], vae=vae, image=image, width=400, height=256, resize="crop")[0]
+    low = run(nodes["CogVidImageEncode"], vae=vae, image=image, width=400, height=256, resize="crop", plan=plan)[0]
+    assert (low.mean - plain.mean).abs().max().item() <= 1e-5 and (low.std - plain.std).abs().max().item() <= 1e-5
+
+
 def test_estimate_counts_the_speed_option(comfy):
     """FP8 attention holds float8 copies of q, k, v while sampling: the node's step estimate grows."""
     nodes, _ = comfy

@@ -30,7 +30,9 @@ class Profile:
     attn_head_chunk: int = 8             # heads per RoPE chunk when low_mem_attention
     vae_tile: TileSpec | None = TileSpec(240, 360, 0.2)     # sample-space decode tile; None = untiled
     description: str = ""
-    encode_tiled: bool = False           # image encode in vae_tile tiles (the untiled 1360x768 encode peaks ~6 GiB)
+    # the start image's encode in strips of rows (model/vae_strips.py): the untiled encode's latent without its
+    # ~6 GiB peak at 1360x768. The name is kept for saved plans; the tiled encode it once chose blended tiles.
+    encode_tiled: bool = False
 
     def validate(self) -> "Profile":
         for comp in ("transformer", "text_encoder", "vae"):
@@ -66,7 +68,7 @@ PROFILES: dict[str, Profile] = {p.name: p.validate() for p in (
     Profile("lowvram", "stream", "stream", "offload", "sequential", 8192, True,
             description="8-12 GB cards: transformer and T5 streamed block by block from pinned host memory with "
                         "the next block prefetched on a side stream, CFG one branch at a time, chunked "
-                        "feed-forward, low-memory RoPE, tiled image encode", encode_tiled=True),
+                        "feed-forward, low-memory RoPE, image encode in strips (the same latent)", encode_tiled=True),
 )}
 
 

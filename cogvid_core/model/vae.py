@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from cogvid_core.device import devmem
 from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant
+from cogvid_core.model import vae_strips
 from cogvid_core.model.tiles import TileSpec, exact_overlap
 
 RESIZE_MODES = ("crop", "stretch", "pad")
@@ -137,9 +138,14 @@ def _resize(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor
 
 
 def encode_image(vae, image, height: int, width: int, variant: Variant, resize: str = "crop",
-                 device=None, tile: TileSpec | None = None) -> ImageLatent:
+                 device=None, tile: TileSpec | None = None, strips: bool = False,
+                 strip_bytes: int = vae_strips.STRIP_BYTES) -> ImageLatent:
     """Encode the start frame into the VAE's latent distribution (mean, std) kept on CPU.
 
+    ``strips``: diffusers' untiled encode computed in strips of rows (:mod:`cogvid_core.model.vae_strips`):
+    the same latent in a fraction of the memory, each strip's temporaries within ``strip_bytes``.
+    ``tile``: diffusers' tiled encode, which blends separately encoded tiles: a different latent (~10%
+    relative L2 at 640x384), so a different video; kept for measurements beside it.
     The size is checked against what the variant can generate here, before any compute."""
     step = 8 * 2  # VAE x patch size: both variants patch 2x2 latent pixels
     if height % step or width % step or min(height, width) < 32:
@@ -148,11 +154,16 @@ def encode_image(vae, image, height: int, width: int, variant: Variant, resize: 
                          f"{max(32, round(height / step) * step)}")
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     dtype = next(vae.parameters()).dtype
+    if strips and tile is not None:
+        raise ValueError("encode_image: pass either strips=True (exact) or a tile (diffusers' blended tiles), not both")
     pixels = prepare_image(image, height, width, resize).to(device, dtype)
     set_tiling(vae, tile)   # explicit every time: a decode's tiling must not leak into this encode
     try:
         with torch.inference_mode():
-            dist = vae.encode(pixels.unsqueeze(2)).latent_dist     # [1, 3, 1, H, W] -> [1, C, 1, h, w]
+            if strips:
+                dist = vae_strips.encode_frame(vae, pixels.unsqueeze(2), strip_bytes)
+            else:
+                dist = vae.encode(pixels.unsqueeze(2)).latent_dist     # [1, 3, 1, H, W] -> [1, C, 1, h, w]
     finally:
         vae.disable_tiling()
     return ImageLatent(mean=dist.mean.cpu(), std=dist.std.cpu(), height=height, width=width,

@@ -5,8 +5,32 @@ from __future__ import annotations
 import math
 
 from cogvid_core.device.devmem import GiB
+from cogvid_core.memory.profiles import PROFILES
+from cogvid_core.model.tiles import exact_overlap
 from cogvid_core.model.variants import VARIANTS
 from cogvid_core.model.stages import COMPONENT_OF_STAGE, LABELS
+
+
+def _blended(tile) -> tuple | None:
+    """(h, w, blended rows, blended columns) of a decode tile (h, w, overlap), as diffusers runs it."""
+    if tile is None:
+        return None
+    h, w, ov = int(tile[0]), int(tile[1]), float(tile[2])
+    return h, w, int(h * exact_overlap(h, ov)), int(w * exact_overlap(w, ov))
+
+
+def decode_tile_note(tile) -> str:
+    """One line when the decode tile ((h, w, overlap) or None: untiled) is not the resident profile's, ""
+    when it is. The encode and the sampling give the resident profile's numbers in every profile; diffusers'
+    tiled decode blends tiles, so another tile (e.g. the planner's smaller ones on small budgets) gives
+    slightly different frames."""
+    res = PROFILES["resident"].vae_tile
+    ref = (res.height, res.width, res.overlap)
+    if _blended(tile) == _blended(ref):
+        return ""
+    mine = f"decode tile {tile[1]}x{tile[0]} (overlap {tile[2]:.3g})" if tile is not None else "untiled decode"
+    return (f"note: {mine}, not the resident profile's {ref[1]}x{ref[0]} (overlap {ref[2]:.3g}): diffusers blends "
+            f"decode tiles, so the frames differ slightly from the resident profile's")
 
 
 def advice(est) -> str:
@@ -67,6 +91,8 @@ def report_text(est, host_available: int | None = None) -> str:
                  "which the page cache keeps when RAM allows (else read from disk, slower)")
     if host_available is not None or est.host_peak_bytes:
         lines.append(verdict(est.host_peak_bytes, host_available, max(s.host_file_bytes for s in est.stages)))
+    if decode_tile_note(est.tile):
+        lines.append(decode_tile_note(est.tile))
     lines.append(calibration_line(est))
     return "\n".join(lines)
 

@@ -9,8 +9,9 @@ First principles, then calibration:
   frames (padded for 1.5, / patch_size_t) x (h/16) x (w/16). The attention phase (Q, K, V, RoPE,
   SDPA output) and the feed-forward phase (12288-wide intermediate, chunked over tokens) each have a
   unit count; the step's peak is the larger phase on top of the live hidden states;
-- VAE: encoder activations at full resolution (or the largest tile) for the (causally padded) start
-  frame; decode per tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a
+- VAE: encoder activations at full resolution for the (causally padded) start frame, or, encoded in
+  strips (model/vae_strips.py), the few full-resolution first-level activations alive at once plus one
+  strip's temporaries; decode per tile = 128 channels x output frames in a temporal chunk x tile area x bytes x a
   multiplier, plus that tile's decoded frames (vae.decode moves each decoded tile to the host and
   assembles the video there; untiled, the whole video is the one tile);
 - peak reserved = peak allocated + a fragmentation share of the activations (per stage).
@@ -32,6 +33,7 @@ from cogvid_core.device.devmem import precision_bytes
 from cogvid_core.memory.filestream import PREFETCH_DEPTH
 from cogvid_core.memory.hostplan import host_stages
 from cogvid_core.model import precision as P
+from cogvid_core.model import vae_strips
 from cogvid_core.model.variants import MAX_TEXT_TOKENS, VARIANTS, Variant, latent_frames, t5_config, transformer_config, vae_config
 from cogvid_core.memory.profiles import PROFILES, Profile
 from cogvid_core.model.sizes import ComponentSize, compute_bytes, component_sizes, weight_bytes  # noqa: F401  (estimate's API)
@@ -46,6 +48,7 @@ DEFAULT_PRECISION = {c: P.AUTO for c in COMPONENTS}
 DEFAULT_CONSTANTS = {
     "t5_act_units": 12.0,          # x 226 x d_model x bytes, + attention scores
     "enc_act_mult": 1.9,           # x 128 ch x 3 frames (causal pad) x H x W x bytes
+    "enc_strip_units": float(vae_strips.LIVE_LEVEL0_UNITS),  # strip encode: x 128 ch x H x W x bytes, + the strip budget
     "step_live_units": 3.5,        # hidden + encoder hidden + residual/norm outputs
     "step_attn_units": 10.0,       # Q, K, V, concat, fp32 RoPE temporaries, SDPA output
     "step_attn_units_lowmem": 5.5,
@@ -199,8 +202,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     vcfg = vae_config(v, tiny)
     video_bytes = _video_bytes(v, frames, height, width, precision)
     acts = {"text_encode": _text_encode_bytes(c, t5_config(tiny), precision),
-            "image_encode": _image_encode_bytes(c, vcfg, precision, height, width,
-                                                tile_t if profile.encode_tiled else None),
+            "image_encode": _image_encode_bytes(c, vcfg, precision, height, width, profile.encode_tiled),
             "denoise_step": _denoise_step_bytes(c, v, transformer_config(v, tiny), precision, profile,
                                                 frames, height, width, fast.parse(speed)),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
@@ -267,12 +269,16 @@ def _text_encode_bytes(c: dict, t5cfg: dict, precision: dict) -> float:
             + 2 * t5cfg["num_heads"] * MAX_TEXT_TOKENS ** 2 * 4)
 
 
-def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width: int, tile) -> float:
-    """The encoder's first level at full resolution (or its largest tile), 3 frames (causal padding)."""
-    eh, ew = (height, width)
-    if tile is not None:
-        eh, ew = _largest_tile(height, width, tile)
-    return c["enc_act_mult"] * vcfg["block_out_channels"][0] * 3 * eh * ew * compute_bytes(precision["vae"])
+def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width: int, strips: bool) -> float:
+    """Untiled: the encoder's first level at full resolution, 3 frames (causal padding), and the convolution
+    caches it keeps (fitted in enc_act_mult). In strips (the profile's encode_tiled): a resnet's input, its
+    branch and the new activation at the first level, one frame each, plus one strip's temporaries; first
+    principles until strip cells are measured (bench/bench_encode_exact.py)."""
+    vb = compute_bytes(precision["vae"])
+    level0 = vcfg["block_out_channels"][0] * height * width * vb
+    if strips:
+        return c["enc_strip_units"] * level0 + vae_strips.STRIP_BYTES + 3 * height * width * vb   # + the pixels
+    return c["enc_act_mult"] * 3 * level0
 
 
 def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profile: Profile, frames: int,

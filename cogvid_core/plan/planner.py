@@ -236,6 +236,6 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
                      cfg_pair=cfg_pair, speed=speed, cache=cache)
     if prof.vae_tile is not None:        # derived candidates may carry inexact tiles
         prof = dataclasses.replace(prof, vae_tile=snap_tile(prof.vae_tile))
-    log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)", prof.name,
-             est.peak_reserved / GiB, budget_bytes / GiB)
+    log.info("auto placement: %s (estimated peak %.1f GiB of %.1f GiB)%s", prof.name,
+             est.peak_reserved / GiB, budget_bytes / GiB, f"; {est.decode_note()}" if est.decode_note() else "")
     return get_profile(prof)

@@ -109,6 +109,11 @@ class Estimate:
         from cogvid_core.plan.chart import advice
         return advice(self)
 
+    def decode_note(self) -> str:
+        """One line when this plan's decode tile gives frames slightly unlike the resident profile's."""
+        from cogvid_core.plan.chart import decode_tile_note
+        return decode_tile_note(self.tile)
+
     def report(self, host_available: int | None = None) -> str:
         from cogvid_core.plan.chart import report_text
         return report_text(self, host_available)
@@ -123,4 +128,5 @@ class Estimate:
                 "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "advice": self.advice(), "keep_loaded": self.keep_loaded, "allocator": self.allocator,
                 "calibration": self.calibration_source, "calibrated_on": self.calibration.get("card"),
+                "decode_note": self.decode_note(),
                 "tolerance": self.calibration.get("tolerance"), "calibration_note": self.calibration.get("note", "")}

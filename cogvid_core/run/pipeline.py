@@ -283,7 +283,7 @@ def _encode_image(run: _Run, vc: session.Component, image):
     try:
         with run.stage("image encode"), guard.oom_guard("image_encode", run.info), vc.use() as vae:
             return vae_mod.encode_image(vae, image, run.height, run.width, run.variant, run.job.resize, vc.device,
-                                        tile=prof.vae_tile if prof.encode_tiled else None)
+                                        strips=prof.encode_tiled)
     finally:
         vc.release()
 
