@@ -8,10 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from cogvid_core.device.devmem import GiB
-from cogvid_core.run.guard import StageOOM
-from cogvid_core.model.variants import VARIANTS, CheckpointError
-from cogvid_core.memory.profiles import AUTO
+from cogvid_core import api as cv
+from cogvid_core.api import AUTO, GiB, VARIANTS, CheckpointError, StageOOM
 
 _PRECISION_HELP = ("bf16, fp16, fp32, fp8_e4m3fn (block matrices in 8 bits, computed in bf16) or auto (default): "
                    "bf16 where the card has it; on cards without (T4, V100, RTX 20xx) fp16 for T5, the VAE and "
@@ -69,7 +67,7 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _speeds():
-    from cogvid_core.speed.fast import CHOICES
+    from cogvid_core.api import SPEEDS as CHOICES
     return CHOICES
 
 
@@ -94,65 +92,61 @@ def parse_lora(spec: str) -> tuple[str, float]:
 
 
 def run_i2v(args) -> int:
-    from cogvid_core.run import keep, pipeline
-    from cogvid_core.run.report import StageRecorder
+    from cogvid_core.api import StageRecorder
 
-    keep.check_writable(args.out)                 # before anything loads: a bad --out costs a second
-    sources = pipeline.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
-                               text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
-                               scheduler=args.model, loras=tuple(parse_lora(x) for x in args.lora))
+    cv.check_writable(args.out)                 # before anything loads: a bad --out costs a second
+    sources = cv.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
+                         text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
+                         scheduler=args.model, loras=tuple(parse_lora(x) for x in args.lora))
     device, devices = _devices(args)
     rec = StageRecorder(device)
     if args.from_latents:
-        latents, tile, _ = keep.load(args.from_latents)
-        result = pipeline.decode_saved(sources, latents, tile, precision=args.precision,
-                                       device=device, recorder=rec, cache_dir=args.cache_dir)
-        return _write(args, result, rec, keep)
-    if not args.image or not args.prompt:
+        latents, tile, _ = cv.load_latents(args.from_latents)
+        result = cv.decode_saved(sources, latents, tile, precision=args.precision,
+                                 device=device, recorder=rec, cache_dir=args.cache_dir)
+        return _write(args, result, rec)
+    if not args.image or args.prompt is None:
         raise ValueError("i2v needs --image and --prompt (or --from-latents FILE to decode kept latents)")
-    job = pipeline.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
-                       frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
-                       dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,
-                       resize=args.resize, cache=args.cache)
+    job = cv.Job(image=args.image, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                 frames=args.frames, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg,
+                 dynamic_cfg=not args.no_dynamic_cfg, scheduler=args.scheduler, seed=args.seed,
+                 resize=args.resize, cache=args.cache)
     if not Path(args.image).is_file():
         raise ValueError(f"start image not found: {args.image}")
     bar = _Bar("denoise")
     try:
-        result = pipeline.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
-                                   vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
-                                   cache_dir=args.cache_dir, devices=devices,
-                                   speed=args.speed)
+        result = cv.generate(sources, job, precision=args.precision, device=device, profile=args.profile,
+                             vram_budget_gib=args.vram_budget, recorder=rec, progress=bar,
+                             cache_dir=args.cache_dir, devices=devices, speed=args.speed)
     except BaseException as e:                   # the decode failed or was interrupted: keep what was sampled
         bar.close()
         if getattr(e, "latents", None) is not None:
-            _keep(args, keep, e.latents, getattr(e, "decode_tile", None))
+            _keep(args, e.latents, getattr(e, "decode_tile", None))
         raise
     bar.close()
-    from cogvid_core.speed import seqpar
-    if not seqpar.writes():      # torchrun: rank 0 writes the video and the report
+    if not cv.rank_writes_output():      # torchrun: rank 0 writes the video and the report
         return 0
-    return _write(args, result, rec, keep)
+    return _write(args, result, rec)
 
 
-def _keep(args, keep, latents, tile) -> None:
-    where = keep.save(latents, keep.latents_path(args.out), tile, settings={"model": args.model})
-    print(f"note: {keep.kept_message(where, f'--model {args.model}')}", file=sys.stderr)
+def _keep(args, latents, tile) -> None:
+    where = cv.save_latents(latents, cv.latents_path(args.out), tile, settings={"model": args.model})
+    print(f"note: {cv.kept_message(where, f'--model {args.model}')}", file=sys.stderr)
 
 
-def _write(args, result, rec, keep) -> int:
-    from cogvid_core.run import video
+def _write(args, result, rec) -> int:
 
     fps = args.fps or result.fps
     out = args.out
     try:
         with rec.stage("write"):
             if out.suffix.lower() == ".mp4":
-                video.write_mp4(result.frames, out, fps)
+                cv.write_mp4(result.frames, out, fps)
             else:
-                video.write_pngs(result.frames, out)
+                cv.write_pngs(result.frames, out)
     except BaseException as e:                   # a full disk, a lost drive, Ctrl-C: the latents outlive it
         if not args.from_latents:
-            _keep(args, keep, result.latents, result.tile)
+            _keep(args, result.latents, result.tile)
         if isinstance(e, OSError):
             raise ValueError(f"could not write {out}: {e.strerror or e}") from e
         raise
@@ -180,16 +174,14 @@ def _summary(args, result, rec, fps, out) -> None:
 def _devices(args):
     """(compute device, multigpu.DeviceMap or None) from --device/--devices; under torchrun, this
     rank's device in the launched group."""
-    from cogvid_core.run import pipeline
-    from cogvid_core.speed import seqpar
-    from cogvid_core.speed.multigpu import parse_devices
+    from cogvid_core.api import parse_devices
     devices = parse_devices(args.devices) if args.devices else None
-    device = devices.primary if devices is not None else pipeline.pick_device(args.device)
-    if seqpar.launched():        # torchrun: one rank per GPU, the video tokens split over them
+    device = devices.primary if devices is not None else cv.pick_device(args.device)
+    if cv.torchrun_launched():        # torchrun: one rank per GPU, the video tokens split over them
         if devices is not None:
             raise ValueError("--devices does not combine with torchrun (each rank computes on cuda:LOCAL_RANK): "
                              "drop --devices, or run without torchrun")
-        device = seqpar.init(device.type)
+        device = cv.init_sequence_parallel(device.type)
     return device, devices
 
 
@@ -214,11 +206,10 @@ def run_demo(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from cogvid_core.model import testing
 
     root = Path(args.dir)
     key = args.variant
-    paths = testing.write_checkpoints(root / "models", key, tiny=True, layouts=("hf",))
+    paths = cv.write_checkpoints(root / "models", key, tiny=True, layouts=("hf",))
     img = root / "start.png"
     yy, xx = np.mgrid[0:64, 0:96]
     Image.fromarray(np.stack([xx * 2.6, yy * 4, 128 + 0 * xx], -1).astype(np.uint8)).save(img)
@@ -249,7 +240,7 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _estimate_budget(args) -> int | None:
-    from cogvid_core.plan.planner import gpu_budget
+    from cogvid_core.api import gpu_budget
 
     if args.budget_gib is not None:
         return int((args.budget_gib - args.reserve_gib) * GiB)
@@ -260,17 +251,16 @@ def _estimate_budget(args) -> int | None:
 def run_estimate(args) -> int:
     """Print the estimate (of the given profile, or for 'auto' of the plan's pick); exit 1 when it does
     not fit the budget."""
-    from cogvid_core.plan.estimate import estimate
-    from cogvid_core.model.variants import check_video_shape, transformer_config
-    from cogvid_core.plan.planner import plan
+    from cogvid_core.api import estimate
+    from cogvid_core.api import check_video_shape, transformer_config
+    from cogvid_core.api import plan_run as plan
 
     v = VARIANTS[args.variant]
     frames, height, width = args.frames or v.default_frames, args.height or v.default_height, args.width or v.default_width
     check_video_shape(v, transformer_config(v), frames, height, width)
-    from cogvid_core.model import precision as P
     asked = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
-    dev = P.default_device() if args.device in (None, "", "auto") else args.device
-    precision = P.resolve_all(asked, dev, v)      # the loaders' rule: 1.5 in fp16 refused, auto for this card
+    dev = cv.default_device() if args.device in (None, "", "auto") else args.device
+    precision = cv.resolve_precisions(asked, dev, v)      # the loaders' rule: 1.5 in fp16 refused, auto for this card
     tile = None
     if args.tile:
         th, tw = (int(x) for x in args.tile.lower().split("x"))
@@ -288,21 +278,20 @@ def run_estimate(args) -> int:
     if args.chart:
         from PIL import Image
 
-        from cogvid_core.plan.chart import chart_image
+        from cogvid_core.api import chart_image
         Image.fromarray(chart_image(est)).save(args.chart)
     print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
     return 0 if est.fits is not False else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cogvid_core.model import testing
 
     # no abbreviations: `--cache pab` was read as `--cache-dir pab` (a new flag must never steal an old one's prefix)
     parser = argparse.ArgumentParser(prog="python -m cogvid_core", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _i2v_arguments(sub.add_parser("i2v", help="image-to-video", allow_abbrev=False))
-    testing.add_arguments(sub.add_parser("make-checkpoints", help="write random checkpoints in the real layouts",
+    cv.checkpoint_arguments(sub.add_parser("make-checkpoints", help="write random checkpoints in the real layouts",
                                          allow_abbrev=False))
     demo = sub.add_parser("demo", help="tiny random checkpoints + i2v, offline, in seconds on a CPU", allow_abbrev=False)
     demo.add_argument("--dir", default="demo", help="work folder")
@@ -325,8 +314,7 @@ def main(argv=None) -> int:
         if args.command == "demo":
             return run_demo(args)
         if args.command == "make-checkpoints":
-            from cogvid_core.model import testing
-            testing.run(args)
+            cv.make_checkpoints(args)
             return 0
         return run_estimate(args)
     except USER_ERRORS as e:

@@ -80,7 +80,7 @@ def _single_files(component: str) -> dict[str, tuple[str, str]]:
 
 def speed_options() -> list[str]:
     """The Transformer Loader's speed combo (the VRAM Estimate node offers the same names)."""
-    from cogvid_core.speed.fast import CHOICES
+    from cogvid_core.api import SPEEDS as CHOICES
     return list(CHOICES)
 
 

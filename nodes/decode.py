@@ -12,7 +12,7 @@ TILES = ("auto", "off", "480x320", "360x240", "288x192", "240x160", "192x128")
 
 def tile_spec(tile: str, overlap: float, plan):
     """Widget -> vae.TileSpec (None = no spatial tiling); auto = the plan's tile, else diffusers' 360x240."""
-    from cogvid_core.memory.profiles import TileSpec
+    from cogvid_core.api import TileSpec
     if tile == "off":
         return None
     if tile == "auto":
@@ -55,14 +55,13 @@ class CogVidDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, tile, overlap, plan=None) -> io.NodeOutput:
-        from cogvid_core.run import guard
-        from cogvid_core.run import session
+        from cogvid_core import api as cv
         spec = tile_spec(tile, overlap, plan)
         if vae.device.type != "cpu":
-            memory.make_room(session.decode_bytes(latent, spec, plan), vae.device)
-        info = guard.RunInfo(device=vae.device, profile=getattr(plan, "profile", None) or "balanced")
-        with memory.in_use(vae, "decode", info) as module:      # guard.decode retries with smaller tiles
-            frames = guard.decode(module(), latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
+            memory.make_room(cv.decode_bytes(latent, spec, plan), vae.device)
+        info = cv.RunInfo(device=vae.device, profile=getattr(plan, "profile", None) or "balanced")
+        with memory.in_use(vae, "decode", info) as module:      # cv.decode_with_retries retries with smaller tiles
+            frames = cv.decode_with_retries(module(), latent, device=vae.device, tile=spec, progress=C.progress_callback(1),
                                   interrupt=C.interrupt, info=info)
         return io.NodeOutput(frames, float(latent.fps), as_video(frames, latent.fps))
 

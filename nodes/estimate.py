@@ -9,24 +9,24 @@ AUTO = "auto"
 
 
 def precision_names() -> list[str]:
-    from cogvid_core.model.precision import AUTO
+    from cogvid_core.api import AUTO
     return [*C.PRECISIONS, AUTO]
 
 
 def cache_names() -> list[str]:
-    from cogvid_core.speed.caches import NAMES
+    from cogvid_core.api import CACHES as NAMES
     return list(NAMES)
 
 
 def profile_names() -> list[str]:
-    from cogvid_core.memory import profiles
-    return [AUTO, *profiles.PROFILES]
+    from cogvid_core import api as cv
+    return [AUTO, *cv.PROFILES]
 
 
 class CogVidVRAMEstimate(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.model.variants import VARIANTS
+        from cogvid_core.api import VARIANTS
         return io.Schema(
             node_id="CogVidVRAMEstimate",
             display_name="CogVideoX I2V VRAM Estimate",
@@ -68,24 +68,22 @@ class CogVidVRAMEstimate(io.ComfyNode):
     def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact",
                 precision="auto", cache="none") -> io.NodeOutput:
         import torch
-        from cogvid_core.model import precision as P
-        from cogvid_core.plan import estimate as E
-        from cogvid_core.plan import planner
-        from cogvid_core.plan.chart import chart_image
-        from cogvid_core.device.devmem import host_available_bytes
-        from cogvid_core.model.variants import VARIANTS
+        from cogvid_core import api as cv
+        from cogvid_core.api import chart_image
+        from cogvid_core.api import host_available_bytes
+        from cogvid_core.api import VARIANTS
         v = next((x for x in VARIANTS.values() if x.label == variant), None)
         if v is None:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         lora_bytes = int(lora_mib * 1024 ** 2)
         # the loaders' rule for the device the loaders' auto computes on (1.5 in fp16 refused here too)
-        names = P.resolve_all({"transformer": precision}, C.compute_device("auto"), v, warn=False)
+        names = cv.resolve_precisions({"transformer": precision}, C.compute_device("auto"), v, warn=False)
         if profile == AUTO:
-            est = planner.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
+            est = cv.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
                                         precision=names, cache=cache)
         else:
-            est = E.estimate(v, frames, height, width, profile, names, budget_bytes=budget, lora_bytes=lora_bytes,
+            est = cv.estimate(v, frames, height, width, profile, names, budget_bytes=budget, lora_bytes=lora_bytes,
                              speed=speed, cache=cache)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)

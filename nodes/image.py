@@ -12,7 +12,7 @@ MAX_SIDE = 2400
 class CogVidImageEncode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.model.vae import RESIZE_MODES
+        from cogvid_core.api import RESIZE_MODES
         return io.Schema(
             node_id="CogVidImageEncode",
             display_name="CogVideoX I2V Image Encode",
@@ -39,15 +39,15 @@ class CogVidImageEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, image, width, height, resize, plan=None) -> io.NodeOutput:
-        from cogvid_core.run import guard
-        from cogvid_core.model.variants import DEFAULT_VARIANT
-        from cogvid_core.memory.profiles import get_profile
-        from cogvid_core.model.vae import encode_image
+        from cogvid_core import api as cv
+        from cogvid_core.api import DEFAULT_VARIANT
+        from cogvid_core.api import get_profile
+        from cogvid_core.api import encode_image
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         strips = profile is not None and profile.encode_tiled   # the exact low-memory encode (vae_strips)
         # the encode's need does not depend on the frame count: any valid one lets the estimator answer
         frames = vae.variant.default_frames if vae.variant is not None else None
-        info = guard.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
+        info = cv.RunInfo(variant=vae.variant, frames=frames, height=height, width=width, device=vae.device,
                              profile=profile or "balanced")
         with memory.in_use(vae, "image_encode", info) as module:
             latent = encode_image(module(), image, height, width, vae.variant or DEFAULT_VARIANT, resize=resize,

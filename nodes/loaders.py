@@ -32,7 +32,7 @@ _SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. 
 
 
 def placement_modes() -> list[str]:
-    from cogvid_core.run.session import PLACEMENTS
+    from cogvid_core.api import PLACEMENTS
     return list(PLACEMENTS)
 
 
@@ -43,7 +43,7 @@ def _placement_input(tip: str) -> io.Combo.Input:
 def _common_inputs(component: str, single: str, placement_tip: str) -> list:
     # fp8 storage is offered where the engine stores it (the transformer's block Linear weights); auto
     # after the saved workflows' values (options only grow at the end)
-    from cogvid_core.model.precision import AUTO, FP8
+    from cogvid_core.api import AUTO, FP8
     precisions = [p for p in C.PRECISIONS if component == "transformer" or p != FP8] + [AUTO]
     return [
         io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
@@ -56,7 +56,7 @@ def _common_inputs(component: str, single: str, placement_tip: str) -> list:
 
 def _device_options(component: str) -> list[str]:
     import torch
-    from cogvid_core.speed.multigpu import PAIR_SEPARATOR, device_choices
+    from cogvid_core.api import PAIR_SEPARATOR, device_choices
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     extra = device_choices(gpus)
     return list(C.DEVICES) + (extra if component == "transformer" else [d for d in extra if PAIR_SEPARATOR not in d])
@@ -64,7 +64,7 @@ def _device_options(component: str) -> list[str]:
 
 def _devices(choice: str, component: str):
     """A device value -> (compute device, the second GPU of a CFG pair or None)."""
-    from cogvid_core.speed.multigpu import PAIR_SEPARATOR, parse_pair
+    from cogvid_core.api import PAIR_SEPARATOR, parse_pair
     if choice in C.DEVICES:
         return C.compute_device(choice), None
     if PAIR_SEPARATOR in choice and component != "transformer":
@@ -78,13 +78,13 @@ def _devices(choice: str, component: str):
 def _source(component: str, model: str) -> str:
     """A listed option -> local path; a hub repo is downloaded (only the needed sub-folders) into
     models/CogVideo/<repo name> first, so it shows up there as a local folder afterwards."""
-    from cogvid_core.model import sources
+    from cogvid_core import api as cv
     src = C.resolve_model(component, model)
     if src not in C.HUB_REPOS:
         return src
     local = os.path.join(C.download_dir(), src.split("/")[-1])
     folders = [C.SUBFOLDER[component]] + (["tokenizer"] if component == "t5" else [])
-    return str([sources.resolve(src, sub, local_dir=local) for sub in folders][0])
+    return str([cv.resolve_source(src, sub, local_dir=local) for sub in folders][0])
 
 
 def _model_files(component: str, model: str) -> list[str]:
@@ -104,7 +104,7 @@ def files_fingerprint(component: str, model: str):
     """ComfyUI runs a loader again when this value changes: a model file replaced under the same name
     (a new download, a converted copy) is then loaded and indexed anew at the next queue, instead of the
     cached model reading the new file at the old offsets (the engine refuses that: fileindex)."""
-    from cogvid_core.model.fileindex import file_stamp
+    from cogvid_core.api import file_stamp
     try:
         files = _model_files(component, model)
     except ValueError:
@@ -141,23 +141,19 @@ class CogVidTransformerLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device, speed="exact") -> io.NodeOutput:
-        from cogvid_core.speed import fast
-        from cogvid_core.model import loading
-        from cogvid_core.model import precision as P
-        from cogvid_core.run import session
-        from cogvid_core.speed import multigpu
+        from cogvid_core import api as cv
         dev, second = _devices(device, "transformer")
-        P.resolve("transformer", precision, dev, warn=False)   # a bad name fails before any download
-        fast.resolve_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
+        cv.resolve_precision("transformer", precision, dev, warn=False)   # a bad name fails before any download
+        cv.check_speed_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
         src = _source("transformer", model)
         # the variant from the headers: 1.5 in fp16 is refused here, before gigabytes load (and NaN at step 1)
-        precision = P.resolve("transformer", precision, dev, loading.peek_transformer(src)[0])
-        dtype, storage = P.dtypes(precision)
+        precision = cv.resolve_precision("transformer", precision, dev, cv.peek_transformer(src)[0])
+        dtype, storage = cv.precision_dtypes(precision)
         memory.free_for_load(0, dev)
-        module, variant = loading.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
+        module, variant = cv.load_transformer(src, dtype, device="cpu", storage_dtype=storage)
         if second is not None:      # the sampler finds the copy on the module (cogvid_core.speed.multigpu)
-            multigpu.attach_second(module, second)
-        comp = session.Component("transformer", module, dev, dtype, placement, variant=variant, source=model,
+            cv.attach_second(module, second)
+        comp = cv.Component("transformer", module, dev, dtype, placement, variant=variant, source=model,
                                  speed=speed, precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
@@ -183,16 +179,14 @@ class CogVidT5Loader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
-        from cogvid_core.model import loading
-        from cogvid_core.model import precision as P
-        from cogvid_core.run import session
+        from cogvid_core import api as cv
         dev, _ = _devices(device, "t5")
-        precision = P.resolve("text_encoder", precision, dev)
-        dtype, _storage = P.dtypes(precision)
+        precision = cv.resolve_precision("text_encoder", precision, dev)
+        dtype, _storage = cv.precision_dtypes(precision)
         src = _source("t5", model)
         memory.free_for_load(0, dev)
-        module, tokenizer = loading.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
-        comp = session.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer,
+        module, tokenizer = cv.load_text_encoder(src, dtype, device="cpu", tokenizer=C.t5_tokenizer_dir(src))
+        comp = cv.Component("t5", module, dev, dtype, placement, source=model, tokenizer=tokenizer,
                                  precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
@@ -217,17 +211,15 @@ class CogVidVAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, placement, device) -> io.NodeOutput:
-        from cogvid_core.model import loading
-        from cogvid_core.model import precision as P
-        from cogvid_core.run import session
+        from cogvid_core import api as cv
         dev, _ = _devices(device, "vae")
-        precision = P.resolve("vae", precision, dev)
-        dtype, _storage = P.dtypes(precision)
+        precision = cv.resolve_precision("vae", precision, dev)
+        dtype, _storage = cv.precision_dtypes(precision)
         src = _source("vae", model)
         # The VAE weights serve both variants: the latent scaling rule is the transformer's variant's,
         # applied by the sampler, so the VAE needs none.
-        module = loading.load_vae(src, dtype, device="cpu")
-        comp = session.Component("vae", module, dev, dtype, placement, source=model, precision=precision)
+        module = cv.load_vae(src, dtype, device="cpu")
+        comp = cv.Component("vae", module, dev, dtype, placement, source=model, precision=precision)
         return io.NodeOutput(memory.expose(comp))
 
 

@@ -32,7 +32,7 @@ def lora_options() -> list[str]:
 
 def read_lora(name: str):
     """A listed file -> LoraWeights, read once per file version; anything not listed is refused."""
-    from cogvid_core.model import lora
+    from cogvid_core import api as cv
     if name not in lora_options():
         raise ValueError(f"LoRA {name!r} is not in models/{LORA_FOLDER} (.safetensors files): put the file "
                          "there and refresh the node list")
@@ -40,7 +40,7 @@ def read_lora(name: str):
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
     if key not in _READ:
-        _READ[key] = lora.load_lora(path)
+        _READ[key] = cv.load_lora(path)
     _READ.move_to_end(key)
     while len(_READ) > 1 and sum(lw.nbytes for lw in _READ.values()) > READ_CACHE_BYTES:
         _READ.popitem(last=False)    # least recently used first
@@ -77,7 +77,7 @@ class CogVidLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, transformer, lora, strength) -> io.NodeOutput:
-        from cogvid_core.model.lora import scale_hint
+        from cogvid_core.api import lora_scale_hint as scale_hint
         weights = read_lora(lora)
         out = transformer.with_lora(weights, strength)
         hint = scale_hint(weights, strength)

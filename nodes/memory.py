@@ -76,7 +76,7 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
     def loaded_size(self):
         """Bytes this model holds on its compute device now. On a CPU compute device (ComfyUI --cpu)
         a placed model counts its whole size, as core counts a model loaded on the CPU."""
-        from cogvid_core.memory.placement import placed_of
+        from cogvid_core.api import placed_of
         comp = self.component
         if comp.device.type == "cpu":
             return comp.total_bytes() if placed_of(comp.module) is not None else 0
@@ -120,7 +120,7 @@ class CogVidPatcher(comfy.model_patcher.ModelPatcher):
             elif self.component.device.type == "cuda":
                 # what a release also gives back: cuBLAS's per-stream workspaces and the cached blocks
                 # (0.83 GiB on the GPU after "Free model and node cache" without this, 0.74 with a release)
-                from cogvid_core.device.devmem import free_memory
+                from cogvid_core.api import free_memory
                 free_memory(self.component.device, workspaces=True, collect=False)
             self.model.device = self.offload_device
         return self.model
@@ -182,9 +182,9 @@ def free_for_load(nbytes: int, device) -> None:
     """Before a big load from disk: ask ComfyUI to make room on the compute device, and hand back
     the pinned host memory of models dropped since (torch caches it; it would stay in RAM)."""
     if device.type != "cpu":
-        from cogvid_core.device import devmem
+        from cogvid_core import api as cv
         mm.free_memory(nbytes + mm.minimum_inference_memory(), device)
-        devmem.free_memory(device, host_cache=True)
+        cv.free_memory(device, host_cache=True)
 
 
 def acquire(component, memory_required: int = 0):
@@ -206,8 +206,8 @@ def in_use(component, stage: str, info=None, memory_required: int = 0):
     ComfyUI on first call of `module()` (a node whose work is cached may never need it), an
     out-of-memory error inside turned into the stage's actionable message, the component released
     after, whatever happened."""
-    from cogvid_core.run import guard
-    from cogvid_core.speed.multigpu import on_device
+    from cogvid_core import api as cv
+    from cogvid_core.api import on_device
     placed = []
 
     def module():
@@ -216,7 +216,7 @@ def in_use(component, stage: str, info=None, memory_required: int = 0):
         return placed[0]
 
     try:   # the component's GPU current: ComfyUI's may be another card (streams are per device)
-        with on_device(component.device), guard.oom_guard(stage, info or guard.RunInfo(device=component.device)):
+        with on_device(component.device), cv.oom_guard(stage, info or cv.RunInfo(device=component.device)):
             yield module
     finally:
         release(component)

@@ -10,8 +10,8 @@ from . import memory
 class CogVidSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from cogvid_core.run.sampling import SCHEDULERS
-        from cogvid_core.speed.caches import NAMES as CACHES, TOOLTIP as CACHE_TOOLTIP
+        from cogvid_core.api import SCHEDULERS
+        from cogvid_core.api import CACHES, CACHE_TOOLTIP
         return io.Schema(
             node_id="CogVidSampler",
             display_name="CogVideoX I2V Sampler",
@@ -47,23 +47,21 @@ class CogVidSampler(io.ComfyNode):
     @classmethod
     def execute(cls, transformer, conditioning, image_latent, frames, steps, cfg, dynamic_cfg, scheduler, seed,
                 plan=None, cache="none") -> io.NodeOutput:
-        from cogvid_core.run import guard
-        from cogvid_core.plan import planner
-        from cogvid_core.run import session
-        from cogvid_core.plan.estimate import cache_bytes
-        from cogvid_core.run.sampling import sample
+        from cogvid_core import api as cv
+        from cogvid_core.api import cache_bytes
+        from cogvid_core.api import sample
         variant = transformer.variant
         h, w = image_latent.height, image_latent.width
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure, plus
             # what the transformer itself holds there (resident from the last queue): its own plan reuses it
-            budget = planner.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
-            fallback = planner.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
+            budget = cv.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
+            fallback = cv.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
                                              speed=transformer.speed,
                                              precision=transformer.planned_precision, cache=cache).profile
-        transformer, profile, activations = session.plan_for(transformer, plan, frames, h, w, fallback)
-        info = guard.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
+        transformer, profile, activations = cv.plan_for(transformer, plan, frames, h, w, fallback)
+        info = cv.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,
                              device=transformer.device)
         # the LoRAs' merged matrices and a step cache's activations live on the device during the run,
         # beside the weights ComfyUI counts

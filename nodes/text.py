@@ -29,11 +29,11 @@ class CogVidTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, t5, positive, negative) -> io.NodeOutput:
-        from cogvid_core.run import session
-        from cogvid_core.model.text import encode_prompt
+        from cogvid_core import api as cv
+        from cogvid_core.api import encode_prompt
         with memory.in_use(t5, "text_encode") as module:       # T5 placed only on a prompt-cache miss
             def encode(prompt):
-                return session.PROMPTS.get_or_encode(
+                return cv.PROMPTS.get_or_encode(
                     t5, prompt, lambda: encode_prompt(module(), t5.tokenizer, prompt, device=t5.device))
             pos = encode(positive)
             C.interrupt()      # Cancel pressed during the first prompt: stop before the second

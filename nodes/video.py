@@ -33,7 +33,7 @@ class CogVidSaveVideo(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, fps, filename_prefix) -> io.NodeOutput:
-        from cogvid_core.run.video import write_mp4
+        from cogvid_core.api import write_mp4
         out_dir = folder_paths.get_output_directory()
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, out_dir, images.shape[2], images.shape[1])

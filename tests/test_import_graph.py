@@ -8,7 +8,7 @@ import cogvid_core
 
 PKG = Path(cogvid_core.__file__).parent
 LAYERS = ("device", "model", "memory", "speed", "plan", "run")     # each may import those before it
-TOP = ("cli", "__main__", "__init__")                               # the package's own entry points
+TOP = ("api", "cli", "__main__", "__init__")      # the public surface and the entry points, above every layer
 
 
 def module_name(path: Path) -> str:
@@ -107,3 +107,30 @@ def test_imports_run_down_the_layers():
 def test_no_import_cycle():
     graph = import_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def adapter_imports(path: Path) -> set[str]:
+    """The cogvid_core modules a ComfyUI adapter or the command line imports (dotted, with 'cogvid_core.')."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cogvid_core"):
+            out.add(node.module if node.module != "cogvid_core" else
+                    ",".join(sorted(f"cogvid_core.{a.name}" for a in node.names)))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("cogvid_core"))
+    return out
+
+
+def test_adapters_use_the_public_surface():
+    """nodes/ and cli.py reach the engine through cogvid_core.api alone: the rest may move."""
+    files = [*sorted((PKG.parent / "nodes").glob("*.py")), PKG / "cli.py", PKG / "__main__.py"]
+    allowed = {"cogvid_core.api", "cogvid_core.cli"}
+    bad = {f"{p.relative_to(PKG.parent)}: {m}" for p in files for m in adapter_imports(p) if m not in allowed}
+    assert not bad, sorted(bad)
+    assert adapter_imports(PKG.parent / "nodes" / "sampler.py") == {"cogvid_core.api"}
+
+
+def test_the_surface_exports_what_it_lists():
+    from cogvid_core import api
+    missing = [n for n in api.__all__ if not hasattr(api, n)]
+    assert not missing and len(api.__all__) == len(set(api.__all__))
