@@ -210,10 +210,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     blocks = 1 + PREFETCH_DEPTH if file_backed else float(c["stream_blocks"])
     weights = _stage_weights(sizes, precision, profile, keep_loaded, c, blocks)
     weights["denoise_step"] += int(lora_bytes)
-    # held through the whole denoise, allocated once per block like the weights: counted with them, not
-    # with the step's transient activations (their fragmentation share does not apply). Against
-    # diffusers' hooks on the H100 (1.0, 49x480x720, nvidia-smi): PAB +8.8 GiB measured, 8.5 here;
-    # FasterCache +15.6 measured, 17.1 here; 1.5 at 81x768x1360 FasterCache +42.3, 43.4 here
+    # a step cache lives through the whole denoise, like the weights (H100, diffusers' hooks, nvidia-smi:
+    # PAB 1.0 +8.8 GiB measured / 8.5 here; FasterCache 1.0 +15.6 / 17.1, 1.5 +42.3 / 43.4)
     weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, tiny, tiled=tile_t is not None)
