@@ -50,25 +50,12 @@ _COMPONENT_FILES = {  # (weights file stem, shard bytes table); stems are the li
 
 
 # ----------------------------------------------------------------------------- model skeletons
-def _model_class(component: str):
-    if component == "transformer":
-        from diffusers import CogVideoXTransformer3DModel
-        return CogVideoXTransformer3DModel
-    if component == "vae":
-        from diffusers import AutoencoderKLCogVideoX
-        return AutoencoderKLCogVideoX
-    if component == "text_encoder":
-        from transformers import T5EncoderModel
-        return T5EncoderModel
-    raise ValueError(f"unknown component {component!r}: transformer, vae or text_encoder")
-
-
 def _build(component: str, variant: M.Variant, tiny: bool, layers: int | None = None):
     """Construct a component with default init on the current torch default device.
 
     ``layers`` caps the transformer's and T5's depth (widths unchanged): real activation and
     weight shapes per block for GPU checks, without tens of GB of files."""
-    cls = _model_class(component)
+    cls = P.model_class(component)
     depth = {"num_layers": layers} if layers else {}
     if component == "transformer":
         return cls(**{**M.transformer_config(variant, tiny), **depth})
