@@ -10,25 +10,19 @@ from . import memory
 
 _MODEL_TIP = ("models/CogVideo folders (hub layout), single .safetensors files from {single}, or a hub repo "
               "(downloaded once into models/CogVideo, only the needed sub-folders)")
-_PRECISION_TIP = ("Weight precision. auto: bf16 where the card has it (RTX 30xx / A100 and newer); on cards without "
-                  "(T4, V100, RTX 20xx) fp16 for T5 (its wo layers stay fp32), the VAE and CogVideoX-5B-I2V, and fp32 "
-                  "for CogVideoX1.5 (slower, its weights streamed). bf16 is right for both models where the card has "
-                  "it (elsewhere it runs emulated, slowly); fp16 gives CogVideoX1.5 NaN / black frames and is "
-                  "refused for it; fp8_e4m3fn (transformer) stores the attention and feed-forward weights in 8 bits "
-                  "(~0.57x the memory; the modulation layers stay bf16) and computes in bf16")
+_PRECISION_TIP = ("Weight precision. auto: bf16 where the card has it (RTX 30xx / A100 and newer), else fp16, or fp32 "
+                  "for CogVideoX1.5 (slower). fp16 gives CogVideoX1.5 black frames and is refused for it")
+_FP8_TIP = ("; fp8_e4m3fn: attention and feed-forward weights stored in 8 bits (about 0.6x the memory), computed "
+            "in bf16")
 _DEVICE_TIP = "auto: ComfyUI's device (the CPU when ComfyUI runs with --cpu); cuda, cuda:N or cpu to force one"
 _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one per GPU, each GPU holding a copy of "
              "the transformer (or streaming it from the files) and one branch's activations")
-_SPEED_TIP = ("Speed option while sampling. exact: today's result, bit for bit. cudnn: cuDNN attention kernel and "
-              "compile: torch.compile of the blocks (first step slower) are exact-class: the same math in another "
-              "rounding order, differences as small as between two exact attention kernels. sage: 8-bit attention "
-              "(sageattention package), fp8: float8 matmuls (torchao package, RTX 40xx / L4 / H100 and newer) and "
-              "fa3fp8: FP8 attention (FlashAttention-3, package tokenspeed-fa3, H100 / H200 only) change the video "
-              "slightly (measured error in the README). '+' combines them. A part this machine cannot run is "
-              "skipped with a message and the exact path runs instead. Measured on an H200 (1.5, 81x768x1360, "
-              "x the exact step time): compile 0.88x (first step +4 to +13 s), fp8+compile 0.84x, fa3fp8+compile 0.65x "
-              "(error below torchao's own float8 recipe), fp8+fa3fp8+compile 0.60x (error as torchao's recipe); "
-              "with the lowvram placement too. sage is no faster there; fp8 alone is slower and needs ~11 GiB more.")
+# What each choice does and costs; the measured speed-ups are in the README (Speed options), not here:
+# a long tooltip covers the canvas.
+_SPEED_TIP = ("Speed while sampling. exact: today's result, bit for bit. cudnn, compile (first step slower): the "
+              "same math in another rounding order. sage (8-bit attention), fp8 (float8 matmuls, RTX 40xx / L4 / "
+              "H100+), fa3fp8 (FP8 attention, H100 / H200): faster, the video changes slightly. '+' combines; "
+              "what this machine cannot run is skipped with a message")
 
 
 def placement_modes() -> list[str]:
@@ -47,7 +41,8 @@ def _common_inputs(component: str, single: str, placement_tip: str) -> list:
     precisions = [p for p in C.PRECISIONS if component == "transformer" or p != FP8] + [AUTO]
     return [
         io.Combo.Input("model", options=C.model_options(component), tooltip=_MODEL_TIP.format(single=single)),
-        io.Combo.Input("precision", options=precisions, default=AUTO, tooltip=_PRECISION_TIP),
+        io.Combo.Input("precision", options=precisions, default=AUTO,
+                       tooltip=_PRECISION_TIP + (_FP8_TIP if component == "transformer" else "")),
         _placement_input(placement_tip),
         io.Combo.Input("device", options=_device_options(component), default="auto",
                        tooltip=_DEVICE_TIP + (_PAIR_TIP if component == "transformer" else "")),
