@@ -99,8 +99,26 @@ def resolve_model(component: str, name: str) -> str:
     files = _single_files(component)
     if name in files:
         return folder_paths.get_full_path_or_raise(*files[name])
+    gone = _expected_path(component, name)
+    if gone is not None:
+        raise ValueError(f"model {name!r} is gone from disk: nothing at {gone} (moved, renamed or deleted after "
+                         "ComfyUI listed it, or the workflow comes from another machine). Put it back there, or "
+                         "press R in ComfyUI to refresh the model lists and pick a listed one")
     raise ValueError(f"model {name!r} is not in the list for this loader (models/{FOLDER} folders, "
                      f"{', '.join(SINGLE_FILE_FOLDERS[component])} files, or {', '.join(HUB_REPOS)})")
+
+
+def _expected_path(component: str, name: str) -> str | None:
+    """Where a name shaped like one of this loader's options ('<folder>/<relative path>') would be on
+    disk; None for anything else (another loader's folder, a path that climbs out with '..')."""
+    folder, _, rel = name.partition("/")
+    parts = rel.replace("\\", "/").split("/")
+    if folder not in (FOLDER,) + SINGLE_FILE_FOLDERS[component] or not rel or rel.startswith("/") \
+            or any(p in ("", ".", "..") for p in parts) or folder not in folder_paths.folder_names_and_paths:
+        return None
+    roots = folder_paths.get_folder_paths(folder)
+    path = os.path.join(roots[0], *parts) if roots else None
+    return None if path is None or os.path.exists(path) else path   # there but not a model: not "gone"
 
 
 def download_dir() -> str:

@@ -18,3 +18,31 @@ def test_every_tooltip_is_short(comfy):
     long = {f"{node_id}.{i.id}": len(i.tooltip) for node_id, cls in nodes.items()
             for i in cls.GET_SCHEMA().inputs if i.tooltip and len(i.tooltip) > TOOLTIP_MAX}
     assert not long, f"tooltips over {TOOLTIP_MAX} characters: {long}"
+
+
+def _loader(nodes, loader, model):
+    return nodes[loader].EXECUTE_NORMALIZED(model=model, precision="fp32", placement="auto", device="auto")
+
+
+def test_a_model_gone_from_disk_says_so_and_to_refresh(comfy, models_root, tiny_ckpts):
+    """The list was read when the page loaded; the folder or file went away before Queue."""
+    import shutil
+    nodes, _ = comfy
+    folder = models_root / "models" / "CogVideo" / "zz_moved"
+    shutil.copytree(tiny_ckpts["cogvideox-5b-i2v"]["hf"], folder)
+    single = models_root / "models" / "vae" / "zz_moved_vae.safetensors"
+    shutil.copy(tiny_ckpts["cogvideox-5b-i2v"]["single"]["vae"], single)
+    shown = nodes["CogVidVAELoader"].GET_SCHEMA().inputs[0].options
+    assert "CogVideo/zz_moved" in shown and "vae/zz_moved_vae.safetensors" in shown
+    shutil.rmtree(folder)
+    single.unlink()
+    for loader, name, where in (("CogVidTransformerLoader", "CogVideo/zz_moved", folder),
+                                ("CogVidVAELoader", "vae/zz_moved_vae.safetensors", single)):
+        with pytest.raises(ValueError) as e:
+            _loader(nodes, loader, name)
+        text = str(e.value)
+        assert "gone from disk" in text and str(where) in text and "press R" in text, text
+    # a name of another loader's folder, or one climbing out of the models folders, is still just not listed
+    for name in ("vae/zz_moved_vae.safetensors", "CogVideo/../zz_moved", "diffusion_models/"):
+        with pytest.raises(ValueError, match="not in the list"):
+            _loader(nodes, "CogVidTransformerLoader", name)
