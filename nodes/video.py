@@ -10,6 +10,17 @@ from comfy_api.latest import InputImpl, Types, io, ui
 from . import common as C
 
 
+AUTO_FPS = 0.0
+
+
+def rate_for(frames: int) -> float:
+    """The frame rate a CogVideoX video of this many frames was made for: CogVideoX-5B-I2V makes at most
+    its 49 frames (learned positions), so a longer video is CogVideoX1.5's; 49 or fewer is taken as 5B's."""
+    from cogvid_core.api import VARIANTS
+    v10, v15 = VARIANTS["cogvideox-5b-i2v"], VARIANTS["cogvideox1.5-5b-i2v"]
+    return float(v15.fps if frames > v10.default_frames else v10.fps)
+
+
 class CogVidSaveVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -21,9 +32,12 @@ class CogVidSaveVideo(io.ComfyNode):
                         "temporary name, then renamed) and shows it in the UI.",
             inputs=[
                 io.Image.Input("images", tooltip="Frames [T,H,W,C] from CogVideoX I2V Decode (or any IMAGE batch)"),
-                io.Float.Input("fps", default=16.0, min=1.0, max=120.0, step=1.0,
-                               tooltip="Frames per second (CogVideoX1.5: 16, CogVideoX-5B-I2V: 8); "
-                                       "connect Decode's fps output"),
+                # 0 = from the frame count: an IMAGE batch carries no frame rate, and a fixed 16 played
+                # CogVideoX-5B-I2V's 8 fps videos twice as fast once the fps wire was removed
+                io.Float.Input("fps", default=AUTO_FPS, min=AUTO_FPS, max=120.0, step=1.0,
+                               tooltip="Frames per second; connect Decode's fps output. 0: from the frame count "
+                                       "(IMAGE frames carry no rate): up to 49 frames 8 fps (CogVideoX-5B-I2V), "
+                                       "more 16 fps (CogVideoX1.5)"),
                 io.String.Input("filename_prefix", default="CogVideoX/i2v",
                                 tooltip="File name prefix inside the output folder; may contain sub-folders"),
             ],
@@ -38,7 +52,7 @@ class CogVidSaveVideo(io.ComfyNode):
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, out_dir, images.shape[2], images.shape[1])
         file = f"{filename}_{counter:05}_.mp4"
-        write_mp4(images[..., :3], os.path.join(folder, file), fps)
+        write_mp4(images[..., :3], os.path.join(folder, file), fps if fps > AUTO_FPS else rate_for(images.shape[0]))
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(file, subfolder, io.FolderType.output)]))
 
 

@@ -46,3 +46,25 @@ def test_a_model_gone_from_disk_says_so_and_to_refresh(comfy, models_root, tiny_
     for name in ("vae/zz_moved_vae.safetensors", "CogVideo/../zz_moved", "diffusion_models/"):
         with pytest.raises(ValueError, match="not in the list"):
             _loader(nodes, "CogVidTransformerLoader", name)
+
+
+def _saved_rate(nodes, root, images, fps) -> float:
+    import imageio_ffmpeg
+    out = nodes["CogVidSaveVideo"].EXECUTE_NORMALIZED(images=images, fps=fps, filename_prefix="ux/fps")
+    saved = out.ui.as_dict()["images"][0]
+    reader = imageio_ffmpeg.read_frames(str(root / "output" / saved["subfolder"] / saved["filename"]))
+    try:
+        return next(reader)["fps"]
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("frames, rate", [(49, 8.0), (33, 8.0), (81, 16.0), (161, 16.0)])
+def test_save_video_without_its_fps_wire_takes_the_rate_from_the_frame_count(comfy, models_root, frames, rate):
+    """Without the wire the widget's value runs: a new node's default (0) means 'from the frame count'."""
+    import torch
+    nodes, _ = comfy
+    spec = next(i for i in nodes["CogVidSaveVideo"].GET_SCHEMA().inputs if i.id == "fps")
+    images = torch.rand(frames, 16, 16, 3)
+    assert _saved_rate(nodes, models_root, images, spec.default) == rate
+    assert _saved_rate(nodes, models_root, images, 12.0) == 12.0     # a rate given (wire or typed) is kept
