@@ -68,3 +68,28 @@ def test_save_video_without_its_fps_wire_takes_the_rate_from_the_frame_count(com
     images = torch.rand(frames, 16, 16, 3)
     assert _saved_rate(nodes, models_root, images, spec.default) == rate
     assert _saved_rate(nodes, models_root, images, 12.0) == 12.0     # a rate given (wire or typed) is kept
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_shipped_workflows_explain_themselves_and_make_a_new_video_each_run(comfy, workflow):
+    """A Note (core's node) says what the workflow is for, the card, which files go where, what to change;
+    every seed ships 'randomize' (the frontend stores the control value right after the seed's), as core's
+    templates do, so Run again samples a new video instead of returning the cached one."""
+    nodes, _ = comfy
+    wf = json.loads((WORKFLOWS / workflow).read_text())
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1, workflow
+    text = notes[0]["widgets_values"][0]
+    for must in ("For:", "card", "models/CogVideo/", "Less memory:", "Faster:"):
+        assert must in text, (workflow, must)
+    assert wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
+    seeds = 0
+    for n in (n for n in wf["nodes"] if n["type"] in nodes):
+        widgets = [i for i in nodes[n["type"]].GET_SCHEMA().inputs if i.io_type in ("COMBO", "INT", "FLOAT", "BOOLEAN", "STRING")]
+        values = iter(n["widgets_values"])
+        for i in widgets:
+            next(values)
+            if i.kwargs.get("control_after_generate"):
+                assert next(values) == "randomize", (workflow, n["type"], i.id)
+                seeds += 1
+    assert seeds == 1, workflow
