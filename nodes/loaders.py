@@ -21,7 +21,7 @@ _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one p
 # a long tooltip covers the canvas.
 _SPEED_TIP = ("Speed while sampling. exact: today's result, bit for bit. cudnn, compile (first step slower): the "
               "same math in another rounding order. sage (8-bit attention), fp8 (float8 matmuls, RTX 40xx / L4 / "
-              "H100+), fa3fp8 (FP8 attention, H100 / H200): faster, the video changes slightly. '+' combines; "
+              "H100+), fa3fp8 (FP8 attention, H100 / H200): faster, change the video slightly. '+' combines; "
               "what this machine cannot run is skipped with a message")
 
 
