@@ -56,6 +56,8 @@ class CogVidDecode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, latent, tile, overlap, plan=None) -> io.NodeOutput:
         from cogvid_core import api as cv
+        cv.check_plan(plan, variant=latent.variant_key, frames=latent.frames, height=latent.height, width=latent.width,
+                      variant_source="the Sampler's latent")
         spec = tile_spec(tile, overlap, plan)
         if vae.device.type != "cpu":
             memory.make_room(cv.decode_bytes(latent, spec, plan), vae.device)

@@ -75,6 +75,8 @@ class CogVidVRAMEstimate(io.ComfyNode):
         v = next((x for x in VARIANTS.values() if x.label == variant), None)
         if v is None:
             raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
+        # the engine's rule, here where the variant is first known: 21 frames for 1.5 is refused, not estimated
+        cv.check_video_shape(v, cv.transformer_config(v), frames, height, width)
         budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
         lora_bytes = int(lora_mib * 1024 ** 2)
         # the loaders' rule for the device the loaders' auto computes on (1.5 in fp16 refused here too)

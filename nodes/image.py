@@ -43,6 +43,8 @@ class CogVidImageEncode(io.ComfyNode):
         from cogvid_core.api import DEFAULT_VARIANT
         from cogvid_core.api import get_profile
         from cogvid_core.api import encode_image
+        # a plan for another size (or variant) would encode and later sample with another video's settings
+        cv.check_plan(plan, variant=vae.variant, height=height, width=width, variant_source="the loaded VAE")
         profile = get_profile(plan.profile) if getattr(plan, "profile", None) is not None else None
         strips = profile is not None and profile.encode_tiled   # the exact low-memory encode (vae_strips)
         # the encode's need does not depend on the frame count: any valid one lets the estimator answer

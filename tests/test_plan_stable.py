@@ -44,8 +44,9 @@ class Card:
 
 def _transformer(card, monkeypatch):
     monkeypatch.setattr(session.Component, "device_bytes", lambda self: card.held)
-    return session.Component("transformer", torch.nn.Module(), torch.device("cuda", 0), torch.bfloat16,
-                             variant=M.V15)
+    module = torch.nn.Module()
+    module.config = M.transformer_config(M.V15)     # the Sampler checks the video's shape against it first
+    return session.Component("transformer", module, torch.device("cuda", 0), torch.bfloat16, variant=M.V15)
 
 
 def test_session_auto_is_stable_across_queues(monkeypatch):

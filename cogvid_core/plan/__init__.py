@@ -1,6 +1,7 @@
 """plan: what a run will need before it runs. The per-stage estimate (``estimate``), per-card
 calibration files (``cards``, ``calibration/*.json``), the verdict with its margins (``verdict``), the
-planner that picks a profile for a budget (``planner``: ``auto``) and the chart (``chart``).
+planner that picks a profile for a budget (``planner``: ``auto``), the chart (``chart``) and the check
+that a plan is for the video being made (``match``).
 
 May import: ``device``, ``model``, ``memory``, ``speed`` (a speed option or a cache changes memory).
 """
