@@ -23,6 +23,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "load_vae": ("model.loading", "load_vae"),
     "peek_transformer": ("model.loading", "peek_transformer"),
     "load_lora": ("model.lora", "load_lora"),
+    "lora_bytes": ("model.lora", "lora_bytes"),
     "lora_scale_hint": ("model.lora", "scale_hint"),
     "AUTO": ("model.precision", "AUTO"),
     "FP8": ("model.precision", "FP8"),
@@ -71,6 +72,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "check_plan": ("plan.match", "check_plan"),
     "plan_mismatch": ("plan.match", "plan_mismatch"),
     "gpu_budget": ("plan.planner", "gpu_budget"),
+    "one_branch": ("plan.planner", "one_branch"),
     "own_budget": ("plan.planner", "own_budget"),
     "plan_run": ("plan.planner", "plan"),
     # run: one video: pipeline, sampling, components, guard, report, kept latents, video files

@@ -237,6 +237,16 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="none", metavar="NAME[:ARGS]",
                    help="step cache (as i2v --cache): the activations it holds count in the denoise step")
     p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
+    # i2v's memory-changing options, same names and meanings, so an estimate can be asked for the exact run
+    p.add_argument("--speed", default="exact", metavar="SPEED",
+                   help="as i2v --speed: what the speed option adds to the denoise step counts. Choices: "
+                        + ", ".join(_speeds()))
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="as i2v --lora (repeat for several): the file's tensors count with the transformer's weights")
+    p.add_argument("--lora-mib", type=float, default=0.0, metavar="N",
+                   help="LoRA memory in MiB without a file (as the VRAM Estimate node's lora_mib); adds to --lora")
+    p.add_argument("--devices", help="as i2v --devices: the budget is the smallest free memory of its GPUs; a CFG "
+                                     "pair (cuda:0,cuda:1) estimates one GPU's share (one CFG branch)")
 
 
 def _estimate_budget(args) -> int | None:
@@ -244,8 +254,25 @@ def _estimate_budget(args) -> int | None:
 
     if args.budget_gib is not None:
         return int((args.budget_gib - args.reserve_gib) * GiB)
+    if args.devices:                     # several GPUs: each must hold its stages, so the smallest decides
+        free = [b for d in cv.parse_devices(args.devices).gpus() if (b := gpu_budget(d, int(args.reserve_gib * GiB)))
+                is not None]
+        return min(free) if free else None
     dev = None if args.device in (None, "", "auto") else args.device
     return gpu_budget(dev, int(args.reserve_gib * GiB))
+
+
+def _estimate_counts(args, dev, precision) -> tuple[int, bool]:
+    """(LoRA device bytes, CFG pair?) as i2v counts them; a bad --speed, --lora or --devices fails here
+    with i2v's message. The speed counted is the one asked, as i2v's planner counts it."""
+    pair = bool(args.devices) and cv.parse_devices(args.devices).second is not None
+    for note in cv.check_speed_alone(args.speed, dev, "a CFG pair (--devices)" if pair else None).notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not args.lora_mib >= 0 or args.lora_mib == float("inf"):
+        raise ValueError(f"--lora-mib {args.lora_mib:g}: give the LoRAs' size in MiB, a finite number >= 0")
+    loras = [(cv.load_lora(path), strength) for path, strength in map(parse_lora, args.lora)]
+    dtype = cv.precision_dtypes(precision["transformer"])[0]      # the pipeline's compute dtype (_prepare)
+    return cv.lora_bytes(loras, dtype) + int(args.lora_mib * 1024 ** 2), pair
 
 
 def run_estimate(args) -> int:
@@ -260,28 +287,41 @@ def run_estimate(args) -> int:
     check_video_shape(v, transformer_config(v), frames, height, width)
     asked = {"transformer": args.precision, "text_encoder": args.text_encoder_precision, "vae": args.vae_precision}
     dev = cv.default_device() if args.device in (None, "", "auto") else args.device
+    dev = cv.parse_devices(args.devices).primary if args.devices else dev
     precision = cv.resolve_precisions(asked, dev, v)      # the loaders' rule: 1.5 in fp16 refused, auto for this card
+    lora_bytes, pair = _estimate_counts(args, dev, precision)
     tile = None
     if args.tile:
         th, tw = (int(x) for x in args.tile.lower().split("x"))
         tile = (th, tw, 1 / 6)
     budget = _estimate_budget(args)
+    counts = dict(keep_loaded=args.keep_loaded, cache=args.cache, lora_bytes=lora_bytes, speed=args.speed)
     if args.profile == AUTO and budget is None:
         print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
-        est = estimate(v, frames, height, width, "balanced", precision, tile, None, keep_loaded=args.keep_loaded,
-                       cache=args.cache)
+        est = estimate(v, frames, height, width, _pair_form("balanced", pair), precision, tile, None, **counts)
     elif args.profile == AUTO:
-        _prof, est = plan(v, frames, height, width, budget, precision, keep_loaded=args.keep_loaded, cache=args.cache)
+        _prof, est = plan(v, frames, height, width, budget, precision, cfg_pair=pair, **counts)
     else:
-        est = estimate(v, frames, height, width, args.profile, precision, tile, budget, keep_loaded=args.keep_loaded,
-                       cache=args.cache)
+        est = estimate(v, frames, height, width, _pair_form(args.profile, pair), precision, tile, budget, **counts)
+    counted = {"speed": args.speed, "lora_mib": round(lora_bytes / 1024 ** 2, 1), "cfg_pair": pair}
     if args.chart:
         from PIL import Image
 
         from cogvid_core.api import chart_image
         Image.fromarray(chart_image(est)).save(args.chart)
-    print(json.dumps(est.to_dict(), indent=2) if args.json else est.report())
+    if args.json:
+        print(json.dumps({**est.to_dict(), "counted": counted}, indent=2))
+    else:
+        print(est.report())
+        print(f"counted: speed {args.speed}, LoRA {counted['lora_mib']:g} MiB"
+              + (", one CFG branch per GPU (--devices pair)" if pair else ""))
     return 0 if est.fits is not False else 1
+
+
+def _pair_form(name: str, pair: bool):
+    """The profile each GPU of a CFG pair runs: its one-branch form (sampling runs the pair as
+    'sequential' does); without a pair, the name itself."""
+    return cv.one_branch([cv.get_profile(name)])[0] if pair else name
 
 
 def build_parser() -> argparse.ArgumentParser:
