@@ -24,6 +24,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "peek_transformer": ("model.loading", "peek_transformer"),
     "load_lora": ("model.lora", "load_lora"),
     "lora_scale_hint": ("model.lora", "scale_hint"),
+    "lora_variant_note": ("model.lora", "variant_note"),
     "AUTO": ("model.precision", "AUTO"),
     "FP8": ("model.precision", "FP8"),
     "default_device": ("model.precision", "default_device"),
