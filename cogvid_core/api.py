@@ -25,6 +25,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "load_lora": ("model.lora", "load_lora"),
     "lora_bytes": ("model.lora", "lora_bytes"),
     "lora_scale_hint": ("model.lora", "scale_hint"),
+    "lora_variant_note": ("model.lora", "variant_note"),
     "AUTO": ("model.precision", "AUTO"),
     "FP8": ("model.precision", "FP8"),
     "default_device": ("model.precision", "default_device"),

@@ -77,12 +77,12 @@ class CogVidLoraLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, transformer, lora, strength) -> io.NodeOutput:
-        from cogvid_core.api import lora_scale_hint as scale_hint
+        from cogvid_core.api import lora_scale_hint as scale_hint, lora_variant_note as variant_note
         weights = read_lora(lora)
         out = transformer.with_lora(weights, strength)
-        hint = scale_hint(weights, strength)
-        if hint:
-            log.warning(hint)
+        for hint in (scale_hint(weights, strength), variant_note(weights)):
+            if hint:
+                log.warning(hint)
         return io.NodeOutput(out)
 
 

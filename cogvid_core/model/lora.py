@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvid_core.model.variants import CheckpointError
+from cogvid_core.model import lora_origin
+from cogvid_core.model.variants import VARIANTS, CheckpointError
 
 PREFIXES = ("transformer.", "base_model.model.")   # diffusers' pipeline prefix, PEFT's save_pretrained prefix
 METADATA_KEY = "lora_adapter_metadata"             # diffusers' LORA_ADAPTER_METADATA_KEY
@@ -64,6 +65,8 @@ class LoraWeights:
     path: str
     layers: dict[str, LoraLayer]
     has_alpha: bool = True          # False: no .alpha tensor and no lora_alpha metadata (scale 1, diffusers' rule)
+    made_for: str | None = None     # variant key the file says it was made for; None: it does not tell
+    origin: str = ""                # why made_for is what it is, in words (for messages)
 
     @property
     def rank(self) -> int:
@@ -91,7 +94,20 @@ def load_lora(path, name: str | None = None) -> LoraWeights:
         raise LoraError(f"{path.name} is {what}, not a CogVideoX LoRA: pick a LoRA trained for CogVideoX 5B I2V")
     sd, cfg = _peft_keys(path, tensors), _adapter_config(metadata)
     has_alpha = any(k.endswith(".alpha") for k in sd) or "lora_alpha" in cfg or bool(cfg.get("alpha_pattern"))
-    return LoraWeights(name=name or path.stem, path=str(path), layers=_layers(path, sd, cfg), has_alpha=has_alpha)
+    layers = _layers(path, sd, cfg)
+    made_for, evidence = lora_origin.origin(metadata, layers)
+    return LoraWeights(name=name or path.stem, path=str(path), layers=layers, has_alpha=has_alpha,
+                       made_for=made_for, origin=evidence)
+
+
+def variant_note(lw: LoraWeights) -> str | None:
+    """One line when the file does not tell which CogVideoX variant it was made for (it is applied
+    anyway: its layers fit both). None when it does (a LoRA for the other variant is refused by check)."""
+    if lw.made_for is not None:
+        return None
+    return (f"LoRA {Path(lw.path).name}: the CogVideoX variant it was made for cannot be told from the file "
+            f"({lw.origin}); it is applied, but a LoRA trained for the other variant (1.0 vs 1.5) gives "
+            "wrong videos: use it only if it was trained for this one")
 
 
 def scale_hint(lw: LoraWeights, strength: float) -> str | None:
@@ -223,6 +239,10 @@ def _modules(transformer: nn.Module) -> dict[str, nn.Module]:
 
 def check(transformer: nn.Module, lora: LoraWeights) -> None:
     """Raise :class:`LoraError` unless every layer of ``lora`` fits a Linear layer of ``transformer``."""
+    theirs, ours = lora.made_for, _variant_key(transformer)
+    if theirs is not None and theirs != ours:
+        raise LoraError(f"{Path(lora.path).name} was made for {VARIANTS[theirs].label} ({lora.origin}) but this "
+                        f"transformer is {VARIANTS[ours].label}: pick a LoRA trained for {VARIANTS[ours].label}")
     modules = _modules(transformer)
     missing = [n for n in lora.layers if n not in modules]
     if missing:
@@ -237,6 +257,12 @@ def check(transformer: nn.Module, lora: LoraWeights) -> None:
             raise LoraError(f"{Path(lora.path).name}: layer {name!r} is {want[0]}x{want[1]} (out x in) but the LoRA "
                             f"gives {shape[0]}x{shape[1]}{_made_for(transformer, name, shape)}; "
                             "pick a LoRA for this model")
+
+
+def _variant_key(transformer: nn.Module) -> str:
+    # only CogVideoX1.5 has the ofs embedding (REFERENCE.md): the same test load_transformer's recognition uses
+    is_15 = getattr(transformer.config, "ofs_embed_dim", None) is not None
+    return next(k for k, v in VARIANTS.items() if v.version == ("1.5" if is_15 else "1.0"))
 
 
 def _other_variant(transformer: nn.Module) -> str:

@@ -226,7 +226,8 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
         log.warning("the prompt is empty: the video follows the image only")
     # read before any model loads, so a bad LoRA file fails in a second, not after the T5 stage
     loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
-    notes = [hint for lw, strength in loras if (hint := lora.scale_hint(lw, strength))]
+    notes = [hint for lw, strength in loras
+             for hint in (lora.scale_hint(lw, strength), lora.variant_note(lw)) if hint]
     for note in notes:
         log.warning(note)
     positions = models.positions_note(variant, config, frames)   # sampling logs it when it runs
