@@ -31,6 +31,12 @@ def setup(request, tiny_ckpts):
     key = request.param
     variant = models.VARIANTS[key]
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(tiny_ckpts[key]["hf"]), dtype=torch.float32)
+    return encoded(pipe, variant)
+
+
+def encoded(pipe, variant) -> dict:
+    """The pipeline, its variant's default tiny video shape, the start image, and both prompts and the image
+    encoded with the pipeline's own T5 and VAE (what both sides sample from)."""
     frames, h, w = models.default_size(variant, models.transformer_config(variant, tiny=True))
     image = _start_image(w, h)
     with torch.no_grad():

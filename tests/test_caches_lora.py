@@ -14,12 +14,9 @@ import torch
 
 import test_caches as TC
 from cogvid_core.model import loading, lora, testing
-from cogvid_core.model import text
-from cogvid_core.model import vae as vae_mod
 from cogvid_core.model import variants as models
 from cogvid_core.run import session
-from test_caches import BOUND, FBC, NEGATIVE, PROMPT, _ours, _reference, _skipped
-from test_exactness import _start_image
+from test_caches import BOUND, FBC, _ours, _reference, _skipped
 
 K15 = models.V15.key
 CPU = torch.device("cpu")
@@ -52,17 +49,9 @@ def setup(tiny_ckpts, lora_file):
     own transformer (same values, no LoRA in its weights) with the LoRA read by our reader."""
     pytest.importorskip("peft")
     from diffusers import CogVideoXImageToVideoPipeline
-    variant = models.V15
     pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(tiny_ckpts[K15]["hf"]), dtype=torch.float32)
     pipe.load_lora_weights(str(lora_file), adapter_name="l0")
-    frames, h, w = models.default_size(variant, models.transformer_config(variant, tiny=True))
-    image = _start_image(w, h)
-    with torch.no_grad():
-        pos = text.encode_prompt(pipe.text_encoder, pipe.tokenizer, PROMPT, "cpu")
-        neg = text.encode_prompt(pipe.text_encoder, pipe.tokenizer, NEGATIVE, "cpu")
-        latent = vae_mod.encode_image(pipe.vae, image, h, w, variant, "crop", "cpu")
-    return dict(pipe=pipe, variant=variant, frames=frames, h=h, w=w, image=image, pos=pos.embeds,
-                neg=neg.embeds, latent=latent, comp=_component(tiny_ckpts), lora=lora.load_lora(lora_file))
+    return dict(TC.encoded(pipe, models.V15), comp=_component(tiny_ckpts), lora=lora.load_lora(lora_file))
 
 
 _REF = {}   # (spec, strength) -> (latents, last-block runs): the fbc reference serves both CFG modes
