@@ -134,6 +134,14 @@ TINY_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 TRAINED_SIZE = "trained-size"
 
 
+def variant_by_label(label: str) -> Variant:
+    """The variant a front end's combo names (its label, e.g. "CogVideoX1.5-5B-I2V")."""
+    for v in VARIANTS.values():
+        if v.label == label:
+            return v
+    raise ValueError(f"unknown variant {label!r}; choose one of {[v.label for v in VARIANTS.values()]}")
+
+
 def transformer_config(variant: Variant, tiny: bool | str = False) -> dict:
     """tiny=True: tiny widths and a tiny trained size (1.0 then runs at 96x64);
     tiny="trained-size": tiny widths, real sample sizes (1.0 runs at 720x480, as its workflows ask)."""

@@ -42,6 +42,7 @@ class Estimate:
     calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
     stage_margins: dict = field(default_factory=dict)  # {stage or "stage:cfg mode": margin} where calibrated
     stage_margin_bytes: dict = field(default_factory=dict)  # the same keys: largest under-estimate in bytes
+    cache: str = "none"       # the step cache counted (the Sampler's must be the same: plan.match)
 
     def _of_stage(self, table: dict, name: str, default=None):
         """A stage's entry in a per-stage table: its CFG mode's ("denoise_step:batched") before its own."""
