@@ -4,7 +4,8 @@ and the model config those shapes imply.
 A wrong pick (a T5 file in the transformer loader, a T2V model, an SD checkpoint, a truncated
 download) is told apart with a message saying what the file is and where it belongs. Configs
 start from the closest row of the variant table (``models.VARIANTS``) and take every width,
-depth and structural trait from the shapes.
+depth and structural trait from the shapes. ComfyUI core's own transformer names are read as
+diffusers' (``corelayout``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from cogvid_core.model import corelayout
 from cogvid_core.model import variants as M
 from cogvid_core.model.variants import CheckpointError, Variant
 from cogvid_core.model.sources import check_file_type
@@ -44,11 +46,20 @@ def strip_prefix(keys) -> str:
     return ""
 
 
+def renamer(keys):
+    """file key -> model (diffusers) name for one file: the wrapper prefix stripped, and ComfyUI core's
+    own CogVideoX transformer names (``corelayout``) mapped to diffusers', recognised by structure."""
+    keys = list(keys)
+    prefix = strip_prefix(keys)
+    if corelayout.is_core(k[len(prefix):] for k in keys):
+        return lambda key: corelayout.to_diffusers(key[len(prefix):])
+    return lambda key: key[len(prefix):]
+
+
 def plain_shapes(shapes: dict) -> dict[str, tuple[int, ...]]:
-    """Shapes keyed by model names: prefix stripped, quantisation markers and scales dropped."""
-    prefix = strip_prefix(shapes)
-    return {k[len(prefix):]: v[0] for k, v in shapes.items()
-            if k not in MARKERS and not k.endswith(SCALE_SUFFIXES)}
+    """Shapes keyed by model names (see :func:`renamer`), quantisation markers and scales dropped."""
+    name = renamer(shapes)
+    return {name(k): v[0] for k, v in shapes.items() if k not in MARKERS and not k.endswith(SCALE_SUFFIXES)}
 
 
 def identify(path: str | os.PathLike) -> str:
