@@ -5,7 +5,7 @@ A wrong pick (a T5 file in the transformer loader, a T2V model, an SD checkpoint
 download) is told apart with a message saying what the file is and where it belongs. Configs
 start from the closest row of the variant table (``models.VARIANTS``) and take every width,
 depth and structural trait from the shapes. ComfyUI core's own transformer names are read as
-diffusers' (``corelayout``).
+diffusers' (``corelayout``); its per-layer quantized and all-in-one files are refused, saying what they are.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "text_encoders.t
 # Keys that describe quantisation, not model tensors (ComfyUI scaled fp8 files).
 MARKERS = ("scaled_fp8",)
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+QUANT_SUFFIX = ".comfy_quant"
+ALL_IN_ONE = "ComfyUI all-in-one CogVideoX checkpoint (transformer, VAE and text encoder in one file)"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -65,14 +67,24 @@ def plain_shapes(shapes: dict) -> dict[str, tuple[int, ...]]:
 def identify(path: str | os.PathLike) -> str:
     """What a safetensors file holds, from its keys and shapes (e.g. 'T5 text encoder')."""
     raw = read_shapes(Path(path))
-    return identify_keys(plain_shapes(raw), fp8=any(d.startswith("F8") for _, d in raw.values()),
-                          scaled="scaled_fp8" in raw)
+    what = identify_keys(plain_shapes(raw), fp8=any(d.startswith("F8") for _, d in raw.values()),
+                         scaled="scaled_fp8" in raw)
+    return what + (" (ComfyUI per-layer quantized)" if layer_quantized(raw) else "")
+
+
+def layer_quantized(keys) -> bool:
+    """ComfyUI core's mixed-precision files: a ``<layer>.comfy_quant`` entry (JSON: int8, fp8, nvfp4 ...)
+    and its own scales per layer; the older ``scaled_fp8`` files are read (``tensors.dequantised``)."""
+    return any(k.endswith(QUANT_SUFFIX) for k in keys)
 
 
 def identify_keys(shapes: dict[str, tuple[int, ...]], fp8: bool = False, scaled: bool = False) -> str:
     keys = shapes.keys()
     has = lambda frag: any(frag in k for k in keys)  # noqa: E731
     q8 = " (fp8 scaled)" if scaled else " (fp8)" if fp8 else ""
+    if has("model.diffusion_model.") and any(k.startswith(("vae.", "first_stage_model.")) for k in keys) \
+            and (has(".blocks.0.attn_out.") or has(".transformer_blocks.0.attn1.")):
+        return ALL_IN_ONE
     if "patch_embed.proj.weight" in shapes and has("transformer_blocks.0.attn1."):
         return _transformer_kind(shapes) + q8
     if has("encoder.down_blocks.") and has("decoder.conv_in.conv."):
@@ -115,6 +127,10 @@ def single_file(path: Path, kind: tuple[str, ...], expected: str):
     what = identify_keys(shapes)
     if not what.startswith(kind):
         raise CheckpointError(f"{path.name} is a {what}, not a {expected}: {_where(what)}")
+    if layer_quantized(raw):
+        raise CheckpointError(f"{path.name} is a {what} quantized per layer by ComfyUI (.comfy_quant: int8/fp8/"
+                              "nvfp4 weights with their own scales), which this pack does not read: use the bf16 "
+                              "or fp16 file of the same model")
     return raw, shapes
 
 
@@ -139,6 +155,9 @@ def _where(what: str) -> str:
         return f"this pack needs an image-to-video model ({' or '.join(v.label for v in M.VARIANTS.values())})"
     if what.startswith("CogVideoX transformer"):
         return "pick it in the CogVideoX transformer loader"
+    if what == ALL_IN_ONE:
+        return ("this pack reads each part from its own file: use the split files (diffusion_models/, vae/, "
+                "text_encoders/t5xxl_*) of the same model")
     return "it does not belong to CogVideoX; pick a CogVideoX I2V checkpoint"
 
 
