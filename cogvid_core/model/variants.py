@@ -184,7 +184,9 @@ def variant_from_transformer_config(cfg: dict) -> Variant:
     labels = " or ".join(v.label for v in VARIANTS.values())
     i2v = sorted({v.traits["in_channels"] for v in VARIANTS.values() if v.task == IMAGE_TO_VIDEO})
     if traits["in_channels"] not in i2v:
-        kind = "a text-to-video model" if traits["in_channels"] == LATENT_CHANNELS else f"in_channels={traits['in_channels']}"
+        kind = {LATENT_CHANNELS: "a text-to-video model",
+                3 * LATENT_CHANNELS: "an inpainting model (48 input channels: CogVideoX-Fun InP, Netflix's VOID)",
+                }.get(traits["in_channels"], f"in_channels={traits['in_channels']}")
         raise CheckpointError(
             f"this CogVideoX transformer is {kind}, not image-to-video (expected in_channels="
             f"{'/'.join(map(str, i2v))}): load a {labels} transformer")
