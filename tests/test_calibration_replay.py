@@ -51,7 +51,8 @@ def _cells(family):
 
 def _covered(doc, cell) -> bool:
     covers = doc["allocators"].get(cell["allocator"], {}).get("covers", {})
-    return list(C.stage_key(cell["stage"], C.profile_of(cell))) in covers.get(cell["stage"], [])
+    # as JSON lists: the decode's key holds its tile as a tuple, the file's ``covers`` a list (a tuple never matched)
+    return json.loads(json.dumps(C.stage_key(cell["stage"], C.profile_of(cell)))) in covers.get(cell["stage"], [])
 
 
 def _ident(c) -> tuple:
