@@ -15,6 +15,8 @@ from pathlib import Path
 from cogvid_core.device.info import ALLOCATORS, allocator_backend, allocator_key, device_card  # noqa: F401  (re-exported)
 
 CALIBRATION_DIR = Path(__file__).with_name("calibration")
+# the margin a card with no file of its own gets (bench/estimate_transfer.py --write): not a card's file
+TRANSFER = CALIBRATION_DIR / "transfer.json"
 # family -> substrings of torch.cuda.get_device_name() (upper case) that belong to it
 FAMILIES = {"h200": ("H200",), "h100": ("H100",), "a100": ("A100",), "l40": ("L40",), "rtx4090": ("RTX 4090",)}
 FALLBACK = ("h200", "h100")
@@ -29,7 +31,7 @@ def family_of(card: str | None) -> str | None:
 
 
 def available() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(CALIBRATION_DIR.glob("*.json"))}
+    return {p.stem: p for p in sorted(CALIBRATION_DIR.glob("*.json")) if p != TRANSFER}
 
 
 @lru_cache(maxsize=None)
