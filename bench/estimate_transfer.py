@@ -172,8 +172,9 @@ def main(argv=None) -> int:
     if args.write:
         prov = provenance(None)
         files = {fam: doc["measurements"] for fam, (doc, _, _) in data.items()}
-        write_json(OUT, dict(env=prov, measurements=files, tolerance=TOLERANCE, transfer=tm, summary=summary,
-                             skipped=skipped, rows=rows))
+        r4 = lambda d: {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+        write_json(OUT, dict(env=prov, measurements=files, tolerance=TOLERANCE, transfer=tm,
+                             summary=[r4(x) for x in summary], skipped=skipped, rows=[r4(x) for x in rows]))
         cards.TRANSFER.write_text(json.dumps(dict(
             margin=tm["margin"], between=[doc["card"] for doc, _, _ in data.values()], stages=tm["stages"],
             allocators=tm["allocators"], cells=tm["cells"], worst=tm["worst"], measurements=files,
