@@ -78,3 +78,19 @@ def test_covered_compares_keys_as_json():
                           "vae_tile": [160, 240, 0.2]})
     assert T.covered(doc, cell)
     assert not T.covered(doc, dict(cell, settings=dict(cell["settings"], vae_tile=[240, 360, 0.2])))
+
+
+def test_shipped_margin_is_what_the_replay_computes_from_the_raw_files():
+    """calibration/transfer.json (what cards.choose adds for a card with no file) and bench/estimate_transfer.json
+    hold the margin the replay computes today from the committed grids and calibration files: a refit, a new grid
+    or a change to the estimate that moves it fails here until `bench/estimate_transfer.py --write` is rerun."""
+    rows, _ = T.replay(T.grids())
+    tm = T.transfer_margin(rows)
+    shipped = json.loads(cards.TRANSFER.read_text())
+    assert shipped["margin"] == tm["margin"] and 0 < tm["margin"] < 0.5
+    assert shipped["worst"]["key"] == tm["worst"]["key"] and shipped["stages"] == tm["stages"]
+    assert shipped["between"] == [cards.read(p)["card"] for p in cards.available().values()]
+    results = json.loads(T.OUT.read_text())
+    assert results["transfer"]["margin"] == tm["margin"] and "estimate_transfer.py --write" in results["env"]["command"]
+    # with the margin, every covered cell of the other card is within what its verdict asks
+    assert all(r["short"] <= tm["margin"] for r in rows if r["cells"] != r["file"] and r["covered"])
