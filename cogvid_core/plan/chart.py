@@ -95,6 +95,8 @@ def report_text(est, host_available: int | None = None) -> str:
     seen = f"{est.stage_margin(name) * 100:.0f}%"
     if extra is not None and est.calibration.get("tolerance") is not None:
         seen += f", {extra / GiB:.2f} GiB; at least its {est.calibration['tolerance']:.0%} tolerance"
+    if est.transfer_margin:
+        seen += f"; then +{est.transfer_margin:.1%} for another card's calibration"
     lines.append(f"needed: {LABELS[name]} reserved {need.peak_reserved / GiB:.2f} + "
                  f"{(est.needed_bytes - need.peak_reserved) / GiB:.2f} GiB margin (largest misses "
                  f"seen for this stage: {seen}) = {est.needed_bytes / GiB:.2f} GiB")
