@@ -137,3 +137,75 @@ def test_shipped_workflows_plan_their_own_video(comfy, workflow):
     variant = next(v for v in M.VARIANTS.values() if saved["CogVidTransformerLoader"]["model"].endswith(v.folder))
     plan = _plan(nodes, est["variant"], est["frames"], est["width"], est["height"])
     assert plan_mismatch(plan, variant, smp["frames"], enc["height"], enc["width"]) is None
+
+
+# -- entered once: the estimate reads the transformer and hands the shape on ----------------------------
+
+SAVED_BEFORE = Path(__file__).resolve().parent / "data" / "cogvideox1.5_i2v_12gb_saved_2026-12-06.json"
+
+
+def _links_into(wf: dict, node: dict) -> dict:
+    """{input name: (source node type, source slot)} of ``node``'s wired inputs."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    by_id = {ln[0]: ln for ln in wf["links"]}
+    return {i["name"]: (nodes[by_id[i["link"]][1]]["type"], by_id[i["link"]][2])
+            for i in node.get("inputs", []) if i.get("link") is not None}
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_shipped_workflows_type_the_shape_once(comfy, workflow):
+    """The frames and size are typed on the estimate only: its outputs 3-5 feed the Sampler's frames and the
+    Image Encode's width/height (widget inputs), and the transformer the Sampler gets feeds the estimate."""
+    nodes, _ = comfy
+    wf = json.loads((WORKFLOWS / workflow).read_text())
+    by = {n["type"]: n for n in wf["nodes"]}
+    names = [o.display_name for o in nodes["CogVidVRAMEstimate"].GET_SCHEMA().outputs]
+    assert names[3:] == ["frames", "width", "height"]
+    smp, enc, est = (_links_into(wf, by[t]) for t in ("CogVidSampler", "CogVidImageEncode", "CogVidVRAMEstimate"))
+    assert smp["frames"] == ("CogVidVRAMEstimate", 3)
+    assert (enc["width"], enc["height"]) == (("CogVidVRAMEstimate", 4), ("CogVidVRAMEstimate", 5))
+    assert est["transformer"] == smp["transformer"]
+
+
+def test_a_workflow_saved_before_the_wiring_still_maps_its_widgets_and_plans_its_video(comfy):
+    """Today's saved workflows (no links into frames/width/height, no transformer on the estimate) load
+    as they are: the new input is optional and last, the new outputs come after the old ones, so every
+    saved widget value and link slot still means what it meant."""
+    nodes, _ = comfy
+    old = json.loads(SAVED_BEFORE.read_text())
+    saved = {n["type"]: _widgets(n, nodes) for n in old["nodes"] if n["type"] in nodes}
+    est_node = next(n for n in old["nodes"] if n["type"] == "CogVidVRAMEstimate")
+    assert len(saved["CogVidVRAMEstimate"]) == len(est_node["widgets_values"]) and not est_node["inputs"]
+    schema = nodes["CogVidVRAMEstimate"].GET_SCHEMA()
+    assert [o.display_name for o in schema.outputs][:3] == [o["name"] for o in est_node["outputs"]]
+    assert schema.inputs[-1].id == "transformer" and schema.inputs[-1].optional
+    plan = _plan(nodes, saved["CogVidVRAMEstimate"]["variant"], 81, 1360, 768)
+    assert plan_mismatch(plan, M.V15, saved["CogVidSampler"]["frames"], saved["CogVidImageEncode"]["height"],
+                         saved["CogVidImageEncode"]["width"]) is None
+
+
+def test_the_estimate_takes_variant_lora_and_speed_from_the_wired_transformer(comfy):
+    """A 5B transformer wired in: the estimate is for 5B whatever its variant widget says; its outputs hand
+    the typed shape on unchanged."""
+    nodes, _ = comfy
+    tr, _, _ = _load(nodes, "CogVideo/CogVideoX-5b-I2V")
+    out = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=9, width=720, height=480,
+              profile="balanced", budget_gib=24.0, transformer=tr).args
+    report, plan = out[0], out[2]
+    assert plan.variant_key == M.V10.key and out[3:] == (9, 720, 480)
+    assert "from the wired transformer" in report
+    assert plan_mismatch(plan, tr.variant, 9, 480, 720) is None
+    kw = dict(frames=9, width=720, height=480, profile="balanced", budget_gib=24.0)
+    wired = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", speed="exact", precision="bf16",
+                transformer=tr.with_speed("fa3fp8"), **kw).args[2]
+    typed = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX-5B-I2V", speed="fa3fp8", precision="fp32", **kw).args[2]
+    assert wired.stages == typed.stages and wired.precision == typed.precision
+
+
+def test_sampler_refuses_a_plan_made_for_another_cache(comfy):
+    nodes, _ = comfy
+    tr, _, _, cond, lat = _encoded(nodes)
+    plan = _plan(nodes)
+    with pytest.raises(PlanMismatch, match=r"the Sampler's cache is pab: set the VRAM Estimate's cache to pab"):
+        run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, plan=plan,
+            cache="pab", **SAMPLE)

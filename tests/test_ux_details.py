@@ -93,3 +93,15 @@ def test_shipped_workflows_explain_themselves_and_make_a_new_video_each_run(comf
                 assert next(values) == "randomize", (workflow, n["type"], i.id)
                 seeds += 1
     assert seeds == 1, workflow
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
+def test_the_chart_is_readable_at_the_saved_zoom(workflow):
+    """The chart's smallest text, as drawn into the workflow's Preview Image node at the saved zoom, is
+    at least 9 screen pixels high (it was ~5), and the verdict is on it."""
+    from cogvid_core.plan import chart
+    wf = json.loads((WORKFLOWS / workflow).read_text())
+    node = next(n for n in wf["nodes"] if n["type"] == "PreviewImage")
+    chart_w = 800                                      # chart_image's default width
+    on_screen = node["size"][0] / chart_w * wf["extra"]["ds"]["scale"]
+    assert chart_w * chart.FONT_TEXT * on_screen >= 9, (workflow, on_screen)
