@@ -28,6 +28,7 @@ streaming, LoRA) stay outside it. Everything is undone when the use ends.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import shutil
@@ -247,37 +248,89 @@ def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
     stack.callback(report)
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
+
+
+def _cache_hooked(m: nn.Module) -> bool:
+    """An attention module whose forward a diffusers cache hook replaced (PAB, FasterCache), nothing else."""
+    return ("forward" in m.__dict__ and getattr(m, "_diffusers_hook", None) is not None
+            and hasattr(m, "processor") and not (m._forward_hooks or m._forward_pre_hooks))
+
+
 def _compile(transformer: nn.Module, stack: ExitStack) -> None:
     """Each block's ``forward`` compiled (once per block object, kept for later uses). The blocks
     share one code object, so with torch's default inlining of nn modules one graph serves all of
-    them; module hooks on the blocks (streaming, fp8) run outside it."""
+    them; module hooks on the blocks (streaming, fp8) run outside it. With a step cache's hooks on the
+    attention modules (PAB, FasterCache), the parts around them: see :func:`_compile_parts`."""
     blocks = _blocks(transformer)
-    # a forward in a submodule's __dict__: a diffusers hook (a step cache's PAB/FasterCache state on the
-    # attention), whose Python state a compiled block would trace and guard on
-    inside = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + ("forward" in m.__dict__)
-                 for b in blocks for m in b.modules() if m is not b)
+    inside = [m for b in blocks for m in b.modules() if m is not b and _hooked(m)]
+    if inside and all(_cache_hooked(m) for m in inside):
+        _compile_parts(blocks, stack)
+        return
     if inside:
         # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
         # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
-        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs, step cache pab or "
-                    "fastercache) do not compile correctly; the blocks run eagerly (the other speed parts stay "
-                    "on; step cache fbc compiles)", inside)
+        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
+                    "correctly; the blocks run eagerly (the other speed parts stay on)", len(inside))
         return
     wrapped = 0
     for block in blocks:
         if "forward" in block.__dict__:   # someone else's forward wrapper (diffusers hooks): leave it alone
             wrapped += 1
             continue
-        fn = block.__dict__.get(_COMPILED)
-        if fn is None:
-            fn = torch.compile(block.forward, **COMPILE_OPTIONS)
-            object.__setattr__(block, _COMPILED, fn)
-        object.__setattr__(block, "forward", fn)
-        stack.callback(_uncompile, block, fn)
+        _compile_forward(block, stack)
     if wrapped:
         log.warning("speed 'compile': %d blocks run eagerly, their forward is wrapped by diffusers hooks (group "
                     "offloading of a model loaded into memory); resident, offload and file-backed streaming compile",
                     wrapped)
+
+
+def _compile_forward(module: nn.Module, stack: ExitStack) -> None:
+    fn = module.__dict__.get(_COMPILED)
+    if fn is None:
+        fn = torch.compile(module.forward, **COMPILE_OPTIONS)
+        object.__setattr__(module, _COMPILED, fn)
+    object.__setattr__(module, "forward", fn)
+    stack.callback(_uncompile, module, fn)
+
+
+def _compile_parts(blocks, stack: ExitStack) -> None:
+    """A step cache's hook replaced the attention modules' forward (its Python state, e.g. the step
+    counter it skips by, would be traced and guarded on in a compiled block): compile what it calls
+    instead. Each block's other children (norms, feed-forward) are compiled whole, and each hooked
+    attention's processor (projections, QK norms, rotary embedding, the attention kernel), which the
+    hook runs when it computes; only the hook's decision and the residual adds run eagerly."""
+    for block in blocks:
+        for child in block.children():
+            if _cache_hooked(child):
+                _compile_processor(child, stack)
+            elif not any(_hooked(m) for m in child.modules()):
+                _compile_forward(child, stack)
+
+
+class _CompiledCall:
+    """Mixed into a processor's class: its call runs the compiled bound ``__call__`` kept on the
+    processor. The signature stays the original's (diffusers' Attention filters the kwargs it passes by
+    the processor's ``__call__`` signature)."""
+
+    def __call__(self, *args, **kwargs):
+        return self.__dict__[_COMPILED](*args, **kwargs)
+
+
+def _compile_processor(attn: nn.Module, stack: ExitStack) -> None:
+    proc = attn.processor
+    if isinstance(proc, _CompiledCall):        # one processor object may serve every block
+        return
+    cls = type(proc)
+    fn = proc.__dict__.get(_COMPILED)
+    if fn is None:
+        fn = torch.compile(cls.__call__.__get__(proc), **COMPILE_OPTIONS)
+        proc.__dict__[_COMPILED] = fn
+    compiled = type(cls.__name__, (_CompiledCall, cls), {})
+    compiled.__call__ = functools.wraps(cls.__call__)(_CompiledCall.__call__)
+    proc.__class__ = compiled
+    stack.callback(setattr, proc, "__class__", cls)
 
 
 def _uncompile(block: nn.Module, fn) -> None:

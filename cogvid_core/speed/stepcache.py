@@ -9,8 +9,9 @@ it does per CFG mode is in the ``caches`` module docstring; here is the how:
   exactly as it was.
 * First-block cache goes on at the transformer's first forward, after the speed options' setup: a
   compiled block's forward is then what the cache hook wraps (it runs compiled, the decision eagerly).
-  PAB and FasterCache hooks sit on the attention modules inside the blocks, so ``fast`` leaves those
-  blocks uncompiled (it cannot compile the hooks' Python state).
+  PAB and FasterCache hooks replace the attention modules' forward inside the blocks, so ``fast``
+  compiles the parts around them instead of whole blocks (norms, feed-forward, and the attention
+  processor the hook calls when it computes): the hooks' Python state stays out of the graphs.
 * Counting: first-block decisions (whole blocks), the attention hooks' real calls (pab, fastercache) and
   the branches each transformer call computed, into :class:`caches.CacheStats`.
 """
