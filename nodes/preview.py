@@ -4,8 +4,9 @@ ComfyUI's ``latent_preview.get_previewer`` reads the user's preview method (``--
 frontend's setting that newer core applies per prompt from ``extra_data["preview_method"]``) and builds
 its previewer from a latent format. Ours carries CogVideoX's 16-channel latent-to-RGB table
 (``cogvid_core.model.latent_rgb``; core ships none for CogVideoX) and no TAESD decoder, so "auto",
-"latent2rgb" and "taesd" all preview with latent2rgb; "none" builds nothing and the engine does no
-preview work. The preview rides on the step's ``ProgressBar`` update, as core's samplers send theirs.
+"latent2rgb" and "taesd" all preview with latent2rgb (for "taesd" core logs that it found no decoder);
+"none" builds nothing and the engine does no preview work. The preview rides on the step's
+``ProgressBar`` update, as core's samplers send theirs.
 """
 from __future__ import annotations
 
