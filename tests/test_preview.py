@@ -92,3 +92,38 @@ def test_latent_grid_footprints():
     grid = latent_rgb.latent_grid(video, latent_frames=3)
     assert grid.shape == (3, 3, 2, 3)
     assert grid[:, 0, 0, 0].tolist() == [0.0, 2.5, 6.5]
+
+
+def _bench(name):
+    import importlib.util
+    import sys
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_preview_quick_cpu(tmp_path):
+    """bench/bench_preview.py's CPU mode: every part timed on the full 1.5 latent, steps with and without."""
+    import json
+    out = tmp_path / "preview.json"
+    assert _bench("bench_preview").main(["--tiny", "--device", "cpu", "--repeats", "2", "--steps", "2",
+                                         "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["parts"]["shape"] == [1, 22, 16, 96, 170] and doc["parts"]["jpeg_bytes"] > 1000
+    assert all(doc["parts"][k] > 0 for k in ("project", "encode", "total")) and doc["step_source"] == "measured"
+    assert doc["steps"]["with"]["preview_s"] > 0 and doc["steps"]["without"]["preview_s"] is None
+    assert "preview / step (%)" in doc["table"] and doc["card"]
+
+
+def test_fit_script_tiny_cpu(tmp_path):
+    """bench/fit_latent_rgb.py on a tiny random VAE: a 16x3 table and bias, better than the shipped one there."""
+    import json
+    out = tmp_path / "fit.json"
+    assert _bench("fit_latent_rgb").main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert len(doc["factors"]) == 16 and all(len(r) == 3 for r in doc["factors"]) and len(doc["bias"]) == 3
+    assert doc["rms"] < doc["shipped_rms"]
