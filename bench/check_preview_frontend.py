@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SMALL_JS = """async (wf) => { await app.loadGraphData(wf); const set = (type, values) => { for (const n of app.graph._nodes)
+SMALL_JS = """async (wf) => { await app.loadGraphData(wf);
+  const set = (type, values) => { for (const n of app.graph._nodes)
   if (n.type === type) for (const [k, v] of Object.entries(values)) { const w = n.widgets.find(w => w.name === k);
   if (w) w.value = v; } };
   for (const t of ['CogVidTransformerLoader', 'CogVidT5Loader', 'CogVidVAELoader']) set(t, {precision: 'fp32'});

@@ -34,7 +34,8 @@ def workflow() -> dict:
     kw = dict(model=model, precision="fp32", placement="auto", device="auto")
     node = lambda cls, **inputs: {"class_type": cls, "inputs": inputs}
     return {"1": node("CogVidTransformerLoader", speed="exact", **kw), "2": node("CogVidT5Loader", **kw),
-            "3": node("CogVidVAELoader", **kw), "4": node("CogVidTextEncode", t5=["2", 0], positive="a fox", negative=""),
+            "3": node("CogVidVAELoader", **kw),
+            "4": node("CogVidTextEncode", t5=["2", 0], positive="a fox", negative=""),
             "5": node("CogVidImageEncode", vae=["3", 0], image=["8", 0], width=96, height=64, resize="crop"),
             SAMPLER: node("CogVidSampler", transformer=["1", 0], conditioning=["4", 0], image_latent=["5", 0],
                           frames=17, steps=STEPS, cfg=6.0, dynamic_cfg=True, scheduler="dpm", seed=0),
@@ -126,6 +127,7 @@ def test_previews_arrive_on_the_websocket(models_root, tmp_path):
     logs = "".join(p.read_text()[-3000:] for p in (tmp_path / "base").glob("server_*.log"))
     assert proc.returncode == 0, proc.stderr[-4000:] + logs
     results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(results))
     on, off = results["latent2rgb"], results["none"]
     assert on["status"] == "execution_success" == off["status"], logs
     assert on["progress"] == off["progress"] == [[1, STEPS], [2, STEPS]]
