@@ -34,6 +34,7 @@ from cogvid_core.model import loading, testing                 # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
 from cogvid_core.speed import caches, fast                     # noqa: E402
+from bench.common.reference import fbc_probe                  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,6 +49,9 @@ def parse_args(argv=None):
                    "the small profiles' one-branch CFG)")
     p.add_argument("--sides", default="diffusers,ours", help="which sides run (one 1.5 run of 50 steps is ~400 s on an "
                    "H100: run each side in its own command on the same warm machine)")
+    p.add_argument("--ref", type=Path, help="diffusers' uncached run (final latent, seconds) saved here when it runs, "
+                   "read from here when it does not: a 50-step 1.5 reference and our runs do not fit one command; "
+                   "the random weights are the same in every process (seeded, built on the same card)")
     p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
     return p.parse_args(argv)
 
@@ -113,6 +117,7 @@ def run_diffusers(s, spec, steps, peaks):
                                          scheduler=loading.load_scheduler(None, "dpm"))
     pipe.set_progress_bar_config(disable=True)
     runs, h = _tail_counter(tr)
+    seen, probe = fbc_probe(tr.transformer_blocks[0])
     if caches.parse(spec).on:
         tr.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
     peaks.start()
@@ -125,7 +130,8 @@ def run_diffusers(s, spec, steps, peaks):
         if tr.is_cache_enabled:
             tr.disable_cache()
         h.remove()
-    row.update(side="diffusers", cache=spec, full_passes=runs[0])
+        probe.remove()
+    row.update(side="diffusers", cache=spec, full_passes=runs[0], fbc_metric_per_step=seen)
     return row, out.float().cpu()
 
 
@@ -154,6 +160,10 @@ def run_all(args) -> dict:
     s = build(args)
     peaks = Peaks(s["device"])
     rows, base = [], {}
+    if args.ref and args.ref.exists() and "diffusers" not in args.sides.split(","):
+        saved = torch.load(args.ref)
+        base["diffusers"] = saved["latent"]
+        rows.append(dict(saved["row"], taken_from=str(args.ref)))
     for spec in args.caches.split(","):
         for side in args.sides.split(","):
             try:
@@ -162,8 +172,15 @@ def run_all(args) -> dict:
             except (ValueError, torch.cuda.OutOfMemoryError) as e:
                 rows.append(dict(side=side, cache=spec, error=str(e)[:300]))
                 continue
-            base.setdefault(side, lat)
-            row["final_latent_rel_l2_vs_uncached"] = rel_l2(lat, base[side])
+            if spec == "none":
+                base.setdefault(side, lat)
+            if side == "diffusers" and spec == "none" and args.ref:
+                args.ref.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(dict(latent=lat, row=row), args.ref)
+            if side in base:
+                row["final_latent_rel_l2_vs_uncached"] = rel_l2(lat, base[side])
+            if side == "ours" and "diffusers" in base:
+                row["final_latent_rel_l2_vs_diffusers_uncached"] = rel_l2(lat, base["diffusers"])
             rows.append(row)
             print(table_line(row), flush=True)
     ref = {r["cache"]: r["seconds"] for r in rows if r.get("side") == "diffusers" and "seconds" in r}
@@ -183,7 +200,7 @@ def _env(s, args) -> dict:
 
 
 HEADER = ("| side | cache | denoise s | x diffusers uncached | full passes | peak alloc / reserved GiB | host RSS GiB | "
-          "latent rel L2 vs uncached |\n|---|---|---|---|---|---|---|---|")
+          "latent rel L2 vs uncached (own side, else diffusers') |\n|---|---|---|---|---|---|---|---|")
 
 
 def table_line(r: dict) -> str:
@@ -191,8 +208,10 @@ def table_line(r: dict) -> str:
         return f"| {r['side']} | {r['cache']} | {r['error']} | | | | | |"
     gpu = f"{r.get('peak_alloc_gib', 0):.2f} / {r.get('peak_reserved_gib', 0):.2f}"
     ratio = f"{r['x_diffusers_uncached']:.3f}" if "x_diffusers_uncached" in r else "-"
-    return (f"| {r['side']} | {r['cache']} | {r['seconds']:.1f} | {ratio} | {r['full_passes']:g} | {gpu} | "
-            f"{r['host_peak_rss_gib']:.2f} | {r['final_latent_rel_l2_vs_uncached']:.2e} |")
+    l2 = r.get("final_latent_rel_l2_vs_uncached", r.get("final_latent_rel_l2_vs_diffusers_uncached"))
+    side = f"{r['side']} {r['speed']}" if r.get("speed", "exact") != "exact" else r["side"]
+    return (f"| {side} | {r['cache']} | {r['seconds']:.1f} | {ratio} | {r['full_passes']:g} | {gpu} | "
+            f"{r['host_peak_rss_gib']:.2f} | {'-' if l2 is None else format(l2, '.2e')} |")
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,9 @@ a recipe's freed heap would otherwise count in the next one's peaks.
     python3 bench/bench_hostrun.py --dir /tmp/ck --variant 1.0 --write --recipes diffusers-resident,ours-auto@4
 
 ``RECIPE~SPEED`` runs our RECIPE with the transformer's speed option SPEED (cogvid_core.speed.fast); the s/step
-of the last step (compile warms up in the first).
+of the last step (compile warms up in the first). ``RECIPE^CACHE`` adds the step cache CACHE (``i2v --cache``:
+e.g. ``ours-auto@6~fp8+fa3fp8+compile^fbc:0.2``); each row also has the whole denoise's seconds (first step's
+start to the last step's end, GPU synchronised) and the full transformer passes that ran.
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
-from bench.common.reference import PROMPT, run_staged, start_image  # noqa: E402
+from bench.common.reference import PROMPT, fbc_probe, run_staged, start_image  # noqa: E402
 from bench.common.tables import fmt  # noqa: E402
 
 RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
@@ -51,7 +53,7 @@ def _steps_clock(device, marks: list):
     return mark
 
 
-def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -> None:
+def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
     from diffusers import CogVideoXImageToVideoPipeline
 
     with rec.stage("load"):
@@ -59,21 +61,27 @@ def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -
     pipe.set_progress_bar_config(disable=True)
     if not args.tiny:             # diffusers' documented recipe (its tiled encode breaks at tiny sizes)
         pipe.vae.enable_tiling()
+    seen, hook = fbc_probe(pipe.transformer.transformer_blocks[0])
     run_staged(pipe, rec, image, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                cfg=args.cfg, seed=42, on_step=mark)
+    hook.remove()
+    return dict(fbc_metric_per_step=seen)
 
 
 def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
     from cogvid_core.run import pipeline
 
+    recipe, _, cache = recipe.partition("^")
     name, _, speed = recipe.removeprefix("ours-").partition("~")
     budget = float(name[5:]) if name.startswith("auto@") else None
     job = pipeline.Job(image=image, prompt=PROMPT, frames=args.frames, height=args.height, width=args.width,
-                       steps=args.steps, cfg=args.cfg, seed=42)
+                       steps=args.steps, cfg=args.cfg, seed=42, cache=cache or "none")
     res = pipeline.generate(pipeline.Sources.from_model(str(folder)), job, precision="bf16", device=device,
                             profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
                             progress=lambda done, total: mark(), speed=speed or "exact")
-    return dict(profile=res.profile, speed=speed or "exact", settings=res.settings,
+    passes = res.cache.full_passes if res.cache is not None else 2 * args.steps * (args.cfg > 1)
+    return dict(profile=res.profile, speed=speed or "exact", cache=cache or "none", full_passes=passes,
+                cache_line=res.cache.line() if res.cache is not None else "", settings=res.settings,
                 host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
 
 
@@ -109,13 +117,15 @@ def child(recipe: str, args) -> dict:
     t0 = time.perf_counter()
     extra = {}
     if recipe == BASELINE:
-        run_diffusers(args.dir_model, args, rec, device, image, mark)
+        extra = run_diffusers(args.dir_model, args, rec, device, image, mark)
     else:
         extra = run_ours(recipe, args.dir_model, args, rec, device, image, mark)
     rows = rec.rows()
     steps = [b - a for a, b in zip(marks, marks[1:])]
+    denoise = next((r for r in rows if r["stage"] == "denoise"), {})
     return dict(recipe=name, stages=rows, total=rec.total(), step_ends_s=[m - t0 for m in marks],
-                s_per_step=steps[-1] if steps else None,
+                s_per_step=steps[-1] if steps else None, denoise_s=denoise.get("seconds"),
+                denoise_peak_reserved_gib=denoise.get("peak_reserved_gib"),
                 load_plus_first_s=marks[0] - t0 if marks else None,
                 host_peak_anon_pinned_gib=max((r["host_peak_anon_pinned_gib"] or 0) for r in rows),
                 host_peak_file_gib=max((r["host_peak_file_gib"] or 0) for r in rows), **extra)
@@ -129,18 +139,32 @@ def table(results: list[dict]) -> str:
     def ratio(r, key):
         return f(r.get(key) / base[key], ".3f") if base and r.get(key) and base.get(key) else "-"
     lines = ["| recipe | host anon+pinned GiB per stage | peak | estimated peak | file-backed peak GiB | s/step | "
-             "x ref | load + 1st step s | x ref |", "|---|---|---|---|---|---|---|---|---|"]
+             "x ref | load + 1st step s | x ref | denoise s | x ref | full passes | denoise reserved GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
             last = r["error"].strip().splitlines()[-1] if r["error"].strip() else "?"
-            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | |")
+            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | | | | | |")
             continue
         per = ", ".join(f"{s['stage']} {f(s['host_peak_anon_pinned_gib'])}" for s in r["stages"])
         est = max((o for o, _ in r.get("host_estimate_gib", {}).values()), default=None)   # hostplan, GPU runs
         lines.append(f"| {r['recipe']}{' (' + r['profile'] + ')' if r.get('profile') else ''} | {per} | "
                      f"{f(r['host_peak_anon_pinned_gib'])} | {f(est)} | {f(r['host_peak_file_gib'])} | {f(r['s_per_step'])} | "
-                     f"{ratio(r, 's_per_step')} | {f(r['load_plus_first_s'], '.1f')} | {ratio(r, 'load_plus_first_s')} |")
+                     f"{ratio(r, 's_per_step')} | {f(r['load_plus_first_s'], '.1f')} | {ratio(r, 'load_plus_first_s')} | "
+                     f"{f(r.get('denoise_s'), '.1f')} | {ratio(r, 'denoise_s')} | {r.get('full_passes', '-')} | "
+                     f"{f(r.get('denoise_peak_reserved_gib'))} |")
     return "\n".join(lines)
+
+
+def _child_args(argv: list) -> list:
+    """The parent's arguments a child needs (not --write, not --baseline-from and its value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--write" or a.startswith("--baseline-from"):
+            skip = a == "--baseline-from"
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv=None) -> int:
@@ -158,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per recipe")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--baseline-from", type=Path, help="take the diffusers-resident row from this earlier JSON "
+                    "(same card, same checkpoints: a 50-step 1.5 reference and our recipes do not fit one command)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     v = M.V15 if args.variant == "1.5" else M.V10
@@ -172,8 +198,13 @@ def main(argv=None) -> int:
     folder = hf_checkpoints(args.dir, v.key, full=not args.tiny) if args.write else args.dir / v.folder
     log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
     results = []
+    if args.baseline_from:
+        old = json.loads(args.baseline_from.read_text())
+        row = next(r for r in old["results"] if r["recipe"] == BASELINE and not r.get("error"))
+        results.append(dict(row, taken_from=str(args.baseline_from)))
+        assert old["steps"] == args.steps and old["frames"] == args.frames, "baseline made for another run"
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        cmd = [sys.executable, __file__, "--child", recipe, *(a for a in (argv or sys.argv[1:]) if a != "--write")]
+        cmd = [sys.executable, __file__, "--child", recipe, *_child_args(argv or sys.argv[1:])]
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

@@ -45,6 +45,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "DEFAULT_VARIANT": ("model.variants", "DEFAULT_VARIANT"),
     "VARIANTS": ("model.variants", "VARIANTS"),
     "check_video_shape": ("model.variants", "check_video_shape"),
+    "variant_by_label": ("model.variants", "variant_by_label"),
     "transformer_config": ("model.variants", "transformer_config"),
     # memory: profiles and placement
     "placed_of": ("memory.placement", "placed_of"),

@@ -33,7 +33,10 @@ class CogVidVRAMEstimate(io.ComfyNode):
             category=f"{C.CATEGORY}/memory",
             description="Predicts the peak GPU memory of each stage (text encode, image encode, denoise step, "
                         "decode) before you queue, says whether it fits, and outputs a plan for the sampler "
-                        "and decode: with profile auto, the fastest settings that fit the budget.",
+                        "and decode: with profile auto, the fastest settings that fit the budget. Type the "
+                        "video's frames and size here and wire the frames/width/height outputs to the Sampler "
+                        "and Image Encode; wire the transformer in and the variant, speed, precision and LoRAs "
+                        "come from it.",
             inputs=[
                 io.Combo.Input("variant", options=[v.label for v in VARIANTS.values()][::-1],
                                default="CogVideoX1.5-5B-I2V", tooltip="Which model the estimate is for"),
@@ -59,28 +62,38 @@ class CogVidVRAMEstimate(io.ComfyNode):
                 io.Combo.Input("cache", options=cache_names(), default="none", optional=True,
                                tooltip="The Sampler's step cache: the activations it holds count in the denoise "
                                        "step (pab and fastercache hold one hidden state per block, GiBs at 1.5's size)"),
+                C.TRANSFORMER.Input("transformer", optional=True,
+                                    tooltip="Optional: the transformer the Sampler gets (from the loader or the "
+                                            "LoRA node). When wired, its variant, speed, precision and LoRAs are "
+                                            "estimated and the widgets for them are not used"),
             ],
             outputs=[io.String.Output(display_name="report"), io.Image.Output(display_name="chart"),
-                     C.PLAN.Output(display_name="plan")],
+                     C.PLAN.Output(display_name="plan"),
+                     io.Int.Output(display_name="frames", tooltip="Wire to the Sampler's frames"),
+                     io.Int.Output(display_name="width", tooltip="Wire to the Image Encode's width"),
+                     io.Int.Output(display_name="height", tooltip="Wire to the Image Encode's height")],
         )
 
     @classmethod
     def execute(cls, variant, frames, width, height, profile, budget_gib, lora_mib=0.0, speed="exact",
-                precision="auto", cache="none") -> io.NodeOutput:
+                precision="auto", cache="none", transformer=None) -> io.NodeOutput:
         import torch
         from cogvid_core import api as cv
         from cogvid_core.api import chart_image
         from cogvid_core.api import host_available_bytes
-        from cogvid_core.api import VARIANTS
-        v = next((x for x in VARIANTS.values() if x.label == variant), None)
-        if v is None:
-            raise ValueError(f"unknown variant {variant!r}; choose one of {[x.label for x in VARIANTS.values()]}")
+        device = C.compute_device("auto")
+        budget = C.budget_bytes(budget_gib, device)
+        if transformer is not None:     # entered once: what the Sampler will run
+            v, speed, lora_bytes = transformer.variant, transformer.speed, transformer.lora_bytes()
+            precision = transformer.planned_precision["transformer"]
+            # the weights it already holds on the GPU (resident from the last queue) come back to its plan
+            budget = None if budget is None else cv.own_budget(budget, transformer.device_bytes())
+        else:
+            v, lora_bytes = cv.variant_by_label(variant), int(lora_mib * 1024 ** 2)
         # the engine's rule, here where the variant is first known: 21 frames for 1.5 is refused, not estimated
         cv.check_video_shape(v, cv.transformer_config(v), frames, height, width)
-        budget = C.budget_bytes(budget_gib, C.compute_device("auto"))
-        lora_bytes = int(lora_mib * 1024 ** 2)
         # the loaders' rule for the device the loaders' auto computes on (1.5 in fp16 refused here too)
-        names = cv.resolve_precisions({"transformer": precision}, C.compute_device("auto"), v, warn=False)
+        names = cv.resolve_precisions({"transformer": precision}, device, v, warn=False)
         if profile == AUTO:
             est = cv.best_estimate(v, frames, height, width, budget, lora_bytes=lora_bytes, speed=speed,
                                         precision=names, cache=cache)
@@ -88,7 +101,10 @@ class CogVidVRAMEstimate(io.ComfyNode):
             est = cv.estimate(v, frames, height, width, profile, names, budget_bytes=budget, lora_bytes=lora_bytes,
                              speed=speed, cache=cache)
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
-        return io.NodeOutput(est.report(host_available=host_available_bytes()), chart, est)
+        report = est.report(host_available=host_available_bytes())
+        if transformer is not None:
+            report += f"\nvariant, speed ({speed}), precision and LoRAs: from the wired transformer"
+        return io.NodeOutput(report, chart, est, frames, width, height)
 
 
 NODES = [CogVidVRAMEstimate]

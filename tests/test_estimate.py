@@ -239,9 +239,77 @@ def test_card_family_and_fallback():
     assert cards.allocator_key("native", "") == "native"                                     # plain
     assert cards.allocator_key("cudaMallocAsync", "backend:cudaMallocAsync") == "cudaMallocAsync"   # ComfyUI's
     _, choice = cards.choose("NVIDIA GeForce RTX 3060", "native")
-    assert not choice["matched"] and "not calibrated on NVIDIA GeForce RTX 3060" in choice["note"]
-    e = est(profile="lowvram", card="NVIDIA GeForce RTX 3060", allocator="native")
-    assert "NOTE: not calibrated on NVIDIA GeForce RTX 3060" in e.report()
+    assert not choice["matched"] and "No measurements for NVIDIA GeForce RTX 3060" in choice["note"]
+
+
+# ----------------------------------------------------------------------------- a card with no file (issue 27)
+def test_unknown_card_gets_the_nearest_file_and_the_transfer_margin():
+    """An L4 (no file of its own) is estimated with the H200's file, the margin measured between the H100
+    and H200 (calibration/transfer.json) added to its verdicts, and the report says so in plain words."""
+    from cogvid_core.plan import cards
+    shipped = json.loads(cards.TRANSFER.read_text())
+    assert shipped["margin"] > 0
+    for alloc in ("native", "cudaMallocAsync"):
+        e = est(profile="lowvram", card="NVIDIA L4", allocator=alloc)
+        assert e.calibration["family"] == "h200" and not e.calibration["matched"] and e.calibration["allocator"] == alloc
+        assert e.transfer_margin == shipped["margin"] and e.to_dict()["transfer_margin"] == shipped["margin"]
+        text = e.report()
+        assert (f"NOTE: No measurements for NVIDIA L4: using the NVIDIA H200's (the file that calibrates the most: "
+                f"this card's architecture is not known here), with {shipped['margin']:.1%} added for the difference "
+                f"between cards (measured NVIDIA H100 80GB HBM3 <-> NVIDIA H200, no decode compared") in text, text
+        assert f"+{shipped['margin']:.1%} for another card's calibration" in text
+    assert "under the native allocator" in e.report()          # the margin was measured under native only
+
+
+def test_known_card_gets_its_own_file_and_no_margin():
+    for card, fam in (("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100")):
+        e = est(profile="lowvram", card=card, allocator="native")
+        assert e.calibration["family"] == fam and e.calibration["matched"] and e.transfer_margin == 0
+        assert "No measurements" not in e.report() and "another card's calibration" not in e.report()
+
+
+def test_the_margin_makes_every_verdict_more_conservative():
+    """The same file, the same plan: each stage asks the own-card verdict times 1 + the margin, so a budget
+    between the two is 'fits' on the H200 and 'does not fit' on a card without a file."""
+    own = est(profile="lowvram", card="NVIDIA H200", allocator="native")
+    other = est(profile="lowvram", card="NVIDIA GeForce RTX 3060", allocator="native")
+    m = other.transfer_margin
+    assert [s.peak_reserved for s in own.stages] == [s.peak_reserved for s in other.stages]
+    for name in STAGES:
+        assert other.stage_needed(name) == pytest.approx(own.stage_needed(name) * (1 + m), abs=2)
+        assert other.stage_needed(name) > own.stage_needed(name)
+    between = (own.needed_bytes + other.needed_bytes) // 2
+    assert est(profile="lowvram", card="NVIDIA H200", allocator="native", budget_bytes=between).fits
+    assert not est(profile="lowvram", card="NVIDIA GeForce RTX 3060", allocator="native", budget_bytes=between).fits
+
+
+def test_nearest_file_by_architecture_then_by_what_it_calibrates(tmp_path, monkeypatch):
+    """Same architecture first (the nearest compute capability), then the file that calibrates the most:
+    fewer stages excluded, file-backed weights, more allocator sets."""
+    from cogvid_core.plan import cards
+    cards._read.cache_clear()
+    docs = {"h200": dict(weights="file-backed", allocators={"native": {}, "cudaMallocAsync": {}}),
+            "h100": dict(weights="in-memory", excluded={"decode": "stale"}, allocators={"native": {}}),
+            "a100": dict(weights="file-backed", excluded={"decode": "stale"}, allocators={"native": {}}),
+            "rtx4090": dict(weights="in-memory", allocators={"native": {}})}
+    files = {}
+    for fam, d in docs.items():
+        files[fam] = tmp_path / f"{fam}.json"
+        files[fam].write_text(json.dumps(d))
+    assert cards.nearest(files) == "h200"                          # capability unknown: what it calibrates
+    assert cards.nearest({k: files[k] for k in ("h100", "a100")}) == "a100"   # file-backed, as users load
+    assert cards.nearest(files, (8, 9)) == "rtx4090"               # an L4 / RTX 4090: Ada
+    assert cards.nearest(files, (8, 6)) == "rtx4090"               # an RTX 3090: 8.9 is nearer than 8.0
+    assert cards.nearest({k: files[k] for k in ("h100", "h200", "a100")}, (8, 6)) == "a100"   # Ampere before Hopper
+    assert cards.nearest(files, (9, 0)) == "h200"                  # a GH200: both Hopper, h200 calibrates more
+    assert cards.nearest({}) is None
+    # this process's device is the card: its capability is read (a named card elsewhere has none)
+    monkeypatch.setattr(cards, "device_card", lambda: "NVIDIA L4")
+    monkeypatch.setattr(cards, "device_capability", lambda: (8, 9))
+    assert cards._capability_of("NVIDIA L4") == (8, 9) and cards._capability_of(None) == (8, 9)
+    assert cards._capability_of("NVIDIA GeForce RTX 3060") is None
+    _, choice = cards.choose("NVIDIA L4", "native")
+    assert "nearest architecture measured: compute capability 9.0, this card's 8.9" in choice["note"]
 
 
 def test_allocator_picks_its_constants(tmp_path, monkeypatch):

@@ -205,8 +205,8 @@ def test_lora_node_schema_and_listing(lora_nodes):
     assert schema.inputs[1].options == ["a.safetensors", "other_variant.safetensors", "sub/b.safetensors"]
     # the estimate node's new input is optional and last: old graphs still run without it
     est_inputs = nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs
-    assert [i.id for i in est_inputs[-4:]] == ["lora_mib", "speed", "precision", "cache"] and \
-        all(i.optional for i in est_inputs[-4:])
+    assert [i.id for i in est_inputs[-5:]] == ["lora_mib", "speed", "precision", "cache", "transformer"] and \
+        all(i.optional for i in est_inputs[-5:])
 
 
 def _frontend_value(typed: float, spec) -> float:

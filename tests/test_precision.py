@@ -227,7 +227,7 @@ def test_loader_precision_options_only_grow_at_the_end(comfy):
         i = _input(nodes[node_id], "precision")
         assert i.options == values + [P.AUTO] and i.default == P.AUTO, node_id
     est = nodes["CogVidVRAMEstimate"].GET_SCHEMA().inputs
-    assert est[-2].id == "precision" and est[-2].optional and est[-2].default == P.AUTO
+    assert est[-3].id == "precision" and est[-3].optional and est[-3].default == P.AUTO
 
 
 def test_transformer_node_refuses_15_in_fp16_before_loading(comfy, monkeypatch):

@@ -89,3 +89,18 @@ def run_staged(pipe, rec, image, *, frames: int, height: int, width: int, steps:
         stack.close()
         for name in ("encode_prompt", "prepare_latents", "decode_latents"):   # the class's methods again
             vars(pipe).pop(name, None)
+
+
+def fbc_probe(block) -> tuple[list, object]:
+    """First-block cache's measure on an uncached run, per transformer call: block 0's residual (output -
+    input) against the previous call's, mean |difference| / mean |previous| (diffusers' FirstBlockCache
+    test, here between consecutive steps): which ``fbc:T`` would skip on these weights."""
+    seen, prev = [], [None]
+
+    def hook(_m, args, kwargs, out):
+        x = args[0] if args else kwargs["hidden_states"]
+        res = (out[0] - x).float()
+        if prev[0] is not None:
+            seen.append(((res - prev[0]).abs().mean() / prev[0].abs().mean()).item())
+        prev[0] = res
+    return seen, block.register_forward_hook(hook, with_kwargs=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 ALLOCATORS = ("native", "native:expandable", "cudaMallocAsync")
 
@@ -12,6 +13,15 @@ def device_card() -> str | None:
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_name()
+
+
+@lru_cache(maxsize=1)
+def device_capability() -> tuple[int, int] | None:
+    """The current CUDA device's compute capability, (8, 9) on an L4 or RTX 4090; None without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability())
 
 
 def allocator_backend() -> str:

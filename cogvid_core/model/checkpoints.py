@@ -4,7 +4,8 @@ and the model config those shapes imply.
 A wrong pick (a T5 file in the transformer loader, a T2V model, an SD checkpoint, a truncated
 download) is told apart with a message saying what the file is and where it belongs. Configs
 start from the closest row of the variant table (``models.VARIANTS``) and take every width,
-depth and structural trait from the shapes.
+depth and structural trait from the shapes. ComfyUI core's own transformer names are read as
+diffusers' (``corelayout``); its per-layer quantized and all-in-one files are refused, saying what they are.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from cogvid_core.model import corelayout
 from cogvid_core.model import variants as M
 from cogvid_core.model.variants import CheckpointError, Variant
 from cogvid_core.model.sources import check_file_type
@@ -23,6 +25,8 @@ KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "text_encoders.t
 # Keys that describe quantisation, not model tensors (ComfyUI scaled fp8 files).
 MARKERS = ("scaled_fp8",)
 SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+QUANT_SUFFIX = ".comfy_quant"
+ALL_IN_ONE = "ComfyUI all-in-one CogVideoX checkpoint (transformer, VAE and text encoder in one file)"
 
 
 def read_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -44,24 +48,43 @@ def strip_prefix(keys) -> str:
     return ""
 
 
+def renamer(keys):
+    """file key -> model (diffusers) name for one file: the wrapper prefix stripped, and ComfyUI core's
+    own CogVideoX transformer names (``corelayout``) mapped to diffusers', recognised by structure."""
+    keys = list(keys)
+    prefix = strip_prefix(keys)
+    if corelayout.is_core(k[len(prefix):] for k in keys):
+        return lambda key: corelayout.to_diffusers(key[len(prefix):])
+    return lambda key: key[len(prefix):]
+
+
 def plain_shapes(shapes: dict) -> dict[str, tuple[int, ...]]:
-    """Shapes keyed by model names: prefix stripped, quantisation markers and scales dropped."""
-    prefix = strip_prefix(shapes)
-    return {k[len(prefix):]: v[0] for k, v in shapes.items()
-            if k not in MARKERS and not k.endswith(SCALE_SUFFIXES)}
+    """Shapes keyed by model names (see :func:`renamer`), quantisation markers and scales dropped."""
+    name = renamer(shapes)
+    return {name(k): v[0] for k, v in shapes.items() if k not in MARKERS and not k.endswith(SCALE_SUFFIXES)}
 
 
 def identify(path: str | os.PathLike) -> str:
     """What a safetensors file holds, from its keys and shapes (e.g. 'T5 text encoder')."""
     raw = read_shapes(Path(path))
-    return identify_keys(plain_shapes(raw), fp8=any(d.startswith("F8") for _, d in raw.values()),
-                          scaled="scaled_fp8" in raw)
+    what = identify_keys(plain_shapes(raw), fp8=any(d.startswith("F8") for _, d in raw.values()),
+                         scaled="scaled_fp8" in raw)
+    return what + (" (ComfyUI per-layer quantized)" if layer_quantized(raw) else "")
+
+
+def layer_quantized(keys) -> bool:
+    """ComfyUI core's mixed-precision files: a ``<layer>.comfy_quant`` entry (JSON: int8, fp8, nvfp4 ...)
+    and its own scales per layer; the older ``scaled_fp8`` files are read (``tensors.dequantised``)."""
+    return any(k.endswith(QUANT_SUFFIX) for k in keys)
 
 
 def identify_keys(shapes: dict[str, tuple[int, ...]], fp8: bool = False, scaled: bool = False) -> str:
     keys = shapes.keys()
     has = lambda frag: any(frag in k for k in keys)  # noqa: E731
     q8 = " (fp8 scaled)" if scaled else " (fp8)" if fp8 else ""
+    if has("model.diffusion_model.") and any(k.startswith(("vae.", "first_stage_model.")) for k in keys) \
+            and (has(".blocks.0.attn_out.") or has(".transformer_blocks.0.attn1.")):
+        return ALL_IN_ONE
     if "patch_embed.proj.weight" in shapes and has("transformer_blocks.0.attn1."):
         return _transformer_kind(shapes) + q8
     if has("encoder.down_blocks.") and has("decoder.conv_in.conv."):
@@ -104,6 +127,10 @@ def single_file(path: Path, kind: tuple[str, ...], expected: str):
     what = identify_keys(shapes)
     if not what.startswith(kind):
         raise CheckpointError(f"{path.name} is a {what}, not a {expected}: {_where(what)}")
+    if layer_quantized(raw):
+        raise CheckpointError(f"{path.name} is a {what} quantized per layer by ComfyUI (.comfy_quant: int8/fp8/"
+                              "nvfp4 weights with their own scales), which this pack does not read: use the bf16 "
+                              "or fp16 file of the same model")
     return raw, shapes
 
 
@@ -128,6 +155,9 @@ def _where(what: str) -> str:
         return f"this pack needs an image-to-video model ({' or '.join(v.label for v in M.VARIANTS.values())})"
     if what.startswith("CogVideoX transformer"):
         return "pick it in the CogVideoX transformer loader"
+    if what == ALL_IN_ONE:
+        return ("this pack reads each part from its own file: use the split files (diffusion_models/, vae/, "
+                "text_encoders/t5xxl_*) of the same model")
     return "it does not belong to CogVideoX; pick a CogVideoX I2V checkpoint"
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cogvid_core.model import tensors as T
-from cogvid_core.model.checkpoints import strip_prefix
+from cogvid_core.model.checkpoints import renamer
 from cogvid_core.model.variants import CheckpointError
 
 _ATTR = "_cogvid_weight_index"
@@ -117,10 +117,10 @@ def index_weights(model: nn.Module, files, dtype: torch.dtype, *, storage_dtype=
         except OSError:
             stamp = ()              # read_header says what is wrong with the file
         header = read_header(path)
-        prefix = strip_prefix(header)
-        scales = {k[len(prefix):]: _source(path, v, torch.float32, stamp=stamp) for k, v in header.items()
+        rename = renamer(header)
+        scales = {rename(k): _source(path, v, torch.float32, stamp=stamp) for k, v in header.items()
                   if k.endswith(".scale_weight")}
-        for key, name, slot in T.matched(model, header, prefix, ignore, unexpected):
+        for key, name, slot in T.matched(model, header, rename, ignore, unexpected):
             v = header[key]
             scale = scales.get(T.scale_name(name))
             probe = torch.empty(v[1], dtype=torch.float32 if scale is not None else v[0], device="meta")

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from cogvid_core.model import precision as P
 from cogvid_core.model import variants as M
 from cogvid_core.model import tensors as T
-from cogvid_core.model.checkpoints import (read_config, read_shapes, single_file, stored_fp8, strip_prefix,
+from cogvid_core.model.checkpoints import (read_config, read_shapes, renamer, single_file, stored_fp8,
                           t5_config_from_shapes, transformer_config_from_shapes, vae_config_from_shapes)
 from cogvid_core.model.variants import CheckpointError, Variant
 from cogvid_core.model.sources import is_repo_id, resolve, weight_files
@@ -40,10 +40,10 @@ def load_weights(model: torch.nn.Module, files: list[Path], dtype: torch.dtype, 
     """
     unexpected = []
     for path in files:
-        prefix = strip_prefix(read_shapes(path))
+        rename = renamer(read_shapes(path))
         with safe_open(str(path), framework="pt") as f:
-            scales = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.endswith(".scale_weight")}
-            for key, name, slot in T.matched(model, f.keys(), prefix, ignore, unexpected):
+            scales = {rename(k): f.get_tensor(k) for k in f.keys() if k.endswith(".scale_weight")}
+            for key, name, slot in T.matched(model, f.keys(), rename, ignore, unexpected):
                 # The one place a tensor goes from a file (path, key) into the model, as ``target``.
                 t = T.dequantised(_read_tensor(f, key, path), scales.get(T.scale_name(name)))
                 target = T.target_dtype(name, t, slot[0], dtype, storage_dtype, keep_fp8)

@@ -58,12 +58,13 @@ def assign(module: torch.nn.Module, leaf: str, t: torch.Tensor) -> None:
         module._buffers[leaf] = t
 
 
-def matched(model: torch.nn.Module, keys, prefix: str, ignore, unexpected: list):
-    """(key, name, slot) for each checkpoint key that fills a tensor of ``model``: the wrapper prefix
-    stripped, quantisation markers, scales and ``ignore``d names skipped; names the model lacks are
-    appended to ``unexpected`` (see :func:`refuse_unexpected`)."""
+def matched(model: torch.nn.Module, keys, rename, ignore, unexpected: list):
+    """(key, name, slot) for each checkpoint key that fills a tensor of ``model``: named by ``rename``
+    (``checkpoints.renamer``: wrapper prefix stripped, core layout mapped), quantisation markers, scales
+    and ``ignore``d names skipped; names the model lacks are appended to ``unexpected``
+    (see :func:`refuse_unexpected`)."""
     for key in keys:
-        name = key[len(prefix):]
+        name = rename(key)
         if key in MARKERS or name.endswith(SCALE_SUFFIXES) or ignore(name):
             continue
         found = slot(model, name)

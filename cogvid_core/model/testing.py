@@ -8,6 +8,8 @@ Layouts written under ``root`` (see ``write_checkpoints``):
 * ``<root>/single/`` : single files as people download them: transformer and VAE with diffusers
   key names (ours, kijai's), a kijai-style fp8 transformer, a ComfyUI ``t5xxl_*.safetensors``
   encoder, a ComfyUI ``t5xxl_fp8_e4m3fn_scaled`` encoder and a ``tokenizer/`` folder beside them.
+* ``<root>/comfy/`` : ComfyUI core's own files (``corelayout``): ``diffusion_models/`` transformers in
+  core's names (bare, under ``model.diffusion_model.``, scaled fp8) and ``vae/`` in diffusers' names.
 
 Every tensor is drawn from its own generator seeded by (seed, component, tensor name), so all
 layouts hold identical values, the output is reproducible, and full-size files are streamed
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cogvid_core.model import corelayout
 from cogvid_core.model import precision as P
 from cogvid_core.model import variants as M
 from cogvid_core.model.testing_tokenizer import write_scheduler, write_tokenizer  # noqa: F401  (public writers)
@@ -224,7 +227,8 @@ def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dty
     """Write one variant's random checkpoints; returns where they are.
 
     Returns ``{"hf": Path(<root>/<folder>), "single": {"transformer", "transformer_fp8", "vae",
-    "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path}`` (only the layouts asked for).
+    "text_encoder", "text_encoder_fp8_scaled", "tokenizer"} -> Path, "comfy": {"transformer",
+    "transformer_prefixed", "transformer_fp8_scaled", "vae"} -> Path}`` (only the layouts asked for).
     The T5 files and tokenizer are shared by both variants (same values, same names).
     ``layers``: cap the transformer's and T5's depth, keeping every width (see ``_build``).
     """
@@ -241,7 +245,33 @@ def write_checkpoints(root: str | Path, variant_key: str, tiny: bool = True, dty
         out["hf"] = folder
     if "single" in layouts:
         out["single"] = _write_single(root / "single", variant, tiny, dtype, seed, layers)
+    if "comfy" in layouts:
+        out["comfy"] = _write_comfy(root / "comfy", variant, tiny, dtype, seed, layers)
     return out
+
+
+def to_core_names(tensors: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """diffusers transformer names -> ComfyUI core's (``corelayout.to_core``), under ``prefix``."""
+    return {prefix + corelayout.to_core(n): t for n, t in tensors.items()}
+
+
+def _write_comfy(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int, layers=None) -> dict:
+    stem, tag = variant.key.replace(".", "_"), _dtype_tag(dtype)
+    models, vae = folder / "diffusion_models", folder / "vae"
+    paths = {"transformer": models / f"{stem}_{tag}.safetensors",
+             "transformer_prefixed": models / f"{stem}_{tag}_model_diffusion_model.safetensors",
+             "transformer_fp8_scaled": models / f"{stem}_fp8_e4m3fn_scaled.safetensors",
+             "vae": vae / f"{stem}_vae_{tag}.safetensors"}
+    for d in (models, vae):
+        d.mkdir(parents=True, exist_ok=True)
+    shapes = tensor_shapes("transformer", variant, tiny, layers)
+    _write(paths["transformer"], "transformer", shapes, dtype, seed, to_core_names)
+    _write(paths["transformer_prefixed"], "transformer", shapes, dtype, seed,
+           lambda d: to_core_names(d, "model.diffusion_model."))
+    _write(paths["transformer_fp8_scaled"], "transformer", shapes, dtype, seed,
+           lambda d: to_core_names(to_scaled_fp8(d)))
+    _write(paths["vae"], "vae", tensor_shapes("vae", variant, tiny, layers), dtype, seed)
+    return paths
 
 
 def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtype, seed: int,
@@ -274,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="tiny widths but the real sample sizes (CogVideoX-5B-I2V then runs at 720x480)")
     parser.add_argument("--dtype", default=None, choices=list(DTYPES),
                         help="weight dtype (default: bf16 with --full, fp32 for tiny)")
-    parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single")
+    parser.add_argument("--layouts", default="hf,single", help="comma list of: hf, single, comfy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None,
                         help="cap the transformer's and T5's depth (every width kept): real per-block shapes in a few GB")

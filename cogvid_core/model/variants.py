@@ -134,6 +134,14 @@ TINY_T5 = dict(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
 TRAINED_SIZE = "trained-size"
 
 
+def variant_by_label(label: str) -> Variant:
+    """The variant a front end's combo names (its label, e.g. "CogVideoX1.5-5B-I2V")."""
+    for v in VARIANTS.values():
+        if v.label == label:
+            return v
+    raise ValueError(f"unknown variant {label!r}; choose one of {[v.label for v in VARIANTS.values()]}")
+
+
 def transformer_config(variant: Variant, tiny: bool | str = False) -> dict:
     """tiny=True: tiny widths and a tiny trained size (1.0 then runs at 96x64);
     tiny="trained-size": tiny widths, real sample sizes (1.0 runs at 720x480, as its workflows ask)."""
@@ -176,7 +184,9 @@ def variant_from_transformer_config(cfg: dict) -> Variant:
     labels = " or ".join(v.label for v in VARIANTS.values())
     i2v = sorted({v.traits["in_channels"] for v in VARIANTS.values() if v.task == IMAGE_TO_VIDEO})
     if traits["in_channels"] not in i2v:
-        kind = "a text-to-video model" if traits["in_channels"] == LATENT_CHANNELS else f"in_channels={traits['in_channels']}"
+        kind = {LATENT_CHANNELS: "a text-to-video model",
+                3 * LATENT_CHANNELS: "an inpainting model (48 input channels: CogVideoX-Fun InP, Netflix's VOID)",
+                }.get(traits["in_channels"], f"in_channels={traits['in_channels']}")
         raise CheckpointError(
             f"this CogVideoX transformer is {kind}, not image-to-video (expected in_channels="
             f"{'/'.join(map(str, i2v))}): load a {labels} transformer")

@@ -54,18 +54,37 @@ def advice(est) -> str:
     return "use the 'lowvram' profile"
 
 
+def headline(est, host_available: int | None = None) -> str:
+    """The verdict in one plain line: first in the report, on the chart."""
+    video = f"{est.frames} frames at {est.width}x{est.height}"
+    need = est.needed_bytes / GiB
+    if est.budget_bytes is None:
+        line = f"No verdict (no CUDA device here): {video} needs ~{need:.1f} GiB of GPU memory, profile {est.profile_name}"
+    elif est.fits:
+        line = (f"FITS: {video} needs ~{need:.1f} GiB of your {est.budget_bytes / GiB:.1f} GiB "
+                f"({(est.budget_bytes - est.needed_bytes) / GiB:.1f} GiB to spare), profile {est.profile_name}")
+    else:
+        line = (f"DOES NOT FIT: {video} needs ~{need:.1f} GiB, you have {est.budget_bytes / GiB:.1f} GiB: "
+                f"{advice(est)}")
+    if host_available is not None and est.host_peak_bytes > host_available:
+        line += (f"; RAM too small: needs ~{est.host_peak_bytes / GiB:.1f} GiB, {host_available / GiB:.1f} GiB "
+                 "available")
+    return line
+
+
 def report_text(est, host_available: int | None = None) -> str:
-    """The per-stage table, the overall peak and the verdict, as the CLI and the estimate node show it;
-    with ``host_available`` (MemAvailable) also whether this machine's RAM holds the plan."""
+    """The verdict line first, then the per-stage table and how the verdict was reached, as the CLI
+    and the estimate node show it; with ``host_available`` (MemAvailable) also whether this machine's
+    RAM holds the plan."""
     from cogvid_core.memory.hostplan import verdict
 
     g = lambda b: f"{b / GiB:6.2f}"
     tile = f"{est.tile[1]}x{est.tile[0]}" if est.tile else "off"
-    lines = [f"{VARIANTS[est.variant_key].label}: {est.frames} frames at {est.width}x{est.height} "
-             f"({est.tokens} tokens), profile {est.profile_name}, CFG {est.cfg_mode}, "
-             f"FF chunk {est.ff_chunk or 'off'}, VAE tile {tile}",
+    lines = [headline(est, host_available), "",
+             f"{VARIANTS[est.variant_key].label}, {est.tokens} tokens: CFG {est.cfg_mode}, "
+             f"feed-forward chunk {est.ff_chunk or 'off'}, VAE tile {tile}",
              "precision: " + ", ".join(f"{k} {v}" for k, v in est.precision.items()),
-             f"{'stage':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}{'host':>7}{'file':>7}  GiB"]
+             f"{'GiB':<14}{'weights':>8}{'activ.':>8}{'alloc.':>8}{'reserved':>10}{'host':>7}{'file':>7}"]
     for s in est.stages:
         lines.append(f"{LABELS[s.name]:<14}{g(s.weights):>8}{g(s.activations):>8}"
                      f"{g(s.peak_allocated):>8}{g(s.peak_reserved):>10}{g(s.host_bytes):>7}{g(s.host_file_bytes):>7}")
@@ -76,17 +95,11 @@ def report_text(est, host_available: int | None = None) -> str:
     seen = f"{est.stage_margin(name) * 100:.0f}%"
     if extra is not None and est.calibration.get("tolerance") is not None:
         seen += f", {extra / GiB:.2f} GiB; at least its {est.calibration['tolerance']:.0%} tolerance"
+    if est.transfer_margin:
+        seen += f"; then +{est.transfer_margin:.1%} for another card's calibration"
     lines.append(f"needed: {LABELS[name]} reserved {need.peak_reserved / GiB:.2f} + "
-                 f"{(est.needed_bytes - need.peak_reserved) / GiB:.2f} GiB calibration margin (largest misses "
+                 f"{(est.needed_bytes - need.peak_reserved) / GiB:.2f} GiB margin (largest misses "
                  f"seen for this stage: {seen}) = {est.needed_bytes / GiB:.2f} GiB")
-    if est.budget_bytes is None:
-        lines.append("budget: unknown (no CUDA device): no verdict")
-    elif est.fits:
-        lines.append(f"FITS: needs ~{est.needed_bytes / GiB:.2f} GiB, budget {est.budget_bytes / GiB:.2f} GiB "
-                     f"({(est.budget_bytes - est.needed_bytes) / GiB:.2f} GiB spare)")
-    else:
-        lines.append(f"DOES NOT FIT: needs ~{est.needed_bytes / GiB:.2f} GiB, budget "
-                     f"{est.budget_bytes / GiB:.2f} GiB: {advice(est)}")
     lines.append("host: RAM the process owns (anonymous + pinned); file: checkpoint bytes re-read per use, "
                  "which the page cache keeps when RAM allows (else read from disk, slower)")
     if host_available is not None or est.host_peak_bytes:
@@ -111,39 +124,59 @@ def calibration_line(est) -> str:
 
 
 STAGE_COLORS = {"weights": (70, 110, 190), "activations": (230, 150, 60), "reserved": (200, 200, 200)}
+SHORT = {"text_encode": "text", "image_encode": "image", "denoise_step": "denoise", "decode": "decode"}
+# Font heights as a fraction of the chart's width: the workflows show the chart in a Preview Image
+# node a few hundred screen pixels wide at their saved zoom (tests/test_ux_details.py holds >= 9 px).
+FONT_BIG, FONT_TEXT = 0.042, 0.034
 
 
-def chart_image(est, width: int = 640, height: int = 360):
-    """Bars per stage (weights + activations, reserved outline) against the budget line: uint8 HxWx3."""
+def _font(px: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=px)       # Pillow >= 10.1 with FreeType
+    except (TypeError, OSError):                     # noqa: PERF203  (older Pillow: its small bitmap font)
+        return ImageFont.load_default()
+
+
+def chart_image(est, width: int = 800, height: int = 480):
+    """The verdict on top, then bars per stage (weights + activations, reserved behind) against the
+    budget line: uint8 HxWx3."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    left, right, top, bottom = 48, width - 12, 28, height - 36
-    top_val = max([est.peak_reserved] + ([est.budget_bytes] if est.budget_bytes else [])) * 1.1 or 1
+    big, text = _font(round(width * FONT_BIG)), _font(round(width * FONT_TEXT))
+    th = round(width * FONT_TEXT)
+    ok = est.fits is not False
+    color = (0, 130, 0) if est.fits else (200, 0, 0) if est.fits is False else (60, 60, 60)
+    need = est.needed_bytes / GiB
+    if est.budget_bytes is None:
+        title = f"needs ~{need:.1f} GiB (no GPU: no verdict)"
+    else:
+        title = f"{'FITS' if ok else 'DOES NOT FIT'}: ~{need:.1f} of {est.budget_bytes / GiB:.1f} GiB"
+    d.text((8, 4), title, fill=color, font=big)
+    d.text((8, 8 + round(width * FONT_BIG)), f"{VARIANTS[est.variant_key].label}  {est.frames}f {est.width}x"
+           f"{est.height}  {est.profile_name}", fill=(40, 40, 40), font=text)
+    left, right = round(th * 2.2), width - 8
+    top, bottom = 24 + round(width * FONT_BIG) + th + th // 2, height - th - 12
+    top_val = max([est.needed_bytes] + ([est.budget_bytes] if est.budget_bytes else [])) * 1.08 or 1
     y = lambda b: bottom - (bottom - top) * b / top_val
-    d.text((left, 6), f"{VARIANTS[est.variant_key].label} {est.frames}f {est.width}x{est.height} "
-                      f"[{est.profile_name}]", fill=(0, 0, 0))
-    step = max(1, math.ceil(top_val / GiB / 6))
+    step = max(1, math.ceil(top_val / GiB / 4))
     for gb in range(0, int(top_val / GiB) + 1, step):
-        yy = y(gb * GiB)
-        d.line([(left, yy), (right, yy)], fill=(235, 235, 235))
-        d.text((4, yy - 6), f"{gb}G", fill=(90, 90, 90))
-    n = len(est.stages)
-    slot = (right - left) / n
+        d.line([(left, y(gb * GiB)), (right, y(gb * GiB))], fill=(232, 232, 232))
+        d.text((4, y(gb * GiB) - th // 2), f"{gb}G", fill=(90, 90, 90), font=text)
+    slot = (right - left) / len(est.stages)
     for i, s in enumerate(est.stages):
-        x0, x1 = left + slot * i + slot * 0.2, left + slot * (i + 1) - slot * 0.2
+        x0, x1 = left + slot * i + slot * 0.15, left + slot * (i + 1) - slot * 0.15
         d.rectangle([x0, y(s.peak_reserved), x1, bottom], fill=STAGE_COLORS["reserved"])
         d.rectangle([x0, y(s.weights), x1, bottom], fill=STAGE_COLORS["weights"])
         d.rectangle([x0, y(s.peak_allocated), x1, y(s.weights)], fill=STAGE_COLORS["activations"])
-        d.text((x0, bottom + 4), LABELS[s.name], fill=(0, 0, 0))
-        d.text((x0, y(s.peak_reserved) - 12), f"{s.peak_reserved / GiB:.1f}", fill=(0, 0, 0))
+        d.text((x0, bottom + 4), SHORT[s.name], fill=(0, 0, 0), font=text)
+        d.text((x0, y(s.peak_reserved) - th - 2), f"{s.peak_reserved / GiB:.1f}", fill=(0, 0, 0), font=text)
     d.line([(left, bottom), (right, bottom)], fill=(0, 0, 0))
     if est.budget_bytes:
         yy = y(est.budget_bytes)
-        color = (0, 150, 0) if est.fits else (210, 0, 0)
-        d.line([(left, yy), (right, yy)], fill=color, width=2)
-        d.text((right - 150, yy - 13), f"budget {est.budget_bytes / GiB:.1f} GiB", fill=color)
-    d.text((left, height - 16), "blue weights, orange activations, grey reserved", fill=(90, 90, 90))
+        d.line([(left, yy), (right, yy)], fill=color, width=max(2, width // 250))
+        d.text((right - th * 7, yy - th - 2), f"budget {est.budget_bytes / GiB:.1f}", fill=color, font=text)
     return np.asarray(img, dtype=np.uint8).copy()

@@ -224,7 +224,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
                     keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"],
                     {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
-                    {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()})
+                    {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()},
+                    cache=str(caches.parse(cache)))
 
 
 def _precision(precision: dict | None, v: Variant, device) -> dict:

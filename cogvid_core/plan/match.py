@@ -23,11 +23,12 @@ def _key(variant) -> str | None:
 
 
 def plan_mismatch(plan, variant=None, frames: int | None = None, height: int | None = None,
-                  width: int | None = None, variant_source: str = "the loaded transformer") -> str | None:
+                  width: int | None = None, variant_source: str = "the loaded transformer",
+                  cache: str | None = None) -> str | None:
     """One line saying how ``plan`` differs from the run and what to change, None when it matches (or
-    there is no plan). ``variant`` (a Variant or its key), ``frames`` and ``height``/``width`` are what the
-    calling node knows of the run (None: not known there, not compared); ``variant_source`` names where
-    the run's variant comes from."""
+    there is no plan). ``variant`` (a Variant or its key), ``frames``, ``height``/``width`` and the
+    Sampler's step ``cache`` are what the calling node knows of the run (None: not known there, not
+    compared); ``variant_source`` names where the run's variant comes from."""
     if plan is None:
         return None
     made, fixes = [], []
@@ -43,11 +44,22 @@ def plan_mismatch(plan, variant=None, frames: int | None = None, height: int | N
     if height is not None and width is not None and ph is not None and (height, width) != (ph, pw):
         made.append(f"the Image Encode makes {width}x{height}")
         fixes.append(f"set {ESTIMATE}'s width/height to {width}x{height} (or the Image Encode's to {pw}x{ph})")
+    planned_cache = getattr(plan, "cache", None)
+    if cache is not None and planned_cache is not None and _cache(cache) != planned_cache:
+        made.append(f"the Sampler's cache is {cache}")
+        fixes.append(f"set {ESTIMATE}'s cache to {cache} (a cache holds GiBs the plan must count)")
     if not made:
         return None
     planned = f"{planned_frames} frames at {pw}x{ph} of {_label(planned_key)}"
+    if cache is not None and planned_cache is not None and _cache(cache) != planned_cache:
+        planned += f" with cache {planned_cache}"
     return (f"{ESTIMATE}'s plan is for {planned}, but {', '.join(made)}: {'; '.join(fixes)}, so that the plan "
             "and its verdict are for the video you make")
+
+
+def _cache(name: str) -> str:
+    from cogvid_core.speed import caches      # plan may import speed (a layer below)
+    return str(caches.parse(name))
 
 
 class PlanMismatch(ValueError):
@@ -55,8 +67,8 @@ class PlanMismatch(ValueError):
 
 
 def check_plan(plan, variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
-               variant_source: str = "the loaded transformer") -> None:
+               variant_source: str = "the loaded transformer", cache: str | None = None) -> None:
     """Raise PlanMismatch with plan_mismatch's line when ``plan`` is for another video."""
-    message = plan_mismatch(plan, variant, frames, height, width, variant_source)
+    message = plan_mismatch(plan, variant, frames, height, width, variant_source, cache)
     if message is not None:
         raise PlanMismatch(message)

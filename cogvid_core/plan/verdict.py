@@ -42,6 +42,7 @@ class Estimate:
     calibration: dict = field(default_factory=dict)   # calibration()'s "choice": card, tolerance, note
     stage_margins: dict = field(default_factory=dict)  # {stage or "stage:cfg mode": margin} where calibrated
     stage_margin_bytes: dict = field(default_factory=dict)  # the same keys: largest under-estimate in bytes
+    cache: str = "none"       # the step cache counted (the Sampler's must be the same: plan.match)
 
     def _of_stage(self, table: dict, name: str, default=None):
         """A stage's entry in a per-stage table: its CFG mode's ("denoise_step:batched") before its own."""
@@ -54,18 +55,24 @@ class Estimate:
         """The stage's largest under-estimate in bytes, None where not calibrated."""
         return self._of_stage(self.stage_margin_bytes, name)
 
+    @property
+    def transfer_margin(self) -> float:
+        """What a card with no calibration file of its own adds to every stage's verdict (cards.choose:
+        the margin measured between two calibrated cards); 0 on a calibrated card."""
+        return float(self.calibration.get("transfer_margin") or 0.0)
+
     def stage_needed(self, name: str) -> int:
         """A stage's peak reserved plus its margin: the largest relative under-estimate the calibration saw
         for that stage, or where it also knows the largest one in bytes and its tolerance, the larger of
         those two (+bytes, +tolerance) when that is less. Each bound holds every measured cell, so does
         the smaller; the big misses in relative terms are small peaks (H200 grid: 29-47% at under 2 GiB,
-        at most 7% above 3 GiB), so a 6 GiB decode no longer carries the 31% a 1 GiB one needs."""
+        at most 7% above 3 GiB), so a 6 GiB decode no longer carries the 31% a 1 GiB one needs.
+        On a card with no file of its own, that times 1 + the transfer margin."""
         p = self.stage(name).peak_reserved
         relative = p * (1 + self.stage_margin(name))
         extra, tol = self.stage_margin_extra(name), self.calibration.get("tolerance")
-        if extra is None or tol is None:
-            return int(relative)
-        return int(min(relative, max(p + extra, p * (1 + tol))))
+        own = relative if extra is None or tol is None else min(relative, max(p + extra, p * (1 + tol)))
+        return int(own * (1 + self.transfer_margin))
 
     @property
     def needed_stage(self) -> str:
@@ -125,6 +132,7 @@ class Estimate:
                 "tokens": self.tokens, "stages": {s.name: s.to_dict() for s in self.stages},
                 "peak_allocated": self.peak_allocated, "peak_reserved": self.peak_reserved,
                 "peak_stage": self.peak_stage, "host_peak_bytes": self.host_peak_bytes, "needed_bytes": self.needed_bytes, "margin": self.margin,
+                "transfer_margin": self.transfer_margin,
                 "budget_bytes": self.budget_bytes, "fits": self.fits,
                 "advice": self.advice(), "keep_loaded": self.keep_loaded, "allocator": self.allocator,
                 "calibration": self.calibration_source, "calibrated_on": self.calibration.get("card"),
