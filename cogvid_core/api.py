@@ -26,6 +26,8 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "lora_bytes": ("model.lora", "lora_bytes"),
     "lora_scale_hint": ("model.lora", "scale_hint"),
     "lora_variant_note": ("model.lora", "variant_note"),
+    "LATENT_RGB_BIAS": ("model.latent_rgb", "RGB_BIAS"),
+    "LATENT_RGB_FACTORS": ("model.latent_rgb", "RGB_FACTORS"),
     "AUTO": ("model.precision", "AUTO"),
     "FP8": ("model.precision", "FP8"),
     "default_device": ("model.precision", "default_device"),

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 
 from . import common as C
 from . import memory
+from . import preview
 
 
 class CogVidSampler(io.ComfyNode):
@@ -18,7 +19,8 @@ class CogVidSampler(io.ComfyNode):
             category=f"{C.CATEGORY}/sampling",
             description="Denoises the video from the start image and prompts (diffusers-exact I2V loop). "
                         "With a plan from CogVideoX I2V VRAM Estimate it uses the plan's memory settings. "
-                        "The transformer leaves the GPU when done unless loaded resident.",
+                        "The transformer leaves the GPU when done unless loaded resident. "
+                        "Shows the video's middle frame as it forms with ComfyUI's preview method (latent2rgb).",
             inputs=[
                 C.TRANSFORMER.Input("transformer", tooltip="Transformer from CogVideoX I2V Transformer Loader"),
                 C.CONDITIONING.Input("conditioning", tooltip="Prompts from CogVideoX I2V Text Encode"),
@@ -73,7 +75,7 @@ class CogVidSampler(io.ComfyNode):
             latents = sample(module(), variant, conditioning["positive"].embeds, conditioning["negative"].embeds,
                              image_latent, frames, steps=steps, cfg=cfg, dynamic_cfg=dynamic_cfg, scheduler=scheduler,
                              seed=seed, device=transformer.device, cfg_mode=profile.cfg_mode,
-                             progress=C.progress_callback(steps), interrupt=C.interrupt, cache=cache)
+                             interrupt=C.interrupt, cache=cache, **preview.step_callbacks(steps, transformer.device))
         return io.NodeOutput(latents)
 
 

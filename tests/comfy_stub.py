@@ -262,6 +262,7 @@ class ModelPatcher:
 # ------------------------------------------------------------------ comfy.utils
 class ProgressBar:
     updates: list = []
+    previews: list = []       # (value, total, preview tuple) of the updates that carried one
 
     def __init__(self, total, node_id=None):
         self.total, self.current = total, 0
@@ -271,6 +272,8 @@ class ProgressBar:
             self.total = total
         self.current = min(value, self.total)
         ProgressBar.updates.append((self.current, self.total))
+        if preview is not None:
+            ProgressBar.previews.append((self.current, self.total, preview))
 
     def update(self, value):
         self.update_absolute(self.current + value)
@@ -367,7 +370,7 @@ def install(base_dir: str) -> dict:
     mp = types.ModuleType("comfy.model_patcher")
     mp.ModelPatcher = ModelPatcher
     utils = types.ModuleType("comfy.utils")
-    ProgressBar.updates = []
+    ProgressBar.updates, ProgressBar.previews = [], []
     utils.ProgressBar = ProgressBar
     comfy.model_management, comfy.model_patcher, comfy.utils = mm, mp, utils
 
@@ -416,3 +419,21 @@ def install(base_dir: str) -> dict:  # noqa: F811  (extends the install above wi
     latest.InputImpl = types.SimpleNamespace(VideoFromComponents=VideoFromComponents)
     latest.Types = types.SimpleNamespace(VideoComponents=VideoComponents)
     return mods
+
+
+# ------------------------------------------------------------------ core's latent preview path (appended)
+_install_without_preview, _uninstall_without_preview = install, uninstall
+
+
+def install(base_dir: str) -> dict:  # noqa: F811  (extends the installs above with latent previews)
+    import comfy_stub_preview
+    mods = _install_without_preview(base_dir)
+    sys.modules.update(comfy_stub_preview.install(mods))
+    return mods
+
+
+def uninstall() -> None:  # noqa: F811
+    import comfy_stub_preview
+    _uninstall_without_preview()
+    for name in comfy_stub_preview.MODULES:
+        sys.modules.pop(name, None)

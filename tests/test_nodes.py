@@ -356,7 +356,7 @@ REAL_SCRIPT = textwrap.dedent(r"""
     (cond,), _ = call("CogVidTextEncode", t5=t5, positive="a fox", negative="")
     img = torch.rand(1, 70, 110, 3)
     (lat,), _ = call("CogVidImageEncode", vae=vae, image=img, width=96, height=64, resize="crop")
-    (report, chart, plan), _ = call("CogVidVRAMEstimate", variant="CogVideoX1.5-5B-I2V", frames=17, width=96,
+    (report, chart, plan, *_), _ = call("CogVidVRAMEstimate", variant="CogVideoX1.5-5B-I2V", frames=17, width=96,
                                     height=64, profile="auto", budget_gib=0.0)
     loaded = [type(m).__name__ for m in mm.loaded_models()]
     (latent,), _ = call("CogVidSampler", transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=2,

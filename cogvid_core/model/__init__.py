@@ -2,8 +2,9 @@
 by structure (``checkpoints``, ``tensors``; ComfyUI core's own transformer names: ``corelayout``),
 sources and hub downloads (``sources``), loading (``loading``, ``fileindex``), LoRA files (``lora``), the
 operations that wrap diffusers and transformers (``text``: prompt encode, ``vae``: image encode and tiled
-decode, ``tiles``: the tile rule), exact sizes (``sizes``), the stage names (``stages``) and the tiny
-checkpoints the tests and the demo write (``testing``).
+decode, ``tiles``: the tile rule), exact sizes (``sizes``), the stage names (``stages``), the
+latent-to-RGB projection of live previews (``latent_rgb``) and the tiny checkpoints the tests and the
+demo write (``testing``).
 
 May import: ``device``. A new model variant starts in ``variants`` (its config as data) and
 ``checkpoints`` (how its files are recognised).

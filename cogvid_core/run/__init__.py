@@ -2,5 +2,6 @@
 (``sampling``), loaded components as values with their placements (``session``), out-of-memory and
 cancel handling (``guard``), the per-stage report (``report``) and the mp4 writer (``video``).
 
-May import every other package. Live previews belong here (they watch the sampling loop).
+May import every other package. Live previews: the sampling loop hands each step's middle predicted
+frame to a ``preview`` callback (``sampling.sample``); the projection to RGB is ``model.latent_rgb``.
 """

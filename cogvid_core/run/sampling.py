@@ -95,8 +95,9 @@ def initial_noise(scheduler, steps: int, shape, generator, device, dtype) -> tor
 
 
 def scheduler_stepper(scheduler, generator):
-    """``step(noise_pred, old_pred, i, latents) -> (latents, old_pred)`` for either scheduler (DPM
-    also takes the previous step's prediction and timestep); its noise, if any, comes from `generator`."""
+    """``step(noise_pred, old_pred, i, latents) -> (latents, x0)`` for either scheduler: the next latents
+    and the step's prediction of the clean latents, which DPM takes back as ``old_pred`` with the previous
+    timestep; its noise, if any, comes from `generator`."""
     kwargs = {}
     params = inspect.signature(scheduler.step).parameters
     if "eta" in params:
@@ -110,8 +111,14 @@ def scheduler_stepper(scheduler, generator):
                                   latents, **kwargs, return_dict=False)
     else:
         def step(noise_pred, old_pred, i, latents):
-            return scheduler.step(noise_pred, timesteps[i], latents, **kwargs, return_dict=False)[0], None
+            return scheduler.step(noise_pred, timesteps[i], latents, **kwargs, return_dict=False)
     return step
+
+
+def preview_frame(x0: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """The middle latent frame of a prediction [1, F, C, h, w] as [1, C, h, w]: a view, no copy
+    (``skip``: leading padding frames that decode drops)."""
+    return x0[:, skip + (x0.shape[1] - skip) // 2]
 
 
 @dataclass
@@ -151,10 +158,13 @@ class Denoiser:
 
 
 def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dtype, progress=None,
-            interrupt=None) -> torch.Tensor:
-    """The loop: interrupt check, prediction, guidance, scheduler step, finite check, progress."""
+            interrupt=None, preview=None) -> torch.Tensor:
+    """The loop: interrupt check, prediction, guidance, scheduler step, finite check, preview, progress.
+    preview(i, total, x0) gets the step's prediction of the clean latents [1, F, C, h, w] (the tensor the
+    scheduler made, not a copy)."""
     timesteps = scheduler.timesteps
     step = scheduler_stepper(scheduler, generator)
+    keeps_x0 = isinstance(scheduler, CogVideoXDPMScheduler)   # DPM's second order step takes it back
     old_pred = None
     with torch.inference_mode():
         for i, t in enumerate(timesteps):
@@ -165,12 +175,16 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
             del x
             noise_pred = denoiser.guide(pred, t)
             del pred
-            latents, old_pred = step(noise_pred, old_pred, i, latents)
+            latents, x0 = step(noise_pred, old_pred, i, latents)
             latents = latents.to(dtype)
             del noise_pred
             if not torch.isfinite(latents).all():   # stop now: the rest would only make a black video
                 raise FloatingPointError(f"the latents became NaN/inf at step {i + 1}/{len(timesteps)} in {dtype}: "
                                          "use bf16 (CogVideoX1.5 overflows in fp16) or fp32")
+            if preview is not None:
+                preview(i, len(timesteps), x0)
+            old_pred = x0 if keeps_x0 else None
+            del x0
             if progress is not None:
                 progress(i + 1, len(timesteps))
     return latents
@@ -179,7 +193,8 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
 def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torch.Tensor | None,
            image: ImageLatent, frames: int, steps: int = 50, cfg: float = 6.0, dynamic_cfg: bool = True,
            scheduler="dpm", seed: int = 0, device=None, dtype=None, cfg_mode: str = "batched",
-           progress=None, interrupt=None, cache="none", cache_stats: list | None = None) -> VideoLatents:
+           progress=None, interrupt=None, cache="none", cache_stats: list | None = None,
+           preview=None) -> VideoLatents:
     """Denoise a video from the start-image latent and prompt embeddings [1, 226, D].
 
     progress(done, total) is called after each step; interrupt() is called before each step
@@ -188,6 +203,8 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     device (multigpu.attach_second) runs the two branches at once, one per device, as "sequential" does.
     cache: a step cache (speed.caches.NAMES, e.g. "fbc:0.1"): diffusers' hooks on the transformer for this
     run only; its counts (caches.CacheStats) are appended to ``cache_stats`` when given.
+    preview(i, total, frame): after each step, the middle latent frame [1, C, h, w] of that step's
+    prediction of the clean video (a view of a tensor the step made anyway; None: nothing is done).
     """
     config = transformer.config
     check_args(variant, config, frames, image.height, image.width, steps, cfg, negative, cfg_mode)
@@ -218,7 +235,8 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
             cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
         if step_cache is not None:
             denoiser.cache = step_cache
-        latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt)
+        frame = None if preview is None else lambda i, n, x0: preview(i, n, preview_frame(x0, pad))
+        latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt, frame)
     if step_cache is not None:
         stats = stepcache.finish_stats(step_cache)
         log.info(stats.line())
