@@ -141,13 +141,13 @@ def run_ours(s, spec, steps, args, peaks):
         latent = s.setdefault("latent", encode_image(s["vae"], ((s["image"][0] + 1) / 2).permute(1, 2, 0),
                                                       s["h"], s["w"], s["variant"], "crop", s["device"]))
     stats = []
-    with fast.applied(s["tr"], args.speed, s["device"]), torch.inference_mode():
+    with fast.applied(s["tr"], args.speed, s["device"]) as ran, torch.inference_mode():
         peaks.start()
         out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,
                               seed=42, device=s["device"], dtype=s["dtype"], cfg_mode=args.cfg_mode, cache=spec,
                               cache_stats=stats)
         row = peaks.stop()
-    row.update(side="ours", cache=spec, speed=args.speed, cfg_mode=args.cfg_mode,
+    row.update(side="ours", cache=spec, speed=args.speed, speed_ran=ran.name, cfg_mode=args.cfg_mode,
                full_passes=stats[0].full_passes if stats else 2 * steps, stats=stats[0].line() if stats else "")
     return row, out.samples.float()
 
