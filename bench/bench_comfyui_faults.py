@@ -98,7 +98,8 @@ def scenario_cfg(args, name: str, base: Path, yaml: Path, total: int | None, cpu
     cfg = {"scenario": name, "comfyui": str(Path(args.comfyui).resolve()), "comfy_args": comfy_args,
            "workflows": {w: str(Path(args.pack) / "workflows" / f) for w, f in WORKFLOWS.items()},
            "steps": args.steps, "seed": args.seed + 1000 * SCENARIOS.index(name), "overrides": overrides(args),
-           "queue_timeout": args.queue_timeout, "settle_s": args.settle_s, "cpu": cpu, "card": "full"}
+           "queue_timeout": args.queue_timeout, "settle_s": args.settle_s, "cpu": cpu, "card": "full",
+           "save_node": args.save_node}
     if name == "oom":
         cfg["next_budget_gib"] = args.oom_next_budget
         if cpu:
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
     p.add_argument("--cancel-step", type=int, default=1, help="Cancel after this sampling step (needs --steps above it)")
     p.add_argument("--mixed-queues", type=int, default=20)
     p.add_argument("--rotation", default="5b,12gb,lora", help="the mixed scenario's workflow order")
+    p.add_argument("--save-node", choices=["mp4", "preview"], default="mp4",
+                   help="preview: core's Preview Image takes the decoded frames in place of the pack's mp4 writer "
+                        "(a machine without imageio-ffmpeg; both write files from the frames on the host)")
     p.add_argument("--settle-s", type=float, default=11.0,
                    help="wait after a fault before reading memory again (ComfyUI collects garbage every 10 s)")
     p.add_argument("--back-gib", type=float, default=0.3, help="memory after a fault: at most this above before")

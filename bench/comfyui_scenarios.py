@@ -51,7 +51,10 @@ sys.stdin.read()      # held until the worker closes the pipe (or dies)
 def start_ballast(keep_gib: float):
     proc = subprocess.Popen([sys.executable, "-c", BALLAST, str(keep_gib)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    free, total, held = (int(x) for x in proc.stdout.readline().split())
+    line = proc.stdout.readline().split()
+    if len(line) != 3:
+        raise RuntimeError(f"the ballast process did not start (rc {proc.wait()}): it needs CUDA and torch")
+    free, total, held = (int(x) for x in line)
     log(f"ballast process {proc.pid} holds {gib(held)} GiB; {gib(free)} GiB of {gib(total)} GiB left free")
     return proc, {"pid": proc.pid, "held": held, "free_left": free, "total": total, "keep_gib": keep_gib}
 
@@ -120,7 +123,11 @@ class Run:
         if seed is None:
             self.seed += 1
             seed = self.seed
-        return edit_prompt(self.prompts[name], self.cfg["steps"], seed, self.cfg["overrides"].get(name, {}))
+        p = edit_prompt(self.prompts[name], self.cfg["steps"], seed, self.cfg["overrides"].get(name, {}))
+        if self.cfg.get("save_node") == "preview":     # core's Preview Image in place of the mp4 writer
+            for nid in ids_of(p, "CogVidSaveVideo"):
+                p[nid] = {"class_type": "PreviewImage", "inputs": {"images": p[nid]["inputs"]["images"]}}
+        return p
 
     def run(self, prompt: dict, label: str, trigger=None, settle: bool = False) -> dict:
         self.server.trigger, self.server.fired = trigger, None
