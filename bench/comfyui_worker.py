@@ -40,8 +40,9 @@ class BenchServer:
         pass
 
 
-def start_comfyui(comfy_dir: str, comfy_args: list[str]):
-    """ComfyUI's start-up as main.py runs it, up to the prompt worker thread; returns (server, queue)."""
+def start_comfyui(comfy_dir: str, comfy_args: list[str], server: BenchServer | None = None):
+    """ComfyUI's start-up as main.py runs it, up to the prompt worker thread; returns (server, queue).
+    ``server``: a BenchServer (or subclass) to receive the events; a new one by default."""
     sys.argv = [os.path.join(comfy_dir, "main.py"), *comfy_args]
     sys.path.insert(0, comfy_dir)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -55,7 +56,7 @@ def start_comfyui(comfy_dir: str, comfy_args: list[str]):
     import nodes
     from comfy.cli_args import args
     main.cleanup_temp()
-    server = BenchServer()
+    server = server or BenchServer()
     hook_breaker_ac10a0.save_functions()
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=not args.disable_all_custom_nodes,
                                        init_api_nodes=not args.disable_api_nodes))

@@ -9,6 +9,7 @@ import json
 IMAGE_NAME = "cogvid_bench_start.png"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXTRA_WIDGET_FLAGS = ("control_after_generate", "image_upload")   # the UI stores one more value for each
+FRONTEND_ONLY = ("Note", "MarkdownNote")    # virtual nodes: drawn by the UI, never sent to the server
 
 
 def _is_widget(spec) -> bool:
@@ -33,7 +34,7 @@ def to_api(workflow: dict, classes: dict) -> dict:
     links = {ln[0]: (str(ln[1]), ln[2]) for ln in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) in (2, 4):          # muted / bypassed: not sent by the UI
+        if node.get("mode", 0) in (2, 4) or node["type"] in FRONTEND_ONLY:   # muted / bypassed / a note: not sent
             continue
         cls = classes[node["type"]]
         values, inputs, i = list(node.get("widgets_values") or []), {}, 0

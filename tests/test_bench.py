@@ -85,3 +85,124 @@ def test_reference_pipeline_records_its_four_stages(tiny_ckpts):
     assert "encode_prompt" not in vars(pipe) and "decode_latents" not in vars(pipe)
     with pytest.raises(ValueError, match="known: diffusers-resident"):
         reference.apply_recipe(pipe, "diffusers-fast", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- bench_comfyui_faults' logic
+def _events(*rows):
+    return [(float(i), ev, data) for i, (ev, data) in enumerate(rows)]
+
+
+def test_comfyui_events_say_what_ran_what_was_cached_and_how_the_queue_ended():
+    from bench import comfyui_criteria as C
+    ok = C.compact(_events(("execution_start", {"prompt_id": "p"}), ("execution_cached", {"nodes": ["2", "3"]}),
+                           ("executing", {"node": "9"}), ("progress", {"node": "9", "value": 1}),
+                           ("executing", {"node": "10"}), ("execution_success", {}), ("executing", {"node": None})))
+    assert C.executed(ok) == ["9", "10"] and C.cached(ok) == ["2", "3"]
+    assert C.outcome(ok) == {"status": "success"} and all(e["event"] != "progress" for e in ok)
+    stop = C.compact(_events(("executing", {"node": "8"}),
+                             ("execution_interrupted", {"node_id": "8", "node_type": "CogVidSampler", "executed": []})))
+    assert C.outcome(stop) == {"status": "interrupted", "node": "8", "node_type": "CogVidSampler"}
+    err = C.outcome(C.compact(_events(("execution_error", {
+        "node_id": "8", "node_type": "CogVidSampler", "exception_type": "cogvid_core.run.guard.StageOOM",
+        "exception_message": "out of GPU memory in denoise step; ...\nThis error means you ran out of memory"}))))
+    assert err["status"] == "error" and err["first_line"] == "out of GPU memory in denoise step; ..."
+
+
+def test_the_oom_line_parser_reads_the_guards_own_message(monkeypatch):
+    """What the UI shows first is guard.oom_message's line: the criteria read its three parts from the
+    real wording (a GPU's free bytes faked), and see the part a CPU cannot give missing."""
+    from bench import comfyui_criteria as C
+    from cogvid_core.run import guard
+    info = guard.RunInfo(variant="cogvideox1.5-5b-i2v", frames=17, height=160, width=256, profile="resident")
+    monkeypatch.setattr(guard, "device_free_bytes", lambda device: int(7.25 * 2 ** 30))
+    line, need, _ = guard.oom_message("denoise_step", info, "CUDA out of memory. Tried to allocate 2.00 GiB")
+    parts = C.parse_oom_line(C.first_line(line + "\nThis error means you ran out of memory on your GPU."))
+    assert parts == {"needs_gib": round(need / 2 ** 30, 2), "free_gib": 7.25, "pick": "lowvram"}
+    monkeypatch.setattr(guard, "device_free_bytes", lambda device: None)
+    assert C.parse_oom_line(guard.oom_message("denoise_step", info)[0])["free_gib"] is None
+
+
+PROMPT = {"2": {"class_type": "CogVidTransformerLoader", "inputs": {"model": "m"}},
+          "8": {"class_type": "CogVidSampler", "inputs": {"transformer": ["2", 0]}},
+          "9": {"class_type": "CogVidDecode", "inputs": {"latent": ["8", 0]}},
+          "10": {"class_type": "CogVidSaveVideo", "inputs": {"images": ["9", 0]}},
+          "12": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+          "14": {"class_type": "PreviewAny", "inputs": {"source": ["10", 0]}}}
+
+
+def _state(gpu=None, anon=1.0, pinned=None):
+    g = 2 ** 30
+    return {"nvml": None if gpu is None else int(gpu * g), "pinned_held": None if pinned is None else int(pinned * g),
+            "host": {"rss_anon": int(anon * g), "rss_file": 0}}
+
+
+def _cancel_result(requeue_ran, gpu_after=1.1):
+    from bench import comfyui_criteria as C
+    log = lambda *evs: C.compact(_events(*evs))   # noqa: E731
+    stopped = lambda node, t: {"outcome": {"status": "interrupted", "node": node, "node_type": t}, "fired": {"event": "progress"},  # noqa: E731
+                               "settled": _state(gpu_after, 1.0, 0.5)}
+    done = {"outcome": {"status": "success"}}
+    return {"cancel_step": 1, "sampler_id": "8", "decode_id": "9", "decode_downstream": sorted(C.downstream(PROMPT, "9")),
+            "prompt_classes": {k: v["class_type"] for k, v in PROMPT.items()},
+            "baseline": {"settled": _state(1.0, 1.0, 0.5)}, "sampling": stopped("8", "CogVidSampler"),
+            "decode": stopped("9", "CogVidDecode"), "next": done,
+            "requeue": dict(done, log=log(("execution_cached", {"nodes": ["2", "8"]}),
+                                          *[("executing", {"node": n}) for n in requeue_ran], ("execution_success", {})))}
+
+
+def test_cancel_criteria_want_memory_back_and_only_the_decode_re_run():
+    from bench import comfyui_criteria as C
+    assert C.downstream(PROMPT, "9") == {"10", "12", "14"} and C.downstream(PROMPT, "14") == set()
+    rows = C.cancel_criteria(_cancel_result(["9", "10", "12"]), 0.3)
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    bad = {r["criterion"]: r for r in C.cancel_criteria(_cancel_result(["8", "9"], gpu_after=1.5), 0.3)}
+    assert bad["re-queue re-ran only the decode (and what takes its frames)"]["ok"] is False
+    assert bad["after cancel during decode (settled): GPU (NVML) vs a completed queue"]["ok"] is False
+
+
+def test_mixed_criteria_reload_only_on_a_variant_change_and_no_cpu_row_passes():
+    from bench import comfyui_criteria as C
+
+    def q(wf, model, loaders, anon=1.0, strength=None, lora=False):
+        return {"workflow": wf, "model": model, "loaders_ran": loaders, "strength": strength, "lora_ran": lora,
+                "nvml_peak": None, "pinned": None, "host_anon": int(anon * 2 ** 30), "outcome": {"status": "success"}}
+    good = [x for i in range(3)
+            for x in (q("5b", "A", ["2"]), q("12gb", "B", ["2"]), q("lora", "B", [], strength=0.3 + i / 10, lora=True))]
+    rows = {r["criterion"].split(":")[0]: r for r in C.mixed_criteria({"queues": good[:6], "requested": 6}, 0.25)}
+    assert rows["host anonymous RSS after the queue"]["measured"] == "too few queues: a workflow needs 3"
+    rows = {r["criterion"].split(":")[0]: r for r in C.mixed_criteria({"queues": good, "requested": 9, "cpu": True}, 0.25)}
+    assert rows["model loaders re-ran only when the variant changed"]["ok"] is True
+    assert rows["nvidia-smi peak"]["ok"] is None and rows["nvidia-smi peak"]["measured"] == C.NOT_ON_CPU
+    assert rows["host anonymous RSS after the queue"]["ok"] is True
+    bad = good[:5] + [q("lora", "B", ["2"], anon=1.5, strength=0.3, lora=True), q("5b", "A", [], anon=1.0)] + good[7:]
+    rows = {r["criterion"].split(":")[0]: r for r in C.mixed_criteria({"queues": bad, "requested": 10}, 0.25)}
+    assert rows["model loaders re-ran only when the variant changed"]["ok"] is False
+    assert "q6 lora: re-ran" in rows["model loaders re-ran only when the variant changed"]["measured"]
+    assert rows["queues run"]["ok"] is False and rows["host anonymous RSS after the queue"]["ok"] is False
+
+
+def test_oom_criteria_on_cpu_leave_the_gpu_rows_unjudged():
+    from bench import comfyui_criteria as C
+    line = "out of GPU memory in denoise step; the stage needs ~10.56 GiB (estimate, profile resident): use the 'lowvram' profile"
+    res = {"cpu": True, "injected": True, "before": _state(), "after_unload": _state(anon=1.02),
+           "failed": {"outcome": {"status": "error", "node_type": "CogVidSampler", "first_line": line,
+                                  "exception_type": "StageOOM"}, "settled": _state(anon=1.01)},
+           "next": {"outcome": {"status": "success"}}}
+    rows = C.oom_criteria(res, 0.3)
+    assert [r["ok"] for r in rows if r["ok"] is not None] == [True] * len([r for r in rows if r["ok"] is not None])
+    unjudged = [r["criterion"] for r in rows if r["ok"] is None]
+    assert "out of memory was real" in unjudged and "UI error's first line: what was free" in unjudged
+    assert "| oom | out of memory was real |" in C.table({"oom": rows})
+
+
+def test_comfyui_workflow_conversion_skips_note_nodes():
+    """The UI never sends a Note (frontend-only): the shipped workflows carry one."""
+    from bench.comfyui_workflows import to_api
+
+    class Foo:
+        @staticmethod
+        def INPUT_TYPES():
+            return {"required": {"n": ("INT", {})}}
+    wf = {"links": [], "nodes": [{"id": 1, "type": "Note", "widgets_values": ["text"]},
+                                 {"id": 2, "type": "Foo", "widgets_values": [3]}]}
+    assert to_api(wf, {"Foo": Foo}) == {"2": {"class_type": "Foo", "inputs": {"n": 3}}}
