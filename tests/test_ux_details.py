@@ -1,15 +1,18 @@
 """What a ComfyUI user meets around the nodes: short tooltips, shipped workflows that explain themselves
-and make a new video on Run again, Save Video's frame rate without its wire, a model gone from disk."""
+and make a new video on Run again, their titles in Browse Templates, Save Video's frame rate without
+its wire, a model gone from disk."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from test_nodes import comfy, models_root  # noqa: F401  (fixture re-export)
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
 TOOLTIP_MAX = 350      # a tooltip says what the choice does and costs; measured numbers live in the README
 
 
@@ -105,3 +108,28 @@ def test_the_chart_is_readable_at_the_saved_zoom(workflow):
     chart_w = 800                                      # chart_image's default width
     on_screen = node["size"][0] / chart_w * wf["extra"]["ds"]["scale"]
     assert chart_w * chart.FONT_TEXT * on_screen >= 9, (workflow, on_screen)
+
+
+# Browse Templates (frontend 1.27 and 1.58) shows a custom node pack's workflow by its file name alone:
+# the card's title (2 lines of ~24 characters, then cut) and, with '-' and '_' as spaces, the line under
+# it (2 lines of ~32). The frontend puts the name unescaped into /api/workflow_templates/<pack>/<name>.jpg.
+TITLE_MAX = 64
+TITLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .+-]*[A-Za-z0-9]")   # no URL (#?%&) or Windows (:/\\*"<>|) specials
+VARIANT_TITLE = {"CogVideoX1.5-5B-I2V": "CogVideoX1.5 I2V", "CogVideoX-5B-I2V": "CogVideoX-5B I2V"}
+
+
+@pytest.mark.parametrize("workflow", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_shipped_workflow_names_are_titles(workflow):
+    """The file name says the variant, the card its Note is for, LoRA when it has one and the video its
+    VRAM Estimate plans, in characters safe in a URL and a Windows file name; its .jpg thumbnail is there."""
+    assert len(workflow) <= TITLE_MAX and TITLE.fullmatch(workflow) and "  " not in workflow, workflow
+    assert (WORKFLOWS / f"{workflow}.jpg").is_file(), workflow
+    wf = json.loads((WORKFLOWS / f"{workflow}.json").read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    variant, frames, width, height = by_type["CogVidVRAMEstimate"]["widgets_values"][:4]
+    assert workflow.startswith(VARIANT_TITLE[variant]), (workflow, variant)
+    assert f"{frames} frames {width}x{height}" in workflow
+    assert ("LoRA" in workflow) == ("CogVidLoraLoader" in by_type), workflow
+    card = re.search(r"For: ([^.(;]+)", by_type["Note"]["widgets_values"][0]).group(1).strip()
+    assert re.fullmatch(r"(\d+ GB( and \d+ GB)? cards|any card)", card) and card in workflow, (workflow, card)
+
