@@ -133,3 +133,18 @@ def test_shipped_workflow_names_are_titles(workflow):
     card = re.search(r"For: ([^.(;]+)", by_type["Note"]["widgets_values"][0]).group(1).strip()
     assert re.fullmatch(r"(\d+ GB( and \d+ GB)? cards|any card)", card) and card in workflow, (workflow, card)
 
+
+def test_the_template_category_is_the_pack_name():
+    """The category is the one text of Browse Templates a pack can translate: the frontend looks up
+    templateWorkflows.category.<custom_nodes folder, '.' as '_'> in the merged locales/<lang>/main.json,
+    else shows the folder name. Named for the folders users get: ComfyUI Manager's registry install
+    (pyproject's name), a git clone (the repository's name) and GitHub's Download ZIP (<name>-main)."""
+    tomllib = pytest.importorskip("tomllib")             # Python 3.11+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    display = cfg["tool"]["comfy"]["DisplayName"]
+    repo = cfg["project"]["urls"]["Repository"].rstrip("/").rsplit("/", 1)[-1]
+    locale = json.loads((ROOT / "locales" / "en" / "main.json").read_text())
+    assert list(locale) == ["templateWorkflows"]          # nothing else of the frontend's text is touched
+    categories = locale["templateWorkflows"]["category"]
+    for folder in (cfg["project"]["name"], repo, f"{repo}-main"):
+        assert categories[folder.replace(".", "_")] == display, folder
