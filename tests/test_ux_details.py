@@ -134,6 +134,29 @@ def test_shipped_workflow_names_are_titles(workflow):
     assert re.fullmatch(r"(\d+ GB( and \d+ GB)? cards|any card)", card) and card in workflow, (workflow, card)
 
 
+def test_thumbnails_are_distinct_square_cards(tmp_path):
+    """Browse Templates draws a thumbnail in a 256x256 box: square and at least that big, and no two
+    alike (they were four letterboxed screenshots of the same graph). tools/workflow_thumbnails.py,
+    which made them, renders every shipped workflow."""
+    from PIL import Image, ImageChops, ImageStat
+    import importlib.util
+    thumbs = {p.stem: Image.open(p).convert("RGB") for p in sorted(WORKFLOWS.glob("*.jpg"))}
+    assert set(thumbs) == {p.stem for p in WORKFLOWS.glob("*.json")}
+    for name, im in thumbs.items():
+        assert im.width == im.height >= 256, (name, im.size)
+    small = {k: im.resize((64, 64)) for k, im in thumbs.items()}
+    names = sorted(small)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert max(ImageStat.Stat(ImageChops.difference(small[a], small[b])).mean) > 20, (a, b)
+    spec = importlib.util.spec_from_file_location("workflow_thumbnails", ROOT / "tools" / "workflow_thumbnails.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for p in WORKFLOWS.glob("*.json"):
+        (tmp_path / p.name).write_text(p.read_text())
+    assert tool.main(["--workflows", str(tmp_path)]) == 0
+    assert sorted(p.stem for p in tmp_path.glob("*.jpg")) == names
+
 def test_the_template_category_is_the_pack_name():
     """The category is the one text of Browse Templates a pack can translate: the frontend looks up
     templateWorkflows.category.<custom_nodes folder, '.' as '_'> in the merged locales/<lang>/main.json,
