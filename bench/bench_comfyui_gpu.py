@@ -51,7 +51,7 @@ from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, log, provenance, versions, write_json  # noqa: E402
 from bench.common.sampling import MemSampler, nvml_gpu  # noqa: E402
 from bench.common.tables import fmt, gib  # noqa: E402
-from bench.comfyui_workflows import IMAGE_NAME, plan_args  # noqa: E402
+from bench.comfyui_workflows import IMAGE_NAME, WORKFLOW_FILES, plan_args  # noqa: E402
 from bench.comfyui_worker import VERSIONS, worker  # noqa: E402
 
 PACK_NAME = "comfyui-cogvid-i2v"
@@ -102,8 +102,12 @@ def overrides_of(args) -> dict:
 
 
 def workflow_path(name: str, pack: Path) -> Path:
-    p = Path(name)
-    return p if p.suffix == ".json" else pack / "workflows" / f"cogvideox1.5_i2v_{name}.json"
+    """A short name (24gb, 12gb, lora_24gb) -> the shipped workflow's file; a .json path as given."""
+    if name.endswith(".json"):
+        return Path(name)
+    if name not in WORKFLOW_FILES:
+        raise SystemExit(f"--run: no workflow named {name!r}; short names: {', '.join(WORKFLOW_FILES)}, or a .json path")
+    return pack / "workflows" / WORKFLOW_FILES[name]
 
 
 def parse_run(spec: str) -> tuple[str, list[str], list[str]]:
@@ -214,8 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--models", required=True, help="folder that holds (or gets) CogVideo/CogVideoX1.5-5B-I2V")
     p.add_argument("--make-checkpoints", choices=["full", "tiny"], help="write random checkpoints there if missing")
     p.add_argument("--layers", type=int, help="with --make-checkpoints: transformer and T5 blocks (full widths)")
-    p.add_argument("--run", action="append", help="CARD:WF[,WF][:COMFY ARGS], CARD 'full' or GiB, WF 24gb/12gb "
-                   f"or a .json; repeatable (default {' '.join(DEFAULT_RUNS)})")
+    p.add_argument("--run", action="append", help="CARD:WF[,WF][:COMFY ARGS], CARD 'full' or GiB, WF "
+                   f"{'/'.join(WORKFLOW_FILES)} or a .json; repeatable (default {' '.join(DEFAULT_RUNS)})")
     p.add_argument("--comfy-arg", action="append", default=[], help="ComfyUI argument for every run (e.g. --cpu)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--queues", type=int, default=2, help="queues per workflow, each with a new seed")

@@ -7,6 +7,14 @@ from __future__ import annotations
 import json
 
 IMAGE_NAME = "cogvid_bench_start.png"
+# The bench's short names (--run CARD:WF, the "workflow" field of its JSON files) for the shipped
+# workflows/ files, whose names are the titles ComfyUI's Browse Templates shows. The bench makes and
+# runs 1.5 checkpoints only: the 5B workflow has no short name (pass its .json with 5B checkpoints).
+WORKFLOW_FILES = {
+    "24gb": "CogVideoX1.5 I2V - 24 GB cards - 81 frames 1360x768.json",
+    "12gb": "CogVideoX1.5 I2V - 12 GB and 8 GB cards - 81 frames 1360x768.json",
+    "lora_24gb": "CogVideoX1.5 I2V + LoRA - 24 GB cards - 81 frames 1360x768.json",
+}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXTRA_WIDGET_FLAGS = ("control_after_generate", "image_upload")   # the UI stores one more value for each
 FRONTEND_ONLY = ("Note", "MarkdownNote")    # virtual nodes: drawn by the UI, never sent to the server

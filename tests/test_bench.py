@@ -36,6 +36,16 @@ def test_estimate_grid_env_records_the_streaming_code_it_ran():
     assert {"command", "card", "date", "commit", "torch", "allocator"} <= set(env)
 
 
+def test_comfyui_bench_short_names_lead_to_the_shipped_workflows():
+    """The bench's records name workflows 12gb / 24gb; the files are named as Browse Templates titles."""
+    mod = _script("bench_comfyui_gpu")
+    for short in ("24gb", "12gb", "lora_24gb"):
+        assert mod.workflow_path(short, ROOT).is_file(), short
+    assert mod.workflow_path("/x/y.json", ROOT) == Path("/x/y.json")
+    with pytest.raises(SystemExit, match="short names: 24gb, 12gb, lora_24gb"):
+        mod.workflow_path("16gb", ROOT)
+
+
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_imports_and_answers_help(name, capsys, monkeypatch):
     """The scripts import their helpers (bench.common, the split modules) as the tests load them, and

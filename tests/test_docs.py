@@ -8,6 +8,7 @@ file under bench/.
 """
 import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 
@@ -22,6 +23,7 @@ TESTS = "python3 -m pytest -q tests"
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 INLINE_CODE = re.compile(r"`[^`\n]*`")
 LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)\)")   # [text](target), ![alt](target)
+SPACED_LINK = re.compile(r"\]\(([^)\s]*\s[^)]*)\)")     # [text](a b.json): not a link on GitHub; write a%20b.json
 MEASURED = re.compile(r"\d+\.\d+\s?(?:GiB\b|x\b)")                      # 6.02 GiB, 1.018x
 
 
@@ -41,12 +43,12 @@ def anchors(md: Path) -> set[str]:
 
 
 def broken_links(md: Path) -> list[str]:
-    bad = []
+    bad = [f"{md.name}: {t} (a space in a link: write %20)" for t in SPACED_LINK.findall(_prose(md.read_text()))]
     for _text, target in LINK.findall(_prose(md.read_text())):
         if re.match(r"^[a-z]+:", target):          # http(s):, mailto:
             continue
         path, _, anchor = target.partition("#")
-        dest = (md.parent / path).resolve() if path else md
+        dest = (md.parent / unquote(path)).resolve() if path else md     # a file name with spaces: %20
         if not dest.exists():
             bad.append(f"{md.name}: {target} (no such file)")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
@@ -89,10 +91,16 @@ def test_readme_numbers_link_to_raw_files():
 
 
 def test_the_checks_catch_what_they_should(tmp_path):
-    """Not vacuous: a missing file, a missing heading and an unlinked number are each caught."""
+    """Not vacuous: a missing file, a missing heading, a link with a raw space and an unlinked number are
+    each caught; a file name with spaces written %20 (and + as %2B) is found."""
     (tmp_path / "b.md").write_text("# Real heading\n")
     doc = tmp_path / "a.md"
-    doc.write_text("[x](missing.json) [y](b.md#real-heading) [z](b.md#no-such) `[w](code.md)`\n")
-    assert broken_links(doc) == ["a.md: missing.json (no such file)", "a.md: b.md#no-such (no heading #no-such in b.md)"]
+    (tmp_path / "c d+e.json").write_text("{}")
+    doc.write_text("[x](missing.json) [y](b.md#real-heading) [z](b.md#no-such) `[w](code.md)` [v](c%20d%2Be.json) "
+                   "[u](c%20d.json) [t](c d+e.json)\n")
+    assert broken_links(doc) == ["a.md: c d+e.json (a space in a link: write %20)",
+                                 "a.md: missing.json (no such file)",
+                                 "a.md: b.md#no-such (no heading #no-such in b.md)",
+                                 "a.md: c%20d.json (no such file)"]
     assert MEASURED.findall("runs in 6.02 GiB at 1.018x") == ["6.02 GiB", "1.018x"]
     assert MEASURED.findall("81 frames at 1360x768, a 12 GiB card") == []

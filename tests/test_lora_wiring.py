@@ -329,7 +329,8 @@ def test_estimate_node_lora_mib(lora_nodes):
 def test_shipped_lora_workflow_matches_the_nodes(lora_nodes):
     import json
     nodes, _ = lora_nodes
-    wf = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "cogvideox1.5_i2v_lora_24gb.json").read_text())
+    name = "CogVideoX1.5 I2V + LoRA - 24 GB cards - 81 frames 1360x768.json"
+    wf = json.loads((Path(__file__).resolve().parents[1] / "workflows" / name).read_text())
     by_id = {n["id"]: n for n in wf["nodes"]}
     links = {l[0]: l[1:5] for l in wf["links"]}            # id -> (from node, from slot, to node, to slot)
     lora_node = next(n for n in wf["nodes"] if n["type"] == "CogVidLoraLoader")

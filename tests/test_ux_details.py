@@ -1,15 +1,18 @@
 """What a ComfyUI user meets around the nodes: short tooltips, shipped workflows that explain themselves
-and make a new video on Run again, Save Video's frame rate without its wire, a model gone from disk."""
+and make a new video on Run again, their titles in Browse Templates, Save Video's frame rate without
+its wire, a model gone from disk."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from test_nodes import comfy, models_root  # noqa: F401  (fixture re-export)
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"
 TOOLTIP_MAX = 350      # a tooltip says what the choice does and costs; measured numbers live in the README
 
 
@@ -105,3 +108,66 @@ def test_the_chart_is_readable_at_the_saved_zoom(workflow):
     chart_w = 800                                      # chart_image's default width
     on_screen = node["size"][0] / chart_w * wf["extra"]["ds"]["scale"]
     assert chart_w * chart.FONT_TEXT * on_screen >= 9, (workflow, on_screen)
+
+
+# Browse Templates (frontend 1.27 and 1.58) shows a custom node pack's workflow by its file name alone:
+# the card's title (2 lines of ~24 characters, then cut) and, with '-' and '_' as spaces, the line under
+# it (2 lines of ~32). The frontend puts the name unescaped into /api/workflow_templates/<pack>/<name>.jpg.
+TITLE_MAX = 64
+TITLE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .+-]*[A-Za-z0-9]")   # no URL (#?%&) or Windows (:/\\*"<>|) specials
+VARIANT_TITLE = {"CogVideoX1.5-5B-I2V": "CogVideoX1.5 I2V", "CogVideoX-5B-I2V": "CogVideoX-5B I2V"}
+
+
+@pytest.mark.parametrize("workflow", sorted(p.stem for p in WORKFLOWS.glob("*.json")))
+def test_shipped_workflow_names_are_titles(workflow):
+    """The file name says the variant, the card its Note is for, LoRA when it has one and the video its
+    VRAM Estimate plans, in characters safe in a URL and a Windows file name; its .jpg thumbnail is there."""
+    assert len(workflow) <= TITLE_MAX and TITLE.fullmatch(workflow) and "  " not in workflow, workflow
+    assert (WORKFLOWS / f"{workflow}.jpg").is_file(), workflow
+    wf = json.loads((WORKFLOWS / f"{workflow}.json").read_text())
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    variant, frames, width, height = by_type["CogVidVRAMEstimate"]["widgets_values"][:4]
+    assert workflow.startswith(VARIANT_TITLE[variant]), (workflow, variant)
+    assert f"{frames} frames {width}x{height}" in workflow
+    assert ("LoRA" in workflow) == ("CogVidLoraLoader" in by_type), workflow
+    card = re.search(r"For: ([^.(;]+)", by_type["Note"]["widgets_values"][0]).group(1).strip()
+    assert re.fullmatch(r"(\d+ GB( and \d+ GB)? cards|any card)", card) and card in workflow, (workflow, card)
+
+
+def test_thumbnails_are_distinct_square_cards(tmp_path):
+    """Browse Templates draws a thumbnail in a 256x256 box: square and at least that big, and no two
+    alike (they were four letterboxed screenshots of the same graph). tools/workflow_thumbnails.py,
+    which made them, renders every shipped workflow."""
+    from PIL import Image, ImageChops, ImageStat
+    import importlib.util
+    thumbs = {p.stem: Image.open(p).convert("RGB") for p in sorted(WORKFLOWS.glob("*.jpg"))}
+    assert set(thumbs) == {p.stem for p in WORKFLOWS.glob("*.json")}
+    for name, im in thumbs.items():
+        assert im.width == im.height >= 256, (name, im.size)
+    small = {k: im.resize((64, 64)) for k, im in thumbs.items()}
+    names = sorted(small)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert max(ImageStat.Stat(ImageChops.difference(small[a], small[b])).mean) > 20, (a, b)
+    spec = importlib.util.spec_from_file_location("workflow_thumbnails", ROOT / "tools" / "workflow_thumbnails.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for p in WORKFLOWS.glob("*.json"):
+        (tmp_path / p.name).write_text(p.read_text())
+    assert tool.main(["--workflows", str(tmp_path)]) == 0
+    assert sorted(p.stem for p in tmp_path.glob("*.jpg")) == names
+
+def test_the_template_category_is_the_pack_name():
+    """The category is the one text of Browse Templates a pack can translate: the frontend looks up
+    templateWorkflows.category.<custom_nodes folder, '.' as '_'> in the merged locales/<lang>/main.json,
+    else shows the folder name. Named for the folders users get: ComfyUI Manager's registry install
+    (pyproject's name), a git clone (the repository's name) and GitHub's Download ZIP (<name>-main)."""
+    tomllib = pytest.importorskip("tomllib")             # Python 3.11+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    display = cfg["tool"]["comfy"]["DisplayName"]
+    repo = cfg["project"]["urls"]["Repository"].rstrip("/").rsplit("/", 1)[-1]
+    locale = json.loads((ROOT / "locales" / "en" / "main.json").read_text())
+    assert list(locale) == ["templateWorkflows"]          # nothing else of the frontend's text is touched
+    categories = locale["templateWorkflows"]["category"]
+    for folder in (cfg["project"]["name"], repo, f"{repo}-main"):
+        assert categories[folder.replace(".", "_")] == display, folder
