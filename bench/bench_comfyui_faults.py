@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.bench_comfyui_gpu import comfy_version, prepare  # noqa: E402
 from bench.comfyui_criteria import cancel_criteria, mixed_criteria, oom_criteria, table  # noqa: E402
-from bench.comfyui_scenarios import worker  # noqa: E402
-from bench.comfyui_worker import VERSIONS  # noqa: E402
+from bench.comfyui_scenarios import worker as WORKER  # noqa: E402
+from bench.comfyui_worker import VERSIONS, worker_process  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, log, provenance, versions, write_json  # noqa: E402
 from bench.common.sampling import MemSampler  # noqa: E402
@@ -208,14 +208,5 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        import faulthandler
-        import signal
-        faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1`: where a stuck worker is
-        out_path = sys.argv[3]
-        # as bench_comfyui_gpu's worker: ComfyUI imports cogvid_core from the pack it loads, and no folder of
-        # bench/ may shadow a module ComfyUI or a node imports (bench.* was imported above)
-        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "bench")]
-        result = worker(json.loads(Path(sys.argv[2]).read_text()))
-        Path(out_path).write_text(json.dumps(result, default=str))
-        os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live
+        worker_process(WORKER)
     sys.exit(main())

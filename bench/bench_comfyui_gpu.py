@@ -52,7 +52,8 @@ from bench.common.provenance import GIB, log, provenance, versions, write_json  
 from bench.common.sampling import MemSampler, nvml_gpu  # noqa: E402
 from bench.common.tables import fmt, gib  # noqa: E402
 from bench.comfyui_workflows import IMAGE_NAME, WORKFLOW_FILES, plan_args  # noqa: E402
-from bench.comfyui_worker import VERSIONS, worker  # noqa: E402
+from bench.comfyui_worker import VERSIONS, worker_process  # noqa: E402
+from bench.comfyui_worker import worker as WORKER  # noqa: E402
 
 PACK_NAME = "comfyui-cogvid-i2v"
 DEFAULT_RUNS = ("full:24gb,12gb", "12:12gb", "8:12gb")
@@ -270,15 +271,5 @@ def comfy_version(comfy_dir: str) -> str | None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        import faulthandler
-        import signal
-        faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1`: where a stuck worker is
-        out_path = sys.argv[3]
-        # the worker's ComfyUI imports cogvid_core from the pack it loads (--pack, copied into custom_nodes),
-        # never from this tree, and no folder of bench/ (common/) may shadow a module ComfyUI or a node
-        # imports: only bench.* (imported above) was wanted from here
-        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "bench")]
-        result = worker(json.loads(Path(sys.argv[2]).read_text()))
-        Path(out_path).write_text(json.dumps(result, default=str))
-        os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live
+        worker_process(WORKER)
     sys.exit(main())

@@ -80,12 +80,15 @@ def serve(comfyui: str, base: Path) -> tuple[subprocess.Popen, int]:
 
 def look(port: int, work: Path, chromium: str) -> dict:
     from playwright.sync_api import sync_playwright
-    wf = json.loads((REPO / "workflows" / "cogvideox1.5_i2v_24gb.json").read_text())
+    from bench.comfyui_workflows import WORKFLOW_FILES
+    wf = json.loads((REPO / "workflows" / WORKFLOW_FILES["24gb"]).read_text())
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_function("window.app && window.app.graph && window.comfyAPI", timeout=120_000)
+        time.sleep(2)
+        page.keyboard.press("Escape")      # the first start's template dialog would cover the canvas
         sampler = page.evaluate(SMALL_JS, wf)
         page.evaluate("(id) => { const n = app.graph.getNodeById(id); app.canvas.centerOnNode(n); "
                       "app.canvas.ds.scale = 1.2; app.canvas.centerOnNode(n); app.canvas.setDirty(true, true); }",

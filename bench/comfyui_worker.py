@@ -259,3 +259,18 @@ def worker(cfg: dict) -> dict:
     result["comfy_vram_state"] = mm.vram_state.name
     result["comfy_reserved_vram"] = mm.extra_reserved_memory()
     return result
+
+
+def worker_process(worker_fn) -> None:
+    """A script's ``--worker CONFIG OUT`` child: ``worker_fn(config)`` written to OUT as JSON, then exit.
+    The worker's ComfyUI imports cogvid_core from the pack it loads (copied into custom_nodes), never from
+    this tree, and no folder of bench/ (common/) may shadow a module ComfyUI or a node imports: only
+    bench.* (imported before this) was wanted from here."""
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1`: where a stuck worker is
+    repo = Path(__file__).resolve().parents[1]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (repo, repo / "bench")]
+    result = worker_fn(json.loads(Path(sys.argv[2]).read_text()))
+    Path(sys.argv[3]).write_text(json.dumps(result, default=str))
+    os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live
