@@ -14,6 +14,7 @@ import torch
 
 import test_caches as TC
 from cogvid_core.model import loading, lora, testing
+from cogvid_core.model.lora_linear import LoraMixin
 from cogvid_core.model import variants as models
 from cogvid_core.run import session
 from test_caches import BOUND, FBC, _ours, _reference, _skipped
@@ -65,7 +66,7 @@ def _ref(s, spec, strength):
 
 
 def _lora_hooks(module) -> int:
-    return sum(isinstance(h, lora._Delta) for m in module.modules() for h in m._forward_hooks.values())
+    return sum(isinstance(m, LoraMixin) for m in module.modules())   # LoRA Linears of the run
 
 
 def _with_lora(s, spec, cfg_mode="batched", strength=STRENGTH, comp=None):

@@ -18,6 +18,7 @@ from cogvid_core import cli
 from cogvid_core.plan import estimate as E
 from cogvid_core.model import loading
 from cogvid_core.model import lora
+from cogvid_core.model.lora_linear import LoraMixin
 from cogvid_core.model import variants as M
 from cogvid_core.run import pipeline
 from cogvid_core.plan import planner
@@ -32,7 +33,7 @@ CPU = torch.device("cpu")
 
 
 def _lora_hooks(module) -> int:
-    return sum(isinstance(h, lora._Delta) for m in module.modules() for h in m._forward_hooks.values())
+    return sum(isinstance(m, LoraMixin) for m in module.modules())   # LoRA Linears of the run
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
-"""LoRA files for the CogVideoX transformer: read once, applied per run through forward hooks.
+"""LoRA files for the CogVideoX transformer: read once, applied per run (:mod:`lora_linear`).
 
-A LoRA never touches the base weights: :func:`applied` hooks the targeted ``nn.Linear`` layers for
-the duration of one run and adds ``strength * scale * B(A(x))`` to their outputs, so the same
+A LoRA never touches the base weights: :func:`applied` gives the targeted ``nn.Linear`` layers a LoRA
+class for the duration of one run, which adds ``strength * scale * B(A(x))`` to their outputs, so the same
 loaded transformer serves runs with other LoRAs, other strengths or none, in any placement
 (resident, offloaded, streamed, fp8 storage, chunked feed-forward): all of them call the same
 Linear modules. Numerically this is PEFT's LoRA layer as diffusers' ``load_lora_weights`` +
@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cogvid_core.model import lora_origin
+from cogvid_core.model.lora_linear import swapped
 from cogvid_core.model.variants import VARIANTS, CheckpointError
 
 PREFIXES = ("transformer.", "base_model.model.")   # diffusers' pipeline prefix, PEFT's save_pretrained prefix
@@ -304,36 +304,11 @@ def lora_bytes(loras, dtype: torch.dtype = torch.bfloat16) -> int:
                for lw, _ in _active(loras) for layer in lw.layers.values())
 
 
-class _Delta:
-    """All LoRAs of one Linear as one pair of matrices, ``[A1; A2]`` and ``[s1 B1, s2 B2]``
-    (s = strength * scale), so k LoRAs cost two GEMMs per call. Built on the compute device in
-    the compute dtype at the first call of the run (the scale applied in fp32 there) and reused;
-    no host copy is made."""
-
-    def __init__(self, parts: list[tuple[LoraLayer, float]]):
-        self.parts = parts
-        self.copies: dict[tuple, tuple] = {}
-
-    def _build(self, device, dtype) -> tuple:
-        down = torch.cat([p.down.to(device, dtype) for p, _ in self.parts])
-        up = torch.cat([(p.up.to(device, torch.float32) * (s * p.scale)).to(dtype) for p, s in self.parts], dim=1)
-        biases = [p.bias.to(device, torch.float32) * (s * p.scale) for p, s in self.parts if p.bias is not None]
-        return down, up, torch.stack(biases).sum(0).to(dtype) if biases else None
-
-    def __call__(self, module, args, output):
-        x = args[0]
-        key = (x.device, x.dtype)
-        if key not in self.copies:
-            self.copies[key] = self._build(x.device, x.dtype)
-        down, up, bias = self.copies[key]
-        return output + F.linear(F.linear(x, down), up, bias).to(output.dtype)
-
-
 @contextmanager
 def applied(transformer: nn.Module, loras: Sequence):
     """Apply LoRAs to ``transformer`` for the ``with`` body only: ``loras`` is a sequence of
     ``(LoraWeights, strength)`` (or bare LoraWeights, strength 1). Checked first (LoraError);
-    every hook is removed on exit, whatever ends the body."""
+    every Linear is back as it was on exit, whatever ends the body (how it runs: lora_linear)."""
     active = _active(loras)
     for lw, _ in active:
         check(transformer, lw)
@@ -341,12 +316,5 @@ def applied(transformer: nn.Module, loras: Sequence):
     for lw, s in active:
         for name, layer in lw.layers.items():
             per_layer.setdefault(name, []).append((layer, s))
-    modules = _modules(transformer)
-    handles = []
-    try:
-        for name, parts in per_layer.items():
-            handles.append(modules[name].register_forward_hook(_Delta(parts)))
+    with swapped(transformer, _modules(transformer), per_layer):
         yield transformer
-    finally:
-        for h in handles:
-            h.remove()

@@ -123,7 +123,8 @@ def weight_files(folder: Path, stems: tuple[str, ...]) -> list[Path]:
     if _has_files(folder, PICKLE_SUFFIXES):
         raise CheckpointError(f"{folder} only has pickle weights (.bin/.pt); only .safetensors files are accepted: "
                               "download the safetensors version")
-    raise CheckpointError(f"{folder} has no .safetensors weights")
+    raise CheckpointError(f"{folder} has no .safetensors weights (its config.json is there: an unfinished download "
+                          "or moved files?): download that part again, or pick another model")
 
 
 def is_repo_id(source) -> bool:

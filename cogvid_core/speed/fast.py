@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from cogvid_core.model import precision as P
+from cogvid_core.model.lora_linear import rebased
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,8 @@ class _Fp8Block:
                 self.skipped.append(lin)   # e.g. diffusers group offloading brings weights in later
                 continue
             if w.element_size() == 1:   # fp8 storage (loading.Fp8Linear)
-                lin.__class__ = nn.Linear   # its forward would upcast torchao's tensor back to bf16
+                # its forward would upcast torchao's tensor back to bf16 (a LoRA's delta is kept)
+                lin.__class__ = rebased(cls, nn.Linear)
                 lin.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
             quantize_(lin, self.config)
             self.live.append((lin, w, lin.weight, cls))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cogvid_core.model import lora as lora_mod
+from cogvid_core.model import lora_linear
 from cogvid_core.memory.activations import ff_chunk_tokens, set_ff_chunking
 from cogvid_core.model.fileindex import index_of
 from cogvid_core.memory.placement import place, placed_of
@@ -181,18 +181,6 @@ def detach_second(module: nn.Module) -> None:
         placed_of(second.module).release()
 
 
-def _mirror_loras(primary: nn.Module, replica: nn.Module) -> list:
-    """The first copy's LoRA hooks (the Component put them there for this use) on the same layers of
-    the second: the same hook objects, which build their merged matrices once per device."""
-    layers = dict(replica.named_modules())
-    handles = []
-    for name, m in primary.named_modules():
-        for hook in list(m._forward_hooks.values()):   # torch lists hooks nowhere public
-            if isinstance(hook, lora_mod._Delta):
-                handles.append(layers[name].register_forward_hook(hook))
-    return handles
-
-
 @contextmanager
 def mirrored(primary: nn.Module, second: Second):
     """The second copy computable on its device with the first's settings: activation savers,
@@ -207,8 +195,9 @@ def mirrored(primary: nn.Module, second: Second):
         module = p2.acquire()
     with ExitStack() as stack:
         stack.callback(_offload_on, p2, second.device)
-        for handle in _mirror_loras(primary, replica):
-            stack.callback(handle.remove)
+        # the first copy's LoRA Linears (the Component set them for this use) on the same layers of the
+        # second: the same LoRA layers, their matrices made once on its device
+        stack.enter_context(lora_linear.mirrored(primary, replica))
         yield module
 
 

@@ -1,0 +1,112 @@
+"""How a LoRA runs: the targeted ``nn.Linear`` modules change class for one run.
+
+Each targeted Linear becomes a subclass of its own class (``LoraLinear``, ``LoraFp8Linear``...) whose
+forward adds ``F.linear(F.linear(x, down), up, bias)`` to the base output: all LoRAs of one Linear as one
+pair of matrices, ``[A1; A2]`` and ``[s1 B1, s2 B2]`` (s = strength * scale), so k LoRAs cost two GEMMs
+per call. The pairs are built on the compute device, in the compute dtype (the scale applied in fp32),
+by a pre-hook on the transformer, outside the blocks: no host copy, no state changed inside a block.
+
+Why a class and not a forward hook (what this was before): a hook inside a ``torch.compile``d block
+traced wrong from its second call (torch 2.13: up to 0.09 off on outputs of order 1), so compile turned
+itself off with a LoRA. A class swap is plain module code to the compiler, and the pairs are tensors it
+takes as inputs: a new strength is new values of the same shapes, no recompile. The math is the hook's,
+operation for operation, so the frames are unchanged. fp8 (speed) quantizes the base weight in place
+and keeps the class; fp8 storage's Fp8Linear is rebased on nn.Linear for a call with :func:`rebased`.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoraMixin:
+    """The LoRA delta on top of the base class's forward (``_lora``: down, up, bias, made from
+    ``_lora_parts``; built for the run before the blocks, here only for a call on another device or
+    dtype, e.g. the module called on its own)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        lora = self.__dict__.get("_lora")
+        if lora is None or lora[0].device != x.device or lora[0].dtype != x.dtype:
+            lora = self._lora = _pair(self._lora_parts, x.device, x.dtype)
+        down, up, bias = lora
+        return out + F.linear(F.linear(x, down), up, bias).to(out.dtype)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def lora_class(cls: type) -> type:
+    """``cls`` with the LoRA delta (one class per base class, made once)."""
+    if issubclass(cls, LoraMixin):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraMixin, cls), {})
+    return _CLASSES[cls]
+
+
+def rebased(cls: type, base: type) -> type:
+    """``base``, with the LoRA delta when ``cls`` has it (a module changing its base class for a call)."""
+    return lora_class(base) if issubclass(cls, LoraMixin) else base
+
+
+def _pair(parts, device, dtype) -> tuple:
+    down = torch.cat([p.down.to(device, dtype) for p, _ in parts])
+    up = torch.cat([(p.up.to(device, torch.float32) * (s * p.scale)).to(dtype) for p, s in parts], dim=1)
+    biases = [p.bias.to(device, torch.float32) * (s * p.scale) for p, s in parts if p.bias is not None]
+    return down, up, torch.stack(biases).sum(0).to(dtype) if biases else None
+
+
+@contextmanager
+def swapped(transformer: nn.Module, modules: dict[str, nn.Module], per_layer: dict[str, list]):
+    """``modules[name]`` runs with the LoRA ``per_layer[name]`` ((LoraLayer, strength) pairs) inside the
+    ``with`` body; classes and attributes are put back on exit, whatever ends the body."""
+    built: dict[tuple, dict] = {}
+    targets = [(modules[name], parts) for name, parts in per_layer.items()]
+
+    def build(_module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        key = (x.device, x.dtype)
+        if key not in built:
+            built[key] = {id(m): _pair(parts, *key) for m, parts in targets}
+        for m, _ in targets:
+            m._lora = built[key][id(m)]
+
+    classes = [(m, type(m)) for m, _ in targets]
+    handle = transformer.register_forward_pre_hook(build, with_kwargs=True)
+    try:
+        for (m, cls), (_, parts) in zip(classes, targets):
+            m.__class__ = lora_class(cls)
+            m._lora_parts = parts
+        yield transformer
+    finally:
+        handle.remove()
+        for m, cls in classes:
+            m.__class__ = cls
+            m.__dict__.pop("_lora", None)
+            m.__dict__.pop("_lora_parts", None)
+
+
+@contextmanager
+def mirrored(primary: nn.Module, replica: nn.Module):
+    """``replica`` (a copy of ``primary`` on another device) runs the LoRAs ``primary`` runs now, inside
+    the ``with`` body: same layers, same parts; the matrices are made on the replica's device at its
+    first call."""
+    layers = dict(replica.named_modules())
+    changed = []
+    for name, m in primary.named_modules():
+        if isinstance(m, LoraMixin):
+            r = layers[name]
+            changed.append((r, type(r)))
+            r.__class__ = lora_class(type(r))
+            r._lora_parts = m._lora_parts
+    try:
+        yield replica
+    finally:
+        for r, cls in changed:
+            r.__class__ = cls
+            r.__dict__.pop("_lora", None)
+            r.__dict__.pop("_lora_parts", None)
