@@ -47,12 +47,13 @@ from bench.bench_comfyui_gpu import comfy_version, prepare  # noqa: E402
 from bench.comfyui_criteria import cancel_criteria, mixed_criteria, oom_criteria, table  # noqa: E402
 from bench.comfyui_scenarios import worker as WORKER  # noqa: E402
 from bench.comfyui_worker import VERSIONS, worker_process  # noqa: E402
+from bench.comfyui_workflows import WORKFLOW_FILES  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, log, provenance, versions, write_json  # noqa: E402
 from bench.common.sampling import MemSampler  # noqa: E402
 
-WORKFLOWS = {"24gb": "cogvideox1.5_i2v_24gb.json", "12gb": "cogvideox1.5_i2v_12gb.json",
-             "lora": "cogvideox1.5_i2v_lora_24gb.json", "5b": "cogvideox_5b_i2v.json"}
+WORKFLOWS = {"24gb": WORKFLOW_FILES["24gb"], "12gb": WORKFLOW_FILES["12gb"], "lora": WORKFLOW_FILES["lora_24gb"],
+             "5b": "CogVideoX-5B I2V - any card - 49 frames 720x480.json"}
 LORA_NAME = "my_cogvideox1.5_i2v_lora.safetensors"     # the name the LoRA workflow ships with
 SCENARIOS = ("oom", "cancel", "mixed")
 

@@ -270,7 +270,8 @@ def worker_process(worker_fn) -> None:
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)    # `kill -USR1`: where a stuck worker is
     repo = Path(__file__).resolve().parents[1]
+    cfg_path, out_path = sys.argv[2], sys.argv[3]    # before ComfyUI's start-up, which rewrites sys.argv
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (repo, repo / "bench")]
-    result = worker_fn(json.loads(Path(sys.argv[2]).read_text()))
-    Path(sys.argv[3]).write_text(json.dumps(result, default=str))
+    result = worker_fn(json.loads(Path(cfg_path).read_text()))
+    Path(out_path).write_text(json.dumps(result, default=str))
     os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live

@@ -216,3 +216,12 @@ def test_comfyui_workflow_conversion_skips_note_nodes():
     wf = {"links": [], "nodes": [{"id": 1, "type": "Note", "widgets_values": ["text"]},
                                  {"id": 2, "type": "Foo", "widgets_values": [3]}]}
     assert to_api(wf, {"Foo": Foo}) == {"2": {"class_type": "Foo", "inputs": {"n": 3}}}
+
+
+def test_the_fault_bench_names_shipped_workflows():
+    """The workflows were renamed to readable titles once: every file a bench queues must exist."""
+    from bench import bench_comfyui_faults as F
+    from bench.comfyui_workflows import WORKFLOW_FILES
+    shipped = Path(__file__).resolve().parents[1] / "workflows"
+    for name in [*F.WORKFLOWS.values(), *WORKFLOW_FILES.values()]:
+        assert (shipped / name).is_file(), name
