@@ -405,3 +405,43 @@ def test_a_speed_that_runs_refuses_a_split_run_and_one_that_cannot_run_does_not(
     assert fast.resolve_alone("counting", CPU, None).attention == "counting"
     dropped = fast.resolve_alone("fp8", CPU, "torchrun")          # fp8 needs CUDA: nothing left to refuse
     assert dropped.exact and "fp8" in dropped.notes[0]
+
+
+def test_switching_options_in_one_session_never_hits_dynamo_s_recompile_limit(tmp_path, monkeypatch):
+    """A ComfyUI session switching speed, cache, CFG mode and LoRAs: each combination adds graphs to the
+    blocks' one code object; at torch's default limit (8) dynamo ran those blocks eagerly for the rest of
+    the process, saying so only in its log (seen with this very loop). Our forward raises the limit."""
+    import logging
+    from cogvid_core.model import lora
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
+    torch._dynamo.reset()
+    hits = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "recompile_limit" in record.getMessage():
+                hits.append(record.getMessage())
+    handler = Catch()
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    v = M.VARIANTS[K15]
+    tr = _transformer()
+    cfg = tr.config
+    frames, h, w = M.default_size(v, dict(cfg))
+    image, emb = _image_latent(h, w), torch.randn(1, cfg.max_text_seq_length, cfg.text_embed_dim)
+    loras = [None] + [lora.load_lora(testing.write_lora(tmp_path / f"r{r}.safetensors", K15, ("attn", "ff"), rank=r))
+                      for r in (4, 8)]
+    base = session.Component("transformer", tr, CPU, torch.float32, "resident", variant=v)
+    try:
+        for speed in ("compile", "counting+compile"):
+            for cache in ("none", "pab", "fbc"):
+                for lw in loras:
+                    comp = base.with_speed(speed) if lw is None else base.with_speed(speed).with_lora(lw, 0.5)
+                    for mode in ("batched", "sequential"):
+                        with comp.use() as module, torch.inference_mode():
+                            sampling.sample(module, v, emb, emb * 0.5, image, frames, steps=2, cfg=6.0, cfg_mode=mode,
+                                            cache=cache)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    from torch._dynamo.utils import counters
+    assert counters["stats"]["unique_graphs"] > 8 and not hits, hits[:1]
+    assert torch._dynamo.config.recompile_limit == 8          # only our forward ran with the raised limit

@@ -158,6 +158,11 @@ _COMPILED = "_cogvid_compiled_forward"   # block attribute: its compiled forward
 # static shapes: a run's shapes never change (batched CFG: batch 2; sequential: batch 1 for both branches),
 # so each block gets two graphs (the first block's input is a strided slice) and nothing recompiles per step
 COMPILE_OPTIONS = {"dynamic": False}
+# graphs one block code object may collect while the transformer runs. Torch's default (8) is reached in
+# one ComfyUI session by switching options (CFG mode x cache x LoRA rank x attention kernel x fp8: each a
+# graph, cached for the next time) and dynamo then runs those blocks eagerly for the rest of the process,
+# silently (tests/test_fast.py drives 36 switches). Raised for our forward only (config.patch).
+RECOMPILE_LIMIT = 64
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -335,6 +340,11 @@ def _compile_processor(attn: nn.Module, stack: ExitStack) -> None:
     stack.callback(setattr, proc, "__class__", cls)
 
 
+def _enter(context):
+    context.__enter__()
+    return context
+
+
 def _uncompile(block: nn.Module, fn) -> None:
     if block.__dict__.get("forward") is fn:
         del block.__dict__["forward"]
@@ -369,5 +379,10 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack)
 
     if speed.compile or speed.fp8:
         stack.callback(transformer.register_forward_pre_hook(setup).remove)
+    if speed.compile:
+        patches = []
+        _while_running(transformer, stack,
+                       lambda: patches.append(_enter(torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))),
+                       lambda: patches.pop().__exit__(None, None, None))
     if speed.attention != "sdpa":
         _route(transformer, ATTENTION[speed.attention], stack)
