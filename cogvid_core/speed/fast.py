@@ -28,7 +28,6 @@ streaming, LoRA) stay outside it. Everything is undone when the use ends.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import shutil
@@ -154,15 +153,7 @@ def resolve_alone(speed: Speed | str, device, split: str | None) -> Speed:
 
 
 # ============================================================================ applying
-_COMPILED = "_cogvid_compiled_forward"   # block attribute: its compiled forward, kept for later uses
-# static shapes: a run's shapes never change (batched CFG: batch 2; sequential: batch 1 for both branches),
-# so each block gets two graphs (the first block's input is a strided slice) and nothing recompiles per step
-COMPILE_OPTIONS = {"dynamic": False}
-# graphs one block code object may collect while the transformer runs. Torch's default (8) is reached in
-# one ComfyUI session by switching options (CFG mode x cache x LoRA rank x attention kernel x fp8: each a
-# graph, cached for the next time) and dynamo then runs those blocks eagerly for the rest of the process,
-# silently (tests/test_fast.py drives 36 switches). Raised for our forward only (config.patch).
-RECOMPILE_LIMIT = 64
+from cogvid_core.speed.regional import COMPILE_OPTIONS, RECOMPILE_LIMIT, _COMPILED, _CompiledCall, _compile, _enter  # noqa: F401,E501
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -253,101 +244,6 @@ def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
                         "started (diffusers group offloading of a model loaded into memory); load it file-backed or "
                         "use resident/offload placement", len(skipped))
     stack.callback(report)
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__)
-
-
-def _cache_hooked(m: nn.Module) -> bool:
-    """An attention module whose forward a diffusers cache hook replaced (PAB, FasterCache), nothing else."""
-    return ("forward" in m.__dict__ and getattr(m, "_diffusers_hook", None) is not None
-            and hasattr(m, "processor") and not (m._forward_hooks or m._forward_pre_hooks))
-
-
-def _compile(transformer: nn.Module, stack: ExitStack) -> None:
-    """Each block's ``forward`` compiled (once per block object, kept for later uses). The blocks
-    share one code object, so with torch's default inlining of nn modules one graph serves all of
-    them; module hooks on the blocks (streaming, fp8) run outside it. With a step cache's hooks on the
-    attention modules (PAB, FasterCache), the parts around them: see :func:`_compile_parts`."""
-    blocks = _blocks(transformer)
-    inside = [m for b in blocks for m in b.modules() if m is not b and _hooked(m)]
-    if inside and all(_cache_hooked(m) for m in inside):
-        _compile_parts(blocks, stack)
-        return
-    if inside:
-        # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
-        # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
-        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
-                    "correctly; the blocks run eagerly (the other speed parts stay on)", len(inside))
-        return
-    wrapped = 0
-    for block in blocks:
-        if "forward" in block.__dict__:   # someone else's forward wrapper (diffusers hooks): leave it alone
-            wrapped += 1
-            continue
-        _compile_forward(block, stack)
-    if wrapped:
-        log.warning("speed 'compile': %d blocks run eagerly, their forward is wrapped by diffusers hooks (group "
-                    "offloading of a model loaded into memory); resident, offload and file-backed streaming compile",
-                    wrapped)
-
-
-def _compile_forward(module: nn.Module, stack: ExitStack) -> None:
-    fn = module.__dict__.get(_COMPILED)
-    if fn is None:
-        fn = torch.compile(module.forward, **COMPILE_OPTIONS)
-        object.__setattr__(module, _COMPILED, fn)
-    object.__setattr__(module, "forward", fn)
-    stack.callback(_uncompile, module, fn)
-
-
-def _compile_parts(blocks, stack: ExitStack) -> None:
-    """A step cache's hook replaced the attention modules' forward (its Python state, e.g. the step
-    counter it skips by, would be traced and guarded on in a compiled block): compile what it calls
-    instead. Each block's other children (norms, feed-forward) are compiled whole, and each hooked
-    attention's processor (projections, QK norms, rotary embedding, the attention kernel), which the
-    hook runs when it computes; only the hook's decision and the residual adds run eagerly."""
-    for block in blocks:
-        for child in block.children():
-            if _cache_hooked(child):
-                _compile_processor(child, stack)
-            elif not any(_hooked(m) for m in child.modules()):
-                _compile_forward(child, stack)
-
-
-class _CompiledCall:
-    """Mixed into a processor's class: its call runs the compiled bound ``__call__`` kept on the
-    processor. The signature stays the original's (diffusers' Attention filters the kwargs it passes by
-    the processor's ``__call__`` signature)."""
-
-    def __call__(self, *args, **kwargs):
-        return self.__dict__[_COMPILED](*args, **kwargs)
-
-
-def _compile_processor(attn: nn.Module, stack: ExitStack) -> None:
-    proc = attn.processor
-    if isinstance(proc, _CompiledCall):        # one processor object may serve every block
-        return
-    cls = type(proc)
-    fn = proc.__dict__.get(_COMPILED)
-    if fn is None:
-        fn = torch.compile(cls.__call__.__get__(proc), **COMPILE_OPTIONS)
-        proc.__dict__[_COMPILED] = fn
-    compiled = type(cls.__name__, (_CompiledCall, cls), {})
-    compiled.__call__ = functools.wraps(cls.__call__)(_CompiledCall.__call__)
-    proc.__class__ = compiled
-    stack.callback(setattr, proc, "__class__", cls)
-
-
-def _enter(context):
-    context.__enter__()
-    return context
-
-
-def _uncompile(block: nn.Module, fn) -> None:
-    if block.__dict__.get("forward") is fn:
-        del block.__dict__["forward"]
 
 
 @contextmanager
