@@ -31,7 +31,6 @@ CUDA allocator's error at the resident transformer's placement and says so.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -46,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from bench.bench_comfyui_gpu import comfy_version, prepare  # noqa: E402
 from bench.comfyui_criteria import cancel_criteria, mixed_criteria, oom_criteria, table  # noqa: E402
 from bench.comfyui_scenarios import worker as WORKER  # noqa: E402
-from bench.comfyui_worker import VERSIONS, worker_process  # noqa: E402
+from bench.comfyui_worker import VERSIONS, spawn_worker, worker_process  # noqa: E402
 from bench.comfyui_workflows import WORKFLOW_FILES  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, log, provenance, versions, write_json  # noqa: E402
@@ -119,16 +118,10 @@ def scenario_cfg(args, name: str, base: Path, yaml: Path, total: int | None, cpu
 
 
 def run_scenario(cfg: dict, base: Path, work: Path) -> dict:
-    cfg_file, out_file, log_file = (work / f"faults_{cfg['scenario']}.{ext}" for ext in ("json", "out.json", "log"))
-    cfg_file.write_text(json.dumps(cfg))
-    with open(log_file, "w") as logf:
-        rc = subprocess.run([sys.executable, __file__, "--worker", str(cfg_file), str(out_file)],
-                            cwd=str(base), stderr=logf).returncode
-    if rc != 0 or not out_file.is_file():
-        tail = log_file.read_text(errors="replace")[-6000:]
-        log(f"worker for {cfg['scenario']} failed (rc {rc}); its log ends:\n{tail}")
+    res, rc, tail = spawn_worker(__file__, cfg, f"faults_{cfg['scenario']}", base, work)
+    if res is None:
         return {"scenario": cfg["scenario"], "error": f"worker rc {rc}", "log_tail": tail}
-    return json.loads(out_file.read_text())
+    return res
 
 
 def criteria(res: dict, args) -> list[dict]:

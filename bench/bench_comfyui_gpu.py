@@ -52,7 +52,7 @@ from bench.common.provenance import GIB, log, provenance, versions, write_json  
 from bench.common.sampling import MemSampler, nvml_gpu  # noqa: E402
 from bench.common.tables import fmt, gib  # noqa: E402
 from bench.comfyui_workflows import IMAGE_NAME, WORKFLOW_FILES, plan_args  # noqa: E402
-from bench.comfyui_worker import VERSIONS, worker_process  # noqa: E402
+from bench.comfyui_worker import VERSIONS, spawn_worker, worker_process  # noqa: E402
 from bench.comfyui_worker import worker as WORKER  # noqa: E402
 
 PACK_NAME = "comfyui-cogvid-i2v"
@@ -152,16 +152,9 @@ def run_worker(args, card: str, wfs: list[str], extra: list[str], base: Path, ya
            "workflows": [(w, str(workflow_path(w, Path(args.pack)))) for w in wfs], "queues": args.queues,
            "steps": args.steps, "seed": args.seed, "overrides": overrides_of(args), "idle_s": args.idle,
            "queue_timeout": args.queue_timeout}
-    cfg_file, out_file, log_file = (work / f"worker_{card}.{ext}" for ext in ("json", "out.json", "log"))
-    cfg_file.write_text(json.dumps(cfg))
-    with open(log_file, "w") as logf:
-        rc = subprocess.run([sys.executable, __file__, "--worker", str(cfg_file), str(out_file)],
-                            cwd=str(base), stderr=logf).returncode
-    if rc != 0 or not out_file.is_file():
-        tail = log_file.read_text(errors="replace")[-6000:]
-        log(f"worker for card {card} failed (rc {rc}); its log ends:\n{tail}")
+    res, rc, tail = spawn_worker(__file__, cfg, f"worker_{card}", base, work)
+    if res is None:
         return {"card": card, "error": f"worker rc {rc}", "log_tail": tail}
-    res = json.loads(out_file.read_text())
     res["card"] = card
     return res
 

@@ -275,3 +275,19 @@ def worker_process(worker_fn) -> None:
     result = worker_fn(json.loads(Path(cfg_path).read_text()))
     Path(out_path).write_text(json.dumps(result, default=str))
     os._exit(0)     # the prompt worker thread never returns; skip interpreter teardown with CUDA live
+
+
+def spawn_worker(script: str, cfg: dict, stem: str, base: Path, work: Path) -> tuple[dict | None, int, str]:
+    """Run ``script --worker`` (its :func:`worker_process`) on ``cfg`` in ComfyUI's base folder ``base``:
+    (its result, 0, "") or, when it failed, (None, its return code, the end of its log, also logged)."""
+    import subprocess
+    cfg_file, out_file, log_file = (work / f"{stem}.{ext}" for ext in ("json", "out.json", "log"))
+    cfg_file.write_text(json.dumps(cfg))
+    with open(log_file, "w") as logf:
+        rc = subprocess.run([sys.executable, script, "--worker", str(cfg_file), str(out_file)],
+                            cwd=str(base), stderr=logf).returncode
+    if rc != 0 or not out_file.is_file():
+        tail = log_file.read_text(errors="replace")[-6000:]
+        log(f"worker {stem} failed (rc {rc}); its log ends:\n{tail}")
+        return None, rc, tail
+    return json.loads(out_file.read_text()), 0, ""
