@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 import traceback
 import weakref
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 import comfy_stub
+import real_comfy
 from test_nodes import comfy, load_pack, models_root  # noqa: F401  (comfy, models_root: fixtures used by name)
 
 
@@ -316,11 +316,7 @@ def test_interrupt_is_not_an_exception(comfy, monkeypatch):
 # -------------------------------------------------------------- against a real ComfyUI (optional)
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 def test_bridge_on_real_comfyui(models_root):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.run([python, __file__, os.environ["COMFYUI_DIR"], str(models_root)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = real_comfy.run_script(__file__, models_root)
     failed = {k: v for k, v in results.items() if v != "ok"}
     assert set(results) == set(SCENARIOS) and not failed, "\n".join(failed.values())
 
@@ -328,14 +324,7 @@ def test_bridge_on_real_comfyui(models_root):
 def _main(comfy_dir: str, base: str) -> None:
     """In a fresh process: real ComfyUI on the CPU, the pack imported as ComfyUI imports it, every
     scenario run in turn; prints {scenario: "ok" | traceback} as the last line."""
-    sys.path.insert(0, comfy_dir)
-    os.chdir(comfy_dir)
-    sys.argv = ["main.py", "--cpu"]            # core reads its arguments when model_management is imported
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import folder_paths
-    for sub in ("CogVideo", "diffusion_models", "text_encoders", "vae"):
-        folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
+    real_comfy.enter(comfy_dir, base)
     import comfy.model_management as mm
     results = {}
     for name, scenario in SCENARIOS.items():

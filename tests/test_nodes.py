@@ -14,7 +14,6 @@ import itertools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 import comfy_stub
+import real_comfy
 
 REPO = Path(__file__).resolve().parents[1]
 V10, V15 = "cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"
@@ -326,14 +326,9 @@ def test_estimate_counts_the_speed_option(comfy):
 REAL_SCRIPT = textwrap.dedent(r"""
     import asyncio, json, os, sys
     comfy_dir, pack_dir, base = sys.argv[1:4]
-    sys.path.insert(0, comfy_dir)
-    os.chdir(comfy_dir)
-    sys.argv = ["main.py", "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
+    import real_comfy
+    real_comfy.enter(comfy_dir, base)
     import folder_paths
-    for sub in ("CogVideo", "diffusion_models", "text_encoders", "vae"):
-        folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
     folder_paths.set_output_directory(os.path.join(base, "output"))
     import nodes, execution, torch
     import comfy.model_management as mm
@@ -373,16 +368,11 @@ REAL_SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 def test_real_comfyui(models_root, tmp_path):
-    comfy_dir = os.environ["COMFYUI_DIR"]
     script = tmp_path / "real.py"
-    script.write_text(REAL_SCRIPT)
+    script.write_text(f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n" + REAL_SCRIPT)
     pack = tmp_path / "custom_nodes" / "comfyui-cogvid-i2v"
     shutil.copytree(REPO, pack, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv", "venv"))
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)   # e.g. ComfyUI's own venv python
-    proc = subprocess.run([python, str(script), comfy_dir, str(pack), str(models_root)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = real_comfy.run_script(script, pack, models_root, timeout=600)
     assert set(result["ids"]) == NODE_IDS
     assert result["shape"] == [17, 64, 96, 3] and result["fps"] == 16.0
     assert result["ui"]["images"][0]["filename"].endswith(".mp4")

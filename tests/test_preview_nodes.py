@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
 
 import pytest
 
 import comfy_stub
+import real_comfy
 from test_nodes import _encoded, comfy, load_pack, models_root, run  # noqa: F401  (fixtures used by name)
 
 STEPS = 2
@@ -98,11 +98,7 @@ def scenario_previews(nodes, method):
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 def test_previews_in_real_comfyui(models_root):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.run([python, __file__, os.environ["COMFYUI_DIR"], str(models_root)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = real_comfy.run_script(__file__, models_root)
     assert not any(isinstance(r, str) for r in results.values()), "\n".join(map(str, results.values()))
     on, off = results["latent2rgb"], results["none"]
     assert on["built"] == 1 and on["updates"] == [[1, STEPS], [2, STEPS]]
@@ -113,14 +109,7 @@ def test_previews_in_real_comfyui(models_root):
 def _main(comfy_dir: str, base: str) -> None:
     """In a fresh process: real ComfyUI on the CPU, the pack imported as ComfyUI imports it, the Sampler run
     with latent2rgb then none; prints {method: result | traceback} as the last line."""
-    sys.path.insert(0, comfy_dir)
-    os.chdir(comfy_dir)
-    sys.argv = ["main.py", "--cpu"]
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import folder_paths
-    for sub in ("CogVideo", "diffusion_models", "text_encoders", "vae"):
-        folder_paths.add_model_folder_path(sub, os.path.join(base, "models", sub), is_default=True)
+    real_comfy.enter(comfy_dir, base)
     results = {}
     nodes = load_pack("cogvid_real_preview")
     for method in ("latent2rgb", "none"):

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+import real_comfy
+
 from test_nodes import REPO, models_root  # noqa: F401  (fixture used by name)
 
 STEPS, SAMPLER = 2, "6"
@@ -121,12 +123,9 @@ def _wait_ready(port: int, server, timeout: float = 300) -> None:
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 def test_previews_arrive_on_the_websocket(models_root, tmp_path):
     prepare_base(tmp_path / "base", models_root / "models")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    proc = subprocess.run([python, __file__, os.environ["COMFYUI_DIR"], str(tmp_path / "base")],
-                          capture_output=True, text=True, timeout=1500)
-    logs = "".join(p.read_text()[-3000:] for p in (tmp_path / "base").glob("server_*.log"))
-    assert proc.returncode == 0, proc.stderr[-4000:] + logs
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    def logs() -> str:
+        return "".join(p.read_text()[-3000:] for p in (tmp_path / "base").glob("server_*.log"))
+    results = real_comfy.run_script(__file__, tmp_path / "base", timeout=1500, context=logs)
     print(json.dumps(results))
     on, off = results["latent2rgb"], results["none"]
     assert on["status"] == "execution_success" == off["status"], logs
