@@ -445,3 +445,23 @@ def test_switching_options_in_one_session_never_hits_dynamo_s_recompile_limit(tm
     from torch._dynamo.utils import counters
     assert counters["stats"]["unique_graphs"] > 8 and not hits, hits[:1]
     assert torch._dynamo.config.recompile_limit == 8          # only our forward ran with the raised limit
+
+
+def test_compiled_processor_classes_keep_their_own_call_signature():
+    """diffusers' Attention passes a processor only the kwargs its ``__call__`` signature names: each
+    compiled processor class shows its own class's signature (one shared wrapper showed the last one's)."""
+    import inspect
+    from cogvid_core.speed import regional
+
+    class A:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, image_rotary_emb=None):
+            return hidden_states
+
+    class B:
+        def __call__(self, attn, hidden_states, attention_mask=None):
+            return hidden_states
+    a, b = regional._compiled_class(A), regional._compiled_class(B)
+    assert regional._compiled_class(A) is a
+    assert list(inspect.signature(a().__call__).parameters) == ["attn", "hidden_states", "encoder_hidden_states",
+                                                               "image_rotary_emb"]
+    assert list(inspect.signature(b().__call__).parameters) == ["attn", "hidden_states", "attention_mask"]

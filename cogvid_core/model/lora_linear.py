@@ -75,15 +75,25 @@ def swapped(transformer: nn.Module, modules: dict[str, nn.Module], per_layer: di
         for m, _ in targets:
             m._lora = built[key][id(m)]
 
-    classes = [(m, type(m)) for m, _ in targets]
     handle = transformer.register_forward_pre_hook(build, with_kwargs=True)
     try:
-        for (m, cls), (_, parts) in zip(classes, targets):
-            m.__class__ = lora_class(cls)
-            m._lora_parts = parts
-        yield transformer
+        with _given([(m, parts) for m, parts in targets]):
+            yield transformer
     finally:
         handle.remove()
+
+
+@contextmanager
+def _given(pairs):
+    """Each module of ``pairs`` ((module, LoRA parts)) a LoRA class for the ``with`` body; its class back,
+    and its LoRA attributes gone, on exit."""
+    classes = [(m, type(m)) for m, _ in pairs]
+    try:
+        for m, parts in pairs:
+            m.__class__ = lora_class(type(m))
+            m._lora_parts = parts
+        yield
+    finally:
         for m, cls in classes:
             m.__class__ = cls
             m.__dict__.pop("_lora", None)
@@ -96,17 +106,5 @@ def mirrored(primary: nn.Module, replica: nn.Module):
     the ``with`` body: same layers, same parts; the matrices are made on the replica's device at its
     first call."""
     layers = dict(replica.named_modules())
-    changed = []
-    for name, m in primary.named_modules():
-        if isinstance(m, LoraMixin):
-            r = layers[name]
-            changed.append((r, type(r)))
-            r.__class__ = lora_class(type(r))
-            r._lora_parts = m._lora_parts
-    try:
+    with _given([(layers[name], m._lora_parts) for name, m in primary.named_modules() if isinstance(m, LoraMixin)]):
         yield replica
-    finally:
-        for r, cls in changed:
-            r.__class__ = cls
-            r.__dict__.pop("_lora", None)
-            r.__dict__.pop("_lora_parts", None)

@@ -28,7 +28,6 @@ COMPILE_OPTIONS = {"dynamic": False}
 RECOMPILE_LIMIT = 64
 
 
-
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
     from cogvid_core.memory.activations import _blocks as blocks_of
     return blocks_of(transformer)
@@ -55,10 +54,10 @@ def _compile(transformer: nn.Module, stack: ExitStack) -> None:
         _compile_parts(blocks, stack)
         return
     if inside:
-        # LoRA's hooks sit on the Linears inside the blocks: compiled with them (torch 2.13), calls after
-        # the first differed from eager by up to 0.09 on outputs of order 1 (tests/test_fast.py)
-        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks (LoRAs) do not compile "
-                    "correctly; the blocks run eagerly (the other speed parts stay on)", len(inside))
+        # forward hooks inside a compiled block traced wrong from its second call (torch 2.13: LoRA's old
+        # hooks, up to 0.09 off on outputs of order 1); LoRAs are classes now (model/lora_linear.py)
+        log.warning("speed 'compile' is off: %d hooks inside the transformer blocks do not compile correctly; "
+                    "the blocks run eagerly (the other speed parts stay on)", len(inside))
         return
     wrapped = 0
     for block in blocks:
@@ -97,11 +96,22 @@ def _compile_parts(blocks, stack: ExitStack) -> None:
 
 class _CompiledCall:
     """Mixed into a processor's class: its call runs the compiled bound ``__call__`` kept on the
-    processor. The signature stays the original's (diffusers' Attention filters the kwargs it passes by
-    the processor's ``__call__`` signature)."""
+    processor."""
 
-    def __call__(self, *args, **kwargs):
-        return self.__dict__[_COMPILED](*args, **kwargs)
+
+_PROCESSOR_CLASSES: dict[type, type] = {}
+
+
+def _compiled_class(cls: type) -> type:
+    """``cls`` calling the compiled ``__call__`` (one class per processor class, made once). Its
+    ``__call__`` is a function of its own wrapping ``cls.__call__``: the signature stays the original's
+    (diffusers' Attention filters the kwargs it passes by the processor's ``__call__`` signature)."""
+    if cls not in _PROCESSOR_CLASSES:
+        @functools.wraps(cls.__call__)
+        def call(self, *args, **kwargs):
+            return self.__dict__[_COMPILED](*args, **kwargs)
+        _PROCESSOR_CLASSES[cls] = type(cls.__name__, (_CompiledCall, cls), {"__call__": call})
+    return _PROCESSOR_CLASSES[cls]
 
 
 def _compile_processor(attn: nn.Module, stack: ExitStack) -> None:
@@ -113,9 +123,7 @@ def _compile_processor(attn: nn.Module, stack: ExitStack) -> None:
     if fn is None:
         fn = torch.compile(cls.__call__.__get__(proc), **COMPILE_OPTIONS)
         proc.__dict__[_COMPILED] = fn
-    compiled = type(cls.__name__, (_CompiledCall, cls), {})
-    compiled.__call__ = functools.wraps(cls.__call__)(_CompiledCall.__call__)
-    proc.__class__ = compiled
+    proc.__class__ = _compiled_class(cls)
     stack.callback(setattr, proc, "__class__", cls)
 
 
