@@ -13,6 +13,8 @@ from __future__ import annotations
 import comfy.latent_formats
 import comfy.utils
 
+from . import common as C
+
 PREVIEW_FORMAT = "JPEG"
 
 
@@ -38,10 +40,10 @@ def previewer(device):
 def step_callbacks(steps: int, device) -> dict:
     """The Sampler's per-step callbacks for cogvid_core's ``sample``: ``progress`` alone when previews are
     off; otherwise ``preview`` alone, which sends the step's middle frame with the same progress update."""
-    bar = comfy.utils.ProgressBar(steps)
     shown = previewer(device)
     if shown is None:
-        return {"progress": lambda done, total: bar.update_absolute(done, total), "preview": None}
+        return {"progress": C.progress_callback(steps), "preview": None}
+    bar = comfy.utils.ProgressBar(steps)
 
     def preview(step: int, total: int, frame) -> None:
         bar.update_absolute(step + 1, total, shown.decode_latent_to_preview_image(PREVIEW_FORMAT, frame))
