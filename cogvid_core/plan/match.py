@@ -9,6 +9,7 @@ compares it with what it knows of the run and refuses a mismatch with the fix: w
 from __future__ import annotations
 
 from cogvid_core.model.variants import VARIANTS
+from cogvid_core.speed import caches
 
 ESTIMATE = "the VRAM Estimate"
 
@@ -45,21 +46,17 @@ def plan_mismatch(plan, variant=None, frames: int | None = None, height: int | N
         made.append(f"the Image Encode makes {width}x{height}")
         fixes.append(f"set {ESTIMATE}'s width/height to {width}x{height} (or the Image Encode's to {pw}x{ph})")
     planned_cache = getattr(plan, "cache", None)
-    if cache is not None and planned_cache is not None and _cache(cache) != planned_cache:
+    other_cache = cache is not None and planned_cache is not None and str(caches.parse(cache)) != planned_cache
+    if other_cache:
         made.append(f"the Sampler's cache is {cache}")
         fixes.append(f"set {ESTIMATE}'s cache to {cache} (a cache holds GiBs the plan must count)")
     if not made:
         return None
     planned = f"{planned_frames} frames at {pw}x{ph} of {_label(planned_key)}"
-    if cache is not None and planned_cache is not None and _cache(cache) != planned_cache:
+    if other_cache:
         planned += f" with cache {planned_cache}"
     return (f"{ESTIMATE}'s plan is for {planned}, but {', '.join(made)}: {'; '.join(fixes)}, so that the plan "
             "and its verdict are for the video you make")
-
-
-def _cache(name: str) -> str:
-    from cogvid_core.speed import caches      # plan may import speed (a layer below)
-    return str(caches.parse(name))
 
 
 class PlanMismatch(ValueError):
