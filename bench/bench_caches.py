@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--ref", type=Path, help="diffusers' uncached run (final latent, seconds) saved here when it runs, "
                    "read from here when it does not: a 50-step 1.5 reference and our runs do not fit one command; "
                    "the random weights are the same in every process (seeded, built on the same card)")
+    p.add_argument("--ref-json", type=Path, help="an earlier run's JSON (e.g. bench/caches15_diffusers_h100.json): "
+                   "its diffusers rows (seconds, passes, memory) are the reference; same card, shape and steps "
+                   "required; no latent, so no latent distance to diffusers")
     p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
     return p.parse_args(argv)
 
@@ -164,6 +167,8 @@ def run_all(args) -> dict:
         saved = torch.load(args.ref)
         base["diffusers"] = saved["latent"]
         rows.append(dict(saved["row"], taken_from=str(args.ref)))
+    if args.ref_json:
+        rows += reference_rows(args.ref_json, _env(s, args))
     for spec in args.caches.split(","):
         for side in args.sides.split(","):
             try:
@@ -188,6 +193,17 @@ def run_all(args) -> dict:
         if "seconds" in r and ref.get("none"):
             r["x_diffusers_uncached"] = r["seconds"] / ref["none"]
     return dict(rows=rows, env=_env(s, args))
+
+
+def reference_rows(path: Path, env: dict) -> list[dict]:
+    """The diffusers rows of an earlier run of the same shape, card and steps (refused otherwise)."""
+    old = json.loads(path.read_text())
+    keys = ("card", "variant", "frames", "height", "width", "steps")
+    differ = [f"{k}: {old['env'].get(k)} there, {env[k]} here" for k in keys if old["env"].get(k) != env[k]]
+    if differ:
+        raise SystemExit(f"--ref-json {path} is not this run's reference ({'; '.join(differ)})")
+    return [dict(r, taken_from=str(path), taken_on=old["env"].get("date")) for r in old["rows"]
+            if r.get("side") == "diffusers" and "seconds" in r]
 
 
 def _env(s, args) -> dict:
