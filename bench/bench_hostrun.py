@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from cogvid_core.run.report import StageRecorder  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
 from bench.common.reference import PROMPT, fbc_probe, run_staged, start_image  # noqa: E402
+from bench.common.sampling import TreeSampler  # noqa: E402
 from bench.common.tables import fmt  # noqa: E402
 
 RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
@@ -127,6 +129,7 @@ def child(recipe: str, args) -> dict:
                 s_per_step=steps[-1] if steps else None, denoise_s=denoise.get("seconds"),
                 denoise_peak_reserved_gib=denoise.get("peak_reserved_gib"),
                 load_plus_first_s=marks[0] - t0 if marks else None,
+                first_step_s=denoise["seconds"] - (marks[-1] - marks[0]) if marks and denoise.get("seconds") else None,
                 host_peak_anon_pinned_gib=max((r["host_peak_anon_pinned_gib"] or 0) for r in rows),
                 host_peak_file_gib=max((r["host_peak_file_gib"] or 0) for r in rows), **extra)
 
@@ -139,20 +142,22 @@ def table(results: list[dict]) -> str:
     def ratio(r, key):
         return f(r.get(key) / base[key], ".3f") if base and r.get(key) and base.get(key) else "-"
     lines = ["| recipe | host anon+pinned GiB per stage | peak | estimated peak | file-backed peak GiB | s/step | "
-             "x ref | load + 1st step s | x ref | denoise s | x ref | full passes | denoise reserved GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x ref | load + 1st step s | x ref | 1st step s | denoise s | x ref | full passes | denoise reserved GiB | "
+             "process tree anon+shmem peak GiB (processes) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("error"):
             last = r["error"].strip().splitlines()[-1] if r["error"].strip() else "?"
-            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | | | | | |")
+            lines.append(f"| {r['recipe']} | FAILED: {last[:160]} | | | | | | | | | | | | | |")
             continue
         per = ", ".join(f"{s['stage']} {f(s['host_peak_anon_pinned_gib'])}" for s in r["stages"])
         est = max((o for o, _ in r.get("host_estimate_gib", {}).values()), default=None)   # hostplan, GPU runs
         lines.append(f"| {r['recipe']}{' (' + r['profile'] + ')' if r.get('profile') else ''} | {per} | "
                      f"{f(r['host_peak_anon_pinned_gib'])} | {f(est)} | {f(r['host_peak_file_gib'])} | {f(r['s_per_step'])} | "
                      f"{ratio(r, 's_per_step')} | {f(r['load_plus_first_s'], '.1f')} | {ratio(r, 'load_plus_first_s')} | "
-                     f"{f(r.get('denoise_s'), '.1f')} | {ratio(r, 'denoise_s')} | {r.get('full_passes', '-')} | "
-                     f"{f(r.get('denoise_peak_reserved_gib'))} |")
+                     f"{f(r.get('first_step_s'), '.1f')} | {f(r.get('denoise_s'), '.1f')} | {ratio(r, 'denoise_s')} | "
+                     f"{r.get('full_passes', '-')} | {f(r.get('denoise_peak_reserved_gib'))} | "
+                     f"{f(r.get('tree_peak_anon_shmem_gib'))} ({r.get('tree_procs_at_peak', '-')}) |")
     return "\n".join(lines)
 
 
@@ -165,6 +170,33 @@ def _child_args(argv: list) -> list:
             continue
         out.append(a)
     return out
+
+
+def _child_env(args) -> dict:
+    env = dict(os.environ)
+    if args.compile_cache:
+        env["COGVID_COMPILE_CACHE"] = str(args.compile_cache)
+    if args.fresh_inductor_cache:        # as after a reboot or on another machine: only our file carries over
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    return env
+
+
+def _run_child(cmd: list, recipe: str, args) -> dict:
+    """The recipe's child process, its host memory summed over its process tree (compile workers)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(args))
+    tree = TreeSampler(p.pid)
+    tree.start()
+    try:
+        out, err = p.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        tree.stop()
+        return dict(recipe=recipe, error=f"timed out after {args.timeout:.0f} s")
+    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
+    row = json.loads(line[7:]) if line else dict(recipe=recipe, error=(err or out)[-600:])
+    row.update(tree.stop())
+    return row
 
 
 def main(argv=None) -> int:
@@ -184,6 +216,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--baseline-from", type=Path, help="take the diffusers-resident row from this earlier JSON "
                     "(same card, same checkpoints: a 50-step 1.5 reference and our recipes do not fit one command)")
+    ap.add_argument("--compile-cache", type=Path, help="COGVID_COMPILE_CACHE for every recipe (speed 'compile' "
+                    "keeps its kernels there: the second run of a compiled recipe is a restart)")
+    ap.add_argument("--fresh-inductor-cache", action="store_true", help="each recipe gets an empty inductor cache "
+                    "(torch's own /tmp cache would otherwise carry compiled kernels from one recipe to the next)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     v = M.V15 if args.variant == "1.5" else M.V10
@@ -206,12 +242,7 @@ def main(argv=None) -> int:
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         cmd = [sys.executable, __file__, "--child", recipe, *_child_args(argv or sys.argv[1:])]
         t0 = time.perf_counter()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-            line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-            row = json.loads(line[7:]) if line else dict(recipe=recipe, error=(p.stderr or p.stdout)[-600:])
-        except subprocess.TimeoutExpired:
-            row = dict(recipe=recipe, error=f"timed out after {args.timeout:.0f} s")
+        row = _run_child(cmd, recipe, args)
         row["wall_s"] = time.perf_counter() - t0
         log(f"## {recipe}: {row['wall_s']:.0f} s" + (f" ERROR {row['error']}" if row.get("error") else ""))
         results.append(row)

@@ -55,6 +55,8 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
     p.add_argument("--fps", type=float, help="default: the variant's (8 for 1.0, 16 for 1.5)")
     p.add_argument("--cache-dir", help="where hub downloads go (default: huggingface_hub's cache)")
+    p.add_argument("--compile-cache", metavar="DIR", help="where speed 'compile' keeps its compiled kernels for the "
+                   "next run (default ~/.cache/cogvid-i2v/compile; 'off': compile afresh every run)")
     p.add_argument("--cache", default="none", metavar="NAME[:ARGS]",
                    help="step cache: none (default, exact), fbc[:THRESHOLD] (first-block cache, 0.05), pab (pyramid "
                         "attention broadcast), fastercache (needs CFG batched: profile resident). A cache trades "
@@ -95,6 +97,7 @@ def run_i2v(args) -> int:
     from cogvid_core.api import StageRecorder
 
     cv.check_writable(args.out)                 # before anything loads: a bad --out costs a second
+    cv.set_compile_cache(args.compile_cache)
     sources = cv.Sources(transformer=args.transformer or args.model, vae=args.vae or args.model,
                          text_encoder=args.text_encoder or args.model, tokenizer=args.tokenizer,
                          scheduler=args.model, loras=tuple(parse_lora(x) for x in args.lora))

@@ -8,12 +8,15 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from cogvid_core import api as cv
+
 CATEGORY = "CogVideoX I2V"
 FOLDER = "CogVideo"
 HUB_REPOS = ("THUDM/CogVideoX1.5-5B-I2V", "THUDM/CogVideoX-5b-I2V")
 PRECISIONS = ("bf16", "fp16", "fp32", "fp8_e4m3fn")
 DEVICES = ("auto", "cuda", "cpu")
 MODEL_EXTENSIONS = (".safetensors", ".sft")
+COMPILE_CACHE_FOLDER = "cogvid_compile_cache"     # under models/: compiled kernels, safe to delete
 
 TRANSFORMER = io.Custom("COGVID_TRANSFORMER")
 T5 = io.Custom("COGVID_T5")
@@ -38,6 +41,8 @@ def register_folders() -> None:
             paths.append(default)
     else:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(MODEL_EXTENSIONS))
+    # speed 'compile' keeps its kernels for the next ComfyUI start there (not temp/: ComfyUI empties it at start)
+    cv.set_compile_cache(os.path.join(folder_paths.models_dir, COMPILE_CACHE_FOLDER))
 
 
 def _is_model_folder(path: str) -> bool:

@@ -35,3 +35,11 @@ def tiny_ckpts(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("tiny_ckpts")
     return {key: write_checkpoints(root, key, tiny=True, dtype=torch.float32) for key in M.VARIANTS}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compile_cache_in_tmp(tmp_path_factory):
+    """Compiled runs keep their kernels (speed/compile_cache.py): in the session's temp folder, never
+    in the home folder of the machine running the tests."""
+    import os
+    os.environ["COGVID_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("compile_cache"))

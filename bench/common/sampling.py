@@ -96,3 +96,42 @@ def nvml_gpu(reading: dict) -> tuple[int | None, str]:
     if "nvml_process" in reading:
         return reading["nvml_process"], "process"
     return reading.get("nvml_device_used"), "device"
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (inductor's compile workers, a sidecar pool)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+class TreeSampler(threading.Thread):
+    """Every ``period`` s: anonymous + shared (pinned pages show there) host memory summed over a process
+    tree; keeps the peak and how many processes the tree had then (what a machine's RAM has to hold)."""
+
+    def __init__(self, pid: int, period: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.period, self.halt = pid, period, threading.Event()
+        self.peak, self.procs_at_peak, self.max_procs = 0, 0, 0
+
+    def run(self):
+        while not self.halt.wait(self.period):
+            pids = descendants(self.pid)
+            total = sum(s.get("rss_anon", 0) + s.get("rss_shmem", 0) for s in map(proc_status, pids))
+            self.max_procs = max(self.max_procs, len(pids))
+            if total > self.peak:
+                self.peak, self.procs_at_peak = total, len(pids)
+
+    def stop(self) -> dict:
+        self.halt.set()
+        self.join()
+        return dict(tree_peak_anon_shmem_gib=self.peak / 2 ** 30, tree_procs_at_peak=self.procs_at_peak,
+                    tree_max_procs=self.max_procs)

@@ -39,6 +39,7 @@ from torch import nn
 
 from cogvid_core.model import precision as P
 from cogvid_core.model.lora_linear import rebased
+from cogvid_core.speed import compile_cache
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -257,11 +258,11 @@ def applied(transformer: nn.Module, speed: Speed | str, device):
         log.warning(note)
     with ExitStack() as stack:
         if not speed.exact:
-            _setup_at_first_call(transformer, speed, stack)
+            _setup_at_first_call(transformer, speed, stack, device)
         yield speed
 
 
-def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack) -> None:
+def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack, device) -> None:
     done = []
 
     def setup(_module, _args):
@@ -269,6 +270,9 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack)
             return
         done.append(True)
         if speed.compile:
+            compile_cache.cap_workers()
+            compile_cache.load(device)
+            stack.callback(compile_cache.save, device)
             _compile(transformer, stack)
         if speed.fp8:
             _fp8(transformer, stack)
