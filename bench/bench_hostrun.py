@@ -14,6 +14,7 @@ a recipe's freed heap would otherwise count in the next one's peaks.
     python3 bench/bench_hostrun.py --dir /tmp/ck --recipes diffusers-resident,ours-auto@6~fp8+compile  # a speed option
     python3 bench/bench_hostrun.py --dir /tmp/ck --variant 1.0 --write --recipes diffusers-resident,ours-auto@4
 
+``RECIPE%N`` adds N random rank-64 LoRAs (attention and feed-forward of every block, strength 1).
 ``RECIPE~SPEED`` runs our RECIPE with the transformer's speed option SPEED (cogvid_core.speed.fast); the s/step
 of the last step (compile warms up in the first). ``RECIPE^CACHE`` adds the step cache CACHE (``i2v --cache``:
 e.g. ``ours-auto@6~fp8+fa3fp8+compile^fbc:0.2``); each row also has the whole denoise's seconds (first step's
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,18 +75,34 @@ def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -
 def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
     from cogvid_core.run import pipeline
 
+    recipe, _, n_loras = recipe.partition("%")
     recipe, _, cache = recipe.partition("^")
     name, _, speed = recipe.removeprefix("ours-").partition("~")
     budget = float(name[5:]) if name.startswith("auto@") else None
     job = pipeline.Job(image=image, prompt=PROMPT, frames=args.frames, height=args.height, width=args.width,
                        steps=args.steps, cfg=args.cfg, seed=42, cache=cache or "none")
-    res = pipeline.generate(pipeline.Sources.from_model(str(folder)), job, precision="bf16", device=device,
+    sources = replace(pipeline.Sources.from_model(str(folder)), loras=_loras(folder, int(n_loras or 0), args))
+    res = pipeline.generate(sources, job, precision="bf16", device=device,
                             profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
                             progress=lambda done, total: mark(), speed=speed or "exact")
     passes = res.cache.full_passes if res.cache is not None else 2 * args.steps * (args.cfg > 1)
     return dict(profile=res.profile, speed=speed or "exact", cache=cache or "none", full_passes=passes,
                 cache_line=res.cache.line() if res.cache is not None else "", settings=res.settings,
                 host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
+
+
+def _loras(folder: Path, n: int, args) -> tuple:
+    """``n`` random rank-64 LoRAs on every block's attention and feed-forward (bf16, the variant's own
+    layout), written beside the checkpoint once; strength 1."""
+    from cogvid_core.model import testing
+    key = M.V15.key if args.variant == "1.5" else M.V10.key
+    paths = []
+    for i in range(n):
+        path = folder.parent / "loras" / f"{folder.name}-rank64-{i}.safetensors"
+        if not path.exists():
+            testing.write_lora(path, key, rank=64, seed=i, tiny=args.tiny, dtype=args.dtype)
+        paths.append((str(path), 1.0))
+    return tuple(paths)
 
 
 def cold_cache(folder: Path) -> None:
