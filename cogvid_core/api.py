@@ -57,6 +57,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "CACHE_TOOLTIP": ("speed.caches", "TOOLTIP"),
     "SPEEDS": ("speed.fast", "CHOICES"),
     "check_speed_alone": ("speed.fast", "resolve_alone"),
+    "speed_recipe": ("speed.fast", "recipe"),
     "DeviceMap": ("speed.multigpu", "DeviceMap"),
     "PAIR_SEPARATOR": ("speed.multigpu", "PAIR_SEPARATOR"),
     "attach_second": ("speed.multigpu", "attach_second"),
