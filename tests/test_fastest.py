@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,3 +200,17 @@ def test_cli_takes_fastest_and_the_estimate_counts_its_pick(capsys):
     assert cli.main(["estimate", "--budget-gib", "24", "--json", "--device", "cpu", "--speed", "fastest"]) == 0
     counted = json.loads(capsys.readouterr().out)["counted"]
     assert counted["speed"] == "fastest" and counted["speed_recipe"] == "exact"
+
+
+def test_bench_takes_fastest_and_records_the_emulated_capability(tmp_path, monkeypatch):
+    monkeypatch.delenv(cardclass.EMULATE_CC, raising=False)     # the bench sets it; undone after the test
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_speed
+    out = tmp_path / "speed.json"
+    assert bench_speed.main(["--tiny", "--device", "cpu", "--options", "exact,fastest", "--steps", "2",
+                             "--emulate-cc", "8.6", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["option"]: r for r in data["rows"]}
+    assert data["env"]["emulate_cc"] == "8.6"
+    assert rows["fastest"]["ran"] == "exact" and "speed 'fastest'" in rows["fastest"]["notes"][0]
+    assert rows["fastest"]["final_latent_rel_l2"] == 0.0
