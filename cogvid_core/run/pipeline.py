@@ -237,7 +237,8 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
                                    budget_gib=vram_budget_gib, precision=names,
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
-                                   cfg_pair=devices is not None and devices.second is not None, speed=speed,
+                                   cfg_pair=devices is not None and devices.second is not None,
+                                   speed=fast.recipe(speed, device, _split(devices)),   # fastest: what runs
                                    cache=job.cache)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices, notes=notes, precision=names)
@@ -245,14 +246,22 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
 
 def _check_speed(speed: str, run: _Run) -> str:
     """A bad name fails now; parts this device cannot run are said now, before any model loads (and
-    once more when the transformer runs without them)."""
-    pair = run.devices is not None and run.devices.second is not None
-    ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-    resolved = fast.resolve_alone(speed, run.device, "a CFG pair (--devices)" if pair else "torchrun" if ranks else None)
+    once more when the transformer runs without them). Returns the name the run keeps (``fastest`` is
+    ``exact`` on a split run)."""
+    split = _split(run.devices)
+    resolved = fast.resolve_alone(speed, run.device, split)
     for note in resolved.notes:
         log.warning(note)
-    return speed
+    return fast.recipe(speed, run.device, split) if split else speed
+
+
+def _split(devices) -> str | None:
+    """How the run is split over GPUs (speed options do not combine with it yet), None on one GPU."""
+    if devices is not None and devices.second is not None:
+        return "a CFG pair (--devices)"
+    ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    return "torchrun" if ranks else None
 
 
 def _encode_prompts(run: _Run):
