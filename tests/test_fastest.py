@@ -203,7 +203,7 @@ def test_cli_takes_fastest_and_the_estimate_counts_its_pick(capsys):
 
 
 def test_bench_takes_fastest_and_records_the_emulated_capability(tmp_path, monkeypatch):
-    monkeypatch.delenv(cardclass.EMULATE_CC, raising=False)     # the bench sets it; undone after the test
+    monkeypatch.setenv(cardclass.EMULATE_CC, "")     # the bench sets it; an undo recorded (delenv of an unset name records none)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import bench_speed
     out = tmp_path / "speed.json"
