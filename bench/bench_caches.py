@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvid_core.model import loading, testing                 # noqa: E402
+from bench.common.sampling import TreeSampler                  # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
 from cogvid_core.speed import caches, fast                     # noqa: E402
@@ -75,10 +76,12 @@ class Peaks:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.tree = TreeSampler(os.getpid())       # this process and its compile workers
+        self.tree.start()
         self.t0 = time.perf_counter()
 
     def stop(self) -> dict:
-        out = {}
+        out = self.tree.stop()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out.update(peak_alloc_gib=torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
