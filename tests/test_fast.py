@@ -472,3 +472,9 @@ def test_compiled_processor_classes_keep_their_own_call_signature():
     assert list(inspect.signature(a().__call__).parameters) == ["attn", "hidden_states", "encoder_hidden_states",
                                                                "image_rotary_emb"]
     assert list(inspect.signature(b().__call__).parameters) == ["attn", "hidden_states", "attention_mask"]
+
+
+def test_compile_on_a_card_triton_cannot_serve_is_dropped_with_the_reason(monkeypatch):
+    _fake_cuda(monkeypatch, (6, 1))                      # a GTX 1080: inductor would fail at the first call
+    got = fast.resolve("compile", torch.device("cuda", 0))
+    assert not got.compile and "7.0" in got.notes[0] and "6.1" in got.notes[0]

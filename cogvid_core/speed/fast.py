@@ -54,6 +54,7 @@ FASTEST = "fastest"      # the best recipe of this card's class that runs here (
 CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
            "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile", FASTEST)
 FP8_MIN_CC = (8, 9)
+TRITON_MIN_CC = (7, 0)
 FP8_ADA_TORCH = "2.7"
 
 
@@ -135,6 +136,11 @@ def _fp8_reason(device) -> str | None:
 
 def _compile_reason(device) -> str | None:
     if torch.device(device).type == "cuda":
+        cc = cardclass.capability(device)
+        if cc is not None and cc < TRITON_MIN_CC and not torch.version.hip:
+            # torch's inductor refuses such a card at the first compiled call, mid-run
+            return (f"torch.compile's Triton kernels need compute capability >= {TRITON_MIN_CC[0]}.{TRITON_MIN_CC[1]}; "
+                    f"this GPU has {cc[0]}.{cc[1]}")
         return triton_reason()
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         return "torch.compile on the CPU needs a C++ compiler (g++), none found"
