@@ -3,6 +3,8 @@ names, components on different devices. CPU runs take the very code path of two 
 "devices" that are both the CPU), so the result must equal the one-device run."""
 from __future__ import annotations
 
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,39 @@ def test_parse_devices():
 def test_device_choices():
     assert MG.device_choices(1) == ["cuda:0", "cuda:1", "cuda:0+cuda:1"]
     assert "cuda:2+cuda:3" in MG.device_choices(4)
+
+
+# ------------------------------------------------------------------------------ speed options on split runs
+THREADS: list = []
+
+
+@torch.library.custom_op("cogvid_test::thread_sdpa", mutates_args=())
+def _thread_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA itself, noting which thread called it: the pair's second copy runs in the cogvid-cfg worker."""
+    import threading
+    THREADS.append(threading.current_thread().name)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@_thread_sdpa.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+def _speed_kernel():
+    from cogvid_core.speed import fast
+    fast.register_attention(fast.AttentionKernel("threads", _thread_sdpa, lambda q, k, v: True, lambda device: None,
+                                                 exact_class=True))
+
+
+_speed_kernel()
+
+
+def _state(tr) -> tuple:
+    """What a use must leave as it found: hooks, instance forwards, classes, the Parameter objects."""
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.modules())
+    forwards = [n for n, m in tr.named_modules() if "forward" in m.__dict__]
+    return hooks, forwards, [type(m) for m in tr.modules()], [id(p) for p in tr.parameters()]
 
 
 # ------------------------------------------------------------------------------ the pipeline and CLI
@@ -273,6 +308,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _forward_kw(tr) -> dict:
+    cfg, g = tr.config, torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
+                encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
+                timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
+                image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+
+
 def _forward_rank(rank, n, port, out):
     import os
 
@@ -283,11 +326,7 @@ def _forward_rank(rank, n, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=n)
     torch.set_num_threads(1)
     tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
-    cfg, g = tr.config, torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
-              encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
-              timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
-              image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+    kw = _forward_kw(tr)
     with torch.inference_mode():
         ref = tr(**kw)[0]
         with seqpar.sequence_parallel(tr) as mode:
@@ -308,6 +347,66 @@ def test_sequence_parallel_forward_equals_one_process(tmp_path):
     from cogvid_core.speed.seqpar import alltoall_bytes
     per_layer = alltoall_bytes(1, cfg["num_attention_heads"], M.MAX_TEXT_TOKENS, 72 // 2, cfg["attention_head_dim"], 4, 2)
     assert r0["sent"] == cfg["num_layers"] * per_layer
+
+
+def _speed_rank(rank, n, port, out):
+    """One gloo rank: the forward under sequence parallel with speed options on, beside the one-process
+    forward with the same speed. Redirect + compile (dynamo, eager backend), the redirect entered after
+    sequence parallel instead of before (the order must not matter), fp8 (the torchao stand-in)."""
+    import os
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from test_fast import _FakeTorchao
+    from cogvid_core.speed import fast, seqpar
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    torch.set_num_threads(1)
+    fast.COMPILE_OPTIONS["backend"] = "eager"
+    sys.modules["torchao"], sys.modules["torchao.quantization"] = type(sys)("torchao"), _FakeTorchao
+    fast._computable = lambda w: True
+    fast._fp8_reason = lambda device: None          # the CPU stands in for an Ada/Hopper card
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    kw, results = _forward_kw(tr), {}
+    with torch.inference_mode():
+        exact = tr(**kw)[0]
+        for speed, speed_first in (("threads+compile", True), ("threads", False), ("fp8", True)):
+            with fast.applied(tr, speed, "cpu"):
+                ref = tr(**kw)[0]
+            THREADS.clear()
+            with ExitStack() as stack:
+                if speed_first:      # as the pipeline does: the Component's use, then seqpar.active
+                    stack.enter_context(fast.applied(tr, speed, "cpu"))
+                mode = stack.enter_context(seqpar.sequence_parallel(tr))
+                if not speed_first:
+                    stack.enter_context(fast.applied(tr, speed, "cpu"))
+                got = tr(**kw)[0]
+                graphs = counters["stats"]["unique_graphs"]
+                again = tr(**kw)[0]
+            results[speed] = dict(ref=ref, got=got, again=again, new_graphs=counters["stats"]["unique_graphs"] - graphs,
+                                  kernel_calls=len(THREADS), sent=mode.sent_bytes)
+        results["after"] = dict(exact=exact, now=tr(**kw)[0], state=_state(tr)[:2])
+    torch.save(results, f"{out}/speed{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_runs_speed_options(tmp_path):
+    """The speed's kernel runs the local attention inside Ulysses' exchange (not around it: that attended
+    over this rank's tokens only); compile and fp8 run per rank; each equals the one-process forward
+    with the same speed, and nothing is left after."""
+    import torch.multiprocessing as mp
+    mp.spawn(_speed_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"speed{r}.pt") for r in (0, 1))
+    layers = M.transformer_config(M.VARIANTS[KEY], tiny=True)["num_layers"]
+    for speed in ("threads+compile", "threads", "fp8"):
+        got = r0[speed]
+        torch.testing.assert_close(got["got"], got["ref"], rtol=1e-5, atol=1e-5, msg=speed)
+        assert torch.equal(got["again"], got["got"]) and torch.equal(r1[speed]["got"], got["got"]), speed
+        assert got["sent"] > 0 and got["new_graphs"] == 0, (speed, got["sent"], got["new_graphs"])
+        assert got["kernel_calls"] == (2 * layers if "threads" in speed else 0), speed
+    assert (r0["fp8"]["ref"] - r0["after"]["exact"]).abs().max() > 1e-3       # fp8's stand-in did compute
+    assert torch.equal(r0["after"]["now"], r0["after"]["exact"]) and r0["after"]["state"] == (0, [])
 
 
 def _torchrun_rank(rank, n, port, argv, out):
