@@ -139,7 +139,7 @@ class CogVidTransformerLoader(io.ComfyNode):
         from cogvid_core import api as cv
         dev, second = _devices(device, "transformer")
         cv.resolve_precision("transformer", precision, dev, warn=False)   # a bad name fails before any download
-        cv.check_speed_alone(speed, dev, f"a CFG pair ({device})" if second is not None else None)   # before the load
+        cv.check_speed_alone(speed, dev, second)   # before the load (a pair: what both of its GPUs run)
         src = _source("transformer", model)
         # the variant from the headers: 1.5 in fp16 is refused here, before gigabytes load (and NaN at step 1)
         precision = cv.resolve_precision("transformer", precision, dev, cv.peek_transformer(src)[0])

@@ -133,7 +133,7 @@ def test_device_choices():
     assert "cuda:2+cuda:3" in MG.device_choices(4)
 
 
-# ------------------------------------------------------------------------------ speed options on split runs
+# ------------------------------------------------------------------------------ speed options on the pair
 THREADS: list = []
 
 
@@ -166,6 +166,78 @@ def _state(tr) -> tuple:
     return hooks, forwards, [type(m) for m in tr.modules()], [id(p) for p in tr.parameters()]
 
 
+def _pair():
+    """The fixture's transformer built again (same seed: same weights) with its copy on a second CPU
+    "device", attached before any use places it, as the loaders do."""
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    MG.attach_second(tr, "cpu")
+    return tr
+
+
+def _speed_sample(tr, speed, cfg_mode="sequential"):
+    from cogvid_core.run import session
+    variant = M.VARIANTS[KEY]
+    comp = session.Component("transformer", tr, torch.device("cpu"), torch.float32, "resident", variant=variant)
+    with comp.with_speed(speed).use() as module:
+        out = _sample(module, variant, cfg_mode, steps=2)
+        second = MG.second_of(module)
+        compiled = second is not None and "forward" in second.module.transformer_blocks[0].__dict__
+    return out, compiled
+
+
+def test_cfg_pair_runs_the_speed_on_both_copies(transformer, monkeypatch):
+    """Kernel redirect and regional compile on the pair's second copy too (its own worker thread): the
+    pair equals the same speed on one device, and after the use both copies are as they were."""
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")   # dynamo's tracing, no C++ build
+    torch._dynamo.reset()
+    variant = M.VARIANTS[KEY]
+    plain = _sample(transformer, variant, steps=2)
+    THREADS.clear()
+    one, _ = _speed_sample(transformer, "threads+compile")
+    layers = transformer.config.num_layers
+    assert len(THREADS) == 2 * 2 * layers and not any(t.startswith("cogvid-cfg") for t in THREADS)
+    pair = _pair()
+    second = MG.second_of(pair).module
+    before = _state(pair), _state(second)
+    THREADS.clear()
+    two, compiled = _speed_sample(pair, "threads+compile", "batched")   # the pair: one branch per copy
+    assert compiled, "the second copy's blocks ran compiled"
+    assert sum(t.startswith("cogvid-cfg") for t in THREADS) == 2 * layers, "the uncond branch took the kernel"
+    assert len(THREADS) == 2 * 2 * layers
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)      # exact-class parts: the one-device result
+    torch.testing.assert_close(two, plain, rtol=1e-4, atol=1e-4)
+    assert (_state(pair), _state(second)) == before
+    THREADS.clear()
+    assert torch.equal(_sample(pair, variant, steps=2), plain) and not THREADS   # exact again, both copies
+
+
+def test_cfg_pair_swaps_fp8_weights_on_both_copies(transformer, monkeypatch):
+    """fp8 (torchao stand-in that halves each weight: visibly wrong, so a copy left in bf16 shows): the
+    pair equals fp8 on one device, and both copies get their own Parameters back."""
+    from test_fast import _FakeTorchao
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", _FakeTorchao)
+    monkeypatch.setattr(fast, "_computable", lambda w: True)
+    monkeypatch.setattr(fast, "_fp8_reason", lambda device: None)   # the CPU stands in for an Ada/Hopper card
+    variant = M.VARIANTS[KEY]
+    plain = _sample(transformer, variant, steps=2)
+    _FakeTorchao.calls = 0
+    one, _ = _speed_sample(transformer, "fp8")
+    per_sample = _FakeTorchao.calls
+    assert (one - plain).abs().max() > 1e-3
+    pair = _pair()
+    second = MG.second_of(pair).module
+    before = _state(pair), _state(second)
+    _FakeTorchao.calls = 0
+    two, _ = _speed_sample(pair, "fp8", "batched")
+    assert _FakeTorchao.calls == per_sample                      # the same swaps, half of them on the copy
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    assert (_state(pair), _state(second)) == before
+    assert torch.equal(_sample(pair, variant, steps=2), plain)
+
+
 # ------------------------------------------------------------------------------ the pipeline and CLI
 def _job(image_size, cfg=6.0):
     import numpy as np
@@ -195,6 +267,18 @@ def test_pipeline_cfg_pair_equals_one_device(tiny_ckpts, monkeypatch):
     assert seen == [torch.device("cpu")]
     assert torch.equal(two.frames, one.frames)
     assert two.frames.std() > 0.01
+
+
+def test_pipeline_cfg_pair_with_a_speed_equals_one_device(tiny_ckpts):
+    """--devices cpu,cpu --speed threads: checked before the load (nothing refused), the kernel on both
+    copies, the frames of the one-device run with the same speed."""
+    THREADS.clear()
+    one = _generate(tiny_ckpts, device="cpu", speed="threads")
+    assert THREADS and not any(t.startswith("cogvid-cfg") for t in THREADS)
+    THREADS.clear()
+    two = _generate(tiny_ckpts, devices="cpu,cpu", speed="threads")
+    assert sum(t.startswith("cogvid-cfg") for t in THREADS) == len(THREADS) // 2 > 0
+    assert torch.equal(two.frames, one.frames)
 
 
 def test_components_on_other_devices(tiny_ckpts, monkeypatch):
@@ -413,10 +497,11 @@ def _torchrun_rank(rank, n, port, argv, out):
     import os
     from contextlib import contextmanager
 
-    from cogvid_core.speed import seqpar
+    from cogvid_core.speed import fast, seqpar
     os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    fast.COMPILE_OPTIONS["backend"] = "eager"     # a speed's compile: dynamo's tracing, no C++ build per rank
     real, sent = seqpar.sequence_parallel, []
 
     @contextmanager
@@ -429,11 +514,14 @@ def _torchrun_rank(rank, n, port, argv, out):
     if main(argv) != 0:
         raise SystemExit(f"rank {rank} failed")
     (Path(out) / f"sent{rank}").write_text(str(sum(sent)))
+    (Path(out) / f"kernel{rank}").write_text(str(len(THREADS)))
 
 
-def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("speed", ["exact", "threads+compile"])
+def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, speed):
     """The CLI as torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), on gloo: rank 0 writes
-    the frames, which equal a one-process run's."""
+    the frames, which equal a one-process run's with the same speed option (its kernel and compile run
+    on every rank)."""
     import numpy as np
     import torch.multiprocessing as mp
     from PIL import Image
@@ -441,11 +529,15 @@ def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
     from cogvid_core.cli import main
     img = tmp_path / "start.png"
     Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
     base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
-            "--precision", "fp32", "--device", "cpu"]
+            "--precision", "fp32", "--device", "cpu", "--speed", speed]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     mp.spawn(_torchrun_rank, args=(2, _free_port(), [*base, "--out", str(tmp_path / "sp")], str(tmp_path)), nprocs=2)
     assert all(int((tmp_path / f"sent{r}").read_text()) > 0 for r in (0, 1))
+    calls = [int((tmp_path / f"kernel{r}").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1] and (calls[0] > 0) == (speed != "exact")
     one, sp = (sorted((tmp_path / d).glob("*.png")) for d in ("one", "sp"))
     assert len(one) == len(sp) == 17
     diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()

@@ -244,12 +244,10 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
 
 
 def _check_speed(speed: str, run: _Run) -> str:
-    """A bad name fails now; parts this device cannot run are said now, before any model loads (and
-    once more when the transformer runs without them)."""
-    pair = run.devices is not None and run.devices.second is not None
-    ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-    resolved = fast.resolve_alone(speed, run.device, "a CFG pair (--devices)" if pair else "torchrun" if ranks else None)
+    """A bad name fails now; parts this device (with a CFG pair: either of its devices) cannot run are
+    said now, before any model loads (and once more when the transformer runs without them)."""
+    second = run.devices.second if run.devices is not None else None
+    resolved = fast.resolve_alone(speed, run.device, second)
     for note in resolved.notes:
         log.warning(note)
     return speed
