@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvid_core.model import loading, testing                 # noqa: E402
+from bench.common.sampling import TreeSampler                  # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
 from cogvid_core.speed import caches, fast                     # noqa: E402
@@ -75,10 +76,12 @@ class Peaks:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        self.tree = TreeSampler(os.getpid())       # this process and its compile workers
+        self.tree.start()
         self.t0 = time.perf_counter()
 
     def stop(self) -> dict:
-        out = {}
+        out = self.tree.stop()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             out.update(peak_alloc_gib=torch.cuda.max_memory_allocated(self.device) / 2 ** 30,
@@ -113,6 +116,25 @@ def _tail_counter(tr):
     return runs, h
 
 
+def _step_clock(device):
+    """(marks, mark): mark() appends the time after the GPU finished the step (per-step seconds)."""
+    marks = []
+
+    def mark(*_a, **_k):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        marks.append(time.perf_counter())
+        return {}
+    return marks, mark
+
+
+def _step_times(t0: float, marks: list) -> dict:
+    ends = [t0, *marks]
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    later = sorted(steps[1:])
+    return dict(step_s=steps, median_later_step_s=later[len(later) // 2] if later else None)
+
+
 def run_diffusers(s, spec, steps, peaks):
     from diffusers import CogVideoXImageToVideoPipeline
     tr = s["tr"]
@@ -123,12 +145,15 @@ def run_diffusers(s, spec, steps, peaks):
     seen, probe = fbc_probe(tr.transformer_blocks[0])
     if caches.parse(spec).on:
         tr.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
+    marks, mark = _step_clock(s["device"])
     peaks.start()
     try:
         out = pipe(image=s["image"].to(s["device"], s["dtype"]), prompt_embeds=s["pos"], negative_prompt_embeds=s["neg"],
                    height=s["h"], width=s["w"], num_frames=s["frames"], num_inference_steps=steps, guidance_scale=6.0,
-                   use_dynamic_cfg=True, generator=torch.Generator("cpu").manual_seed(42), output_type="latent").frames
+                   use_dynamic_cfg=True, generator=torch.Generator("cpu").manual_seed(42), output_type="latent",
+                   callback_on_step_end=lambda *a: mark()).frames
         row = peaks.stop()
+        row.update(_step_times(peaks.t0, marks))
     finally:
         if tr.is_cache_enabled:
             tr.disable_cache()
@@ -144,12 +169,14 @@ def run_ours(s, spec, steps, args, peaks):
         latent = s.setdefault("latent", encode_image(s["vae"], ((s["image"][0] + 1) / 2).permute(1, 2, 0),
                                                       s["h"], s["w"], s["variant"], "crop", s["device"]))
     stats = []
+    marks, mark = _step_clock(s["device"])
     with fast.applied(s["tr"], args.speed, s["device"]) as ran, torch.inference_mode():
         peaks.start()
         out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,
                               seed=42, device=s["device"], dtype=s["dtype"], cfg_mode=args.cfg_mode, cache=spec,
-                              cache_stats=stats)
+                              cache_stats=stats, progress=mark)
         row = peaks.stop()
+        row.update(_step_times(peaks.t0, marks))
     row.update(side="ours", cache=spec, speed=args.speed, speed_ran=ran.name, cfg_mode=args.cfg_mode,
                full_passes=stats[0].full_passes if stats else 2 * steps, stats=stats[0].line() if stats else "")
     return row, out.samples.float()

@@ -2,6 +2,7 @@
 
     python bench/bench_speed.py                           # H200: 81x768x1360, batched CFG, ~7 min
     python bench/bench_speed.py --tiny --device cpu       # the code path, on a CPU, seconds
+    python bench/bench_speed.py --emulate-cc 8.9 --options exact,fastest,fp8+sage+compile   # an Ada card's choices
 
 On the GPU machine (carry .whl with diffusers, .whl_speed with torchao 0.18.0 and sageattention 1.0.6):
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -22,7 +23,12 @@ Random bf16 weights built on the GPU; inputs of the 1.5 video at 81x768x1360 (ba
 ``flash`` and ``efficient`` (torch SDPA backends, exact) give the yardstick: how much two exact
 attention kernels differ. ``anchor`` is torchao's own recipe: float8 dynamic per-row on every block
 Linear (torchao's defaults, its inductor settings included) plus regional compile, undone after it ran.
-Options that would end past the time budget are skipped (listed as such).
+Options that would end past the time budget are skipped (listed as such). ``fastest`` runs the recipe
+it picks on this card (the row's ``ran`` says which).
+
+``--emulate-cc 8.6`` sets COGVID_EMULATE_CC (cogvid_core.speed.cardclass): the capability checks (fp8's
+8.9, fa3fp8's 9.0, fastest's card class) see 8.6, so an H100 shows which recipes an Ampere card would
+be given and runs them; the seconds are still the H100's. The JSON's env records it.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cogvid_core.speed import fast  # noqa: E402
+from cogvid_core.speed import cardclass, fast  # noqa: E402
 from cogvid_core.model import loading  # noqa: E402
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run import sampling  # noqa: E402
@@ -61,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int)
     p.add_argument("--budget-s", type=float, default=380.0, help="skip options that would end past this many seconds")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick CPU check)")
+    p.add_argument("--emulate-cc", metavar="X.Y", help="capability checks see compute capability X.Y (sets "
+                   f"{cardclass.EMULATE_CC}): what another card class would run, timed on this GPU")
     p.add_argument("--out", type=Path, help="JSON file (default $OUT/speed.json, else bench/speed_local.json)")
     return p.parse_args(argv)
 
@@ -204,7 +212,7 @@ def rel_l2(a, b) -> float:
 
 
 def predicted_cost(name: str, exact_step: float, steps: int) -> float:
-    compile_s = 90.0 if ("compile" in name or name == ANCHOR) else 0.0
+    compile_s = 90.0 if ("compile" in name or name in (ANCHOR, fast.FASTEST)) else 0.0
     return steps * exact_step * 1.3 + compile_s
 
 
@@ -246,7 +254,8 @@ def _env(inp: Inputs, args) -> dict:
                 sageattention=extras["sageattention"], variant=inp.variant.key, frames=inp.frames,
                 height=inp.height, width=inp.width, tokens=inp.tokens,
                 steps=args.steps, tiny=bool(args.tiny), dtype=str(inp.dtype), build_s=inp.build_s,
-                compile_backend=args.compile_backend, cfg="batched, dynamic 6", scheduler="dpm (50-step schedule)")
+                compile_backend=args.compile_backend, cfg="batched, dynamic 6", scheduler="dpm (50-step schedule)",
+                emulate_cc=args.emulate_cc)
 
 
 HEADER = ("| option | ran as | s/step | x exact | first call s | step-1 pred rel L2 | final latent rel L2 | "
@@ -263,6 +272,9 @@ def table_line(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.emulate_cc:
+        os.environ[cardclass.EMULATE_CC] = args.emulate_cc
+        cardclass.emulated()      # a malformed value fails here, before the model is built
     data = run_all(args)
     out = args.out or (Path(os.environ["OUT"]) / "speed.json" if os.environ.get("OUT")
                        else Path(__file__).with_name("speed_local.json"))

@@ -58,6 +58,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "SPEEDS": ("speed.fast", "CHOICES"),
     "check_speed_alone": ("speed.fast", "resolve_alone"),
     "set_compile_cache": ("speed.compile_cache", "set_folder"),
+    "speed_recipe": ("speed.fast", "recipe"),
     "DeviceMap": ("speed.multigpu", "DeviceMap"),
     "PAIR_SEPARATOR": ("speed.multigpu", "PAIR_SEPARATOR"),
     "attach_second": ("speed.multigpu", "attach_second"),

@@ -49,7 +49,8 @@ def _i2v_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speed", default="exact", metavar="SPEED",
                    help="transformer speed option: exact (default, unchanged result); cudnn and compile (exact-class: "
                         "same math, other rounding); sage (8-bit attention) and fp8 (float8 matmuls, Ada/Hopper) change "
-                        "the video slightly; combine with '+', e.g. fp8+compile. Choices: " + ", ".join(_speeds()))
+                        "the video slightly; combine with '+', e.g. fp8+compile; fastest: the best recipe this GPU "
+                        "runs (per card class, exact on a CPU; a message says which). Choices: " + ", ".join(_speeds()))
     p.add_argument("--profile", default=AUTO, help="memory profile: auto, resident, balanced, lowvram")
     p.add_argument("--vram-budget", type=float, help="GiB the run may use (default: what the GPU has free)")
     p.add_argument("--resize", choices=["crop", "stretch", "pad"], default="crop")
@@ -242,7 +243,8 @@ def _estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chart", default=None, help="also write the chart as a PNG here")
     # i2v's memory-changing options, same names and meanings, so an estimate can be asked for the exact run
     p.add_argument("--speed", default="exact", metavar="SPEED",
-                   help="as i2v --speed: what the speed option adds to the denoise step counts. Choices: "
+                   help="as i2v --speed: what the speed option adds to the denoise step counts (fastest: what it "
+                        "picks on --device). Choices: "
                         + ", ".join(_speeds()))
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="as i2v --lora (repeat for several): the file's tensors count with the transformer's weights")
@@ -265,18 +267,20 @@ def _estimate_budget(args) -> int | None:
     return gpu_budget(dev, int(args.reserve_gib * GiB))
 
 
-def _estimate_counts(args, dev, precision) -> tuple[int, bool]:
-    """(LoRA device bytes, CFG pair?) as i2v counts them; a bad --speed, --lora or --devices fails here
-    with i2v's message. The speed counted is the one asked, as i2v's planner counts it."""
+def _estimate_counts(args, dev, precision) -> tuple[int, bool, str]:
+    """(LoRA device bytes, CFG pair?, speed counted) as i2v counts them; a bad --speed, --lora or --devices
+    fails here with i2v's message. The speed counted is the one asked, as i2v's planner counts it;
+    ``fastest`` the recipe it picks on ``dev`` (with a CFG pair: what both of its devices run, as i2v runs it)."""
     second = cv.parse_devices(args.devices).second if args.devices else None
     pair = second is not None
     for note in cv.check_speed_alone(args.speed, dev, second).notes:
         print(f"note: {note}", file=sys.stderr)
+    speed = cv.speed_recipe(args.speed, dev, second)
     if not args.lora_mib >= 0 or args.lora_mib == float("inf"):
         raise ValueError(f"--lora-mib {args.lora_mib:g}: give the LoRAs' size in MiB, a finite number >= 0")
     loras = [(cv.load_lora(path), strength) for path, strength in map(parse_lora, args.lora)]
     dtype = cv.precision_dtypes(precision["transformer"])[0]      # the pipeline's compute dtype (_prepare)
-    return cv.lora_bytes(loras, dtype) + int(args.lora_mib * 1024 ** 2), pair
+    return cv.lora_bytes(loras, dtype) + int(args.lora_mib * 1024 ** 2), pair, speed
 
 
 def run_estimate(args) -> int:
@@ -293,13 +297,13 @@ def run_estimate(args) -> int:
     dev = cv.default_device() if args.device in (None, "", "auto") else args.device
     dev = cv.parse_devices(args.devices).primary if args.devices else dev
     precision = cv.resolve_precisions(asked, dev, v)      # the loaders' rule: 1.5 in fp16 refused, auto for this card
-    lora_bytes, pair = _estimate_counts(args, dev, precision)
+    lora_bytes, pair, speed = _estimate_counts(args, dev, precision)
     tile = None
     if args.tile:
         th, tw = (int(x) for x in args.tile.lower().split("x"))
         tile = (th, tw, 1 / 6)
     budget = _estimate_budget(args)
-    counts = dict(keep_loaded=args.keep_loaded, cache=args.cache, lora_bytes=lora_bytes, speed=args.speed)
+    counts = dict(keep_loaded=args.keep_loaded, cache=args.cache, lora_bytes=lora_bytes, speed=speed)
     if args.profile == AUTO and budget is None:
         print("no CUDA device and no --budget-gib: showing the 'balanced' profile without a verdict", file=sys.stderr)
         est = estimate(v, frames, height, width, _pair_form("balanced", pair), precision, tile, None, **counts)
@@ -307,7 +311,8 @@ def run_estimate(args) -> int:
         _prof, est = plan(v, frames, height, width, budget, precision, cfg_pair=pair, **counts)
     else:
         est = estimate(v, frames, height, width, _pair_form(args.profile, pair), precision, tile, budget, **counts)
-    counted = {"speed": args.speed, "lora_mib": round(lora_bytes / 1024 ** 2, 1), "cfg_pair": pair}
+    counted = {"speed": args.speed, "speed_recipe": speed, "lora_mib": round(lora_bytes / 1024 ** 2, 1),
+               "cfg_pair": pair}
     if args.chart:
         from PIL import Image
 
@@ -317,7 +322,8 @@ def run_estimate(args) -> int:
         print(json.dumps({**est.to_dict(), "counted": counted}, indent=2))
     else:
         print(est.report())
-        print(f"counted: speed {args.speed}, LoRA {counted['lora_mib']:g} MiB"
+        print(f"counted: speed {args.speed}" + (f" ({speed} here)" if speed != args.speed else "")
+              + f", LoRA {counted['lora_mib']:g} MiB"
               + (", one CFG branch per GPU (--devices pair)" if pair else ""))
     return 0 if est.fits is not False else 1
 

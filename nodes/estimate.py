@@ -54,7 +54,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
                 io.Combo.Input("speed", options=C.speed_options(), default="exact", optional=True,
                                tooltip="The Transformer Loader's speed option: FP8 attention (fa3fp8) and fp8 "
                                        "without compile hold more memory while sampling; the others no more "
-                                       "than exact"),
+                                       "than exact. fastest counts what it picks on this GPU"),
                 io.Combo.Input("precision", options=precision_names(), default="auto", optional=True,
                                tooltip="The Transformer Loader's precision (T5 and the VAE: auto, as their "
                                        "loaders pick by default). auto: bf16 where the card has it; on T4, V100, "
@@ -90,6 +90,7 @@ class CogVidVRAMEstimate(io.ComfyNode):
             budget = None if budget is None else cv.own_budget(budget, transformer.device_bytes())
         else:
             v, lora_bytes = cv.variant_by_label(variant), int(lora_mib * 1024 ** 2)
+        asked, speed = speed, cv.speed_recipe(speed, transformer.device if transformer is not None else device)
         # the engine's rule, here where the variant is first known: 21 frames for 1.5 is refused, not estimated
         cv.check_video_shape(v, cv.transformer_config(v), frames, height, width)
         # the loaders' rule for the device the loaders' auto computes on (1.5 in fp16 refused here too)
@@ -103,7 +104,9 @@ class CogVidVRAMEstimate(io.ComfyNode):
         chart = torch.from_numpy(chart_image(est)).float().div(255).unsqueeze(0)
         report = est.report(host_available=host_available_bytes())
         if transformer is not None:
-            report += f"\nvariant, speed ({speed}), precision and LoRAs: from the wired transformer"
+            report += f"\nvariant, speed ({asked}), precision and LoRAs: from the wired transformer"
+        if speed != asked:
+            report += f"\nspeed {asked}: counted as {speed}, its pick on this device"
         return io.NodeOutput(report, chart, est, frames, width, height)
 
 

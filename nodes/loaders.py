@@ -19,10 +19,10 @@ _PAIR_TIP = ("; cuda:I+cuda:J (transformer): the two CFG branches at once, one p
              "the transformer (or streaming it from the files) and one branch's activations")
 # What each choice does and costs; the measured speed-ups are in the README (Speed options), not here:
 # a long tooltip covers the canvas.
-_SPEED_TIP = ("Speed while sampling. exact: today's result, bit for bit. cudnn, compile (first step slower): the "
-              "same math in another rounding order. sage (8-bit attention), fp8 (float8 matmuls, RTX 40xx / L4 / "
-              "H100+), fa3fp8 (FP8 attention, H100 / H200): faster, change the video slightly. '+' combines; "
-              "what this machine cannot run is skipped with a message")
+_SPEED_TIP = ("Speed while sampling. exact: bit for bit. cudnn, compile (first step slower): same math, other "
+              "rounding. sage (8-bit attention), fp8 (float8 matmuls, RTX 40xx / L4 / H100+), fa3fp8 (FP8 attention, "
+              "H100 / H200): faster, change the video slightly. '+' combines. fastest: the best this GPU runs. What "
+              "this machine cannot run is skipped with a message")
 
 
 def placement_modes() -> list[str]:

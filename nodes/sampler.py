@@ -63,7 +63,7 @@ class CogVidSampler(io.ComfyNode):
             # what the transformer itself holds there (resident from the last queue): its own plan reuses it
             budget = cv.own_budget(C.budget_bytes(0, transformer.device), transformer.device_bytes())
             fallback = cv.best_estimate(variant, frames, h, w, budget, lora_bytes=transformer.lora_bytes(),
-                                             speed=transformer.speed,
+                                             speed=cv.speed_recipe(transformer.speed, transformer.device),
                                              precision=transformer.planned_precision, cache=cache).profile
         transformer, profile, activations = cv.plan_for(transformer, plan, frames, h, w, fallback)
         info = cv.RunInfo(variant=variant, frames=frames, height=h, width=w, profile=profile,

@@ -225,3 +225,21 @@ def test_the_fault_bench_names_shipped_workflows():
     shipped = Path(__file__).resolve().parents[1] / "workflows"
     for name in [*F.WORKFLOWS.values(), *WORKFLOW_FILES.values()]:
         assert (shipped / name).is_file(), name
+
+
+def test_tree_sampler_counts_the_children_a_process_starts():
+    """Compile workers are child processes: the host memory a machine must hold is the whole tree's."""
+    import subprocess
+    from bench.common.sampling import TreeSampler, descendants
+    code = ("import subprocess, sys, time; b = bytearray(64 * 2**20); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; b = bytearray(64 * 2**20); time.sleep(3)']); "
+            "time.sleep(2); c.wait()")
+    p = subprocess.Popen([sys.executable, "-c", code])
+    tree = TreeSampler(p.pid, period=0.05)
+    tree.start()
+    time.sleep(1.0)
+    seen = descendants(p.pid)
+    p.wait()
+    row = tree.stop()
+    assert len(seen) == 2 and seen[0] == p.pid
+    assert row["tree_max_procs"] == 2 and row["tree_peak_anon_shmem_gib"] > 0.12     # both 64 MiB buffers

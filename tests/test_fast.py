@@ -65,10 +65,17 @@ def _run(tr, kw):
 
 
 # ------------------------------------------------------------------------------- names
-@pytest.mark.parametrize("name", fast.CHOICES)
+@pytest.mark.parametrize("name", [n for n in fast.CHOICES if n != fast.FASTEST])
 def test_every_offered_choice_parses_and_round_trips(name):
     speed = fast.parse(name)
     assert speed.name == name and speed.exact == (name == fast.EXACT)
+
+
+def test_fastest_is_no_recipe_of_its_own():
+    """It stands for a recipe per device (resolve, recipe: tests/test_fastest.py); parse refuses it."""
+    with pytest.raises(fast.SpeedError, match="per device"):
+        fast.parse("fastest")
+    fast.check_name("fastest")
 
 
 def test_parse_combinations_and_errors():

@@ -123,15 +123,20 @@ class TreeSampler(threading.Thread):
         self.peak, self.procs_at_peak, self.max_procs = 0, 0, 0
 
     def run(self):
+        self.sample()
         while not self.halt.wait(self.period):
-            pids = descendants(self.pid)
-            total = sum(s.get("rss_anon", 0) + s.get("rss_shmem", 0) for s in map(proc_status, pids))
-            self.max_procs = max(self.max_procs, len(pids))
-            if total > self.peak:
-                self.peak, self.procs_at_peak = total, len(pids)
+            self.sample()
+
+    def sample(self):
+        pids = descendants(self.pid)
+        total = sum(s.get("rss_anon", 0) + s.get("rss_shmem", 0) for s in map(proc_status, pids))
+        self.max_procs = max(self.max_procs, len(pids))
+        if total > self.peak:
+            self.peak, self.procs_at_peak = total, len(pids)
 
     def stop(self) -> dict:
         self.halt.set()
         self.join()
+        self.sample()
         return dict(tree_peak_anon_shmem_gib=self.peak / 2 ** 30, tree_procs_at_peak=self.procs_at_peak,
                     tree_max_procs=self.max_procs)

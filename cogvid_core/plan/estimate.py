@@ -188,12 +188,14 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     then holds the running block plus filestream.PREFETCH_DEPTH read-ahead blocks (structure, not a
     fit); False: loaded into memory and streamed by diffusers' group offloading (the calibration's
     fitted ``stream_blocks``, e.g. the H100 grid's in-memory models).
-    speed: the transformer's speed option (fast.CHOICES): what it adds to the denoise step.
+    speed: the transformer's speed option (fast.CHOICES): what it adds to the denoise step; ``fastest``
+    counts the recipe it picks on ``device`` (fast.recipe).
     cache: a step cache (speed.caches.NAMES): the activations it holds between steps, on the GPU through
     the denoise (caches.held_bytes; CFG assumed, as everywhere in the estimate).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
+    speed = fast.recipe(speed, device if device is not None else P.default_device())
     precision = _precision(precision, v, device)
     allocator = allocator or allocator_backend()
     cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)

@@ -16,7 +16,7 @@ import torch
 from cogvid_core.device.devmem import GiB, device_free_bytes
 from cogvid_core.plan.estimate import Estimate, cache_bytes, estimate, tokens
 from cogvid_core.model.precision import PrecisionError
-from cogvid_core.speed import caches
+from cogvid_core.speed import caches, fast
 from cogvid_core.model.variants import VARIANTS
 from cogvid_core.memory.profiles import AUTO, PROFILES, Profile, TileSpec, get_profile, snap_tile
 from cogvid_core.model.stages import LABELS
@@ -214,12 +214,14 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
     LoRAs' device bytes, counted with the transformer's weights. ``devices``: every GPU the run uses
     (components on different cards, a CFG pair): the free-memory budget is the smallest one's;
     ``cfg_pair``: each GPU runs one CFG branch (:func:`plan`); ``speed``: the transformer's speed option
-    (its memory counts in the estimate); ``held_bytes``: what the component being planned already holds
+    (its memory counts in the estimate; ``fastest``: what it picks on ``device``); ``held_bytes``: what the component being planned already holds
     on ``device`` (a transformer left resident by the last run), free for its own plan (:func:`own_budget`).
     """
     if not (isinstance(name, str) and name == AUTO):
         return get_profile(name)
     dev = torch.device(device) if device is not None else None
+    if dev is not None:
+        speed = fast.recipe(speed, dev)
     if budget_bytes is None and budget_gib is not None:
         budget_bytes = int(budget_gib * GiB)
     if budget_bytes is None:

@@ -237,7 +237,8 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
                                    budget_gib=vram_budget_gib, precision=names,
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
-                                   cfg_pair=devices is not None and devices.second is not None, speed=speed,
+                                   cfg_pair=devices is not None and devices.second is not None,
+                                   speed=fast.recipe(speed, device, devices.second if devices is not None else None),
                                    cache=job.cache)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices, notes=notes, precision=names)

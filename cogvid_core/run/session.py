@@ -67,7 +67,7 @@ class Component:
         if self.speed != fast.EXACT:
             if self.kind != "transformer":
                 raise ValueError(f"speed options apply to the CogVideoX transformer, not to the {self.kind}")
-            fast.parse(self.speed)   # a bad name fails where it was given, not at the first step
+            fast.check_name(self.speed)   # a bad name fails where it was given, not at the first step
 
     @property
     def mode(self) -> str:

@@ -1,5 +1,6 @@
 """speed: what makes a step faster without changing what it computes beyond a stated tolerance.
-Attention kernels (``attention``), fp8 matmuls and the speed options (``fast``), torch.compile by region
+Attention kernels (``attention``), fp8 matmuls and the speed options (``fast``), what ``fastest`` runs per
+card class (``cardclass``), torch.compile by region
 (``regional``), two GPUs in one process
 (``multigpu``: CFG pair, components on different cards), sequence parallel under torchrun
 (``seqpar``). Step caches go here too.

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from cogvid_core.speed.cardclass import capability
+
 
 @dataclass(frozen=True)
 class AttentionKernel:
@@ -133,7 +135,7 @@ def _fa3_reason(device) -> str | None:
         return (f"FlashAttention-3 does not load ({type(e).__name__}: {e}); install the tokenspeed-fa3 build "
                 f"for torch {torch.__version__}")
     why = cuda_reason(device)
-    if why is None and torch.cuda.get_device_capability(torch.device(device)) != (9, 0):
+    if why is None and capability(device) != (9, 0):
         why = "its FP8 kernels are for Hopper GPUs (H100, H200: compute capability 9.0)"
     return why
 

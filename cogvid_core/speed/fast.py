@@ -16,6 +16,9 @@ A speed is a name (the public contract, shown in the loader's combo and the CLI'
 Parts combine with ``+`` (``fp8+compile``, ``sage+compile``...). A part that cannot run here (no CUDA,
 an older card, a package missing) is dropped with a message saying what to do; the rest runs.
 
+``fastest`` is no recipe of its own: :func:`resolve` turns it into the best recipe this device runs
+(per card class, ``speed.cardclass``), with a note saying which and why; it runs wherever ``exact`` does.
+
 How each part is applied, without copying diffusers' code and without changing the shared module for
 other values: attention calls are redirected by a ``TorchFunctionMode`` entered while the transformer
 runs (diffusers' CogVideoX processor, and ours in ``activations``, call
@@ -44,18 +47,20 @@ from torch import nn
 
 from cogvid_core.model import precision as P
 from cogvid_core.model.lora_linear import rebased
-from cogvid_core.speed import compile_cache
+from cogvid_core.speed import cardclass, compile_cache
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 from cogvid_core.speed.multigpu import second_of
 
 log = logging.getLogger(__name__)
 
 EXACT = "exact"
+FASTEST = "fastest"      # the best recipe of this card's class that runs here (resolve / pick)
 # what the loader offers, cheapest in quality first (any "+" combination of known parts parses)
 # (new names go at the end: saved workflows hold the combo's value)
 CHOICES = (EXACT, "cudnn", "compile", "cudnn+compile", "fp8", "fp8+compile", "sage", "sage+compile",
-           "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile")
+           "fp8+sage+compile", "fa3fp8", "fa3fp8+compile", "fp8+fa3fp8+compile", FASTEST)
 FP8_MIN_CC = (8, 9)
+FP8_ADA_TORCH = "2.7"
 
 
 class SpeedError(ValueError):
@@ -86,10 +91,23 @@ class Speed:
 
 
 # ============================================================================ parsing and checks
+def is_fastest(name) -> bool:
+    return isinstance(name, str) and name.strip().lower() == FASTEST
+
+
+def check_name(name: str) -> None:
+    """A bad name fails (SpeedError); ``fastest`` and every recipe :func:`parse` takes pass."""
+    if not is_fastest(name):
+        parse(name)
+
+
 def parse(name: str) -> Speed:
-    """``"fp8+compile"`` -> Speed; SpeedError names the valid parts."""
+    """``"fp8+compile"`` -> Speed; SpeedError names the valid parts. ``fastest`` depends on the device:
+    :func:`resolve` (or :func:`recipe`) takes it."""
     if not isinstance(name, str) or not name.strip():
         raise SpeedError(f"speed must be a name such as {', '.join(CHOICES)}; got {name!r}")
+    if is_fastest(name):
+        raise SpeedError("speed 'fastest' is picked per device: resolve it for one (fast.resolve, fast.recipe)")
     parts = [p.strip().lower() for p in name.split("+")]
     if parts == [EXACT]:
         return Speed()
@@ -108,10 +126,14 @@ def _fp8_reason(device) -> str | None:
     reason = cuda_reason(device)
     if reason:
         return reason
-    cc = torch.cuda.get_device_capability(torch.device(device))
+    cc = cardclass.capability(device)
     if cc < FP8_MIN_CC:
         return (f"float8 matmuls need compute capability >= {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]} (Ada, Hopper); "
                 f"this GPU has {cc[0]}.{cc[1]}")
+    if cc < (9, 0) and torch.__version__ < FP8_ADA_TORCH:
+        # torch's per-row float8 matmul was Hopper's only before pytorch/pytorch#144348 (sm_89, torch 2.7):
+        # the first call would fail, not drop
+        return f"per-row float8 matmuls on Ada need torch >= {FP8_ADA_TORCH}; this is torch {torch.__version__}"
     if importlib.util.find_spec("torchao") is None:
         return "the torchao package is not installed (pip install torchao, a version made for your torch)"
     return None
@@ -125,34 +147,70 @@ def _compile_reason(device) -> str | None:
     return None
 
 
-def resolve(speed: Speed | str, device) -> Speed:
-    """The parts of ``speed`` that can run on ``device``; each dropped part leaves a note (what was
-    asked, why not, what runs instead)."""
-    speed = parse(speed) if isinstance(speed, str) else speed
-    notes = list(speed.notes)
+def _reasons(speed: Speed, device) -> list[tuple[str, str, str]]:
+    """(part, why it cannot run on ``device``, what runs instead) for each part of ``speed`` that cannot."""
+    out = []
     if speed.attention != "sdpa":
         why = ATTENTION[speed.attention].check(device)
         if why:
-            notes.append(f"speed '{speed.attention}' is off: {why}; attention runs torch's exact SDPA")
-            speed = replace(speed, attention="sdpa")
+            out.append((speed.attention, why, "attention runs torch's exact SDPA"))
     if speed.fp8:
         why = _fp8_reason(device)
         if why:
-            notes.append(f"speed 'fp8' is off: {why}; the matmuls run in the exact bf16 path")
-            speed = replace(speed, fp8=False)
+            out.append(("fp8", why, "the matmuls run in the exact bf16 path"))
     if speed.compile:
         why = _compile_reason(device)
         if why:
-            notes.append(f"speed 'compile' is off: {why}; the blocks run eagerly")
-            speed = replace(speed, compile=False)
+            out.append(("compile", why, "the blocks run eagerly"))
+    return out
+
+
+def resolve(speed: Speed | str, device) -> Speed:
+    """The parts of ``speed`` that can run on ``device``; each dropped part leaves a note (what was
+    asked, why not, what runs instead). ``fastest``: :func:`pick`."""
+    if is_fastest(speed):
+        return pick(device)
+    speed = parse(speed) if isinstance(speed, str) else speed
+    notes = list(speed.notes)
+    for part, why, instead in _reasons(speed, device):
+        notes.append(f"speed '{part}' is off: {why}; {instead}")
+        speed = replace(speed, attention="sdpa") if part in ATTENTION else replace(speed, **{part: False})
     return replace(speed, notes=tuple(notes))
+
+
+def pick(device) -> Speed:
+    """``fastest`` on ``device``: the first recipe of its card class (cardclass.CLASSES) whose parts
+    all run here, with one note saying which, what was passed over and why. ``exact`` ends every list."""
+    klass = cardclass.class_of(device)
+    skipped: dict[str, list[str]] = {}          # why -> recipes passed over for it, in order
+    for name in klass.recipes:
+        speed = parse(name)
+        reasons = _reasons(speed, device)
+        if not reasons:
+            break
+        part, why, _instead = reasons[0]
+        skipped.setdefault(f"{part}: {why}", []).append(name)
+    said = [f"not {', '.join(names)} ({why})" for why, names in skipped.items()]
+    said += [klass.lacks] if klass.lacks else []
+    note = f"speed 'fastest' on {cardclass.describe(device)}: {speed.name}" + "".join(f"; {s}" for s in said)
+    return replace(speed, notes=(note,))
+
+
+def recipe(name: str, device, second=None) -> str:
+    """The recipe name ``name`` stands for on ``device``: ``fastest`` -> its pick there (with a CFG pair's
+    ``second`` device: what both run, as :func:`resolve_alone` gives it); any other name as given (the
+    estimate counts a part the device drops as asked). What the estimate counts."""
+    if not is_fastest(name):
+        return name
+    return resolve_alone(name, device, second).name
 
 
 def resolve_alone(speed: Speed | str, device, second=None) -> Speed:
     """:func:`resolve` before any load, for the run as it is split: with a CFG pair (``second``: its
     second device) the parts both devices run, so both branches use the same kernels (a part the second
     GPU cannot run is off on both, with a note). Sequence parallel (torchrun) needs nothing more: each
-    rank runs the speed on its own device, the kernel under seqpar's exchange (seqpar._inside)."""
+    rank runs the speed on its own device, the kernel under seqpar's exchange (seqpar._inside).
+    ``fastest`` picks on ``device`` (a pair: then keeps what the second device runs of it)."""
     resolved = resolve(speed, device)
     if second is None or torch.device(second) == torch.device(device):
         return resolved
