@@ -273,7 +273,7 @@ def _arguments() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="write the results here as JSON (after each run)")
     ap.add_argument("--seqpar", action="store_true", help="under torchrun: sequence parallel vs one GPU only")
     ap.add_argument("--speed", default=fast.EXACT, help="the transformer's speed option in the CFG and seqpar runs "
-                    "(e.g. fp8+fa3fp8+compile; the pair runs it on both copies)")
+                    "(e.g. fp8+fa3fp8+compile or fastest; the pair runs it on both copies)")
     return ap
 
 
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         args.frames, args.height, args.width = M.default_size(variant, M.transformer_config(variant, tiny=True))
     else:
         args.frames, args.height, args.width = variant.default_frames, variant.default_height, variant.default_width
-    fast.parse(args.speed)       # a bad name fails before any model is built
+    fast.check_name(args.speed)       # a bad name fails before any model is built
     env = dict(torch=torch.__version__, python=platform.python_version(), devices=[str(d) for d in devices],
                cards=[torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"], speed=args.speed)
     log(f"# bench_two_gpus: {variant.label} {args.frames}x{args.height}x{args.width}, {args.dtype}, "
