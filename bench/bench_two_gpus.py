@@ -15,6 +15,11 @@ Full-size random-weight models (bf16) are built directly on the GPUs. Runs, in o
 
     NCCL_NVLS_ENABLE=0 python bench/bench_two_gpus.py --out $OUT/two_gpus.json     # 2 x H200, ~3 min
     python bench/bench_two_gpus.py --tiny --device cpu                              # same path, seconds
+
+``--speed NAME`` (fast.CHOICES, e.g. fp8+fa3fp8+compile) runs the transformer of runs 1-3 and of the
+sequence-parallel runs with that speed option (the pair: on both copies), so the pair's ratio is to one
+GPU with the same speed; run once with ``--speed exact`` beside it for the ratio to exact. Compile's
+first step is excluded by the per-step median.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cogvid_core.model import variants as M  # noqa: E402
+from cogvid_core.speed import fast  # noqa: E402
 from cogvid_core.speed import multigpu as MG  # noqa: E402
 from cogvid_core.run import sampling  # noqa: E402
 from cogvid_core.memory.activations import apply_profile  # noqa: E402
@@ -92,11 +98,13 @@ def inputs(variant, tiny, frames, height, width, dtype, device, seed=0):
 
 
 def denoise(tr, variant, args, pos, neg, lat, cfg_mode, devices):
+    """One sampling run with ``args.speed`` on (a transformer with a second copy: on both)."""
     reset_peaks(devices)
     clock = Clock()
-    out = sampling.sample(tr, variant, pos, neg, lat, args.frames, steps=args.steps, cfg=6.0, seed=42,
-                          scheduler=load_scheduler(None, "dpm"), device=devices[0], dtype=args.dtype,
-                          cfg_mode=cfg_mode, progress=clock)
+    with fast.applied(tr, args.speed, devices[0]):
+        out = sampling.sample(tr, variant, pos, neg, lat, args.frames, steps=args.steps, cfg=6.0, seed=42,
+                              scheduler=load_scheduler(None, "dpm"), device=devices[0], dtype=args.dtype,
+                              cfg_mode=cfg_mode, progress=clock)
     return out.samples.float(), dict(s_per_step=round(clock.per_step(), 3), peaks=peaks(devices),
                                      seconds=round(clock.marks[-1] - clock.marks[0], 2))
 
@@ -264,6 +272,8 @@ def _arguments() -> argparse.ArgumentParser:
     ap.add_argument("--skip-split", action="store_true")
     ap.add_argument("--out", type=Path, help="write the results here as JSON (after each run)")
     ap.add_argument("--seqpar", action="store_true", help="under torchrun: sequence parallel vs one GPU only")
+    ap.add_argument("--speed", default=fast.EXACT, help="the transformer's speed option in the CFG and seqpar runs "
+                    "(e.g. fp8+fa3fp8+compile or fastest; the pair runs it on both copies)")
     return ap
 
 
@@ -287,8 +297,9 @@ def main(argv=None) -> int:
         args.frames, args.height, args.width = M.default_size(variant, M.transformer_config(variant, tiny=True))
     else:
         args.frames, args.height, args.width = variant.default_frames, variant.default_height, variant.default_width
+    fast.check_name(args.speed)       # a bad name fails before any model is built
     env = dict(torch=torch.__version__, python=platform.python_version(), devices=[str(d) for d in devices],
-               cards=[torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"])
+               cards=[torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"], speed=args.speed)
     log(f"# bench_two_gpus: {variant.label} {args.frames}x{args.height}x{args.width}, {args.dtype}, "
         f"{'tiny' if args.tiny else 'full-size'} random weights, {env}")
     t0 = time.perf_counter()

@@ -270,11 +270,12 @@ def _estimate_budget(args) -> int | None:
 def _estimate_counts(args, dev, precision) -> tuple[int, bool, str]:
     """(LoRA device bytes, CFG pair?, speed counted) as i2v counts them; a bad --speed, --lora or --devices
     fails here with i2v's message. The speed counted is the one asked, as i2v's planner counts it;
-    ``fastest`` the recipe it picks on ``dev`` (exact on a CFG pair, as i2v runs it)."""
-    pair = bool(args.devices) and cv.parse_devices(args.devices).second is not None
-    for note in cv.check_speed_alone(args.speed, dev, "a CFG pair (--devices)" if pair else None).notes:
+    ``fastest`` the recipe it picks on ``dev`` (with a CFG pair: what both of its devices run, as i2v runs it)."""
+    second = cv.parse_devices(args.devices).second if args.devices else None
+    pair = second is not None
+    for note in cv.check_speed_alone(args.speed, dev, second).notes:
         print(f"note: {note}", file=sys.stderr)
-    speed = cv.speed_recipe(args.speed, dev, "a CFG pair" if pair else None)
+    speed = cv.speed_recipe(args.speed, dev, second)
     if not args.lora_mib >= 0 or args.lora_mib == float("inf"):
         raise ValueError(f"--lora-mib {args.lora_mib:g}: give the LoRAs' size in MiB, a finite number >= 0")
     loras = [(cv.load_lora(path), strength) for path, strength in map(parse_lora, args.lora)]

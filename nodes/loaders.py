@@ -139,9 +139,7 @@ class CogVidTransformerLoader(io.ComfyNode):
         from cogvid_core import api as cv
         dev, second = _devices(device, "transformer")
         cv.resolve_precision("transformer", precision, dev, warn=False)   # a bad name fails before any download
-        pair = f"a CFG pair ({device})" if second is not None else None
-        cv.check_speed_alone(speed, dev, pair)   # before the load
-        speed = cv.speed_recipe(speed, dev, pair) if pair else speed      # fastest is exact on a pair
+        cv.check_speed_alone(speed, dev, second)   # before the load (a pair: what both of its GPUs run)
         src = _source("transformer", model)
         # the variant from the headers: 1.5 in fp16 is refused here, before gigabytes load (and NaN at step 1)
         precision = cv.resolve_precision("transformer", precision, dev, cv.peek_transformer(src)[0])

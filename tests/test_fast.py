@@ -368,9 +368,8 @@ def test_cli_flag_reaches_the_pipeline(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="turbo"):
         pipeline._check_speed("turbo", run)
     assert pipeline._check_speed("compile", run) == "compile"
-    run.devices = SimpleNamespace(second=torch.device("cuda", 1))    # a CFG pair: its second copy runs exact
-    with pytest.raises(ValueError, match="CFG pair"):
-        pipeline._check_speed("compile", run)
+    run.devices = SimpleNamespace(second=torch.device("cuda", 1))    # a CFG pair: its second copy runs the speed too
+    assert pipeline._check_speed("counting", run) == "counting"
     assert pipeline._check_speed("exact", run) == "exact"
 
 
@@ -386,10 +385,11 @@ def test_loader_offers_the_speed_as_its_last_input(comfy, monkeypatch):
     old = run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cpu")[0]
     assert old.speed == fast.EXACT                            # a saved workflow without the widget
     loaders = sys.modules[nodes["CogVidTransformerLoader"].__module__]
-    monkeypatch.setattr(loaders, "_devices", lambda choice, kind: (CPU, torch.device("cuda", 1)))   # a CFG pair
-    with pytest.raises(ValueError, match="CFG pair"):
-        run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto", device="cuda:0+cuda:1",
-            speed="compile")
+    monkeypatch.setattr(loaders, "_devices", lambda choice, kind: (CPU, CPU))   # a CFG pair on two CPU "devices"
+    pair = run(nodes["CogVidTransformerLoader"], model=model, precision="fp32", placement="auto",
+               device="cuda:0+cuda:1", speed="cudnn+compile")[0]
+    from cogvid_core.speed.multigpu import second_of
+    assert pair.speed == "cudnn+compile" and second_of(pair.module) is not None   # the copy runs it too
 
 
 def test_bench_runs_tiny_on_cpu(tmp_path):
@@ -404,14 +404,17 @@ def test_bench_runs_tiny_on_cpu(tmp_path):
     assert rows["fp8"]["ran"] == "exact" and "CUDA" in rows["fp8"]["notes"][0]
 
 
-def test_a_speed_that_runs_refuses_a_split_run_and_one_that_cannot_run_does_not():
-    """The node (CFG pair device) and the CLI (--devices pair, torchrun) share one refusal: a speed that
-    still changes something here is refused before any load; one this device drops entirely is not."""
-    with pytest.raises(fast.SpeedError, match=r"does not combine with a CFG pair \(cuda:0\+cuda:1\)"):
-        fast.resolve_alone("counting", CPU, "a CFG pair (cuda:0+cuda:1)")
-    assert fast.resolve_alone("counting", CPU, None).attention == "counting"
-    dropped = fast.resolve_alone("fp8", CPU, "torchrun")          # fp8 needs CUDA: nothing left to refuse
-    assert dropped.exact and "fp8" in dropped.notes[0]
+def test_a_cfg_pair_runs_what_both_of_its_devices_run(monkeypatch):
+    """The node (CFG pair device), the CLI and the pipeline (--devices pair) check the speed before any
+    load: a part the pair's second device cannot run is off on both (the two branches use the same
+    kernels), with a note naming that device; the same device twice is one device. Nothing is refused:
+    the pair and torchrun's ranks run every speed (tests/test_multigpu.py)."""
+    assert fast.resolve_alone("counting+compile", CPU, CPU) == fast.resolve("counting+compile", CPU)
+    assert fast.resolve_alone("counting", CPU).attention == "counting"
+    _fake_cuda(monkeypatch, (9, 0), missing=("triton",))
+    got = fast.resolve_alone("counting+compile", CPU, torch.device("cuda", 1))
+    assert got == fast.Speed(attention="counting")
+    assert len(got.notes) == 1 and "triton" in got.notes[0] and "second device cuda:1" in got.notes[0]
 
 
 def test_switching_options_in_one_session_never_hits_dynamo_s_recompile_limit(tmp_path, monkeypatch):

@@ -133,17 +133,17 @@ def test_fp8_on_ada_needs_a_torch_with_its_kernel(gpu, monkeypatch):
     assert fast.resolve("fp8", CUDA).fp8                         # Hopper had it first
 
 
-def test_fastest_is_exact_on_a_split_run_never_refused(gpu):
+def test_fastest_on_a_cfg_pair_picks_what_both_gpus_run(gpu):
     gpu((9, 0))
-    alone = fast.resolve_alone("fastest", CUDA, "a CFG pair (cuda:0+cuda:1)")
-    assert alone.exact and "CFG pair" in alone.notes[0]
-    assert fast.recipe("fastest", CUDA, "torchrun") == fast.EXACT
+    second = torch.device("cuda", 1)
+    alone = fast.resolve_alone("fastest", CUDA, second)
+    assert alone.name == "fp8+fa3fp8+compile" and "speed 'fastest'" in alone.notes[0]
+    assert fast.recipe("fastest", CUDA, second) == "fp8+fa3fp8+compile"     # what the estimate counts
     run_ = pipeline._Run(None, None, CUDA, *[None] * 7)
     assert pipeline._check_speed("fastest", run_) == "fastest"   # one GPU: picked where it runs, said there
-    run_.devices = types.SimpleNamespace(second=torch.device("cuda", 1))
-    assert pipeline._check_speed("fastest", run_) == fast.EXACT   # the pair's both copies run exact
-    with pytest.raises(fast.SpeedError, match="CFG pair"):
-        pipeline._check_speed("fp8+compile", run_)
+    run_.devices = types.SimpleNamespace(second=second)
+    assert pipeline._check_speed("fastest", run_) == "fastest"   # the pair: both copies run the pick (fast.applied)
+    assert pipeline._check_speed("fp8+compile", run_) == "fp8+compile"   # nothing refused on a split run
 
 
 def test_fastest_on_the_cpu_samples_the_exact_video():

@@ -3,6 +3,8 @@ names, components on different devices. CPU runs take the very code path of two 
 "devices" that are both the CPU), so the result must equal the one-device run."""
 from __future__ import annotations
 
+import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,111 @@ def test_device_choices():
     assert "cuda:2+cuda:3" in MG.device_choices(4)
 
 
+# ------------------------------------------------------------------------------ speed options on the pair
+THREADS: list = []
+
+
+@torch.library.custom_op("cogvid_test::thread_sdpa", mutates_args=())
+def _thread_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """SDPA itself, noting which thread called it: the pair's second copy runs in the cogvid-cfg worker."""
+    import threading
+    THREADS.append(threading.current_thread().name)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+@_thread_sdpa.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+def _speed_kernel():
+    from cogvid_core.speed import fast
+    fast.register_attention(fast.AttentionKernel("threads", _thread_sdpa, lambda q, k, v: True, lambda device: None,
+                                                 exact_class=True))
+
+
+_speed_kernel()
+
+
+def _state(tr) -> tuple:
+    """What a use must leave as it found: hooks, instance forwards, classes, the Parameter objects."""
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tr.modules())
+    forwards = [n for n, m in tr.named_modules() if "forward" in m.__dict__]
+    return hooks, forwards, [type(m) for m in tr.modules()], [id(p) for p in tr.parameters()]
+
+
+def _pair():
+    """The fixture's transformer built again (same seed: same weights) with its copy on a second CPU
+    "device", attached before any use places it, as the loaders do."""
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    MG.attach_second(tr, "cpu")
+    return tr
+
+
+def _speed_sample(tr, speed, cfg_mode="sequential"):
+    from cogvid_core.run import session
+    variant = M.VARIANTS[KEY]
+    comp = session.Component("transformer", tr, torch.device("cpu"), torch.float32, "resident", variant=variant)
+    with comp.with_speed(speed).use() as module:
+        out = _sample(module, variant, cfg_mode, steps=2)
+        second = MG.second_of(module)
+        compiled = second is not None and "forward" in second.module.transformer_blocks[0].__dict__
+    return out, compiled
+
+
+def test_cfg_pair_runs_the_speed_on_both_copies(transformer, monkeypatch):
+    """Kernel redirect and regional compile on the pair's second copy too (its own worker thread): the
+    pair equals the same speed on one device, and after the use both copies are as they were."""
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")   # dynamo's tracing, no C++ build
+    torch._dynamo.reset()
+    variant = M.VARIANTS[KEY]
+    plain = _sample(transformer, variant, steps=2)
+    THREADS.clear()
+    one, _ = _speed_sample(transformer, "threads+compile")
+    layers = transformer.config.num_layers
+    assert len(THREADS) == 2 * 2 * layers and not any(t.startswith("cogvid-cfg") for t in THREADS)
+    pair = _pair()
+    second = MG.second_of(pair).module
+    before = _state(pair), _state(second)
+    THREADS.clear()
+    two, compiled = _speed_sample(pair, "threads+compile", "batched")   # the pair: one branch per copy
+    assert compiled, "the second copy's blocks ran compiled"
+    assert sum(t.startswith("cogvid-cfg") for t in THREADS) == 2 * layers, "the uncond branch took the kernel"
+    assert len(THREADS) == 2 * 2 * layers
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)      # exact-class parts: the one-device result
+    torch.testing.assert_close(two, plain, rtol=1e-4, atol=1e-4)
+    assert (_state(pair), _state(second)) == before
+    THREADS.clear()
+    assert torch.equal(_sample(pair, variant, steps=2), plain) and not THREADS   # exact again, both copies
+
+
+def test_cfg_pair_swaps_fp8_weights_on_both_copies(transformer, monkeypatch):
+    """fp8 (torchao stand-in that halves each weight: visibly wrong, so a copy left in bf16 shows): the
+    pair equals fp8 on one device, and both copies get their own Parameters back."""
+    from test_fast import _FakeTorchao
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", _FakeTorchao)
+    monkeypatch.setattr(fast, "_computable", lambda w: True)
+    monkeypatch.setattr(fast, "_fp8_reason", lambda device: None)   # the CPU stands in for an Ada/Hopper card
+    variant = M.VARIANTS[KEY]
+    plain = _sample(transformer, variant, steps=2)
+    _FakeTorchao.calls = 0
+    one, _ = _speed_sample(transformer, "fp8")
+    per_sample = _FakeTorchao.calls
+    assert (one - plain).abs().max() > 1e-3
+    pair = _pair()
+    second = MG.second_of(pair).module
+    before = _state(pair), _state(second)
+    _FakeTorchao.calls = 0
+    two, _ = _speed_sample(pair, "fp8", "batched")
+    assert _FakeTorchao.calls == per_sample                      # the same swaps, half of them on the copy
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    assert (_state(pair), _state(second)) == before
+    assert torch.equal(_sample(pair, variant, steps=2), plain)
+
+
 # ------------------------------------------------------------------------------ the pipeline and CLI
 def _job(image_size, cfg=6.0):
     import numpy as np
@@ -160,6 +267,18 @@ def test_pipeline_cfg_pair_equals_one_device(tiny_ckpts, monkeypatch):
     assert seen == [torch.device("cpu")]
     assert torch.equal(two.frames, one.frames)
     assert two.frames.std() > 0.01
+
+
+def test_pipeline_cfg_pair_with_a_speed_equals_one_device(tiny_ckpts):
+    """--devices cpu,cpu --speed threads: checked before the load (nothing refused), the kernel on both
+    copies, the frames of the one-device run with the same speed."""
+    THREADS.clear()
+    one = _generate(tiny_ckpts, device="cpu", speed="threads")
+    assert THREADS and not any(t.startswith("cogvid-cfg") for t in THREADS)
+    THREADS.clear()
+    two = _generate(tiny_ckpts, devices="cpu,cpu", speed="threads")
+    assert sum(t.startswith("cogvid-cfg") for t in THREADS) == len(THREADS) // 2 > 0
+    assert torch.equal(two.frames, one.frames)
 
 
 def test_components_on_other_devices(tiny_ckpts, monkeypatch):
@@ -273,6 +392,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _forward_kw(tr) -> dict:
+    cfg, g = tr.config, torch.Generator().manual_seed(0)
+    return dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
+                encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
+                timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
+                image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+
+
 def _forward_rank(rank, n, port, out):
     import os
 
@@ -283,11 +410,7 @@ def _forward_rank(rank, n, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=n)
     torch.set_num_threads(1)
     tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
-    cfg, g = tr.config, torch.Generator().manual_seed(0)
-    kw = dict(hidden_states=torch.randn(1, 6, cfg.in_channels, 8, 12, generator=g),
-              encoder_hidden_states=torch.randn(1, M.MAX_TEXT_TOKENS, cfg.text_embed_dim, generator=g),
-              timestep=torch.tensor([500]), ofs=torch.tensor([2.0]), return_dict=False,
-              image_rotary_emb=sampling.rotary_embedding(cfg, 64, 96, 6, "cpu"))
+    kw = _forward_kw(tr)
     with torch.inference_mode():
         ref = tr(**kw)[0]
         with seqpar.sequence_parallel(tr) as mode:
@@ -310,14 +433,75 @@ def test_sequence_parallel_forward_equals_one_process(tmp_path):
     assert r0["sent"] == cfg["num_layers"] * per_layer
 
 
+def _speed_rank(rank, n, port, out):
+    """One gloo rank: the forward under sequence parallel with speed options on, beside the one-process
+    forward with the same speed. Redirect + compile (dynamo, eager backend), the redirect entered after
+    sequence parallel instead of before (the order must not matter), fp8 (the torchao stand-in)."""
+    import os
+
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from test_fast import _FakeTorchao
+    from cogvid_core.speed import fast, seqpar
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=n)
+    torch.set_num_threads(1)
+    fast.COMPILE_OPTIONS["backend"] = "eager"
+    sys.modules["torchao"], sys.modules["torchao.quantization"] = type(sys)("torchao"), _FakeTorchao
+    fast._computable = lambda w: True
+    fast._fp8_reason = lambda device: None          # the CPU stands in for an Ada/Hopper card
+    tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
+    kw, results = _forward_kw(tr), {}
+    with torch.inference_mode():
+        exact = tr(**kw)[0]
+        for speed, speed_first in (("threads+compile", True), ("threads", False), ("fp8", True)):
+            with fast.applied(tr, speed, "cpu"):
+                ref = tr(**kw)[0]
+            THREADS.clear()
+            with ExitStack() as stack:
+                if speed_first:      # as the pipeline does: the Component's use, then seqpar.active
+                    stack.enter_context(fast.applied(tr, speed, "cpu"))
+                mode = stack.enter_context(seqpar.sequence_parallel(tr))
+                if not speed_first:
+                    stack.enter_context(fast.applied(tr, speed, "cpu"))
+                got = tr(**kw)[0]
+                graphs = counters["stats"]["unique_graphs"]
+                again = tr(**kw)[0]
+            results[speed] = dict(ref=ref, got=got, again=again, new_graphs=counters["stats"]["unique_graphs"] - graphs,
+                                  kernel_calls=len(THREADS), sent=mode.sent_bytes)
+        results["after"] = dict(exact=exact, now=tr(**kw)[0], state=_state(tr)[:2])
+    torch.save(results, f"{out}/speed{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_runs_speed_options(tmp_path):
+    """The speed's kernel runs the local attention inside Ulysses' exchange (not around it: that attended
+    over this rank's tokens only); compile and fp8 run per rank; each equals the one-process forward
+    with the same speed, and nothing is left after."""
+    import torch.multiprocessing as mp
+    mp.spawn(_speed_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"speed{r}.pt") for r in (0, 1))
+    layers = M.transformer_config(M.VARIANTS[KEY], tiny=True)["num_layers"]
+    for speed in ("threads+compile", "threads", "fp8"):
+        got = r0[speed]
+        torch.testing.assert_close(got["got"], got["ref"], rtol=1e-5, atol=1e-5, msg=speed)
+        assert torch.equal(got["again"], got["got"]) and torch.equal(r1[speed]["got"], got["got"]), speed
+        assert got["sent"] > 0 and got["new_graphs"] == 0, (speed, got["sent"], got["new_graphs"])
+        assert got["kernel_calls"] == (2 * layers if "threads" in speed else 0), speed
+    assert (r0["fp8"]["ref"] - r0["after"]["exact"]).abs().max() > 1e-3       # fp8's stand-in did compute
+    assert torch.equal(r0["after"]["now"], r0["after"]["exact"]) and r0["after"]["state"] == (0, [])
+
+
 def _torchrun_rank(rank, n, port, argv, out):
     import os
     from contextlib import contextmanager
 
-    from cogvid_core.speed import seqpar
+    from cogvid_core.speed import fast, seqpar
     os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    fast.COMPILE_OPTIONS["backend"] = "eager"     # a speed's compile: dynamo's tracing, no C++ build per rank
     real, sent = seqpar.sequence_parallel, []
 
     @contextmanager
@@ -330,11 +514,14 @@ def _torchrun_rank(rank, n, port, argv, out):
     if main(argv) != 0:
         raise SystemExit(f"rank {rank} failed")
     (Path(out) / f"sent{rank}").write_text(str(sum(sent)))
+    (Path(out) / f"kernel{rank}").write_text(str(len(THREADS)))
 
 
-def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
+@pytest.mark.parametrize("speed", ["exact", "threads+compile"])
+def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, speed):
     """The CLI as torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), on gloo: rank 0 writes
-    the frames, which equal a one-process run's."""
+    the frames, which equal a one-process run's with the same speed option (its kernel and compile run
+    on every rank)."""
     import numpy as np
     import torch.multiprocessing as mp
     from PIL import Image
@@ -342,11 +529,15 @@ def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path):
     from cogvid_core.cli import main
     img = tmp_path / "start.png"
     Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    from cogvid_core.speed import fast
+    monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
     base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
-            "--precision", "fp32", "--device", "cpu"]
+            "--precision", "fp32", "--device", "cpu", "--speed", speed]
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     mp.spawn(_torchrun_rank, args=(2, _free_port(), [*base, "--out", str(tmp_path / "sp")], str(tmp_path)), nprocs=2)
     assert all(int((tmp_path / f"sent{r}").read_text()) > 0 for r in (0, 1))
+    calls = [int((tmp_path / f"kernel{r}").read_text()) for r in (0, 1)]
+    assert calls[0] == calls[1] and (calls[0] > 0) == (speed != "exact")
     one, sp = (sorted((tmp_path / d).glob("*.png")) for d in ("one", "sp"))
     assert len(one) == len(sp) == 17
     diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()

@@ -238,30 +238,20 @@ def _prepare(sources: Sources, job: Job, precision, device, profile: str, vram_b
                                    lora_bytes=lora.lora_bytes(loras, dtype),
                                    devices=devices.gpus() if devices is not None else (),
                                    cfg_pair=devices is not None and devices.second is not None,
-                                   speed=fast.recipe(speed, device, _split(devices)),   # fastest: what runs
+                                   speed=fast.recipe(speed, device, devices.second if devices is not None else None),
                                    cache=job.cache)
     return _Run(sources, job, device, dtype, storage, variant, frames, height, width, prof, cache_dir=cache_dir,
                 loras=loras, devices=devices, notes=notes, precision=names)
 
 
 def _check_speed(speed: str, run: _Run) -> str:
-    """A bad name fails now; parts this device cannot run are said now, before any model loads (and
-    once more when the transformer runs without them). Returns the name the run keeps (``fastest`` is
-    ``exact`` on a split run)."""
-    split = _split(run.devices)
-    resolved = fast.resolve_alone(speed, run.device, split)
+    """A bad name fails now; parts this device (with a CFG pair: either of its devices) cannot run are
+    said now, before any model loads (and once more when the transformer runs without them)."""
+    second = run.devices.second if run.devices is not None else None
+    resolved = fast.resolve_alone(speed, run.device, second)
     for note in resolved.notes:
         log.warning(note)
-    return fast.recipe(speed, run.device, split) if split else speed
-
-
-def _split(devices) -> str | None:
-    """How the run is split over GPUs (speed options do not combine with it yet), None on one GPU."""
-    if devices is not None and devices.second is not None:
-        return "a CFG pair (--devices)"
-    ranks = torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-    return "torchrun" if ranks else None
+    return speed
 
 
 def _encode_prompts(run: _Run):

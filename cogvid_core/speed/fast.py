@@ -28,12 +28,17 @@ in a block pre-hook, after the placement's own hooks have brought the block in, 
 and file-backed streaming all work (streamed blocks are quantized again at each call, as they are
 read again). Compile sets a compiled ``forward`` on each block instance; module hooks (file-backed
 streaming, LoRA) stay outside it. Everything is undone when the use ends.
+
+Split runs: a CFG pair's second copy gets the same parts on its own device, with the first's (``applied``);
+under sequence parallel each rank applies the speed to its own copy, and seqpar's exchange wraps the
+kernel's attention call (seqpar enters its mode per block, above the redirect).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
 import shutil
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -44,6 +49,7 @@ from cogvid_core.model import precision as P
 from cogvid_core.model.lora_linear import rebased
 from cogvid_core.speed import cardclass, compile_cache
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
+from cogvid_core.speed.multigpu import second_of
 
 log = logging.getLogger(__name__)
 
@@ -196,31 +202,35 @@ def pick(device) -> Speed:
     return replace(speed, notes=(note,))
 
 
-def recipe(name: str, device, split: str | None = None) -> str:
-    """The recipe name ``name`` stands for on ``device``: ``fastest`` -> its pick there (``exact`` on a
-    ``split`` run, as :func:`resolve_alone` gives it); any other name as given (the estimate counts a
-    part the device drops as asked). What the estimate counts and a split run keeps."""
+def recipe(name: str, device, second=None) -> str:
+    """The recipe name ``name`` stands for on ``device``: ``fastest`` -> its pick there (with a CFG pair's
+    ``second`` device: what both run, as :func:`resolve_alone` gives it); any other name as given (the
+    estimate counts a part the device drops as asked). What the estimate counts."""
     if not is_fastest(name):
         return name
-    return EXACT if split else pick(device).name
+    return resolve_alone(name, device, second).name
 
 
-def resolve_alone(speed: Speed | str, device, split: str | None) -> Speed:
-    """:func:`resolve`, refusing a speed that still changes something when the run is ``split`` (named:
-    a CFG pair over two GPUs, torchrun's ranks): the pair's second copy would run exact, and sequence
-    parallel's attention mode would be bypassed by the speed's redirect; neither is wired yet.
-    ``fastest`` is never refused: it is ``exact`` on a split run (the caller keeps the returned name)."""
-    if split and is_fastest(speed):
-        return Speed(notes=(f"speed 'fastest' with {split}: exact (the speed options do not combine with it yet)",))
+def resolve_alone(speed: Speed | str, device, second=None) -> Speed:
+    """:func:`resolve` before any load, for the run as it is split: with a CFG pair (``second``: its
+    second device) the parts both devices run, so both branches use the same kernels (a part the second
+    GPU cannot run is off on both, with a note). Sequence parallel (torchrun) needs nothing more: each
+    rank runs the speed on its own device, the kernel under seqpar's exchange (seqpar._inside).
+    ``fastest`` picks on ``device`` (a pair: then keeps what the second device runs of it)."""
     resolved = resolve(speed, device)
-    if split and not resolved.exact:
-        raise SpeedError(f"speed {speed} does not combine with {split} yet: use speed exact there, "
-                         "or one GPU with the speed option")
-    return resolved
+    if second is None or torch.device(second) == torch.device(device):
+        return resolved
+    other = resolve(replace(resolved, notes=()), second)
+    notes = tuple(f"{note} (on the CFG pair's second device {second}: both branches run the same parts)"
+                  for note in other.notes)
+    return replace(other, notes=resolved.notes + notes)
 
 
 # ============================================================================ applying
 from cogvid_core.speed.regional import COMPILE_OPTIONS, RECOMPILE_LIMIT, _COMPILED, _CompiledCall, _compile, _enter  # noqa: F401,E501
+
+
+_CACHE_LOCK = threading.Lock()
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
@@ -318,13 +328,20 @@ def applied(transformer: nn.Module, speed: Speed | str, device):
     """Inside: ``transformer`` runs with the parts of ``speed`` that work on ``device`` (each dropped
     part logged once, with what to do). Parts that need weights on the GPU (fp8) or a placed module
     (compile) are set up at the transformer's first forward, after the placement's own hooks ran.
-    Yields the resolved Speed; everything is undone on exit."""
-    speed = resolve(speed, device)
+    Yields the resolved Speed; everything is undone on exit.
+
+    A transformer with a CFG pair's second copy (multigpu.attach_second) gets the same parts on that copy,
+    on its device: the unconditional branch runs there (multigpu.ParallelCfg), and both branches must use
+    the same kernels. The copy's hooks come and go with the first's."""
+    second = second_of(transformer)
+    speed = resolve_alone(speed, device, second.device if second is not None else None)
     for note in speed.notes:
         log.warning(note)
     with ExitStack() as stack:
         if not speed.exact:
             _setup_at_first_call(transformer, speed, stack, device)
+            if second is not None:
+                _setup_at_first_call(second.module, speed, stack, second.device)
         yield speed
 
 
@@ -336,8 +353,9 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
             return
         done.append(True)
         if speed.compile:
-            compile_cache.cap_workers()
-            compile_cache.load(device)
+            with _CACHE_LOCK:   # a CFG pair's two copies start in two threads at once
+                compile_cache.cap_workers()
+                compile_cache.load(device)
             stack.callback(compile_cache.save, device)
             _compile(transformer, stack)
         if speed.fp8:
@@ -346,6 +364,7 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
     if speed.compile or speed.fp8:
         stack.callback(transformer.register_forward_pre_hook(setup).remove)
     if speed.compile:
+        # dynamo's config patches are per thread: a CFG pair's copy (run in a worker thread) enters its own
         patches = []
         _while_running(transformer, stack,
                        lambda: patches.append(_enter(torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))),

@@ -9,7 +9,9 @@ tokens from the first block to the last (the 226 text tokens stay whole on every
   CogVideoX processor and ours call it directly): the video part of Q, K, V goes all-to-all from
   [heads, tokens/N] to [heads/N, all tokens], the text part keeps this rank's heads; attention runs
   on H/N heads over the whole sequence, and the output goes back the same way (text heads
-  all-gathered, so every rank keeps identical text tokens);
+  all-gathered, so every rank keeps identical text tokens). The mode is entered for each block's
+  call, so it lies above a speed option's attention redirect (fast): the speed's kernel runs the
+  local attention on the gathered heads, and compile traces the blocks with the exchange left eager;
 * a forward hook on the last block all-gathers the video tokens, so the final norm, projection
   and unpatchify see the whole sequence, as on one GPU.
 
@@ -93,6 +95,13 @@ class UlyssesAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention or args[0].shape[2] != self.text_len + self.local_len:
             return func(*args, **kwargs)
+        return self._attend(func, args, kwargs)
+
+    @torch.compiler.disable
+    def _attend(self, func, args, kwargs):
+        """The exchange, the attention and the way back, run eagerly inside a compiled block (speed
+        'compile'): traced, the byte count became a guard (a new graph at every call) and the collectives
+        in-graph ones. ``func`` reaches the mode below this one: a speed's attention kernel, else SDPA."""
         q, k, v = args[:3]
         t, n = self.text_len, self.n
         if q.shape[1] % n:
@@ -145,9 +154,29 @@ def sequence_parallel(transformer, group=None):
     with ExitStack() as stack:
         for block in blocks:
             stack.callback(block.register_forward_pre_hook(before, with_kwargs=True).remove)
+            _inside(block, mode, stack)
         stack.callback(blocks[-1].register_forward_hook(after, with_kwargs=True).remove)
-        stack.enter_context(mode)
         yield mode
+
+
+def _inside(block, mode: UlyssesAttention, stack: ExitStack) -> None:
+    """``mode`` entered for each call of ``block`` only. Entered at the block, it lies on top of any mode
+    entered around the whole transformer (a speed's attention redirect, fast._route), whatever the order
+    the two were set up in: Ulysses catches the attention call first and hands the gathered Q, K, V to
+    the mode below, so the speed's kernel runs the local attention instead of bypassing the exchange."""
+    entered = []
+
+    def pre(_block, _args):
+        mode.__enter__()
+        entered.append(True)
+
+    def post(_block, _args, _output):
+        if entered:           # a pre-hook before ours raised: nothing to leave
+            entered.pop()
+            mode.__exit__(None, None, None)
+
+    stack.callback(block.register_forward_pre_hook(pre).remove)
+    stack.callback(block.register_forward_hook(post, always_call=True).remove)
 
 
 def active(transformer):
