@@ -239,7 +239,9 @@ def _env(s, args) -> dict:
     return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 diffusers=diffusers.__version__, variant=s["variant"].key, frames=s["frames"], height=s["h"],
                 width=s["w"], steps=args.steps, tiny=bool(args.tiny), speed=args.speed, cfg_mode=args.cfg_mode,
-                note="final-latent differences on random weights are not a quality measure")
+                note="final-latent differences on random weights are not a quality measure",
+                environment={k: os.environ[k] for k in ("COGVID_COMPILE_CACHE", "TORCHINDUCTOR_COMPILE_THREADS",
+                                                         "TORCHINDUCTOR_CACHE_DIR", "COGVID_EMULATE_CC") if k in os.environ})
 
 
 HEADER = ("| side | cache | denoise s | x diffusers uncached | full passes | peak alloc / reserved GiB | host RSS GiB | "

@@ -122,3 +122,21 @@ def test_workers_capped_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "7")
     compile_cache.cap_workers()
     assert config.compile_threads is None
+
+
+def test_with_kept_kernels_no_compile_pool_starts(monkeypatch, tmp_path):
+    """A restart that loaded its kernels compiles nothing: in-process (1), not a pool of workers."""
+    from torch._inductor import async_compile, config
+    monkeypatch.setattr(async_compile, "_pool_set", type(async_compile._pool_set)())
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path))
+    monkeypatch.setattr(config, "compile_threads", None)
+    compile_cache.prepare("cpu")                               # no file: a cold compile, capped pool
+    assert config.compile_threads == compile_cache.COMPILE_THREADS
+    path = compile_cache.file_for("cpu")
+    path.write_bytes(b"x")
+    monkeypatch.delitem(compile_cache._loaded, path, raising=False)
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: _Info({"inductor": ["k"]}))
+    monkeypatch.setattr(config, "compile_threads", None)
+    compile_cache.prepare("cpu")
+    assert config.compile_threads == 1

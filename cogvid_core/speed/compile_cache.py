@@ -19,7 +19,8 @@ another card) is never read: its name carries both. A file that does not load is
 Compile workers: inductor compiles Triton kernels in a pool of worker processes, one per CPU core by
 default (16 on the GPU machine: +6 GiB of host memory for the rest of the process, as the whole process
 tree measured it). Unless the user set ``TORCHINDUCTOR_COMPILE_THREADS``, the pool is capped at
-:data:`COMPILE_THREADS` before the first compile (bench/README.md: what each choice costs).
+:data:`COMPILE_THREADS` before the first compile, and not started at all when kept kernels were loaded
+(:func:`prepare`; docs/performance.md: what each choice costs).
 """
 from __future__ import annotations
 
@@ -80,12 +81,12 @@ def _count(info) -> int:
     return sum(len(v) for v in info.artifacts.values()) if info is not None else 0
 
 
-def load(device) -> None:
+def load(device) -> bool:
     """Before the first compiled call: what an earlier process compiled, into this process's caches
-    (once per file and process)."""
+    (once per file and process). True when this call loaded a file."""
     path = file_for(device)
     if path is None or path in _loaded or not path.is_file():
-        return
+        return False
     _loaded[path] = 0
     try:
         info = torch.compiler.load_cache_artifacts(path.read_bytes())
@@ -94,9 +95,10 @@ def load(device) -> None:
         why = f"{type(e).__name__}: {e}"
     if why:
         log.warning("compile cache %s did not load (%s): compiling afresh; delete the file if this repeats", path, why)
-        return
+        return False
     _loaded[path] = _count(info)
     log.info("compile cache: %d compiled graphs loaded from %s", _loaded[path], path)
+    return True
 
 
 def save(device) -> None:
@@ -126,12 +128,23 @@ def save(device) -> None:
     log.info("compile cache: %d compiled graphs (%.1f MiB) written to %s", _loaded[path], len(blob) / 2 ** 20, path)
 
 
-def cap_workers() -> None:
-    """Inductor's compile pool at :data:`COMPILE_THREADS` workers, unless the user chose
-    (``TORCHINDUCTOR_COMPILE_THREADS``) or the pool already runs (another compile in this process)."""
+def cap_workers(threads: int = None) -> None:
+    """Inductor's compile pool at ``threads`` workers (default :data:`COMPILE_THREADS`; 1: no pool,
+    compile in this process), unless the user chose (``TORCHINDUCTOR_COMPILE_THREADS``) or the pool
+    already runs (another compile in this process)."""
     if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
         return
     from torch._inductor import async_compile, config
 
     if not getattr(async_compile, "_pool_set", None):     # the pools started so far (none: set before it starts)
-        config.compile_threads = COMPILE_THREADS
+        config.compile_threads = threads or COMPILE_THREADS
+
+
+def prepare(device) -> None:
+    """Before the first compiled call: the kept kernels loaded, and the compile pool sized for what is
+    left to compile. With kept kernels nothing (or little) is: no pool at all (H200, 1.5 resident
+    fp8+fa3fp8+compile: the pool's processes were +1.07 GiB of host memory on a restart that compiled
+    nothing; without it the process tree was 1.17 GiB against the exact run's 1.09, first step the same).
+    Without them, :data:`COMPILE_THREADS` workers: the cold first step took 20.1 s with 2, 22.8 s
+    with torch's 16 in an earlier session (bench/README.md, session 12)."""
+    cap_workers(1 if load(device) else COMPILE_THREADS)

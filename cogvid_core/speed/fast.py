@@ -354,8 +354,7 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
         done.append(True)
         if speed.compile:
             with _CACHE_LOCK:   # a CFG pair's two copies start in two threads at once
-                compile_cache.cap_workers()
-                compile_cache.load(device)
+                compile_cache.prepare(device)
             stack.callback(compile_cache.save, device)
             _compile(transformer, stack)
         if speed.fp8:
