@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from cogvid_core import cli
 from cogvid_core.speed import fast
+from cogvid_core.speed import fp8 as fp8_swap
 from cogvid_core.model import loading
 from cogvid_core.model import variants as M
 from cogvid_core.run import pipeline
@@ -191,7 +192,7 @@ class _FakeTorchao:
 def fake_torchao(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
     monkeypatch.setitem(sys.modules, "torchao.quantization", _FakeTorchao)
-    monkeypatch.setattr(fast, "_computable", lambda w: True)
+    monkeypatch.setattr(fp8_swap, "_computable", lambda w: True)
     _FakeTorchao.calls = 0
     return _FakeTorchao
 
@@ -202,7 +203,7 @@ def _fp8_forward(tr, kw):
     lin = tr.transformer_blocks[0].attn1.to_q
     h = lin.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight))   # returns None: args unchanged
     with ExitStack() as stack:
-        fast._fp8(tr, stack)
+        fp8_swap._fp8(tr, stack, fast._while_running)
         out = _run(tr, kw)
     h.remove()
     return out, seen["w"]

@@ -216,10 +216,10 @@ def test_cfg_pair_swaps_fp8_weights_on_both_copies(transformer, monkeypatch):
     """fp8 (torchao stand-in that halves each weight: visibly wrong, so a copy left in bf16 shows): the
     pair equals fp8 on one device, and both copies get their own Parameters back."""
     from test_fast import _FakeTorchao
-    from cogvid_core.speed import fast
+    from cogvid_core.speed import fast, fp8
     monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
     monkeypatch.setitem(sys.modules, "torchao.quantization", _FakeTorchao)
-    monkeypatch.setattr(fast, "_computable", lambda w: True)
+    monkeypatch.setattr(fp8, "_computable", lambda w: True)
     monkeypatch.setattr(fast, "_fp8_reason", lambda device: None)   # the CPU stands in for an Ada/Hopper card
     variant = M.VARIANTS[KEY]
     plain = _sample(transformer, variant, steps=2)
@@ -443,13 +443,13 @@ def _speed_rank(rank, n, port, out):
     from torch._dynamo.utils import counters
 
     from test_fast import _FakeTorchao
-    from cogvid_core.speed import fast, seqpar
+    from cogvid_core.speed import fast, fp8, seqpar
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=n)
     torch.set_num_threads(1)
     fast.COMPILE_OPTIONS["backend"] = "eager"
     sys.modules["torchao"], sys.modules["torchao.quantization"] = type(sys)("torchao"), _FakeTorchao
-    fast._computable = lambda w: True
+    fp8._computable = lambda w: True
     fast._fp8_reason = lambda device: None          # the CPU stands in for an Ada/Hopper card
     tr = build_random("transformer", KEY, tiny=True, dtype=torch.float32)
     kw, results = _forward_kw(tr), {}
@@ -497,7 +497,7 @@ def _torchrun_rank(rank, n, port, argv, out):
     import os
     from contextlib import contextmanager
 
-    from cogvid_core.speed import fast, seqpar
+    from cogvid_core.speed import fast, fp8, seqpar
     os.environ.update(WORLD_SIZE=str(n), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)

@@ -41,11 +41,11 @@ def test_fp8_storage_never_touches_the_modulation(tiny_ckpts, key, file_backed):
 
 def test_fp8_speed_and_storage_quantize_the_same_linears():
     from diffusers import CogVideoXTransformer3DModel
-    from cogvid_core.speed import fast
+    from cogvid_core.speed import fp8
     with torch.device("meta"):
         tr = CogVideoXTransformer3DModel(**M.transformer_config(M.V15, tiny=True))
     block = tr.transformer_blocks[0]
-    speed = {id(m) for m in fast._Fp8Block(block, None, []).linears}
+    speed = {id(m) for m in fp8._Fp8Block(block, None, []).linears}
     storage = {id(m) for name, m in block.named_modules() if isinstance(m, nn.Linear)
                and P.is_fp8_layer(f"transformer_blocks.0.{name}.weight", m.weight.shape)}
     assert speed == storage and len(speed) == 6    # q, k, v, out, and the two feed-forward matrices

@@ -45,9 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from cogvid_core.model import precision as P
-from cogvid_core.model.lora_linear import rebased
-from cogvid_core.speed import cardclass, compile_cache
+from cogvid_core.speed import cardclass, compile_cache, fp8
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 from cogvid_core.speed.multigpu import second_of
 
@@ -261,68 +259,6 @@ def _route(transformer: nn.Module, kernel: AttentionKernel, stack: ExitStack) ->
     _while_running(transformer, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
 
 
-def _computable(w: torch.Tensor) -> bool:
-    """float8 matmuls run on CUDA tensors only (a test may say otherwise)."""
-    return w.is_cuda
-
-
-class _Fp8Block:
-    """Swaps the block's token-sized Linear weights for torchao float8 copies for one call and puts
-    the originals back after it: nothing is kept between calls, so every placement's own weight
-    traffic (offload, file-backed streaming) is untouched, and memory grows by one block's float8
-    copy. Re-quantizing a block costs reading its weights once, small beside a call's matmuls.
-    Weights stored in fp8 (``precision=fp8_e4m3fn``, loading.Fp8Linear) are upcast and re-scaled per
-    row: streamed bytes stay halved and the matmul runs in float8 too."""
-
-    def __init__(self, block: nn.Module, config, skipped: list):
-        # fp8 storage's rule (precision.fp8_module): attention and feed-forward, the token-sized matmuls;
-        # never the AdaLN modulation (norm1/norm2.linear: one row per video, precision-sensitive)
-        self.linears = [m for name, m in block.named_modules() if isinstance(m, nn.Linear) and P.fp8_module(name)]
-        self.config, self.skipped, self.live = config, skipped, []
-
-    def enter(self) -> None:
-        from torchao.quantization import quantize_
-
-        for lin in self.linears:
-            w, cls = lin.weight, type(lin)
-            if not _computable(w):
-                self.skipped.append(lin)   # e.g. diffusers group offloading brings weights in later
-                continue
-            if w.element_size() == 1:   # fp8 storage (loading.Fp8Linear)
-                # its forward would upcast torchao's tensor back to bf16 (a LoRA's delta is kept)
-                lin.__class__ = rebased(cls, nn.Linear)
-                lin.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
-            quantize_(lin, self.config)
-            self.live.append((lin, w, lin.weight, cls))
-
-    def leave(self) -> None:
-        for lin, w, q, cls in self.live:
-            lin.__dict__.pop("extra_repr", None)   # torchao's repr decoration, instance-level
-            lin.__class__ = cls
-            if lin.weight is q:   # else the placement has already swapped it (a streamed block dropped)
-                lin.weight = w
-        self.live = []
-
-
-def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-    # set_inductor_config=False: torchao would otherwise change process-wide settings (float32 matmul
-    # precision among them) that other models in the same process would then run with
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-    skipped: list = []
-    for block in _blocks(transformer):
-        swap = _Fp8Block(block, config, skipped)
-        _while_running(block, stack, swap.enter, swap.leave)
-
-    def report():
-        if skipped:
-            log.warning("speed 'fp8': %d Linear calls ran in bf16, their weights were not on the GPU when the block "
-                        "started (diffusers group offloading of a model loaded into memory); load it file-backed or "
-                        "use resident/offload placement", len(skipped))
-    stack.callback(report)
-
-
 @contextmanager
 def applied(transformer: nn.Module, speed: Speed | str, device):
     """Inside: ``transformer`` runs with the parts of ``speed`` that work on ``device`` (each dropped
@@ -358,7 +294,7 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
             stack.callback(compile_cache.save, device)
             _compile(transformer, stack)
         if speed.fp8:
-            _fp8(transformer, stack)
+            fp8._fp8(transformer, stack, _while_running)
 
     if speed.compile or speed.fp8:
         stack.callback(transformer.register_forward_pre_hook(setup).remove)
