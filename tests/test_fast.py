@@ -203,7 +203,7 @@ def _fp8_forward(tr, kw):
     lin = tr.transformer_blocks[0].attn1.to_q
     h = lin.register_forward_pre_hook(lambda m, a: seen.update(w=m.weight))   # returns None: args unchanged
     with ExitStack() as stack:
-        fp8_swap._fp8(tr, stack, fast._while_running)
+        fp8_swap._fp8(tr, stack)
         out = _run(tr, kw)
     h.remove()
     return out, seen["w"]

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from cogvid_core.speed import cardclass, compile_cache, fp8
+from cogvid_core.speed.hooks import while_running
 from cogvid_core.speed.attention import ATTENTION, AttentionKernel, RouteAttention, cuda_reason, mode_of, register_attention, triton_reason  # noqa: F401
 from cogvid_core.speed.multigpu import second_of
 
@@ -231,32 +232,9 @@ from cogvid_core.speed.regional import COMPILE_OPTIONS, RECOMPILE_LIMIT, _COMPIL
 _CACHE_LOCK = threading.Lock()
 
 
-def _blocks(transformer: nn.Module) -> nn.ModuleList:
-    from cogvid_core.memory.activations import _blocks as blocks_of
-    return blocks_of(transformer)
-
-
-def _while_running(module: nn.Module, stack: ExitStack, enter, leave) -> None:
-    """``enter()`` before each forward of ``module``, ``leave()`` after it (also when it raises);
-    the hooks come off when ``stack`` closes."""
-    entered = []
-
-    def pre(_module, _args):
-        enter()
-        entered.append(True)
-
-    def post(_module, _args, _output):
-        if entered:
-            entered.pop()
-            leave()
-
-    stack.callback(module.register_forward_pre_hook(pre).remove)
-    stack.callback(module.register_forward_hook(post, always_call=True).remove)
-
-
 def _route(transformer: nn.Module, kernel: AttentionKernel, stack: ExitStack) -> None:
     mode = mode_of(kernel)
-    _while_running(transformer, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
+    while_running(transformer, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
 
 
 @contextmanager
@@ -294,14 +272,14 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
             stack.callback(compile_cache.save, device)
             _compile(transformer, stack)
         if speed.fp8:
-            fp8._fp8(transformer, stack, _while_running)
+            fp8._fp8(transformer, stack)
 
     if speed.compile or speed.fp8:
         stack.callback(transformer.register_forward_pre_hook(setup).remove)
     if speed.compile:
         # dynamo's config patches are per thread: a CFG pair's copy (run in a worker thread) enters its own
         patches = []
-        _while_running(transformer, stack,
+        while_running(transformer, stack,
                        lambda: patches.append(_enter(torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))),
                        lambda: patches.pop().__exit__(None, None, None))
     if speed.attention != "sdpa":

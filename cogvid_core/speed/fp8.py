@@ -14,6 +14,7 @@ from torch import nn
 
 from cogvid_core.model import precision as P
 from cogvid_core.model.lora_linear import rebased
+from cogvid_core.speed.hooks import while_running
 from cogvid_core.speed.regional import _blocks
 
 log = logging.getLogger("cogvid_core.speed.fast")
@@ -62,7 +63,7 @@ class _Fp8Block:
         self.live = []
 
 
-def _fp8(transformer: nn.Module, stack: ExitStack, while_running) -> None:
+def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
     # set_inductor_config=False: torchao would otherwise change process-wide settings (float32 matmul

@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from cogvid_core.speed.hooks import while_running
+
 
 def launched() -> bool:
     """Started by torchrun (or another launcher that sets WORLD_SIZE > 1)."""
@@ -164,19 +166,7 @@ def _inside(block, mode: UlyssesAttention, stack: ExitStack) -> None:
     entered around the whole transformer (a speed's attention redirect, fast._route), whatever the order
     the two were set up in: Ulysses catches the attention call first and hands the gathered Q, K, V to
     the mode below, so the speed's kernel runs the local attention instead of bypassing the exchange."""
-    entered = []
-
-    def pre(_block, _args):
-        mode.__enter__()
-        entered.append(True)
-
-    def post(_block, _args, _output):
-        if entered:           # a pre-hook before ours raised: nothing to leave
-            entered.pop()
-            mode.__exit__(None, None, None)
-
-    stack.callback(block.register_forward_pre_hook(pre).remove)
-    stack.callback(block.register_forward_hook(post, always_call=True).remove)
+    while_running(block, stack, mode.__enter__, lambda: mode.__exit__(None, None, None))
 
 
 def active(transformer):
