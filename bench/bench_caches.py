@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvid_core.model import loading, testing                 # noqa: E402
+from bench.common.clock import step_clock                      # noqa: E402
 from bench.common.sampling import TreeSampler                  # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
@@ -116,18 +117,6 @@ def _tail_counter(tr):
     return runs, h
 
 
-def _step_clock(device):
-    """(marks, mark): mark() appends the time after the GPU finished the step (per-step seconds)."""
-    marks = []
-
-    def mark(*_a, **_k):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-        return {}
-    return marks, mark
-
-
 def _step_times(t0: float, marks: list) -> dict:
     ends = [t0, *marks]
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -145,7 +134,7 @@ def run_diffusers(s, spec, steps, peaks):
     seen, probe = fbc_probe(tr.transformer_blocks[0])
     if caches.parse(spec).on:
         tr.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
-    marks, mark = _step_clock(s["device"])
+    marks, mark = step_clock(s["device"])
     peaks.start()
     try:
         out = pipe(image=s["image"].to(s["device"], s["dtype"]), prompt_embeds=s["pos"], negative_prompt_embeds=s["neg"],
@@ -169,7 +158,7 @@ def run_ours(s, spec, steps, args, peaks):
         latent = s.setdefault("latent", encode_image(s["vae"], ((s["image"][0] + 1) / 2).permute(1, 2, 0),
                                                       s["h"], s["w"], s["variant"], "crop", s["device"]))
     stats = []
-    marks, mark = _step_clock(s["device"])
+    marks, mark = step_clock(s["device"])
     with fast.applied(s["tr"], args.speed, s["device"]) as ran, torch.inference_mode():
         peaks.start()
         out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,

@@ -41,20 +41,12 @@ from cogvid_core.run.report import StageRecorder  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints  # noqa: E402
 from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
 from bench.common.reference import PROMPT, fbc_probe, run_staged, start_image  # noqa: E402
+from bench.common.clock import step_clock  # noqa: E402
 from bench.common.sampling import TreeSampler  # noqa: E402
 from bench.common.tables import fmt  # noqa: E402
 
 RECIPES = ("diffusers-resident", "ours-auto@6", "ours-balanced")
 BASELINE = "diffusers-resident"
-
-
-def _steps_clock(device, marks: list):
-    def mark(*_a, **_k):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        marks.append(time.perf_counter())
-        return {}
-    return mark
 
 
 def run_diffusers(folder: Path, args, rec: StageRecorder, device, image, mark) -> dict:
@@ -132,8 +124,8 @@ def child(recipe: str, args) -> dict:
 
     device = torch.device(args.device)
     image = start_image(args.height, args.width)
-    rec, marks = StageRecorder(device), []
-    mark = _steps_clock(device, marks)
+    rec = StageRecorder(device)
+    marks, mark = step_clock(device)
     t0 = time.perf_counter()
     extra = {}
     if recipe == BASELINE:
