@@ -106,10 +106,10 @@ class Run:
     """One ComfyUI process: its queue, the prompts, and one queue at a time with its events kept."""
 
     def __init__(self, cfg: dict):
-        import torch
         self.cfg, self.number, self.seed = cfg, 0, cfg["seed"]
         self.sampler = MemSampler(os.getpid())
         self.server, self.queue = start_comfyui(cfg["comfyui"], cfg["comfy_args"], TriggerServer())
+        import torch    # only now: ComfyUI's cuda_malloc sets the allocator before torch loads
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.sampler.start()

@@ -47,6 +47,11 @@ def start_comfyui(comfy_dir: str, comfy_args: list[str], server: BenchServer | N
     sys.path.insert(0, comfy_dir)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if "torch" in sys.modules:
+        # cuda_malloc (below) picks the allocator through PYTORCH_CUDA_ALLOC_CONF, which torch reads
+        # when it loads: a torch loaded earlier fails its first CUDA call (an internal assert).
+        raise RuntimeError("the bench worker imported torch before ComfyUI's start-up; import it after "
+                           "start_comfyui() returns")
     import comfy.options
     comfy.options.enable_args_parsing()
     import cuda_malloc  # noqa: F401   (main.py imports it before torch: ComfyUI's allocator choice)
