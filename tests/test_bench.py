@@ -243,3 +243,28 @@ def test_tree_sampler_counts_the_children_a_process_starts():
     row = tree.stop()
     assert len(seen) == 2 and seen[0] == p.pid
     assert row["tree_max_procs"] == 2 and row["tree_peak_anon_shmem_gib"] > 0.12     # both 64 MiB buffers
+
+
+def test_the_fault_worker_starts_comfyui_before_torch_loads():
+    """ComfyUI's cuda_malloc picks the allocator through the environment torch reads when it loads: a
+    worker that imported torch first failed its first CUDA call on the GPU (an internal assert)."""
+    import subprocess
+    code = ("import json, sys\n"
+            "import bench.comfyui_scenarios as s\n"
+            "seen = []\n"
+            "class Stop(Exception): pass\n"
+            "def fake(*a, **k):\n"
+            "    seen.append('torch' in sys.modules)\n"
+            "    raise Stop\n"
+            "s.start_comfyui = fake\n"
+            "try:\n"
+            "    s.Run(dict(seed=0, comfyui='x', comfy_args=[]))\n"
+            "except Stop:\n"
+            "    pass\n"
+            "print(json.dumps(seen))\n")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False]
+    from bench.comfyui_worker import start_comfyui
+    with pytest.raises(RuntimeError, match="imported torch before"):
+        start_comfyui("/nonexistent", [])     # this process has torch: refused before anything starts
