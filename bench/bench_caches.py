@@ -134,7 +134,7 @@ def run_diffusers(s, spec, steps, peaks):
     seen, probe = fbc_probe(tr.transformer_blocks[0])
     if caches.parse(spec).on:
         tr.enable_cache(caches.diffusers_config(spec, lambda: pipe.current_timestep))
-    marks, mark = step_clock(s["device"])
+    marks, mark = step_clock(s["device"], echo=True)
     peaks.start()
     try:
         out = pipe(image=s["image"].to(s["device"], s["dtype"]), prompt_embeds=s["pos"], negative_prompt_embeds=s["neg"],
@@ -158,7 +158,7 @@ def run_ours(s, spec, steps, args, peaks):
         latent = s.setdefault("latent", encode_image(s["vae"], ((s["image"][0] + 1) / 2).permute(1, 2, 0),
                                                       s["h"], s["w"], s["variant"], "crop", s["device"]))
     stats = []
-    marks, mark = step_clock(s["device"])
+    marks, mark = step_clock(s["device"], echo=True)
     with fast.applied(s["tr"], args.speed, s["device"]) as ran, torch.inference_mode():
         peaks.start()
         out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,
