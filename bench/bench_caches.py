@@ -168,6 +168,9 @@ def run_ours(s, spec, steps, args, peaks):
         row.update(_step_times(peaks.t0, marks))
     row.update(side="ours", cache=spec, speed=args.speed, speed_ran=ran.name, cfg_mode=args.cfg_mode,
                full_passes=stats[0].full_passes if stats else 2 * steps, stats=stats[0].line() if stats else "")
+    if "compile" in ran.name:      # where a (re)start's first step goes: dynamo's trace, inductor, cache loads
+        names, secs = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
+        row["compile_times_s"] = {n: round(float(v), 3) for n, v in zip(names, secs) if float(v) >= 0.05}
     return row, out.samples.float()
 
 
