@@ -358,3 +358,17 @@ def test_fp8_files_hold_exactly_the_fp8_layers(tiny_ckpts):
     quant, _ = load_transformer(s["transformer"], dtype=torch.bfloat16, storage_dtype=torch.float8_e4m3fn)
     stored = {k for k, t in quant.state_dict().items() if t.dtype == torch.float8_e4m3fn}
     assert stored == {k for k, t in quant.state_dict().items() if is_fp8_layer(k, t.shape)}
+
+
+def test_random_checkpoint_bytes_do_not_depend_on_the_writer_threads(tmp_path):
+    """The full-size writer draws tensors on several threads: the file must be the one a single thread writes."""
+    from cogvid_core.model import testing_files as TF
+    shapes = {f"blocks.{i}.w.weight": (64 + i, 48) for i in range(7)}
+    shapes.update({"norm.weight": (48,), "pos_embedding": (3, 5)})
+    one, many = tmp_path / "one.safetensors", tmp_path / "many.safetensors"
+    TF.write_safetensors(one, "transformer", shapes, torch.bfloat16, 3, TF.to_scaled_fp8, workers=1)
+    TF.write_safetensors(many, "transformer", shapes, torch.bfloat16, 3, TF.to_scaled_fp8, workers=3)
+    assert one.read_bytes() == many.read_bytes()
+    from safetensors.torch import load_file
+    back = load_file(str(many))
+    assert set(back) >= set(shapes) and "scaled_fp8" in back

@@ -13,15 +13,13 @@ Layouts written under ``root`` (see ``write_checkpoints``):
 
 Every tensor is drawn from its own generator seeded by (seed, component, tensor name), so all
 layouts hold identical values, the output is reproducible, and full-size files are streamed
-shard by shard from a meta-device model without ever holding a whole model in RAM.
+shard by shard from a meta-device model without ever holding a whole model in RAM (the values and
+the writer: model/testing_files.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import struct
-import zlib
 from pathlib import Path
 
 import torch
@@ -29,12 +27,12 @@ import torch
 from cogvid_core.model import corelayout
 from cogvid_core.model import precision as P
 from cogvid_core.model import variants as M
+from cogvid_core.model.testing_files import (_plan_shards, random_tensor, to_fp8, to_scaled_fp8,  # noqa: F401
+                                             write_safetensors)
 from cogvid_core.model.testing_tokenizer import write_scheduler, write_tokenizer  # noqa: F401  (public writers)
 
 TRANSFORMER_SHARD_BYTES = {True: 100_000, False: 5_000_000_000}   # tiny: force >= 2 shards
 T5_SHARD_BYTES = {True: 1_000_000, False: 5_000_000_000}
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 MODEL_INDEX = {
@@ -98,43 +96,6 @@ def tensor_shapes(component: str, variant: M.Variant, tiny: bool,
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-# ----------------------------------------------------------------------------- random values
-def random_tensor(component: str, name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                  seed: int = 0) -> torch.Tensor:
-    """Default-init-like values for one tensor, independent of every other tensor.
-
-    Linear/conv weights: uniform(+-1/sqrt(fan_in)) as torch's default init; norm weights 1,
-    biases 0; embeddings N(0, 1); positional embedding N(0, 0.5). Generated in fp32 then cast so
-    every dtype holds the same values up to rounding.
-    """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{component}/{name}".encode())) % 2**63)
-    leaf = name.rsplit(".", 1)[-1]
-    if "pos_embedding" in name:
-        t = torch.randn(shape, generator=gen) * 0.5
-    elif name in ("shared.weight",) or "relative_attention_bias" in name:
-        t = torch.randn(shape, generator=gen)
-    elif len(shape) == 1:
-        t = torch.ones(shape) if leaf == "weight" else torch.zeros(shape)
-    else:
-        fan_in = math.prod(shape[1:])
-        bound = 1.0 / math.sqrt(fan_in)
-        t = torch.empty(shape).uniform_(-bound, bound, generator=gen)
-    return t.to(dtype)
-
-
-def _plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int | None) -> list[list[str]]:
-    shards, size = [[]], 0
-    item = torch.empty((), dtype=dtype).element_size()
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * item
-        if max_bytes and shards[-1] and size + nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
-
-
 def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool,
                     dtype: torch.dtype, seed: int, layers: int | None = None) -> None:
     """config.json + safetensors (sharded with an index when over the shard size), one shard in RAM at a time."""
@@ -150,71 +111,15 @@ def _save_component(folder: Path, component: str, variant: M.Variant, tiny: bool
     stem, shard_bytes = _COMPONENT_FILES[component]
     shards = _plan_shards(shapes, dtype, shard_bytes[bool(tiny)] if shard_bytes else None)
     if len(shards) == 1:
-        _write(folder / f"{stem}.safetensors", component, {n: shapes[n] for n in shards[0]}, dtype, seed)
+        write_safetensors(folder / f"{stem}.safetensors", component, {n: shapes[n] for n in shards[0]}, dtype, seed)
         return
     weight_map, total = {}, 0
     for i, names in enumerate(shards, 1):
         fname = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        total += _write(folder / fname, component, {n: shapes[n] for n in names}, dtype, seed)
+        total += write_safetensors(folder / fname, component, {n: shapes[n] for n in names}, dtype, seed)
         weight_map.update({n: fname for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _write(path: Path, component: str, shapes: dict, dtype: torch.dtype, seed: int, transform=None) -> int:
-    """Stream one safetensors file tensor by tensor (peak RAM: one tensor, even for 11 GB files).
-
-    ``transform`` maps {name: tensor} -> {name: tensor} for one tensor at a time (fp8 casts);
-    running it on meta tensors first gives the header before any value exists.
-    """
-    transform = transform or (lambda d: d)
-    specs = {}
-    for n, s in shapes.items():
-        specs.update(transform({n: torch.empty(s, dtype=dtype, device="meta")}))
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for n, t in specs.items():
-        nbytes = t.numel() * t.element_size()
-        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        written = set()
-        for n, s in shapes.items():
-            for name, t in transform({n: random_tensor(component, n, s, dtype, seed)}).items():
-                if name in written:  # a marker (scaled_fp8) returned with every tensor: write once
-                    continue
-                written.add(name)
-                assert tuple(t.shape) == tuple(specs[name].shape) and t.dtype == specs[name].dtype, name
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return offset
-
-
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
-
-
-# ----------------------------------------------------------------------------- fp8 variants
-def to_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """kijai-style fp8: the fp8 layers (``precision.is_fp8_layer``) cast to float8_e4m3fn, no scales."""
-    return {n: t.to(FP8) if P.is_fp8_layer(n, t.shape) else t for n, t in tensors.items()}
-
-
-def to_scaled_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI ``*_fp8_e4m3fn_scaled`` format: ``scaled_fp8`` marker + per-weight ``.scale_weight``.
-
-    Stored weight = W / scale in fp8; ComfyUI's scaled_fp8_ops multiply back by ``scale_weight``.
-    """
-    out = {"scaled_fp8": torch.empty(0, dtype=FP8)}
-    for n, t in tensors.items():
-        if P.is_fp8_layer(n, t.shape):
-            scale = (t.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
-            out[n] = (t.float() / scale).to(FP8)
-            out[n[: -len("weight")] + "scale_weight"] = scale.reshape(())
-        else:
-            out[n] = t
-    return out
 
 
 # ----------------------------------------------------------------------------- public writers
@@ -265,12 +170,12 @@ def _write_comfy(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dtyp
     for d in (models, vae):
         d.mkdir(parents=True, exist_ok=True)
     shapes = tensor_shapes("transformer", variant, tiny, layers)
-    _write(paths["transformer"], "transformer", shapes, dtype, seed, to_core_names)
-    _write(paths["transformer_prefixed"], "transformer", shapes, dtype, seed,
+    write_safetensors(paths["transformer"], "transformer", shapes, dtype, seed, to_core_names)
+    write_safetensors(paths["transformer_prefixed"], "transformer", shapes, dtype, seed,
            lambda d: to_core_names(d, "model.diffusion_model."))
-    _write(paths["transformer_fp8_scaled"], "transformer", shapes, dtype, seed,
+    write_safetensors(paths["transformer_fp8_scaled"], "transformer", shapes, dtype, seed,
            lambda d: to_core_names(to_scaled_fp8(d)))
-    _write(paths["vae"], "vae", tensor_shapes("vae", variant, tiny, layers), dtype, seed)
+    write_safetensors(paths["vae"], "vae", tensor_shapes("vae", variant, tiny, layers), dtype, seed)
     return paths
 
 
@@ -286,11 +191,11 @@ def _write_single(folder: Path, variant: M.Variant, tiny: bool, dtype: torch.dty
         "text_encoder_fp8_scaled": folder / "t5xxl_fp8_e4m3fn_scaled.safetensors",
     }
     shapes = {c: tensor_shapes(c, variant, tiny, layers) for c in ("transformer", "vae", "text_encoder")}
-    _write(paths["transformer"], "transformer", shapes["transformer"], dtype, seed)
-    _write(paths["transformer_fp8"], "transformer", shapes["transformer"], dtype, seed, to_fp8)
-    _write(paths["vae"], "vae", shapes["vae"], dtype, seed)
-    _write(paths["text_encoder"], "text_encoder", shapes["text_encoder"], dtype, seed)
-    _write(paths["text_encoder_fp8_scaled"], "text_encoder", shapes["text_encoder"], dtype, seed, to_scaled_fp8)
+    write_safetensors(paths["transformer"], "transformer", shapes["transformer"], dtype, seed)
+    write_safetensors(paths["transformer_fp8"], "transformer", shapes["transformer"], dtype, seed, to_fp8)
+    write_safetensors(paths["vae"], "vae", shapes["vae"], dtype, seed)
+    write_safetensors(paths["text_encoder"], "text_encoder", shapes["text_encoder"], dtype, seed)
+    write_safetensors(paths["text_encoder_fp8_scaled"], "text_encoder", shapes["text_encoder"], dtype, seed, to_scaled_fp8)
     paths["tokenizer"] = write_tokenizer(folder / "tokenizer", seed)
     return paths
 
