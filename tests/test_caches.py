@@ -249,3 +249,42 @@ def test_compile_runs_under_every_cache(monkeypatch, caplog):
         assert "forward" not in block.__dict__ and not isinstance(block.attn1.processor, fast._CompiledCall)
     h.remove()
     assert "compile' is off" not in caplog.text
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_pab_on_a_cfg_pair_matches_diffusers(setup, tiny_ckpts, scheduler):
+    """Two devices (both the CPU here, the two-GPU code path): each copy of the transformer holds its own
+    PAB hooks and one branch's state, and the pair takes the batched pair's decisions."""
+    from diffusers import CogVideoXTransformer3DModel
+    from cogvid_core.speed import multigpu as MG
+    pair = CogVideoXTransformer3DModel.from_pretrained(str(tiny_ckpts[setup["variant"].key]["hf"]),
+                                                       subfolder="transformer", torch_dtype=torch.float32)
+    MG.attach_second(pair, "cpu")
+    second = MG.second_of(pair).module
+    forwards = [{m: m.__dict__.get("forward") for m in tr.modules()} for tr in (pair, second)]
+    calls = []
+    handle = second.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[0]),
+                                              with_kwargs=True)
+    ref, _ = _reference(setup, "pab", scheduler)
+    one = _ours(setup, "pab", scheduler, "batched")[2]
+    try:
+        ours, _, stats = _ours(setup, "pab", scheduler, "batched", transformer=pair)
+    finally:
+        handle.remove()
+    assert calls == [1] * STEPS, "the second copy ran the unconditional branch once per step"
+    diff = (ours - ref).abs().max().item()
+    assert diff <= BOUND, f"pab on a CFG pair: max abs latent diff {diff}"
+    assert (stats.branch_passes, stats.attention_runs) == (one.branch_passes, one.attention_runs), \
+        f"{stats.line()} vs one device: {one.line()}"
+    assert _skipped("pab", stats)
+    assert not pair.is_cache_enabled and not second.is_cache_enabled
+    assert [{m: m.__dict__.get("forward") for m in tr.modules()} for tr in (pair, second)] == forwards
+
+
+def test_a_cfg_pair_refuses_the_caches_it_cannot_run_and_names_pab():
+    assert caches.check("pab", "batched", True, caches.PAIR).name == "pab"
+    for spec in ("fbc", "fastercache"):
+        with pytest.raises(ValueError, match=f"use cache pab on the pair, or one GPU with {spec}"):
+            caches.check(spec, "batched", True, caches.PAIR)
+    with pytest.raises(ValueError, match="sequence parallel"):
+        caches.check("pab", "batched", True, caches.TORCHRUN)

@@ -18,7 +18,7 @@ from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames, positions_note
-from cogvid_core.speed import stepcache
+from cogvid_core.speed import caches, stepcache
 from cogvid_core.speed.multigpu import cfg_parallel, second_of
 from cogvid_core.model.vae import ImageLatent, VideoLatents
 
@@ -229,14 +229,12 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     ofs = latents.new_full((1,), 2.0) if config.ofs_embed_dim is not None else None
     denoiser = Denoiser(transformer, positive.to(device, dtype), negative.to(device, dtype) if use_cfg else None,
                         rope, ofs, cfg, steps, dynamic_cfg, cfg_mode)
-    split = "a CFG pair (two GPUs)" if second_of(transformer) is not None and use_cfg else \
-        "sequence parallel (torchrun)" if _ranks() > 1 else None
-    with stepcache.applied(transformer, cache, cfg_mode, use_cfg, split) as step_cache, \
-            cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
-        if step_cache is not None:
-            denoiser.cache = step_cache
-        frame = None if preview is None else lambda i, n, x0: preview(i, n, preview_frame(x0, pad))
-        latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt, frame)
+    split = caches.PAIR if second_of(transformer) is not None and use_cfg else caches.TORCHRUN if _ranks() > 1 else None
+    with stepcache.applied(transformer, cache, cfg_mode, use_cfg, split) as step_cache:
+        denoiser.cache = step_cache
+        with cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
+            frame = None if preview is None else lambda i, n, x0: preview(i, n, preview_frame(x0, pad))
+            latents = denoise(denoiser, scheduler, latents, start, generator, dtype, progress, interrupt, frame)
     if step_cache is not None:
         stats = stepcache.finish_stats(step_cache)
         log.info(stats.line())

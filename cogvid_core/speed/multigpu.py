@@ -227,20 +227,28 @@ class ParallelCfg:
     on the first device in the caller's thread, the unconditional one on the second copy in a
     worker thread; the pair comes back on the first device, as ``sequential`` CFG returns it."""
 
-    def __init__(self, first, second, pool: ThreadPoolExecutor):
+    def __init__(self, first, second, pool: ThreadPoolExecutor, second_cache=None):
         self.first, self.second, self.pool = first, second, pool
         self.device = second.negative.device
+        self.second_cache = second_cache     # a step cache's hooks on the second copy (first.cache: the first's)
+
+    @staticmethod
+    def _branch(denoiser, cache, x, embeds, t, name):
+        if cache is None:
+            return denoiser.run(x, embeds, t)
+        return cache.one(lambda xs, e: denoiser.run(xs, e, t), x, embeds, t, name)
 
     def _uncond(self, x, t):
         s = self.second
         # grad mode is per thread: the caller's inference_mode does not reach this one
         with torch.inference_mode(), on_device(self.device):
-            return s.run(x.to(self.device), s.negative, t.to(self.device)).to(x.device)
+            return self._branch(s, self.second_cache, x.to(self.device), s.negative, t.to(self.device),
+                                "uncond").to(x.device)
 
     def predict(self, x, t):
         future = self.pool.submit(self._uncond, x, t)
         try:
-            cond = self.first.run(x, self.first.positive, t)
+            cond = self._branch(self.first, self.first.cache, x, self.first.positive, t, "cond")
         except BaseException:
             future.cancel()
             wait([future])     # never leave the worker running on tensors the caller is about to drop
@@ -260,11 +268,12 @@ def cfg_parallel(denoiser):
         yield denoiser
         return
     with mirrored(denoiser.transformer, second) as replica, \
-            ThreadPoolExecutor(1, thread_name_prefix="cogvid-cfg") as pool:
+            ThreadPoolExecutor(1, thread_name_prefix="cogvid-cfg") as pool, \
+            (denoiser.cache.sibling(replica) if denoiser.cache is not None else nullcontext()) as second_cache:
         dev = second.device
         other = dataclasses.replace(denoiser, transformer=replica, positive=None, negative=denoiser.negative.to(dev),
-                                    rope=_moved(denoiser.rope, dev), ofs=_moved(denoiser.ofs, dev))
-        yield ParallelCfg(denoiser, other, pool)
+                                    rope=_moved(denoiser.rope, dev), ofs=_moved(denoiser.ofs, dev), cache=None)
+        yield ParallelCfg(denoiser, other, pool, second_cache)
 
 
 # =============================================================================== node values

@@ -78,11 +78,14 @@ class _JointFirstBlock:
         self.hook.__dict__.pop("_should_compute_remaining_blocks", None)
 
 
+PAIR_SIBLING = "the second copy of a CFG pair"
+
+
 class StepCache:
     """One run's cache on ``transformer``; use as a context manager (hooks on inside, off after)."""
 
     def __init__(self, transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None):
-        self.spec = caches.check(spec, cfg_mode, use_cfg, split)
+        self.spec = caches.check(spec, cfg_mode, use_cfg, caches.PAIR if split == PAIR_SIBLING else split)
         self.transformer, self.cfg_mode, self.use_cfg = transformer, cfg_mode, use_cfg
         self.stats = CacheStats(str(self.spec), len(_blocks(transformer)))
         self.timestep = None
@@ -92,6 +95,7 @@ class StepCache:
         self._joint: _JointFirstBlock | None = None
         self._seen = False           # a full pass already ran (the first-block cache has residuals)
         self._branch_states: dict = {}
+        self._siblings: list[StepCache] = []
         self._stack = ExitStack()
 
     def __enter__(self) -> "StepCache":
@@ -174,6 +178,24 @@ class StepCache:
         if self.spec.name == "pab":              # fbc counts its block runs as it decides
             self.stats.block_runs += n * self.stats.layers
 
+    # -- a CFG pair ---------------------------------------------------------------------------------
+    @contextmanager
+    def sibling(self, module: nn.Module):
+        """The same cache on a CFG pair's second copy (another GPU, its own hooks and state): that copy
+        runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
+        added to this run's at the end."""
+        other = StepCache(module, self.spec, "pair", self.use_cfg, PAIR_SIBLING)
+        with other:
+            self._siblings.append(other)
+            yield other
+
+    def one(self, run, x, embeds, t, name: str):
+        """One branch on this copy (a CFG pair: each copy holds one branch's state)."""
+        self.timestep = t
+        self._context = name
+        with self.transformer.cache_context(name):
+            return run(x, embeds)
+
     # -- the step -----------------------------------------------------------------------------------
     def predict(self, run, x, negative, positive, t):
         """``run(x, embeds)`` is one transformer call; returns its prediction, or with CFG (uncond, cond)."""
@@ -226,8 +248,12 @@ class StepCache:
 
 
 def finish_stats(cache: StepCache) -> CacheStats:
-    """The run's counts (fastercache: every block runs in each computed branch pass)."""
+    """The run's counts (fastercache: every block runs in each computed branch pass; a CFG pair: both copies)."""
     stats = cache.stats
+    for other in cache._siblings:
+        for field in ("branch_passes", "block_runs", "attention_runs"):
+            setattr(stats, field, getattr(stats, field) + getattr(other.stats, field))
+    cache._siblings.clear()
     if cache.spec.name == "fastercache":
         stats.block_runs = stats.branch_passes * stats.layers
     return stats
