@@ -170,7 +170,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
              precision: dict | None = None, tile=None, budget_bytes: int | None = None,
              calibration_path: Path | None = None, tiny: bool = False, keep_loaded: bool = False,
              lora_bytes: int = 0, allocator: str | None = None, card: str | None = None,
-             file_backed: bool = True, speed: str = "exact", device=None, cache: str = "none") -> Estimate:
+             file_backed: bool = True, speed: str = "exact", device=None, cache: str = "none",
+             cache_branches: int = 2) -> Estimate:
     """Predicted peak GPU memory per stage for one run; `fits` compares peak reserved with the budget.
 
     variant: Variant or its key; profile: a Profile or its name in profiles.PROFILES;
@@ -214,7 +215,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights["denoise_step"] += int(lora_bytes)
     # a step cache lives through the whole denoise, like the weights (H100, diffusers' hooks, nvidia-smi:
     # PAB 1.0 +8.8 GiB measured / 8.5 here; FasterCache 1.0 +15.6 / 17.1, 1.5 +42.3 / 43.4)
-    weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny)
+    weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny, cache_branches)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, tiny, tiled=tile_t is not None)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
@@ -307,14 +308,15 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
 
 
 def cache_bytes(variant, frames: int, height: int, width: int, cache: str = "none", precision: dict | None = None,
-                tiny: bool = False) -> int:
-    """Bytes a step cache holds on the GPU through the denoise (hidden states in the compute dtype)."""
+                tiny: bool = False, branches: int = 2) -> int:
+    """Bytes a step cache holds on the GPU through the denoise (hidden states in the compute dtype);
+    ``branches``: CFG branches whose state this GPU holds (1 on each GPU of a CFG pair)."""
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     tcfg = transformer_config(v, tiny)
     xb = compute_bytes(_precision(precision, v, None)["transformer"])
     return caches.held_bytes(cache, tcfg["num_layers"], video_tokens(v, frames, height, width),
                              tcfg["max_text_seq_length"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"],
-                             dtype_bytes=xb)
+                             branches=branches, dtype_bytes=xb)
 
 
 def _decoded_latent_frames(v: Variant, frames: int) -> int:

@@ -112,11 +112,12 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
          speed: str = "exact", cache: str = "none") -> tuple[Profile, Estimate]:
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes (``cfg_pair``:
     the per-GPU budget of a CFG pair, among :func:`one_branch` candidates). ``cache``: a step cache,
-    its held activations counted; fastercache only among batched-CFG profiles (it needs the pair).
+    its held activations counted (on a CFG pair each GPU holds one branch's; only pab runs there);
+    fastercache only among batched-CFG profiles (it needs the batched pair).
 
     Raises ValueError saying what the smallest option needs when none fits."""
     v = VARIANTS[variant] if isinstance(variant, str) else variant
-    spec = caches.parse(cache)
+    spec = caches.check(cache, "sequential", True, caches.PAIR) if cfg_pair else caches.parse(cache)
     args = (v, frames, height, width, budget_bytes, precision, profiles, calibration_path, tiny, keep_loaded,
             lora_bytes, cfg_pair, speed)
     prof, est, last = _first_fit(*args, spec)
@@ -139,7 +140,7 @@ def _first_fit(v, frames, height, width, budget_bytes, precision, profiles, cali
             continue
         est = estimate(v, frames, height, width, prof, precision, budget_bytes=budget_bytes,
                        calibration_path=calibration_path, tiny=tiny, keep_loaded=keep_loaded,
-                       lora_bytes=lora_bytes, speed=speed, cache=str(spec))
+                       lora_bytes=lora_bytes, speed=speed, cache=str(spec), cache_branches=1 if cfg_pair else 2)
         if est.fits:
             return prof, est, None
         last = est
@@ -149,9 +150,10 @@ def _first_fit(v, frames, height, width, budget_bytes, precision, profiles, cali
 def _caches_that_fit(args: tuple, spec) -> str:
     """'step cache X holds ~N GiB on the GPU; what fits: cache a, b; or ' for the refusal of a plan."""
     v, frames, height, width, _budget, precision, _p, _c, tiny = args[:9]
-    held = cache_bytes(v, frames, height, width, str(spec), precision, tiny)
-    fit = [name for name in caches.NAMES
-           if name != spec.name and _first_fit(*args, caches.parse(name))[0] is not None]
+    pair = args[11]
+    held = cache_bytes(v, frames, height, width, str(spec), precision, tiny, 1 if pair else 2)
+    runs = [name for name in caches.NAMES if not pair or name in (caches.NONE, "pab")]
+    fit = [name for name in runs if name != spec.name and _first_fit(*args, caches.parse(name))[0] is not None]
     return (f"step cache {spec} holds ~{held / GiB:.1f} GiB of activations on the GPU; "
             f"{'what fits: cache ' + ', '.join(fit) if fit else 'no cache fits either'}; or ")
 
