@@ -122,16 +122,21 @@ def test_uncached_run_after_a_cached_one_is_exact(setup):
     assert torch.equal(before, after)
 
 
-def test_one_branch_decides_as_the_batched_pair():
-    """First-block cache, one CFG branch at a time: the skip decision is the batched pair's. Here the
-    uncond prompt changes a lot at the second step and the cond prompt very little: the pair computes
-    (diffusers' decision), while a decision per branch would let the cond branch skip."""
+@pytest.mark.parametrize("split", ["sequential", "cfg pair"])
+def test_one_branch_decides_as_the_batched_pair(split):
+    """First-block cache, one CFG branch at a time (or each on its own copy of a CFG pair, in two threads):
+    the skip decision is the batched pair's. Here the uncond prompt changes a lot at the second step and
+    the cond prompt very little: the pair computes (diffusers' decision), while a decision per branch
+    would let the cond branch skip."""
+    from concurrent.futures import ThreadPoolExecutor
     from cogvid_core.model.testing import build_random
+    from cogvid_core.speed import multigpu as MG
     from cogvid_core.speed.stepcache import StepCache
     from test_placement import _inputs
     torch.manual_seed(0)
     variant = models.V15
     tr = build_random("transformer", variant, tiny=True, dtype=torch.float32)
+    second = MG.attach_second(tr, "cpu").module if split == "cfg pair" else None
     kw = _inputs(tr, variant, batch=1)
     x, pos0, t = kw["hidden_states"], kw["encoder_hidden_states"], torch.tensor(500)
     g = torch.Generator().manual_seed(3)
@@ -139,9 +144,9 @@ def test_one_branch_decides_as_the_batched_pair():
     pos1 = pos0 + 1e-4 * torch.randn(pos0.shape, generator=g)
     steps = [(neg0, pos0), (neg1, pos1), (neg1, pos1)]   # compute, compute (jointly), skip
 
-    def run(xs, embeds):
-        return tr(hidden_states=xs, encoder_hidden_states=embeds, timestep=t.expand(xs.shape[0]), ofs=kw["ofs"][:1],
-                  image_rotary_emb=kw["image_rotary_emb"], return_dict=False)[0]
+    def run(xs, embeds, model=tr):
+        return model(hidden_states=xs, encoder_hidden_states=embeds, timestep=t.expand(xs.shape[0]),
+                     ofs=kw["ofs"][:1], image_rotary_emb=kw["image_rotary_emb"], return_dict=False)[0]
 
     runs, handle = _last_block_counter(tr)
     ref = []
@@ -153,9 +158,21 @@ def test_one_branch_decides_as_the_batched_pair():
     tr.disable_cache()
     ref_runs, runs[0] = runs[0], 0
     ours = []
-    with StepCache(tr, "fbc", "sequential", True) as cache, torch.no_grad():
-        for neg, pos in steps:
-            ours.append(cache.predict(run, x, neg, pos, t))
+    if second is None:
+        with StepCache(tr, "fbc", "sequential", True) as cache, torch.no_grad():
+            for neg, pos in steps:
+                ours.append(cache.predict(run, x, neg, pos, t))
+    else:
+        with StepCache(tr, "fbc", "batched", True, caches.PAIR) as cache, cache.sibling(second) as other, \
+                ThreadPoolExecutor(1) as pool, torch.no_grad():
+            def uncond(neg):
+                with torch.no_grad():
+                    return other.one(lambda xs, e: run(xs, e, second), x, neg, t, "uncond")
+            for neg, pos in steps:
+                future = pool.submit(uncond, neg)
+                cond = cache.one(run, x, pos, t, "cond")
+                ours.append((future.result(), cond))
+        runs[0] *= 2        # the counter sits on the first copy, which runs the cond branch only
     handle.remove()
     assert ref_runs == 4, "the reference should compute at steps 1 and 2 and skip step 3"
     assert runs[0] == ref_runs
@@ -251,40 +268,77 @@ def test_compile_runs_under_every_cache(monkeypatch, caplog):
     assert "compile' is off" not in caplog.text
 
 
-@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
-def test_pab_on_a_cfg_pair_matches_diffusers(setup, tiny_ckpts, scheduler):
-    """Two devices (both the CPU here, the two-GPU code path): each copy of the transformer holds its own
-    PAB hooks and one branch's state, and the pair takes the batched pair's decisions."""
+def _pair_of(tiny_ckpts, setup):
     from diffusers import CogVideoXTransformer3DModel
     from cogvid_core.speed import multigpu as MG
     pair = CogVideoXTransformer3DModel.from_pretrained(str(tiny_ckpts[setup["variant"].key]["hf"]),
                                                        subfolder="transformer", torch_dtype=torch.float32)
     MG.attach_second(pair, "cpu")
-    second = MG.second_of(pair).module
+    return pair, MG.second_of(pair).module
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+@pytest.mark.parametrize("spec", ["pab", "fbc"])
+def test_caches_on_a_cfg_pair_match_diffusers(setup, tiny_ckpts, scheduler, spec):
+    """Two devices (both the CPU here, the two-GPU code path): each copy of the transformer holds its own
+    hooks and one branch's state, and the pair takes the batched pair's decisions (fbc: both copies'
+    block-0 residuals decide at once)."""
+    spec = FBC[scheduler] if spec == "fbc" else spec
+    pair, second = _pair_of(tiny_ckpts, setup)
     forwards = [{m: m.__dict__.get("forward") for m in tr.modules()} for tr in (pair, second)]
     calls = []
     handle = second.register_forward_pre_hook(lambda m, a, k: calls.append(k["hidden_states"].shape[0]),
                                               with_kwargs=True)
-    ref, _ = _reference(setup, "pab", scheduler)
-    one = _ours(setup, "pab", scheduler, "batched")[2]
+    ref, ref_runs = _reference(setup, spec, scheduler)
+    one = _ours(setup, spec, scheduler, "batched")[2]
     try:
-        ours, _, stats = _ours(setup, "pab", scheduler, "batched", transformer=pair)
+        ours, runs, stats = _ours(setup, spec, scheduler, "batched", transformer=pair)
     finally:
         handle.remove()
     assert calls == [1] * STEPS, "the second copy ran the unconditional branch once per step"
     diff = (ours - ref).abs().max().item()
-    assert diff <= BOUND, f"pab on a CFG pair: max abs latent diff {diff}"
-    assert (stats.branch_passes, stats.attention_runs) == (one.branch_passes, one.attention_runs), \
-        f"{stats.line()} vs one device: {one.line()}"
-    assert _skipped("pab", stats)
+    assert diff <= BOUND, f"{spec} on a CFG pair: max abs latent diff {diff}"
+    assert (stats.branch_passes, stats.block_runs, stats.attention_runs) == \
+        (one.branch_passes, one.block_runs, one.attention_runs), f"{stats.line()} vs one device: {one.line()}"
+    assert 2 * runs == ref_runs, "the first copy's last block (cond) ran half as often as diffusers' batched one"
+    assert _skipped(spec, stats)
     assert not pair.is_cache_enabled and not second.is_cache_enabled
     assert [{m: m.__dict__.get("forward") for m in tr.modules()} for tr in (pair, second)] == forwards
 
 
-def test_a_cfg_pair_refuses_the_caches_it_cannot_run_and_names_pab():
+def test_a_cfg_pair_refuses_fastercache_and_names_what_runs():
     assert caches.check("pab", "batched", True, caches.PAIR).name == "pab"
-    for spec in ("fbc", "fastercache"):
-        with pytest.raises(ValueError, match=f"use cache pab on the pair, or one GPU with {spec}"):
-            caches.check(spec, "batched", True, caches.PAIR)
+    assert caches.check("fbc", "batched", True, caches.PAIR).name == "fbc"
+    with pytest.raises(ValueError, match="use cache fbc or pab on the pair, or one GPU with fastercache"):
+        caches.check("fastercache", "batched", True, caches.PAIR)
     with pytest.raises(ValueError, match="sequence parallel"):
         caches.check("pab", "batched", True, caches.TORCHRUN)
+
+
+@pytest.mark.parametrize("failing", ["second", "first"])
+def test_a_failing_branch_on_a_cfg_pair_with_fbc_does_not_leave_the_other_waiting(setup, tiny_ckpts, failing):
+    """fbc's joint decision makes the two copies wait for each other's block 0: an error in one copy
+    before its block 0 must end the run with that error, not hang the other copy."""
+    import threading
+    pair, second = _pair_of(tiny_ckpts, setup)
+    victim = second if failing == "second" else pair
+    calls = []
+
+    def boom(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in one copy's block 0")
+    handle = victim.transformer_blocks[0].register_forward_pre_hook(boom)
+    result = {}
+
+    def sample():
+        try:
+            _ours(setup, FBC["dpm"], "dpm", "batched", transformer=pair)
+        except BaseException as e:   # noqa: BLE001  (the test reads what came out)
+            result["error"] = e
+    worker = threading.Thread(target=sample, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    handle.remove()
+    assert not worker.is_alive(), "the run hung: one copy waited for the other's decision"
+    assert "injected failure" in str(result.get("error")), result

@@ -112,7 +112,7 @@ def plan(variant, frames: int, height: int, width: int, budget_bytes: int, preci
          speed: str = "exact", cache: str = "none") -> tuple[Profile, Estimate]:
     """(profile, estimate) of the fastest profile whose peak reserved fits budget_bytes (``cfg_pair``:
     the per-GPU budget of a CFG pair, among :func:`one_branch` candidates). ``cache``: a step cache,
-    its held activations counted (on a CFG pair each GPU holds one branch's; only pab runs there);
+    its held activations counted (on a CFG pair each GPU holds one branch's; fastercache cannot run there);
     fastercache only among batched-CFG profiles (it needs the batched pair).
 
     Raises ValueError saying what the smallest option needs when none fits."""
@@ -152,7 +152,7 @@ def _caches_that_fit(args: tuple, spec) -> str:
     v, frames, height, width, _budget, precision, _p, _c, tiny = args[:9]
     pair = args[11]
     held = cache_bytes(v, frames, height, width, str(spec), precision, tiny, 1 if pair else 2)
-    runs = [name for name in caches.NAMES if not pair or name in (caches.NONE, "pab")]
+    runs = [name for name in caches.NAMES if not pair or name != "fastercache"]
     fit = [name for name in runs if name != spec.name and _first_fit(*args, caches.parse(name))[0] is not None]
     return (f"step cache {spec} holds ~{held / GiB:.1f} GiB of activations on the GPU; "
             f"{'what fits: cache ' + ', '.join(fit) if fit else 'no cache fits either'}; or ")

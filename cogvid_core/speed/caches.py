@@ -23,8 +23,8 @@ as ``current_timestep``). With one branch at a time (profiles balanced and lowvr
 one state per branch, and the decisions that diffusers takes on the batched pair are taken jointly:
 first-block cache compares both branches' block-0 residuals at once (:class:`_JointFirstBlock`).
 FasterCache is built on the batched pair (it returns the two branches from one call), so it refuses
-one-branch CFG. On a CFG pair (two GPUs) each copy of the transformer gets its own hooks and runs one
-branch (PAB only: fbc's joint decision would need both GPUs' block 0 at once). Hooks are removed after the run: a shared transformer runs uncached next time.
+one-branch CFG and the CFG pair. On a CFG pair (two GPUs) each copy of the transformer gets its own
+hooks and runs one branch; first-block cache's decision takes both copies' block-0 residuals at once. Hooks are removed after the run: a shared transformer runs uncached next time.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ NONE = "none"
 NAMES = (NONE, "fbc", "pab", "fastercache")    # new names go at the end: saved workflows hold the value
 FBC_THRESHOLD = 0.05
 PAB_TIMESTEPS = (100, 800)
-# the runs that split a step over GPUs (sampling names them in its messages). PAB runs on a CFG pair: its
-# decisions depend on the timestep and each attention module's own count, so each GPU's copy, holding
-# one branch's state, decides as the batched pair does
+# the runs that split a step over GPUs (sampling names them in its messages). On a CFG pair each GPU's
+# copy holds one branch's state: PAB's decisions depend on the timestep and each attention module's own
+# count, so they are the batched pair's; fbc's joint decision takes both copies' block 0 (stepcache)
 PAIR = "a CFG pair (two GPUs)"
 TORCHRUN = "sequence parallel (torchrun)"
 # diffusers' hook names per cache (to find the hook objects after enable_cache)
@@ -130,11 +130,9 @@ def check(spec, cfg_mode: str, use_cfg: bool, split: str | None = None) -> Cache
     spec = parse(spec)
     if not spec.on:
         return spec
-    if split == PAIR and spec.name != "pab":
-        why = ("decides from both CFG branches' first block at once" if spec.name == "fbc" else
-               "computes both CFG branches in one batched call")
-        raise ValueError(f"step cache {spec} {why}, and a CFG pair runs them on two GPUs: use cache pab on the "
-                         f"pair, or one GPU with {spec}")
+    if split == PAIR and spec.name == "fastercache":
+        raise ValueError("step cache fastercache computes both CFG branches in one batched call, and a CFG pair "
+                         "runs them on two GPUs: use cache fbc or pab on the pair, or one GPU with fastercache")
     if split is not None and split != PAIR:
         raise ValueError(f"step cache {spec} does not run with {split} yet: use cache none there, "
                          "or one GPU with the cache")

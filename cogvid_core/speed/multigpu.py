@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -236,7 +237,11 @@ class ParallelCfg:
     def _branch(denoiser, cache, x, embeds, t, name):
         if cache is None:
             return denoiser.run(x, embeds, t)
-        return cache.one(lambda xs, e: denoiser.run(xs, e, t), x, embeds, t, name)
+        try:
+            return cache.one(lambda xs, e: denoiser.run(xs, e, t), x, embeds, t, name)
+        except BaseException:
+            cache.abort_pair()       # first-block cache: the other branch may be waiting for this one's block 0
+            raise
 
     def _uncond(self, x, t):
         s = self.second
@@ -249,9 +254,11 @@ class ParallelCfg:
         future = self.pool.submit(self._uncond, x, t)
         try:
             cond = self._branch(self.first, self.first.cache, x, self.first.positive, t, "cond")
-        except BaseException:
+        except BaseException as error:
             future.cancel()
             wait([future])     # never leave the worker running on tensors the caller is about to drop
+            if isinstance(error, threading.BrokenBarrierError) and not future.cancelled() and future.exception():
+                raise future.exception() from error     # the other branch failed first: its error is the news
             raise
         return future.result(), cond
 

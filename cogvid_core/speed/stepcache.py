@@ -17,6 +17,7 @@ it does per CFG mode is in the ``caches`` module docstring; here is the how:
 """
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -61,12 +62,20 @@ class _JointFirstBlock:
             r_u, prev_u = self.probe
             self.probe = None
             compute = self.joint = self._changed(torch.cat([r_u, residual]), torch.cat([prev_u, prev]))
+        elif mode == "pair":
+            compute = self.owner.exchange.decide(self.owner.branch, residual, prev, self._pair)
         else:
             compute = True
         self.owner.skip_tail = not compute
         stats = self.owner.stats
         stats.block_runs += residual.shape[0] * (stats.layers if compute else 1)
         return compute
+
+    def _pair(self, uncond, cond) -> bool:
+        """The batched pair's decision from the two GPUs' (residual, previous residual), on this device."""
+        if uncond[1] is None or cond[1] is None:      # the first step: no residual kept yet
+            return True
+        return self._changed(torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
 
     def _changed(self, residual, prev) -> bool:
         # diffusers' FBCHeadBlockHook._should_compute_remaining_blocks on the batched pair (it reads its
@@ -79,6 +88,38 @@ class _JointFirstBlock:
 
 
 PAIR_SIBLING = "the second copy of a CFG pair"
+
+
+class _PairExchange:
+    """First-block cache on a CFG pair: the two copies' block-0 residuals meet on the first copy's device
+    (the cond branch's thread),
+    which takes the batched pair's decision for both; each thread waits for it. A failure on either side
+    breaks the barrier, so the other side raises instead of waiting for ever."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2)
+        self.posted = None
+        self.decision = True
+
+    def decide(self, branch: str, residual, prev, rule) -> bool:
+        try:
+            if branch == "uncond":          # the second copy's thread: hand over, wait for the decision
+                self.posted = (residual, prev)
+                self.barrier.wait()
+                self.barrier.wait()
+                return self.decision
+            self.barrier.wait()
+            uncond = tuple(None if t is None else t.to(residual.device) for t in self.posted)
+            self.decision = rule(uncond, (residual, prev))
+            self.posted = None
+            self.barrier.wait()
+            return self.decision
+        except BaseException:
+            self.barrier.abort()
+            raise
+
+    def abort(self) -> None:
+        self.barrier.abort()
 
 
 class StepCache:
@@ -96,6 +137,8 @@ class StepCache:
         self._seen = False           # a full pass already ran (the first-block cache has residuals)
         self._branch_states: dict = {}
         self._siblings: list[StepCache] = []
+        self.exchange: _PairExchange | None = None     # fbc on a CFG pair: the two copies' joint decision
+        self.branch = "cond"                            # the branch this copy runs on a pair
         self._stack = ExitStack()
 
     def __enter__(self) -> "StepCache":
@@ -185,9 +228,25 @@ class StepCache:
         runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
         added to this run's at the end."""
         other = StepCache(module, self.spec, "pair", self.use_cfg, PAIR_SIBLING)
-        with other:
-            self._siblings.append(other)
-            yield other
+        if self.spec.name == "fbc":
+            self.exchange = other.exchange = _PairExchange()
+            self.fbc_mode = other.fbc_mode = "pair"
+            self.branch, other.branch = "cond", "uncond"
+        try:
+            with other:
+                self._siblings.append(other)
+                yield other
+        except BaseException:
+            if self.exchange is not None:
+                self.exchange.abort()
+            raise
+        finally:
+            self.fbc_mode, self.exchange = "own", None
+
+    def abort_pair(self) -> None:
+        """A CFG pair's branch failed: the other one must not wait for its decision."""
+        if self.exchange is not None:
+            self.exchange.abort()
 
     def one(self, run, x, embeds, t, name: str):
         """One branch on this copy (a CFG pair: each copy holds one branch's state)."""
