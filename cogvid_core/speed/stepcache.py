@@ -91,10 +91,9 @@ PAIR_SIBLING = "the second copy of a CFG pair"
 
 
 class _PairExchange:
-    """First-block cache on a CFG pair: the two copies' block-0 residuals meet on the first copy's device
-    (the cond branch's thread),
-    which takes the batched pair's decision for both; each thread waits for it. A failure on either side
-    breaks the barrier, so the other side raises instead of waiting for ever."""
+    """First-block cache on a CFG pair: the two copies' block-0 residuals meet in the cond branch's thread
+    (the first copy's device), which takes the batched pair's decision for both; each thread waits for
+    it. A failure on either side breaks the barrier, so the other side raises instead of waiting for ever."""
 
     def __init__(self):
         self.barrier = threading.Barrier(2)
@@ -237,8 +236,7 @@ class StepCache:
                 self._siblings.append(other)
                 yield other
         except BaseException:
-            if self.exchange is not None:
-                self.exchange.abort()
+            self.abort_pair()
             raise
         finally:
             self.fbc_mode, self.exchange = "own", None
