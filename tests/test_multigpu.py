@@ -519,30 +519,57 @@ def _torchrun_rank(rank, n, port, argv, out):
 
 @pytest.mark.parametrize("speed", ["exact", "threads+compile"])
 def test_torchrun_cli_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, speed):
+    _torchrun_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, ["--speed", speed], speed != "exact")
+
+
+@pytest.mark.parametrize("cache", ["pab", "fastercache"])
+def test_torchrun_cli_with_a_step_cache_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, cache):
+    """The step cache decides alike on every rank (by the timestep): the split run's frames are the
+    one-process run's with the same cache, and the cache changed them (it skipped work)."""
+    one = _torchrun_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, ["--steps", "4", "--cache", cache], False)
+    from cogvid_core.cli import main
+    base = _torchrun_base(tiny_ckpts, tmp_path, ["--steps", "4"])
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert _max_png_diff(one, sorted((tmp_path / "plain").glob("*.png"))) > 1, "the cache changed nothing"
+
+
+def _torchrun_base(tiny_ckpts, tmp_path, extra):
+    import numpy as np
+    from PIL import Image
+    img = tmp_path / "start.png"
+    if not img.exists():
+        Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
+    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
+            "--precision", "fp32", "--device", "cpu"]
+    return [*base, *extra]
+
+
+def _max_png_diff(a, b):
+    import numpy as np
+    from PIL import Image
+    assert len(a) == len(b) == 17
+    return max(np.abs(np.asarray(Image.open(x), dtype=int) - np.asarray(Image.open(y), dtype=int)).max()
+               for x, y in zip(a, b))
+
+
+def _torchrun_equals_one_process(tiny_ckpts, tmp_path, monkeypatch, extra, kernel):
     """The CLI as torchrun starts it (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_*), on gloo: rank 0 writes
     the frames, which equal a one-process run's with the same speed option (its kernel and compile run
     on every rank)."""
-    import numpy as np
     import torch.multiprocessing as mp
-    from PIL import Image
 
     from cogvid_core.cli import main
-    img = tmp_path / "start.png"
-    Image.fromarray((np.random.RandomState(0).rand(64, 96, 3) * 255).astype(np.uint8)).save(img)
     from cogvid_core.speed import fast
     monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
-    base = ["i2v", "--model", str(tiny_ckpts[KEY]["hf"]), "--image", str(img), "--prompt", "a fox", "--steps", "2",
-            "--precision", "fp32", "--device", "cpu", "--speed", speed]
+    base = _torchrun_base(tiny_ckpts, tmp_path, extra)
     assert main([*base, "--out", str(tmp_path / "one")]) == 0
     mp.spawn(_torchrun_rank, args=(2, _free_port(), [*base, "--out", str(tmp_path / "sp")], str(tmp_path)), nprocs=2)
     assert all(int((tmp_path / f"sent{r}").read_text()) > 0 for r in (0, 1))
     calls = [int((tmp_path / f"kernel{r}").read_text()) for r in (0, 1)]
-    assert calls[0] == calls[1] and (calls[0] > 0) == (speed != "exact")
+    assert calls[0] == calls[1] and (calls[0] > 0) == kernel
     one, sp = (sorted((tmp_path / d).glob("*.png")) for d in ("one", "sp"))
-    assert len(one) == len(sp) == 17
-    diff = max(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max()
-               for a, b in zip(one, sp))
-    assert diff <= 1
+    assert _max_png_diff(one, sp) <= 1
+    return one
 
 
 def test_planner_counts_one_branch_of_a_cache_per_gpu_of_a_pair_and_refuses_fastercache():

@@ -40,7 +40,9 @@ FBC_THRESHOLD = 0.05
 PAB_TIMESTEPS = (100, 800)
 # the runs that split a step over GPUs (sampling names them in its messages). On a CFG pair each GPU's
 # copy holds one branch's state: PAB's decisions depend on the timestep and each attention module's own
-# count, so they are the batched pair's; fbc's joint decision takes both copies' block 0 (stepcache)
+# count, so they are the batched pair's; fbc's joint decision takes both copies' block 0 (stepcache).
+# Under torchrun every rank runs the whole step on its slice of the tokens: PAB and FasterCache decide
+# by the timestep on every rank alike; fbc would decide from a slice
 PAIR = "a CFG pair (two GPUs)"
 TORCHRUN = "sequence parallel (torchrun)"
 # diffusers' hook names per cache (to find the hook objects after enable_cache)
@@ -133,9 +135,10 @@ def check(spec, cfg_mode: str, use_cfg: bool, split: str | None = None) -> Cache
     if split == PAIR and spec.name == "fastercache":
         raise ValueError("step cache fastercache computes both CFG branches in one batched call, and a CFG pair "
                          "runs them on two GPUs: use cache fbc or pab on the pair, or one GPU with fastercache")
-    if split is not None and split != PAIR:
-        raise ValueError(f"step cache {spec} does not run with {split} yet: use cache none there, "
-                         "or one GPU with the cache")
+    if split == TORCHRUN and spec.name == "fbc":
+        raise ValueError("step cache fbc decides from block 0's whole output, and under sequence parallel "
+                         "(torchrun) each rank holds a slice of the video tokens: use cache pab or fastercache "
+                         "there, or one process with fbc")
     if spec.name == "fastercache" and not use_cfg:
         raise ValueError("step cache fastercache approximates the unconditional branch: it needs CFG (cfg > 1); "
                          "use fbc or pab without CFG")
