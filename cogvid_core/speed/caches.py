@@ -24,7 +24,9 @@ one state per branch, and the decisions that diffusers takes on the batched pair
 first-block cache compares both branches' block-0 residuals at once (:class:`_JointFirstBlock`).
 FasterCache is built on the batched pair (it returns the two branches from one call), so it refuses
 one-branch CFG and the CFG pair. On a CFG pair (two GPUs) each copy of the transformer gets its own
-hooks and runs one branch; first-block cache's decision takes both copies' block-0 residuals at once. Hooks are removed after the run: a shared transformer runs uncached next time.
+hooks and runs one branch; first-block cache's decision takes both copies' block-0 residuals at once.
+Under torchrun fbc is refused (each rank sees a slice of the tokens). Hooks are removed after the run:
+a shared transformer runs uncached next time.
 """
 from __future__ import annotations
 
