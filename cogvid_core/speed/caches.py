@@ -25,8 +25,8 @@ first-block cache compares both branches' block-0 residuals at once (:class:`_Jo
 FasterCache is built on the batched pair (it returns the two branches from one call), so it refuses
 one-branch CFG and the CFG pair. On a CFG pair (two GPUs) each copy of the transformer gets its own
 hooks and runs one branch; first-block cache's decision takes both copies' block-0 residuals at once.
-Under torchrun fbc is refused (each rank sees a slice of the tokens). Hooks are removed after the run:
-a shared transformer runs uncached next time.
+Under torchrun each rank sees a slice of the tokens: fbc's measure is summed over the ranks. Hooks
+are removed after the run: a shared transformer runs uncached next time.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ PAB_TIMESTEPS = (100, 800)
 # copy holds one branch's state: PAB's decisions depend on the timestep and each attention module's own
 # count, so they are the batched pair's; fbc's joint decision takes both copies' block 0 (stepcache).
 # Under torchrun every rank runs the whole step on its slice of the tokens: PAB and FasterCache decide
-# by the timestep on every rank alike; fbc would decide from a slice
+# by the timestep on every rank alike; fbc sums its measure over the ranks' slices (stepcache)
 PAIR = "a CFG pair (two GPUs)"
 TORCHRUN = "sequence parallel (torchrun)"
 # diffusers' hook names per cache (to find the hook objects after enable_cache)
@@ -137,10 +137,6 @@ def check(spec, cfg_mode: str, use_cfg: bool, split: str | None = None) -> Cache
     if split == PAIR and spec.name == "fastercache":
         raise ValueError("step cache fastercache computes both CFG branches in one batched call, and a CFG pair "
                          "runs them on two GPUs: use cache fbc or pab on the pair, or one GPU with fastercache")
-    if split == TORCHRUN and spec.name == "fbc":
-        raise ValueError("step cache fbc decides from block 0's whole output, and under sequence parallel "
-                         "(torchrun) each rank holds a slice of the video tokens: use cache pab or fastercache "
-                         "there, or one process with fbc")
     if spec.name == "fastercache" and not use_cfg:
         raise ValueError("step cache fastercache approximates the unconditional branch: it needs CFG (cfg > 1); "
                          "use fbc or pab without CFG")

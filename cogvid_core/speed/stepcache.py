@@ -55,7 +55,7 @@ class _JointFirstBlock:
         mode = self.owner.fbc_mode
         prev = self.hook.state_manager.get_state().head_block_residual
         if mode == "own":
-            compute = self.own(residual)
+            compute = self.own(residual) if not self.owner.ranks else prev is None or self._changed(residual, prev)
         elif mode == "probe":
             self.probe, compute = (residual, prev), False
         elif mode == "joint":
@@ -80,6 +80,13 @@ class _JointFirstBlock:
     def _changed(self, residual, prev) -> bool:
         # diffusers' FBCHeadBlockHook._should_compute_remaining_blocks on the batched pair (it reads its
         # previous residual from its own state, which holds one branch here)
+        if self.owner.ranks:
+            # sequence parallel: each rank holds a slice of the tokens; the whole tensors' means are the
+            # summed slices' (equal counts cancel), so every rank takes the same decision
+            import torch.distributed as dist
+            sums = torch.stack([(residual - prev).abs().sum(), prev.abs().sum()]).double()
+            dist.all_reduce(sums)
+            return (sums[0] / sums[1]).item() > self.threshold
         absmean = (residual - prev).abs().mean()
         return (absmean / prev.abs().mean()).item() > self.threshold
 
@@ -138,6 +145,7 @@ class StepCache:
         self._siblings: list[StepCache] = []
         self.exchange: _PairExchange | None = None     # fbc on a CFG pair: the two copies' joint decision
         self.branch = "cond"                            # the branch this copy runs on a pair
+        self.ranks = split == caches.TORCHRUN           # fbc under torchrun: decide on every rank's slice
         self._stack = ExitStack()
 
     def __enter__(self) -> "StepCache":
@@ -323,5 +331,5 @@ def applied(transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: s
     if not spec.on:
         yield None
         return
-    with StepCache(transformer, spec, cfg_mode, use_cfg) as cache:
+    with StepCache(transformer, spec, cfg_mode, use_cfg, split) as cache:
         yield cache
