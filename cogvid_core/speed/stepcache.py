@@ -94,9 +94,6 @@ class _JointFirstBlock:
         self.hook.__dict__.pop("_should_compute_remaining_blocks", None)
 
 
-PAIR_SIBLING = "the second copy of a CFG pair"
-
-
 class _PairExchange:
     """First-block cache on a CFG pair: the two copies' block-0 residuals meet in the cond branch's thread
     (the first copy's device), which takes the batched pair's decision for both; each thread waits for
@@ -132,7 +129,7 @@ class StepCache:
     """One run's cache on ``transformer``; use as a context manager (hooks on inside, off after)."""
 
     def __init__(self, transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None):
-        self.spec = caches.check(spec, cfg_mode, use_cfg, caches.PAIR if split == PAIR_SIBLING else split)
+        self.spec = caches.check(spec, cfg_mode, use_cfg, split)
         self.transformer, self.cfg_mode, self.use_cfg = transformer, cfg_mode, use_cfg
         self.stats = CacheStats(str(self.spec), len(_blocks(transformer)))
         self.timestep = None
@@ -234,7 +231,7 @@ class StepCache:
         """The same cache on a CFG pair's second copy (another GPU, its own hooks and state): that copy
         runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
         added to this run's at the end."""
-        other = StepCache(module, self.spec, "pair", self.use_cfg, PAIR_SIBLING)
+        other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR)
         if self.spec.name == "fbc":
             self.exchange = other.exchange = _PairExchange()
             self.fbc_mode = other.fbc_mode = "pair"
@@ -257,9 +254,7 @@ class StepCache:
     def one(self, run, x, embeds, t, name: str):
         """One branch on this copy (a CFG pair: each copy holds one branch's state)."""
         self.timestep = t
-        self._context = name
-        with self.transformer.cache_context(name):
-            return run(x, embeds)
+        return self._branch(run, x, embeds, name)
 
     # -- the step -----------------------------------------------------------------------------------
     def predict(self, run, x, negative, positive, t):
