@@ -147,12 +147,21 @@ def _first_fit(v, frames, height, width, budget_bytes, precision, profiles, cali
     return None, None, last
 
 
+def _runs_on_pair(name: str) -> bool:
+    """Whether the cache runs on a CFG pair (caches.check's rule, the one the sampler applies)."""
+    try:
+        caches.check(name, "sequential", True, caches.PAIR)
+    except ValueError:
+        return False
+    return True
+
+
 def _caches_that_fit(args: tuple, spec) -> str:
     """'step cache X holds ~N GiB on the GPU; what fits: cache a, b; or ' for the refusal of a plan."""
     v, frames, height, width, _budget, precision, _p, _c, tiny = args[:9]
     pair = args[11]
     held = cache_bytes(v, frames, height, width, str(spec), precision, tiny, 1 if pair else 2)
-    runs = [name for name in caches.NAMES if not pair or name != "fastercache"]
+    runs = [name for name in caches.NAMES if not pair or _runs_on_pair(name)]
     fit = [name for name in runs if name != spec.name and _first_fit(*args, caches.parse(name))[0] is not None]
     return (f"step cache {spec} holds ~{held / GiB:.1f} GiB of activations on the GPU; "
             f"{'what fits: cache ' + ', '.join(fit) if fit else 'no cache fits either'}; or ")
