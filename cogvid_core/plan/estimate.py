@@ -192,7 +192,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     speed: the transformer's speed option (fast.CHOICES): what it adds to the denoise step; ``fastest``
     counts the recipe it picks on ``device`` (fast.recipe).
     cache: a step cache (speed.caches.NAMES): the activations it holds between steps, on the GPU through
-    the denoise (caches.held_bytes; CFG assumed, as everywhere in the estimate).
+    the denoise (caches.held_bytes; CFG assumed, as everywhere in the estimate); ``cache_branches``: the
+    CFG branches whose cache state this GPU holds (2; 1 on each GPU of a CFG pair).
     """
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
