@@ -20,6 +20,10 @@ Full-size random-weight models (bf16) are built directly on the GPUs. Runs, in o
 sequence-parallel runs with that speed option (the pair: on both copies), so the pair's ratio is to one
 GPU with the same speed; run once with ``--speed exact`` beside it for the ratio to exact. Compile's
 first step is excluded by the per-step median.
+
+``--cache NAME[:ARGS]`` (i2v --cache: fbc, pab; fastercache is refused on the pair) runs runs 1-3 and the
+sequence-parallel runs with that step cache; each row then has the full transformer passes that ran
+(on the pair: both copies' branch passes; under torchrun: rank 0's, every rank takes the same decisions).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from cogvid_core.model import variants as M  # noqa: E402
-from cogvid_core.speed import fast  # noqa: E402
+from cogvid_core.speed import caches, fast  # noqa: E402
 from cogvid_core.speed import multigpu as MG  # noqa: E402
 from cogvid_core.run import sampling  # noqa: E402
 from cogvid_core.memory.activations import apply_profile  # noqa: E402
@@ -98,15 +102,19 @@ def inputs(variant, tiny, frames, height, width, dtype, device, seed=0):
 
 
 def denoise(tr, variant, args, pos, neg, lat, cfg_mode, devices):
-    """One sampling run with ``args.speed`` on (a transformer with a second copy: on both)."""
+    """One sampling run with ``args.speed`` and ``args.cache`` on (a transformer with a second copy: on both)."""
     reset_peaks(devices)
     clock = Clock()
+    stats = []
     with fast.applied(tr, args.speed, devices[0]):
         out = sampling.sample(tr, variant, pos, neg, lat, args.frames, steps=args.steps, cfg=6.0, seed=42,
                               scheduler=load_scheduler(None, "dpm"), device=devices[0], dtype=args.dtype,
-                              cfg_mode=cfg_mode, progress=clock)
-    return out.samples.float(), dict(s_per_step=round(clock.per_step(), 3), peaks=peaks(devices),
-                                     seconds=round(clock.marks[-1] - clock.marks[0], 2))
+                              cfg_mode=cfg_mode, progress=clock, cache=args.cache, cache_stats=stats)
+    row = dict(s_per_step=round(clock.per_step(), 3), peaks=peaks(devices),
+               seconds=round(clock.marks[-1] - clock.marks[0], 2))
+    if stats:
+        row.update(full_passes=stats[0].full_passes, cache_stats=stats[0].line())
+    return out.samples.float(), row
 
 
 def warm_up(tr, variant, tiny, dtype, device):
@@ -274,6 +282,8 @@ def _arguments() -> argparse.ArgumentParser:
     ap.add_argument("--seqpar", action="store_true", help="under torchrun: sequence parallel vs one GPU only")
     ap.add_argument("--speed", default=fast.EXACT, help="the transformer's speed option in the CFG and seqpar runs "
                     "(e.g. fp8+fa3fp8+compile or fastest; the pair runs it on both copies)")
+    ap.add_argument("--cache", default="none", help="step cache of the CFG and seqpar runs (i2v --cache, e.g. "
+                    "fbc:0.7 or pab; fastercache does not run on the pair)")
     return ap
 
 
@@ -298,8 +308,10 @@ def main(argv=None) -> int:
     else:
         args.frames, args.height, args.width = variant.default_frames, variant.default_height, variant.default_width
     fast.check_name(args.speed)       # a bad name fails before any model is built
+    caches.parse(args.cache)
     env = dict(torch=torch.__version__, python=platform.python_version(), devices=[str(d) for d in devices],
-               cards=[torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"], speed=args.speed)
+               cards=[torch.cuda.get_device_name(d) for d in devices if d.type == "cuda"], speed=args.speed,
+               cache=args.cache)
     log(f"# bench_two_gpus: {variant.label} {args.frames}x{args.height}x{args.width}, {args.dtype}, "
         f"{'tiny' if args.tiny else 'full-size'} random weights, {env}")
     t0 = time.perf_counter()

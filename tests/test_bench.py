@@ -268,3 +268,19 @@ def test_the_fault_worker_starts_comfyui_before_torch_loads():
     from bench.comfyui_worker import start_comfyui
     with pytest.raises(RuntimeError, match="imported torch before"):
         start_comfyui("/nonexistent", [])     # this process has torch: refused before anything starts
+
+
+def test_two_gpu_bench_runs_the_pair_with_a_step_cache(tmp_path):
+    """bench_two_gpus --cache: the pair (two CPU 'devices', the two-GPU code path) takes the batched run's
+    decisions, and each row says how many full transformer passes ran."""
+    mod = _script("bench_two_gpus")
+    out = tmp_path / "two.json"
+    assert mod.main(["--tiny", "--device", "cpu", "--skip-split", "--steps", "3", "--cache", "pab",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["run"] for r in rows][2] == "2 GPUs, CFG in parallel"
+    assert all("pab" in r["cache_stats"] for r in rows)
+    assert rows[2]["cache_stats"] == rows[0]["cache_stats"]          # same branch passes and attention runs
+    assert rows[2]["max_abs_diff"]["batched"] <= 1e-4
+    with pytest.raises(ValueError):
+        mod.main(["--tiny", "--device", "cpu", "--cache", "nope"])
