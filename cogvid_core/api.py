@@ -53,7 +53,7 @@ PUBLIC: dict[str, tuple[str, str]] = {
     "TileSpec": ("memory.profiles", "TileSpec"),
     "get_profile": ("memory.profiles", "get_profile"),
     # speed: speed options, step caches, several GPUs
-    "CACHES": ("speed.caches", "NAMES"),
+    "CACHES": ("speed.caches", "CHOICES"),
     "CACHE_TOOLTIP": ("speed.caches", "TOOLTIP"),
     "SPEEDS": ("speed.fast", "CHOICES"),
     "check_speed_alone": ("speed.fast", "resolve_alone"),

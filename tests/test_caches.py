@@ -309,7 +309,7 @@ def test_caches_on_a_cfg_pair_match_diffusers(setup, tiny_ckpts, scheduler, spec
 def test_split_runs_refuse_the_cache_they_cannot_run_and_name_what_runs():
     assert caches.check("pab", "batched", True, caches.PAIR).name == "pab"
     assert caches.check("fbc", "batched", True, caches.PAIR).name == "fbc"
-    with pytest.raises(ValueError, match="use cache fbc or pab on the pair, or one GPU with fastercache"):
+    with pytest.raises(ValueError, match="use cache fbc, pab or teacache on the pair, or one GPU with fastercache"):
         caches.check("fastercache", "batched", True, caches.PAIR)
     assert all(caches.check(c, "batched", True, caches.TORCHRUN).name == c for c in ("fbc", "pab", "fastercache"))
 

@@ -84,5 +84,5 @@ def test_estimate_with_a_cache_that_does_not_fit_names_what_fits(capsys):
 
 
 def test_unknown_cache_is_one_line(capsys):
-    assert main(["estimate", "--budget-gib", "80", "--cache", "teacache"]) == 2
-    assert capsys.readouterr().err.startswith("error: unknown step cache 'teacache'")
+    assert main(["estimate", "--budget-gib", "80", "--cache", "magcache"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown step cache 'magcache'")

@@ -582,5 +582,5 @@ def test_planner_counts_one_branch_of_a_cache_per_gpu_of_a_pair_and_refuses_fast
     step = [next(st for st in e.stages if st.name == "denoise_step") for e in (plain, cached)]
     held = step[1].weights - step[0].weights
     assert held == cache_bytes(v, 81, 768, 1360, "pab", branches=1) == cache_bytes(v, 81, 768, 1360, "pab") // 2
-    with pytest.raises(ValueError, match="use cache fbc or pab on the pair"):
+    with pytest.raises(ValueError, match="use cache fbc, pab or teacache on the pair"):
         planner.plan(v, 81, 768, 1360, 200 * 2**30, cfg_pair=True, cache="fastercache")

@@ -230,7 +230,7 @@ def sample(transformer, variant: Variant, positive: torch.Tensor, negative: torc
     denoiser = Denoiser(transformer, positive.to(device, dtype), negative.to(device, dtype) if use_cfg else None,
                         rope, ofs, cfg, steps, dynamic_cfg, cfg_mode)
     split = caches.PAIR if second_of(transformer) is not None and use_cfg else caches.TORCHRUN if _ranks() > 1 else None
-    with stepcache.applied(transformer, cache, cfg_mode, use_cfg, split) as step_cache:
+    with stepcache.applied(transformer, cache, cfg_mode, use_cfg, split, steps) as step_cache:
         denoiser.cache = step_cache
         with cfg_parallel(denoiser) as denoiser:   # a transformer with a second GPU: the CFG branches at once
             frame = None if preview is None else lambda i, n, x0: preview(i, n, preview_frame(x0, pad))

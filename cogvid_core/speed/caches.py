@@ -13,6 +13,10 @@ the configuration diffusers' documentation gives for CogVideoX:
 * ``fastercache``  FasterCache, diffusers' CogVideoX example: attention reused every other step below
                    timestep 681, the unconditional branch approximated from the conditional one (a
                    frequency split) on 4 steps of 5 below 641. Needs CFG on and batched.
+* ``teacache[:T]`` TeaCache (T = 0.1; not a diffusers hook: ``teacache``): while the timestep embedding's
+                   rescaled change, summed since the last computed step, stays under T, a step skips
+                   every block and reuses the last residual; nothing of a skipped step is read from disk.
+                   The authors' 1.5 I2V figures (H100, 50 steps): 0.1 1.5x, 0.2 2.2x, 0.3 2.7x faster.
 
 A cache trades quality for speed: the video differs from the uncached one. Random weights cannot
 measure how much; the published figures are in the README.
@@ -25,8 +29,9 @@ first-block cache compares both branches' block-0 residuals at once (:class:`_Jo
 FasterCache is built on the batched pair (it returns the two branches from one call), so it refuses
 one-branch CFG and the CFG pair. On a CFG pair (two GPUs) each copy of the transformer gets its own
 hooks and runs one branch; first-block cache's decision takes both copies' block-0 residuals at once.
-Under torchrun each rank sees a slice of the tokens: fbc's measure is summed over the ranks. Hooks
-are removed after the run: a shared transformer runs uncached next time.
+Under torchrun each rank sees a slice of the tokens: fbc's measure is summed over the ranks. TeaCache
+decides from the timestep embedding alone, the same for every branch, copy and rank. Hooks are
+removed after the run: a shared transformer runs uncached next time.
 """
 from __future__ import annotations
 
@@ -37,8 +42,13 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 NONE = "none"
-NAMES = (NONE, "fbc", "pab", "fastercache")    # new names go at the end: saved workflows hold the value
+NAMES = (NONE, "fbc", "pab", "fastercache", "teacache")  # new names go at the end: saved workflows hold the value
+# the Sampler's combo (a value may carry its argument); new choices at the end
+CHOICES = (*NAMES, "teacache:0.2")
 FBC_THRESHOLD = 0.05
+# the threshold a name takes without one: diffusers' FirstBlockCacheConfig default; TeaCache's slower,
+# closer-to-exact setting of the authors' CogVideoX1.5 table
+THRESHOLDS = {"fbc": FBC_THRESHOLD, "teacache": 0.1}
 PAB_TIMESTEPS = (100, 800)
 # the runs that split a step over GPUs (sampling names them in its messages). On a CFG pair each GPU's
 # copy holds one branch's state: PAB's decisions depend on the timestep and each attention module's own
@@ -50,44 +60,48 @@ TORCHRUN = "sequence parallel (torchrun)"
 # diffusers' hook names per cache (to find the hook objects after enable_cache)
 _HOOKS = {"fbc": ("fbc_leader_block_hook", "fbc_block_hook"), "pab": ("pyramid_attention_broadcast",),
           "fastercache": ("faster_cache_denoiser", "faster_cache_block")}
-TOOLTIP = ("Step cache: reuse work between denoising steps (diffusers' hooks). Faster, but it trades quality "
-           "for speed: the video differs from the uncached one. none: exact; fbc: first-block cache (skips "
-           "whole blocks, threshold 0.05; fbc:0.1 skips more); pab: pyramid attention broadcast; fastercache: "
-           "attention + CFG cache (needs CFG batched, the most memory)")
+TOOLTIP = ("Step cache: reuse work between steps. Faster, but it trades quality for speed. none: exact; fbc: "
+           "skips blocks (threshold 0.05, fbc:0.1 more); pab: pyramid attention broadcast; fastercache: attention "
+           "+ CFG cache (CFG batched, the most memory); teacache: skips whole steps (0.1; teacache:0.2 more), "
+           "the least memory")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     name: str = NONE
-    threshold: float = FBC_THRESHOLD     # fbc only
+    threshold: float = 0.0               # fbc and teacache (parse gives their default)
 
     @property
     def on(self) -> bool:
         return self.name != NONE
 
     def __str__(self) -> str:
-        return f"fbc:{self.threshold:g}" if self.name == "fbc" and self.threshold != FBC_THRESHOLD else self.name
+        default = THRESHOLDS.get(self.name)
+        return f"{self.name}:{self.threshold:g}" if default is not None and self.threshold != default else self.name
 
 
 def parse(text) -> CacheSpec:
-    """``none`` | ``fbc[:THRESHOLD]`` | ``pab`` | ``fastercache`` -> CacheSpec (None or "" is none)."""
+    """``none`` | ``fbc[:THRESHOLD]`` | ``pab`` | ``fastercache`` | ``teacache[:THRESHOLD]`` -> CacheSpec
+    (None or "" is none)."""
     if isinstance(text, CacheSpec):
         return text
     raw = (text or NONE).strip().lower()
     name, sep, arg = raw.partition(":")
     if name not in NAMES:
         raise ValueError(f"unknown step cache {text!r}: choose one of {', '.join(NAMES)} "
-                         "(fbc takes a threshold, e.g. fbc:0.1)")
+                         "(fbc and teacache take a threshold, e.g. fbc:0.1, teacache:0.2)")
     if not sep:
-        return CacheSpec(name)
-    if name != "fbc":
+        return CacheSpec(name, THRESHOLDS.get(name, 0.0))
+    if name not in THRESHOLDS:
         raise ValueError(f"step cache {name!r} takes no arguments, got {text!r}: write {name}")
     try:
         threshold = float(arg)
     except ValueError:
-        raise ValueError(f"step cache {text!r}: the threshold after 'fbc:' must be a number, e.g. fbc:0.1") from None
+        raise ValueError(f"step cache {text!r}: the threshold after '{name}:' must be a number, "
+                         f"e.g. {name}:{2 * THRESHOLDS[name]:g}") from None
     if not (0 < threshold < math.inf):
-        raise ValueError(f"step cache {text!r}: the threshold must be a positive number (0.05 is diffusers' default)")
+        raise ValueError(f"step cache {text!r}: the threshold must be a positive number "
+                         f"({THRESHOLDS[name]:g} is the default)")
     return CacheSpec(name, threshold)
 
 
@@ -109,7 +123,7 @@ def diffusers_config(spec, timestep):
                                  spatial_attention_block_identifiers=["transformer_blocks"],
                                  attention_weight_callback=lambda _: 0.3, tensor_format="BFCHW",
                                  current_timestep_callback=timestep)
-    raise ValueError("cache 'none' has no diffusers config")
+    raise ValueError(f"cache {spec.name!r} has no diffusers config")
 
 
 def held_bytes(spec, layers: int, video_tokens: int, text_tokens: int, width: int, branches: int = 2,
@@ -117,7 +131,8 @@ def held_bytes(spec, layers: int, video_tokens: int, text_tokens: int, width: in
     """Device bytes a cache holds between steps (hidden states of ``video + text`` tokens, ``width`` wide):
     fbc: block 0's output, its residual and the tail's residual, per branch; pab: each block's attention
     output per branch; fastercache: each block's attention output of the last two steps, and the
-    conditional half it keeps is a view of the batched pair, which stays alive whole."""
+    conditional half it keeps is a view of the batched pair, which stays alive whole; teacache: the last
+    residual per branch, and block 0's input through a computed pass."""
     spec = parse(spec)
     one = (video_tokens + text_tokens) * width * dtype_bytes
     if spec.name == "fbc":
@@ -126,6 +141,8 @@ def held_bytes(spec, layers: int, video_tokens: int, text_tokens: int, width: in
         return layers * one * branches
     if spec.name == "fastercache":
         return 2 * layers * one * 2
+    if spec.name == "teacache":
+        return 2 * one * branches
     return 0
 
 
@@ -135,15 +152,16 @@ def check(spec, cfg_mode: str, use_cfg: bool, split: str | None = None) -> Cache
     if not spec.on:
         return spec
     if split == PAIR and spec.name == "fastercache":
-        raise ValueError("step cache fastercache computes both CFG branches in one batched call, and a CFG pair "
-                         "runs them on two GPUs: use cache fbc or pab on the pair, or one GPU with fastercache")
+        raise ValueError("step cache fastercache computes both CFG branches in one batched call, and a CFG pair runs "
+                         "them on two GPUs: use cache fbc, pab or teacache on the pair, or one GPU with fastercache")
     if spec.name == "fastercache" and not use_cfg:
         raise ValueError("step cache fastercache approximates the unconditional branch: it needs CFG (cfg > 1); "
-                         "use fbc or pab without CFG")
+                         "use fbc, pab or teacache without CFG")
     if spec.name == "fastercache" and cfg_mode != "batched":
         raise ValueError("step cache fastercache works on the batched CFG pair (diffusers' hook returns both "
                          "branches from one call), this profile runs one branch at a time: use profile resident "
-                         "(CFG batched; fastercache holds the most memory of the caches), or cache fbc or pab")
+                         "(CFG batched; fastercache holds the most memory of the caches), or cache fbc, pab or "
+                         "teacache")
     return spec
 
 

@@ -12,8 +12,10 @@ it does per CFG mode is in the ``caches`` module docstring; here is the how:
   PAB and FasterCache hooks replace the attention modules' forward inside the blocks, so ``fast``
   compiles the parts around them instead of whole blocks (norms, feed-forward, and the attention
   processor the hook calls when it computes): the hooks' Python state stays out of the graphs.
-* Counting: first-block decisions (whole blocks), the attention hooks' real calls (pab, fastercache) and
-  the branches each transformer call computed, into :class:`caches.CacheStats`.
+* TeaCache (``speed.teacache``) is ours, on diffusers' hook classes; it goes on at the first forward
+  as the first-block cache does, and skips whole passes (block 0 included) before any block is read.
+* Counting: first-block and TeaCache decisions (whole blocks), the attention hooks' real calls (pab,
+  fastercache) and the branches each transformer call computed, into :class:`caches.CacheStats`.
 """
 from __future__ import annotations
 
@@ -128,9 +130,12 @@ class _PairExchange:
 class StepCache:
     """One run's cache on ``transformer``; use as a context manager (hooks on inside, off after)."""
 
-    def __init__(self, transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None):
+    def __init__(self, transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None,
+                 steps: int = 50):
         self.spec = caches.check(spec, cfg_mode, use_cfg, split)
-        self.transformer, self.cfg_mode, self.use_cfg = transformer, cfg_mode, use_cfg
+        self.transformer, self.cfg_mode, self.use_cfg, self.steps = transformer, cfg_mode, use_cfg, steps
+        self.step_index = -1         # the running step (predict / one count them)
+        self._tea = None             # TeaCache's state while on
         self.stats = CacheStats(str(self.spec), len(_blocks(transformer)))
         self.timestep = None
         self._context = None         # the cache context of the running call
@@ -149,9 +154,9 @@ class StepCache:
         stack = self._stack
         tr = self.transformer
         stack.callback(self._off)
-        stack.enter_context(filestream.blocks_skipped_when(tr, lambda i: i > 0 and self.skip_tail))
+        stack.enter_context(filestream.blocks_skipped_when(tr, self._skipped))
         stack.callback(tr.register_forward_pre_hook(self._count_pass, with_kwargs=True).remove)
-        if self.spec.name == "fbc":
+        if self.spec.name in ("fbc", "teacache"):
             stack.callback(tr.register_forward_pre_hook(self._apply_once).remove)
         else:
             self._apply()
@@ -160,8 +165,16 @@ class StepCache:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
+    def _skipped(self, i: int) -> bool:
+        """Block i is not run in the running pass (a streamed block is then not read)."""
+        return (self._tea is not None and self._tea.skip) or (i > 0 and self.skip_tail)
+
     # -- hooks on and off ---------------------------------------------------------------------------
     def _apply_once(self, _module, _args) -> None:
+        if self.spec.name == "teacache":
+            if self._tea is None:
+                self._apply()
+            return
         if not self.transformer.is_cache_enabled:
             self._apply()
             # this call already runs inside cache_context, set on the hooks there were: the new hooks get
@@ -172,6 +185,15 @@ class StepCache:
     def _apply(self) -> None:
         tr = self.transformer
         self._forwards = {m: m.__dict__.get("forward") for m in tr.modules()}
+        if self.spec.name == "teacache":
+            from cogvid_core.model.variants import variant_from_transformer_config
+            from cogvid_core.speed.teacache import TeaCache
+            self._tea = TeaCache(_blocks(tr), variant_from_transformer_config(dict(tr.config)).key,
+                                 self.spec.threshold, self.steps, lambda: self.step_index,
+                                 lambda: self._context, self._tea_pass)
+            self._tea.attach()
+            self._wrapped = []
+            return
         tr.enable_cache(caches.diffusers_config(self.spec, lambda: self.timestep))
         self._wrapped = []
         for name, hook in self._hooks():
@@ -185,7 +207,7 @@ class StepCache:
     def _hooks(self):
         for module in self.transformer.modules():
             registry = getattr(module, "_diffusers_hook", None)
-            for name in caches._HOOKS[self.spec.name] if registry is not None else ():
+            for name in caches._HOOKS.get(self.spec.name, ()) if registry is not None else ():
                 hook = registry.get_hook(name)
                 if hook is not None:
                     yield name, hook
@@ -201,15 +223,22 @@ class StepCache:
         ref.original_forward = counted
         self._wrapped.append((ref, original))
 
+    def _tea_pass(self, batch: int, computed: bool) -> None:
+        self.stats.block_runs += batch * self.stats.layers if computed else 0
+
     def _off(self) -> None:
         tr = self.transformer
-        if not tr.is_cache_enabled:
+        if self._tea is not None:
+            self._tea.detach()
+            self._tea = None
+        elif not tr.is_cache_enabled:
             return
         for ref, original in self._wrapped:
             ref.original_forward = original
         if self._joint is not None:
             self._joint.remove()
-        tr.disable_cache()
+        if tr.is_cache_enabled:
+            tr.disable_cache()
         for module, forward in self._forwards.items():   # diffusers leaves bound forwards behind
             if forward is None:
                 module.__dict__.pop("forward", None)
@@ -231,7 +260,7 @@ class StepCache:
         """The same cache on a CFG pair's second copy (another GPU, its own hooks and state): that copy
         runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
         added to this run's at the end."""
-        other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR)
+        other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR, self.steps)
         if self.spec.name == "fbc":
             self.exchange = other.exchange = _PairExchange()
             self.fbc_mode = other.fbc_mode = "pair"
@@ -254,12 +283,14 @@ class StepCache:
     def one(self, run, x, embeds, t, name: str):
         """One branch on this copy (a CFG pair: each copy holds one branch's state)."""
         self.timestep = t
+        self.step_index += 1
         return self._branch(run, x, embeds, name)
 
     # -- the step -----------------------------------------------------------------------------------
     def predict(self, run, x, negative, positive, t):
         """``run(x, embeds)`` is one transformer call; returns its prediction, or with CFG (uncond, cond)."""
         self.timestep = t
+        self.step_index += 1
         if negative is None:
             return self._branch(run, x, positive, "cond")
         if self.cfg_mode == "batched":
@@ -320,11 +351,11 @@ def finish_stats(cache: StepCache) -> CacheStats:
 
 
 @contextmanager
-def applied(transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None):
-    """A :class:`StepCache` for the ``with`` body, or None for cache none."""
+def applied(transformer: nn.Module, spec, cfg_mode: str, use_cfg: bool, split: str | None = None, steps: int = 50):
+    """A :class:`StepCache` for the ``with`` body (a run of ``steps`` steps), or None for cache none."""
     spec = caches.check(spec, cfg_mode, use_cfg, split)
     if not spec.on:
         yield None
         return
-    with StepCache(transformer, spec, cfg_mode, use_cfg, split) as cache:
+    with StepCache(transformer, spec, cfg_mode, use_cfg, split, steps) as cache:
         yield cache
