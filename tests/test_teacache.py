@@ -237,3 +237,32 @@ def test_compile_runs_under_teacache(monkeypatch, caplog):
     assert seen and all(seen), seen
     assert "forward" not in block.__dict__
     assert "compile' is off" not in caplog.text
+
+
+def test_with_a_lora_matches_the_authors_script_with_peft(tiny_ckpts, tmp_path):
+    """A LoRA as the nodes apply it (hooks on the Linears while in use) under TeaCache equals the authors'
+    forward on diffusers' pipeline with the same LoRA loaded by PEFT: a reused residual holds the LoRA's
+    effect as theirs does."""
+    authors = _authors_module()
+    pytest.importorskip("peft")
+    from diffusers import CogVideoXImageToVideoPipeline
+    from cogvid_core.model import loading, lora, testing
+    from cogvid_core.run import session
+    key = models.V15.key
+    path = testing.write_lora(tmp_path / "peft.safetensors", key, ("attn", "ff"), rank=4, seed=1)
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(str(tiny_ckpts[key]["hf"]), dtype=torch.float32)
+    pipe.load_lora_weights(str(path), adapter_name="l0")
+    pipe.set_adapters(["l0"], [0.7])
+    _slow_embedding(pipe.transformer)
+    s = encoded(pipe, models.V15)
+    ref, ref_runs = _reference(s, authors, THRESHOLD)
+    module, variant = loading.load_transformer(tiny_ckpts[key]["single"]["transformer"], dtype=torch.float32,
+                                               file_backed=False)
+    _slow_embedding(module)
+    comp = session.Component("transformer", module, torch.device("cpu"), torch.float32, variant=variant)
+    with comp.with_lora(lora.load_lora(path), 0.7).use() as hooked:
+        ours, runs, _ = _ours(s, "teacache", "sequential", transformer=hooked)
+    plain, _, _ = _ours(s, "teacache", "sequential", transformer=module)
+    assert 4 < ref_runs < 2 * STEPS and runs == ref_runs
+    assert (ref - plain).abs().max() > 1e-2, "the LoRA barely changes the latents: the comparison would prove little"
+    assert (ours - ref).abs().max() <= BOUND
