@@ -58,6 +58,10 @@ def parse_args(argv=None):
                    "its diffusers rows (seconds, passes, memory) are the reference; same card, shape and steps "
                    "required; no latent, so no latent distance to diffusers")
     p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
+    p.add_argument("--time-embedding-shift", type=float, default=0.0,
+                   help="add this to the time embedding's output bias (teacache mechanism rows: random weights' "
+                        "embedding changes ~50%% a step, far outside the authors' fitted range; 5 brings it to a "
+                        "few percent, so teacache both skips and computes; not the trained weights' skips)")
     return p.parse_args(argv)
 
 
@@ -100,6 +104,9 @@ def build(args):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     v = M.VARIANTS[args.variant]
     tr = testing.build_random("transformer", v, args.tiny, dtype, device)
+    if args.time_embedding_shift:
+        with torch.no_grad():
+            tr.time_embedding.linear_2.bias.add_(args.time_embedding_shift)
     vae = testing.build_random("vae", v, args.tiny, dtype, device)
     cfg = tr.config
     frames, h, w = M.default_size(v, dict(cfg))
@@ -231,6 +238,7 @@ def _env(s, args) -> dict:
     return dict(card=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", torch=torch.__version__,
                 diffusers=diffusers.__version__, variant=s["variant"].key, frames=s["frames"], height=s["h"],
                 width=s["w"], steps=args.steps, tiny=bool(args.tiny), speed=args.speed, cfg_mode=args.cfg_mode,
+                time_embedding_shift=args.time_embedding_shift,
                 note="final-latent differences on random weights are not a quality measure",
                 environment={k: os.environ[k] for k in ("COGVID_COMPILE_CACHE", "TORCHINDUCTOR_COMPILE_THREADS",
                                                          "TORCHINDUCTOR_CACHE_DIR", "COGVID_EMULATE_CC") if k in os.environ})

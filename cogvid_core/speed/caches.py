@@ -123,6 +123,9 @@ def diffusers_config(spec, timestep):
                                  spatial_attention_block_identifiers=["transformer_blocks"],
                                  attention_weight_callback=lambda _: 0.3, tensor_format="BFCHW",
                                  current_timestep_callback=timestep)
+    if spec.name == "teacache":
+        raise ValueError("cache teacache is not a diffusers hook (its reference is the authors' script: "
+                         "speed/teacache.py)")
     raise ValueError(f"cache {spec.name!r} has no diffusers config")
 
 
