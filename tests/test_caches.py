@@ -200,11 +200,9 @@ def _stream_inputs(tr):
     return torch.randn(1, 226, dim, generator=g), torch.randn(1, 226, dim, generator=g), latent
 
 
-@pytest.mark.parametrize("cfg_mode", ["batched", "sequential"])
-def test_streamed_blocks_the_cache_skips_are_not_read(deep, monkeypatch, cfg_mode):
-    """File-backed streaming + first-block cache: the result equals the resident model's with the same
-    cache, and blocks 1..5 are not read on the steps the cache skips (a large threshold skips every step
-    after the first). Only block 0's read-ahead (blocks 1 and 2) is read again."""
+def streamed_and_resident(path, cache, cfg_mode, monkeypatch, steps=STEPS):
+    """The same run resident and streamed from ``path`` (file-backed), with ``cache``: (resident latents,
+    streamed latents, the resident run's CacheStats, {block: reads from the file in the streamed run})."""
     from cogvid_core.memory import filestream, placement as P
     from cogvid_core.model import loading as L
     reads = {}
@@ -216,19 +214,28 @@ def test_streamed_blocks_the_cache_skips_are_not_read(deep, monkeypatch, cfg_mod
         if not before:
             reads[i] = reads.get(i, 0) + 1
 
-    resident = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    resident = L.load_transformer(path, dtype=torch.float32, progress=False)[0]
     P.place(resident, "cpu", "resident")
     pos, neg, latent = _stream_inputs(resident)
-    kw = dict(steps=STEPS, cfg=6.0, scheduler="dpm", seed=3, device="cpu", dtype=torch.float32, cfg_mode=cfg_mode)
+    kw = dict(steps=steps, cfg=6.0, scheduler="dpm", seed=3, device="cpu", dtype=torch.float32, cfg_mode=cfg_mode)
     stats = []
-    want = sampling.sample(resident, models.V15, pos, neg, latent, 17, cache="fbc:10", cache_stats=stats, **kw).samples
-    lazy = L.load_transformer(deep, dtype=torch.float32, progress=False)[0]
+    want = sampling.sample(resident, models.V15, pos, neg, latent, 17, cache=cache, cache_stats=stats, **kw).samples
+    lazy = L.load_transformer(path, dtype=torch.float32, progress=False)[0]
     placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
     monkeypatch.setattr(filestream.FilePlacement, "_schedule", counted)
     with placed.use():
-        got = sampling.sample(lazy, models.V15, pos, neg, latent, 17, cache="fbc:10", **kw).samples
+        got = sampling.sample(lazy, models.V15, pos, neg, latent, 17, cache=cache, **kw).samples
     placed.release()
-    assert stats[0].block_runs < stats[0].branch_passes * 6, "the cache skipped nothing"
+    return want, got, stats[0], reads
+
+
+@pytest.mark.parametrize("cfg_mode", ["batched", "sequential"])
+def test_streamed_blocks_the_cache_skips_are_not_read(deep, monkeypatch, cfg_mode):
+    """File-backed streaming + first-block cache: the result equals the resident model's with the same
+    cache, and blocks 1..5 are not read on the steps the cache skips (a large threshold skips every step
+    after the first). Only block 0's read-ahead (blocks 1 and 2) is read again."""
+    want, got, stats, reads = streamed_and_resident(deep, "fbc:10", cfg_mode, monkeypatch)
+    assert stats.block_runs < stats.branch_passes * 6, "the cache skipped nothing"
     assert (got - want).abs().max() <= 1e-5
     first = 1 if cfg_mode == "batched" else 2                 # the first step's passes (one per branch)
     assert all(reads[i] == first for i in (3, 4, 5)), reads  # read for the first step only

@@ -147,46 +147,22 @@ def test_the_transformer_is_left_as_it_was(tea):
 def test_a_skipped_step_reads_no_block(tmp_path, monkeypatch):
     """Streamed from the file: the steps TeaCache skips read none of the blocks (block 0 included), and
     the video equals the resident model's with the same cache."""
-    from cogvid_core.memory import filestream, placement as P
-    from cogvid_core.model import loading as L
-    from cogvid_core.model.testing import write_checkpoints
-    from test_caches import _stream_inputs
     from safetensors.torch import load_file, save_file
+    from cogvid_core.model.testing import write_checkpoints
+    from test_caches import streamed_and_resident
     path = write_checkpoints(tmp_path, models.V15.key, tiny=True, dtype=torch.float32, layouts=("single",),
                              layers=4)["single"]["transformer"]
     tensors = load_file(path)           # the shifted embedding in the file: a streamed model reads it there
     key = next(k for k in tensors if k.endswith("time_embedding.linear_2.bias"))
     tensors[key] += 5.0
     save_file(tensors, path)
-    reads = {}
-    schedule = filestream.FilePlacement._schedule
-
-    def counted(self, i):
-        before = i in self._pending or i in self._live
-        schedule(self, i)
-        if not before:
-            reads[i] = reads.get(i, 0) + 1
-
-    resident = L.load_transformer(path, dtype=torch.float32, progress=False)[0]
-    P.place(resident, "cpu", "resident")
-    pos, neg, latent = _stream_inputs(resident)
-    kw = dict(steps=STEPS, cfg=6.0, scheduler="dpm", seed=3, device="cpu", dtype=torch.float32,
-              cfg_mode="sequential")
-    stats = []
-    want = sampling.sample(resident, models.V15, pos, neg, latent, 17, cache="teacache", cache_stats=stats,
-                           **kw).samples
-    lazy = L.load_transformer(path, dtype=torch.float32, progress=False)[0]
-    placed = P.place(lazy, "cpu", "stream", degrade_on_cpu=False)
-    monkeypatch.setattr(filestream.FilePlacement, "_schedule", counted)
-    with placed.use():
-        got = sampling.sample(lazy, models.V15, pos, neg, latent, 17, cache="teacache", **kw).samples
-    placed.release()
-    computed = stats[0].block_runs // stats[0].layers          # branch passes that ran the blocks
-    assert computed < stats[0].branch_passes, "the cache skipped nothing"
+    want, got, stats, reads = streamed_and_resident(path, "teacache", "sequential", monkeypatch, steps=STEPS)
+    computed = stats.block_runs // stats.layers          # branch passes that ran the blocks
+    assert computed < stats.branch_passes, "the cache skipped nothing"
     assert (got - want).abs().max() <= 1e-5
     # each computed pass reads every block once; a skipped one reads nothing (blocks 0-2 may also be read
     # ahead once more at the end of a pass, for a next pass that then skipped)
-    assert reads[3] == computed, (reads, stats[0].line())
+    assert reads[3] == computed, (reads, stats.line())
     assert all(computed <= reads[i] <= computed + 1 for i in (0, 1, 2)), reads
 
 
