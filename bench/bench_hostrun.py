@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
-from bench.common.checkpoints import hf_checkpoints  # noqa: E402
+from bench.common.checkpoints import hf_checkpoints, shift_time_embedding  # noqa: E402
 from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
 from bench.common.reference import PROMPT, fbc_probe, run_staged, start_image  # noqa: E402
 from bench.common.clock import step_clock  # noqa: E402
@@ -230,6 +230,10 @@ def main(argv=None) -> int:
                     "keeps its kernels there: the second run of a compiled recipe is a restart)")
     ap.add_argument("--fresh-inductor-cache", action="store_true", help="each recipe gets an empty inductor cache "
                     "(torch's own /tmp cache would otherwise carry compiled kernels from one recipe to the next)")
+    ap.add_argument("--time-embedding-shift", type=float, default=None,
+                    help="set the transformer file's time-embedding bias this far above its written random values "
+                         "(teacache mechanism rows: 1.25 brings random weights' per-step change to 6-8%%; 0 undoes "
+                         "it); not the trained weights' skips")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     v = M.V15 if args.variant == "1.5" else M.V10
@@ -242,6 +246,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(child(args.child, args), default=str), flush=True)
         return 0
     folder = hf_checkpoints(args.dir, v.key, full=not args.tiny) if args.write else args.dir / v.folder
+    if args.time_embedding_shift is not None:
+        shift_time_embedding(folder, args.time_embedding_shift)
     log(f"# bench_hostrun: {folder}, {args.frames}x{args.height}x{args.width}, {args.steps} steps, {args.device}")
     results = []
     if args.baseline_from:
@@ -259,7 +265,8 @@ def main(argv=None) -> int:
     out = table(results)
     log(out)
     if args.json:
-        env = dict(provenance(card_name(args.device) if args.device.startswith("cuda") else "cpu"), device=args.device)
+        env = dict(provenance(card_name(args.device) if args.device.startswith("cuda") else "cpu"), device=args.device,
+                   time_embedding_shift=args.time_embedding_shift)
         write_json(args.json, dict(env=env, frames=args.frames, height=args.height, width=args.width,
                                    steps=args.steps, results=results, table=out), indent=2)
     return 0

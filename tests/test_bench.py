@@ -284,3 +284,21 @@ def test_two_gpu_bench_runs_the_pair_with_a_step_cache(tmp_path):
     assert rows[2]["max_abs_diff"]["batched"] <= 1e-4
     with pytest.raises(ValueError):
         mod.main(["--tiny", "--device", "cpu", "--cache", "nope"])
+
+
+def test_time_embedding_shift_goes_into_the_file_once(tmp_path):
+    """bench_hostrun --time-embedding-shift: the bias in the transformer's file is the written value plus
+    the shift, whatever the number of runs (the applied shift is recorded), and 0 undoes it."""
+    from safetensors.torch import load_file
+    from cogvid_core.model.testing import write_checkpoints
+    from bench.common.checkpoints import TIME_EMBEDDING_BIAS, shift_time_embedding
+    folder = write_checkpoints(tmp_path, M.V15.key, tiny=True, layouts=("hf",))["hf"]
+
+    def bias():
+        files = sorted((folder / "transformer").glob("*.safetensors"))
+        return next(load_file(str(f))[TIME_EMBEDDING_BIAS] for f in files if TIME_EMBEDDING_BIAS in load_file(str(f)))
+    written = bias()
+    assert shift_time_embedding(folder, 1.25) == 1.25 and shift_time_embedding(folder, 1.25) == 0.0
+    assert torch.allclose(bias(), written + 1.25)
+    shift_time_embedding(folder, 0.0)
+    assert torch.allclose(bias(), written)
