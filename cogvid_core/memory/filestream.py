@@ -32,6 +32,13 @@ PREFETCH_DEPTH = 2         # blocks read ahead of the running one in ``stream`` 
 _SKIPPED = "_cogvid_blocks_skipped"   # model attribute: predicate(i) -> True for a block a step cache skips
 
 
+def skipped(model: nn.Module, i: int) -> bool:
+    """Block ``i`` of ``model`` is not run in the running pass (a step cache skips it): whatever a hook
+    would do for it (read it from the file, quantize it for fp8) is not needed."""
+    predicate = model.__dict__.get(_SKIPPED)
+    return predicate is not None and predicate(i)
+
+
 @contextmanager
 def blocks_skipped_when(model: nn.Module, predicate):
     """Inside, a streamed block ``i`` with ``predicate(i)`` true when it is called is neither read nor
@@ -110,8 +117,7 @@ class FilePlacement:
         self._ring.give_back(i)
 
     def _skipped(self, i: int) -> bool:
-        predicate = self.model.__dict__.get(_SKIPPED)
-        return predicate is not None and predicate(i)
+        return skipped(self.model, i)
 
     def _pre_hook(self, i: int):
         def hook(module, args):
