@@ -239,6 +239,46 @@ def test_fp8_leaves_a_streamed_block_dropped(tiny_ckpts, fake_torchao):
     placed.release()
 
 
+def test_fp8_folds_a_lora_into_the_weight_it_quantizes(tiny_ckpts, tmp_path, monkeypatch):
+    """With fp8 a LoRA Linear's weight is quantized with the LoRA folded in (W + up @ down) for the call, and
+    its own delta matmuls do not run. Here the "quantization" leaves the weights as they are, so the
+    output must equal the plain LoRA run's; classes, weights and biases come back after the call."""
+    from contextlib import ExitStack
+    from cogvid_core.model import lora
+    from cogvid_core.model.lora_linear import LoraMixin
+
+    class Identity(_FakeTorchao):
+        @classmethod
+        def quantize_(cls, module, config):
+            cls.calls += 1
+    monkeypatch.setitem(sys.modules, "torchao", type(sys)("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.quantization", Identity)
+    monkeypatch.setattr(fp8_swap, "_computable", lambda w: True)
+    v = M.VARIANTS[K15]
+    tr, _ = loading.load_transformer(tiny_ckpts[K15]["single"]["transformer"], dtype=torch.float32,
+                                     file_backed=False)
+    lw = lora.load_lora(testing.write_lora(tmp_path / "l.safetensors", K15, ("attn", "ff"), rank=4, seed=2))
+    comp = session.Component("transformer", tr, CPU, torch.float32, "resident", variant=v).with_lora(lw, 0.7)
+    kw = _inputs(tr, v, batch=1)
+    plain = _run(tr, kw)
+    with comp.use() as module:
+        ref = _run(module, kw)
+    params = {n: p for n, p in tr.named_parameters()}
+    deltas = []
+    forward = LoraMixin.forward
+    monkeypatch.setattr(LoraMixin, "forward", lambda self, x: deltas.append(1) or forward(self, x))
+    Identity.calls = 0
+    with comp.use() as module, ExitStack() as stack:
+        fp8_swap._fp8(module, stack)
+        classes = {n: type(m) for n, m in module.named_modules()}
+        out = _run(module, kw)
+        assert {n: type(m) for n, m in module.named_modules()} == classes
+    assert Identity.calls == 6 * tr.config.num_layers and deltas == []
+    assert (ref - plain).abs().max() > 1e-3, "the LoRA barely changes the output: the comparison proves little"
+    assert (out - ref).abs().max() <= 1e-5
+    assert all(p is params[n] for n, p in tr.named_parameters())
+
+
 # ------------------------------------------------------------------------------- compile
 def _graphs():
     from torch._dynamo.utils import counters

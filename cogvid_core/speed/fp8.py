@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from cogvid_core.model import precision as P
-from cogvid_core.model.lora_linear import rebased
+from cogvid_core.model.lora_linear import LoraMixin, folded, rebased
 from cogvid_core.speed.hooks import while_running
 from cogvid_core.speed.regional import _blocks
 
@@ -43,7 +43,7 @@ class _Fp8Block:
         from torchao.quantization import quantize_
 
         for lin in self.linears:
-            w, cls = lin.weight, type(lin)
+            w, cls, bias = lin.weight, type(lin), lin.bias
             if not _computable(w):
                 self.skipped.append(lin)   # e.g. diffusers group offloading brings weights in later
                 continue
@@ -51,15 +51,18 @@ class _Fp8Block:
                 # its forward would upcast torchao's tensor back to bf16 (a LoRA's delta is kept)
                 lin.__class__ = rebased(cls, nn.Linear)
                 lin.weight = nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+            if isinstance(lin, LoraMixin):     # the LoRA folded into the weight quantized for this call
+                folded(lin, lin.weight.dtype)
             quantize_(lin, self.config)
-            self.live.append((lin, w, lin.weight, cls))
+            self.live.append((lin, w, lin.weight, cls, bias))
 
     def leave(self) -> None:
-        for lin, w, q, cls in self.live:
+        for lin, w, q, cls, bias in self.live:
             lin.__dict__.pop("extra_repr", None)   # torchao's repr decoration, instance-level
             lin.__class__ = cls
             if lin.weight is q:   # else the placement has already swapped it (a streamed block dropped)
                 lin.weight = w
+                lin.bias = bias
         self.live = []
 
 
