@@ -267,3 +267,24 @@ def test_fp8_quantizes_only_the_blocks_a_step_runs(tiny_ckpts, monkeypatch):
             _, _, stats = _ours(s, spec, transformer=tr)
         assert stats.block_runs < stats.branch_passes * stats.layers, f"{spec} skipped nothing"
         assert _FakeTorchao.calls == per_block * stats.block_runs // 2, (spec, _FakeTorchao.calls, stats.line())
+
+
+def test_a_cfg_pair_takes_one_decision_per_step_where_its_copies_measure_differently(tea):
+    """Two cards can round the timestep embedding differently: the pair's copies still skip or compute
+    each step together (the copy that reaches a step first decides it). Here the second copy's embedding
+    is perturbed by a few percent a step, enough to change its own decisions."""
+    from cogvid_core.speed import multigpu as MG
+    tr = tea["pipe"].transformer
+    second = MG.attach_second(tr, "cpu").module
+    g = torch.Generator().manual_seed(0)
+    perturb = second.time_embedding.register_forward_hook(
+        lambda m, a, out: out * (1 + 0.05 * torch.randn(1, generator=g)))
+    runs, counter = _last_block_counter(second)
+    try:
+        _, first_runs, _ = _ours(tea, "teacache", "batched")
+    finally:
+        perturb.remove()
+        counter.remove()
+        MG.detach_second(tr)
+    assert 2 < first_runs < STEPS, "the case must both skip and compute"
+    assert runs[0] == first_runs, f"the copies took different decisions: cond {first_runs}, uncond {runs[0]}"

@@ -136,6 +136,7 @@ class StepCache:
         self.transformer, self.cfg_mode, self.use_cfg, self.steps = transformer, cfg_mode, use_cfg, steps
         self.step_index = -1         # the running step (predict / one count them)
         self._tea = None             # TeaCache's state while on
+        self.tea_decisions = None    # TeaCache's per-step decisions (a CFG pair's copies share them)
         self.stats = CacheStats(str(self.spec), len(_blocks(transformer)))
         self.timestep = None
         self._context = None         # the cache context of the running call
@@ -188,8 +189,11 @@ class StepCache:
         if self.spec.name == "teacache":
             from cogvid_core.model.variants import variant_from_transformer_config
             from cogvid_core.speed.teacache import TeaCache
-            self._tea = TeaCache(_blocks(tr), variant_from_transformer_config(dict(tr.config)).key,
-                                 self.spec.threshold, self.steps, lambda: self.step_index,
+            from cogvid_core.speed.teacache import Decisions
+            if self.tea_decisions is None:
+                self.tea_decisions = Decisions(variant_from_transformer_config(dict(tr.config)).key,
+                                               self.spec.threshold, self.steps)
+            self._tea = TeaCache(_blocks(tr), self.tea_decisions, lambda: self.step_index,
                                  lambda: self._context, self._tea_pass)
             self._tea.attach()
             self._wrapped = []
@@ -261,6 +265,11 @@ class StepCache:
         runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
         added to this run's at the end."""
         other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR, self.steps)
+        if self.spec.name == "teacache":     # one decision per step for both copies
+            from cogvid_core.model.variants import variant_from_transformer_config
+            from cogvid_core.speed.teacache import Decisions
+            self.tea_decisions = other.tea_decisions = Decisions(
+                variant_from_transformer_config(dict(self.transformer.config)).key, self.spec.threshold, self.steps)
         if self.spec.name == "fbc":
             self.exchange = other.exchange = _PairExchange()
             self.fbc_mode = other.fbc_mode = "pair"

@@ -13,11 +13,13 @@ tested against that script when a checkout is given (tests/test_teacache.py, ``T
   The first and the last step always compute.
 * The decision is taken once per step, before block 0 is called (a pre-hook that runs before a streamed
   block's read), so a skipped step reads no block from disk or host memory at all.
-* It depends on the timestep embedding only, the same for both CFG branches, on both GPUs of a CFG pair
-  and on every rank under torchrun: each branch keeps its own residual (per cache context), every
-  branch takes the step's one decision.
+* It depends on the timestep embedding only, the same for both CFG branches and on every rank under
+  torchrun; the two copies of a CFG pair share one decision per step (:class:`Decisions`: two cards
+  may round the embedding differently). Each branch keeps its own residual (per cache context).
 """
 from __future__ import annotations
+
+import threading
 
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
@@ -69,20 +71,46 @@ class _Block(ModelHook):
         return out
 
 
-class TeaCache:
-    """One run's TeaCache on ``blocks``. ``step()`` gives the running step's index, ``context()`` the
-    running CFG branch's name; ``on_pass(batch, computed)`` is told of each pass (counting)."""
+class Decisions:
+    """The run's per-step decisions (the authors' rule), shared by the two copies of a CFG pair: the copy
+    that reaches a step first decides it with its own measure, the other takes that decision, so both
+    branches skip or compute together even where two cards round the embedding differently."""
 
-    def __init__(self, blocks, variant_key: str, threshold: float, steps: int, step, context, on_pass):
-        self.blocks, self.threshold, self.steps = blocks, threshold, steps
-        self.coefficients = COEFFICIENTS[variant_key]
+    def __init__(self, variant_key: str, threshold: float, steps: int):
+        self.coefficients, self.threshold, self.steps = COEFFICIENTS[variant_key], threshold, steps
+        self._lock = threading.Lock()
+        self._decided = None          # (step index, compute?) of the step decided last
+        self._sum = 0.0
+
+    def take(self, i: int, change) -> bool:
+        """Step ``i``'s decision; ``change()`` is the embedding's relative change since the previous step."""
+        with self._lock:
+            if self._decided is not None and self._decided[0] == i:
+                return self._decided[1]
+            if i == 0 or i == self.steps - 1:
+                compute, self._sum = True, 0.0
+            else:
+                self._sum += rescale(self.coefficients, change())
+                compute = self._sum >= self.threshold
+                if compute:
+                    self._sum = 0.0
+            self._decided = (i, compute)
+            return compute
+
+
+class TeaCache:
+    """One run's TeaCache on ``blocks``, deciding through ``decisions``. ``step()`` gives the running
+    step's index, ``context()`` the running CFG branch's name; ``on_pass(batch, computed)`` is told of
+    each pass (counting)."""
+
+    def __init__(self, blocks, decisions: Decisions, step, context, on_pass):
+        self.blocks, self.decisions = blocks, decisions
         self.step, self.context, self.on_pass = step, context, on_pass
         self.skip = False
         self.inputs = None
         self.residual: dict = {}
-        self._decided = None          # (step index, compute?) of the step decided last
-        self._sum = 0.0
-        self._previous = None         # the previous step's timestep embedding
+        self._step = None             # the step whose embedding is ``_current``
+        self._current = self._previous = None    # this step's and the previous step's timestep embedding
         self._handles = []
 
     def attach(self) -> None:
@@ -101,7 +129,7 @@ class TeaCache:
             if registry is not None and registry.get_hook(_HOOK) is not None:
                 registry.remove_hook(_HOOK, recurse=False)
         self.residual.clear()
-        self.inputs = self._previous = None
+        self.inputs = self._previous = self._current = None
 
     def _before(self, _module, args, kwargs):
         temb = _arg(args, kwargs, "temb", 2)
@@ -111,20 +139,10 @@ class TeaCache:
         self.on_pass(int(temb.shape[0]), not self.skip)
 
     def _decide(self, temb) -> bool:
-        """The step's decision, taken at its first pass (the authors' rule, per transformer call there:
-        one call per step with CFG batched)."""
+        """The step's decision (taken at its first pass: per transformer call in the authors' script, one
+        call per step with CFG batched)."""
         i = self.step()
-        if self._decided is not None and self._decided[0] == i:
-            return self._decided[1]
-        if i == 0 or i == self.steps - 1:
-            compute, self._sum = True, 0.0
-        else:
-            prev = self._previous
-            change = ((temb - prev).abs().mean() / prev.abs().mean()).item()
-            self._sum += rescale(self.coefficients, change)
-            compute = self._sum >= self.threshold
-            if compute:
-                self._sum = 0.0
-        self._previous = temb
-        self._decided = (i, compute)
-        return compute
+        if self._step != i:
+            self._step, self._previous, self._current = i, self._current, temb
+        prev = self._previous
+        return self.decisions.take(i, lambda: ((temb - prev).abs().mean() / prev.abs().mean()).item())
