@@ -187,12 +187,9 @@ class StepCache:
         tr = self.transformer
         self._forwards = {m: m.__dict__.get("forward") for m in tr.modules()}
         if self.spec.name == "teacache":
-            from cogvid_core.model.variants import variant_from_transformer_config
             from cogvid_core.speed.teacache import TeaCache
-            from cogvid_core.speed.teacache import Decisions
             if self.tea_decisions is None:
-                self.tea_decisions = Decisions(variant_from_transformer_config(dict(tr.config)).key,
-                                               self.spec.threshold, self.steps)
+                self.tea_decisions = self._new_decisions()
             self._tea = TeaCache(_blocks(tr), self.tea_decisions, lambda: self.step_index,
                                  lambda: self._context, self._tea_pass)
             self._tea.attach()
@@ -226,6 +223,12 @@ class StepCache:
 
         ref.original_forward = counted
         self._wrapped.append((ref, original))
+
+    def _new_decisions(self):
+        from cogvid_core.model.variants import variant_from_transformer_config
+        from cogvid_core.speed.teacache import Decisions
+        key = variant_from_transformer_config(dict(self.transformer.config)).key
+        return Decisions(key, self.spec.threshold, self.steps)
 
     def _tea_pass(self, batch: int, computed: bool) -> None:
         self.stats.block_runs += batch * self.stats.layers if computed else 0
@@ -266,10 +269,7 @@ class StepCache:
         added to this run's at the end."""
         other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR, self.steps)
         if self.spec.name == "teacache":     # one decision per step for both copies
-            from cogvid_core.model.variants import variant_from_transformer_config
-            from cogvid_core.speed.teacache import Decisions
-            self.tea_decisions = other.tea_decisions = Decisions(
-                variant_from_transformer_config(dict(self.transformer.config)).key, self.spec.threshold, self.steps)
+            self.tea_decisions = other.tea_decisions = self._new_decisions()
         if self.spec.name == "fbc":
             self.exchange = other.exchange = _PairExchange()
             self.fbc_mode = other.fbc_mode = "pair"
