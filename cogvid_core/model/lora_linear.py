@@ -55,11 +55,11 @@ def rebased(cls: type, base: type) -> type:
     return lora_class(base) if issubclass(cls, LoraMixin) else base
 
 
-def folded(module: nn.Module, dtype: torch.dtype) -> tuple:
+def folded(module: nn.Module, dtype: torch.dtype) -> None:
     """For one call of a LoRA Linear (fp8 quantizes its weight per call, speed/fp8.py): its weight with the
-    LoRA folded in (``W + up @ down`` in ``dtype``), its bias likewise, and its class
-    without the LoRA delta, so the LoRA costs no matmul over the tokens. Returns (weight, bias, class) to put
-    back after the call."""
+    LoRA folded in (``W + up @ down`` in ``dtype``), its bias likewise, and its class without the LoRA
+    delta, so the LoRA costs no matmul over the tokens. The caller keeps the weight, bias and class it had
+    and puts them back after the call."""
     w, bias, cls = module.weight, module.bias, type(module)
     lora = module.__dict__.get("_lora")
     if lora is None or lora[0].device != w.device:
@@ -72,7 +72,6 @@ def folded(module: nn.Module, dtype: torch.dtype) -> tuple:
     if lora_bias is not None:
         total = lora_bias.float() if bias is None else bias.float() + lora_bias.float()
         module.bias = nn.Parameter(total.to(bias.dtype if bias is not None else dtype), requires_grad=False)
-    return w, bias, cls
 
 
 def _pair(parts, device, dtype) -> tuple:

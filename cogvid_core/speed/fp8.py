@@ -12,6 +12,7 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from cogvid_core.memory.filestream import skipped as cache_skips
 from cogvid_core.model import precision as P
 from cogvid_core.model.lora_linear import LoraMixin, folded, rebased
 from cogvid_core.speed.hooks import while_running
@@ -72,7 +73,6 @@ def _fp8(transformer: nn.Module, stack: ExitStack) -> None:
     # set_inductor_config=False: torchao would otherwise change process-wide settings (float32 matmul
     # precision among them) that other models in the same process would then run with
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
-    from cogvid_core.memory.filestream import skipped as cache_skips
     skipped: list = []
     for i, block in enumerate(_blocks(transformer)):
         swap = _Fp8Block(block, config, skipped)

@@ -136,7 +136,8 @@ class StepCache:
         self.transformer, self.cfg_mode, self.use_cfg, self.steps = transformer, cfg_mode, use_cfg, steps
         self.step_index = -1         # the running step (predict / one count them)
         self._tea = None             # TeaCache's state while on
-        self.tea_decisions = None    # TeaCache's per-step decisions (a CFG pair's copies share them)
+        # TeaCache's per-step decisions (a CFG pair's second copy takes the first's: :meth:`sibling`)
+        self.tea_decisions = self._new_decisions() if self.spec.name == "teacache" else None
         self.stats = CacheStats(str(self.spec), len(_blocks(transformer)))
         self.timestep = None
         self._context = None         # the cache context of the running call
@@ -188,8 +189,6 @@ class StepCache:
         self._forwards = {m: m.__dict__.get("forward") for m in tr.modules()}
         if self.spec.name == "teacache":
             from cogvid_core.speed.teacache import TeaCache
-            if self.tea_decisions is None:
-                self.tea_decisions = self._new_decisions()
             self._tea = TeaCache(_blocks(tr), self.tea_decisions, lambda: self.step_index,
                                  lambda: self._context, self._tea_pass)
             self._tea.attach()
@@ -268,8 +267,7 @@ class StepCache:
         runs the unconditional branch through :meth:`one`, this one the conditional. Its counts are
         added to this run's at the end."""
         other = StepCache(module, self.spec, "pair", self.use_cfg, caches.PAIR, self.steps)
-        if self.spec.name == "teacache":     # one decision per step for both copies
-            self.tea_decisions = other.tea_decisions = self._new_decisions()
+        other.tea_decisions = self.tea_decisions     # TeaCache: one decision per step for both copies
         if self.spec.name == "fbc":
             self.exchange = other.exchange = _PairExchange()
             self.fbc_mode = other.fbc_mode = "pair"
