@@ -302,3 +302,22 @@ def test_time_embedding_shift_goes_into_the_file_once(tmp_path):
     assert torch.allclose(bias(), written + 1.25)
     shift_time_embedding(folder, 0.0)
     assert torch.allclose(bias(), written)
+
+
+def test_live_lora_bench_counts_recompiles_and_sees_each_change(tmp_path):
+    """bench_lora_live (issue 26's "a strength change takes effect with at most one recompile"): one
+    process, the LoRAs changed between phases as the Sampler does between queues. A strength change or
+    going back to no LoRA compiles nothing; every change moves the prediction; compile equals the eager
+    option on every phase (eager backend: the same arithmetic)."""
+    mod = _script("bench_lora_live")
+    out = tmp_path / "live.json"
+    mod.main(["--tiny", "--device", "cpu", "--speed", "compile", "--compile-backend", "eager", "--steps", "2",
+              "--rank", "4", "--check-eager", "--out", str(out)])
+    rows = {r["phase"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["none", "A@1.0", "A@0.5", "A@1.0+B@1.0", "none again"]
+    assert rows["A@0.5"]["graphs_compiled"] == 0 and rows["none again"]["graphs_compiled"] == 0
+    assert all(r["step1_pred_rel_l2_vs_previous_phase"] > 1e-3 for p, r in rows.items() if p != "none")
+    assert all(r["step1_pred_rel_l2_vs_exact"] < 1e-5 for r in rows.values())
+    assert all(len(r["step_s"]) == 2 for r in rows.values())
+    with pytest.raises(SystemExit, match="no compile"):
+        mod.main(["--tiny", "--device", "cpu", "--speed", "exact"])

@@ -1,0 +1,137 @@
+"""LoRAs changed in one process with a speed option on: recompiles, s/step, and whether the change took effect.
+
+    python bench/bench_lora_live.py                          # GPU: full 1.5 transformer, fp8+fa3fp8+compile
+    python bench/bench_lora_live.py --tiny --device cpu --speed compile --compile-backend eager   # the code path
+
+What a ComfyUI user does between two queues: the transformer stays loaded (and compiled) and the LoRA
+node's strength changes, or a second LoRA is chained in. Issue 26 asks that such a change takes effect
+without reloading the model, with at most one recompile, and that s/step with one or two LoRAs stays
+within 1.03x of the same option without one. One process, the transformer built once (random bf16 on
+the GPU), the transformer used through ``session.Component.with_loras(...).with_speed(...).use()`` (what
+the Sampler node does each queue), phases in this order: none, A at 1.0, A at 0.5, A at 1.0 + B at 1.0,
+none again. Each phase samples ``--steps`` real steps of a 50-step DPM run (bench_speed's inputs and
+loop, batched CFG). Per phase: every step's seconds, s/step (median after the phase's first step),
+dynamo graphs compiled during the phase, and the first step's noise prediction against the phase
+before (a change that took effect moves it) and, with ``--check-eager``, against the same speed option
+without compile on the same inputs (the option's own tolerance: bench_speed's table).
+LoRAs: rank 64 on every block's attention and feed-forward (as bench_hostrun's), written to a temporary
+folder by the project's own writer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cogvid_core.model import lora, testing  # noqa: E402
+from cogvid_core.run import session  # noqa: E402
+from cogvid_core.speed import fast  # noqa: E402
+from bench.bench_speed import Inputs, Timer, rel_l2, sample_steps  # noqa: E402
+from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+
+PHASES = (("none", ()), ("A@1.0", (("A", 1.0),)), ("A@0.5", (("A", 0.5),)),
+          ("A@1.0+B@1.0", (("A", 1.0), ("B", 1.0))), ("none again", ()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny random transformer and video (CPU smoke run)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--speed", default="fp8+fa3fp8+compile", help="a fast.CHOICES name with compile in it")
+    p.add_argument("--steps", type=int, default=3, help="sampling steps per phase (the first is the phase's warm-up)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--check-eager", action="store_true", help="each phase's first prediction also without compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick CPU check)")
+    p.add_argument("--out", type=Path, help="JSON file (default $OUT/lora_live.json, else bench/lora_live_local.json)")
+    return p.parse_args(argv)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _phase(inp: Inputs, comp: session.Component, steps: int) -> tuple[dict, torch.Tensor]:
+    """One queue's sampling with ``comp`` (its LoRAs and speed on while in use)."""
+    before = _graphs()
+    t0 = time.perf_counter()
+    with comp.use() as module:
+        inp.transformer = module
+        timer = Timer(module, inp.device)
+        try:
+            sample_steps(inp, steps)
+        finally:
+            timer.remove()
+    rest = sorted(timer.times[1:]) or timer.times
+    return dict(step_s=timer.times, s_per_step=rest[len(rest) // 2], first_step_s=timer.times[0],
+                phase_s=time.perf_counter() - t0, graphs_compiled=_graphs() - before), timer.first
+
+
+def run(args) -> dict:
+    if "compile" not in args.speed:
+        raise SystemExit(f"--speed {args.speed!r} has no compile: nothing here could recompile")
+    fast.COMPILE_OPTIONS["backend"] = args.compile_backend
+    inp = Inputs(args)
+    base = session.Component("transformer", inp.transformer, inp.device, inp.dtype, variant=inp.variant)
+    eager_speed = "+".join(p for p in args.speed.split("+") if p != "compile") or fast.EXACT
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = {}
+        for i, name in enumerate("AB"):
+            path = testing.write_lora(Path(tmp) / f"{name}.safetensors", inp.variant.key, ("attn", "ff"),
+                                      rank=args.rank, seed=i, tiny=args.tiny, dtype=inp.dtype)
+            weights[name] = lora.load_lora(path)
+        rows, previous = [], None
+        for label, pairs in PHASES:
+            loras = [(weights[n], s) for n, s in pairs]
+            row, pred = _phase(inp, base.with_loras(loras).with_speed(args.speed), args.steps)
+            row.update(phase=label, loras=[f"{n}@{s}" for n, s in pairs])
+            if previous is not None:
+                row["step1_pred_rel_l2_vs_previous_phase"] = rel_l2(pred, previous)
+            previous = pred
+            if args.check_eager:
+                _, eager = _phase(inp, base.with_loras(loras).with_speed(eager_speed), 1)
+                row["step1_pred_rel_l2_vs_" + eager_speed.replace("+", "_")] = rel_l2(pred, eager)
+            if inp.device.type == "cuda":
+                row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(inp.device) / 2 ** 30
+            rows.append(row)
+            print(_line(row), flush=True)
+    none = rows[0]["s_per_step"]
+    for row in rows:
+        row["x_no_lora"] = row["s_per_step"] / none
+    env = dict(provenance(card_name(inp.device) if inp.device.type == "cuda" else "cpu"), speed=args.speed,
+               eager_speed=eager_speed, rank=args.rank, steps=args.steps, tiny=bool(args.tiny),
+               frames=inp.frames, height=inp.height, width=inp.width, compile_backend=args.compile_backend)
+    return dict(env=env, rows=rows)
+
+
+def _line(row) -> str:
+    extra = {k: v for k, v in row.items() if k.startswith("step1_pred")}
+    return (f"| {row['phase']} | {row['s_per_step']:.3f} | {row['first_step_s']:.2f} | {row['graphs_compiled']} | "
+            + " | ".join(f"{k}={v:.2e}" for k, v in extra.items()) + " |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print("| phase | s/step | first step s | graphs compiled | first-step prediction |\n|---|---|---|---|---|")
+    result = run(args)
+    print("| phase | x no LoRA |\n|---|---|")
+    for row in result["rows"]:
+        print(f"| {row['phase']} | {row['x_no_lora']:.3f} |")
+    out = args.out or (Path(os.environ["OUT"]) / "lora_live.json" if os.environ.get("OUT")
+                       else Path(__file__).with_name("lora_live_local.json"))
+    write_json(out, result)
+    print("JSON:", out)
+
+
+if __name__ == "__main__":
+    main()
