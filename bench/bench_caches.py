@@ -58,6 +58,8 @@ def parse_args(argv=None):
                    "its diffusers rows (seconds, passes, memory) are the reference; same card, shape and steps "
                    "required; no latent, so no latent distance to diffusers")
     p.add_argument("--out", type=Path, help="JSON (default $OUT/caches.json, else bench/caches_local.json)")
+    p.add_argument("--profile-steps", default="", help="ours: torch.profiler over these steps (1-based, comma-"
+                   "separated, e.g. 3,4: a computed and a skipped TeaCache step); the top ops go into the row")
     p.add_argument("--time-embedding-shift", type=float, default=0.0,
                    help="add this to the time embedding's output bias (teacache mechanism rows: random weights' "
                         "embedding changes ~50%% a step, far outside the authors' fitted range; 5 brings it to a "
@@ -159,6 +161,32 @@ def run_diffusers(s, spec, steps, peaks):
     return row, out.float().cpu()
 
 
+class StepProfiler:
+    """A progress callback: ``mark`` (the step clock) after every step, and torch.profiler over each
+    step named in ``which`` ("3,4": 1-based), whose top ops by self CPU and by device time it keeps
+    as text in ``tables`` (what a step spends outside the transformer blocks shows there)."""
+
+    def __init__(self, which: str, mark):
+        self.steps = {int(x) for x in which.split(",") if x.strip()}
+        self.mark, self.tables, self._prof = mark, {}, None
+
+    def __call__(self, done, total):
+        self.mark(done, total)
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            avg = self._prof.key_averages()
+            device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            self.tables[str(done)] = {"by_self_cpu": avg.table(sort_by="self_cpu_time_total", row_limit=25),
+                                      "by_device": avg.table(sort_by=device, row_limit=25)}
+            self._prof = None
+        if done + 1 in self.steps:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+
+
 def run_ours(s, spec, steps, args, peaks):
     from cogvid_core.model.vae import encode_image
     with torch.no_grad():
@@ -166,15 +194,18 @@ def run_ours(s, spec, steps, args, peaks):
                                                       s["h"], s["w"], s["variant"], "crop", s["device"]))
     stats = []
     marks, mark = step_clock(s["device"], echo=True)
+    profiled = StepProfiler(args.profile_steps, mark)
     with fast.applied(s["tr"], args.speed, s["device"]) as ran, torch.inference_mode():
         peaks.start()
         out = sampling.sample(s["tr"], s["variant"], s["pos"], s["neg"], latent, s["frames"], steps=steps, cfg=6.0,
                               seed=42, device=s["device"], dtype=s["dtype"], cfg_mode=args.cfg_mode, cache=spec,
-                              cache_stats=stats, progress=mark)
+                              cache_stats=stats, progress=profiled)
         row = peaks.stop()
         row.update(_step_times(peaks.t0, marks))
     row.update(side="ours", cache=spec, speed=args.speed, speed_ran=ran.name, cfg_mode=args.cfg_mode,
                full_passes=stats[0].full_passes if stats else 2 * steps, stats=stats[0].line() if stats else "")
+    if profiled.tables:
+        row["profile"] = profiled.tables
     if "compile" in ran.name:      # where a (re)start's first step goes: dynamo's trace, inductor, cache loads
         names, secs = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
         row["compile_times_s"] = {n: round(float(v), 3) for n, v in zip(names, secs) if float(v) >= 0.05}

@@ -321,3 +321,15 @@ def test_live_lora_bench_counts_recompiles_and_sees_each_change(tmp_path):
     assert all(len(r["step_s"]) == 2 for r in rows.values())
     with pytest.raises(SystemExit, match="no compile"):
         mod.main(["--tiny", "--device", "cpu", "--speed", "exact"])
+
+
+def test_cache_bench_profiles_the_steps_it_is_asked_to(tmp_path):
+    """bench_caches --profile-steps: the named steps' top ops are kept in the row (what a skipped TeaCache
+    step still spends shows there), and the step clock still has every step."""
+    mod = _script("bench_caches")
+    out = tmp_path / "p.json"
+    mod.main(["--tiny", "--device", "cpu", "--steps", "4", "--caches", "teacache:0.2", "--sides", "ours",
+              "--time-embedding-shift", "1.25", "--profile-steps", "2,3", "--out", str(out)])
+    row = json.loads(out.read_text())["rows"][-1]
+    assert sorted(row["profile"]) == ["2", "3"] and len(row["step_s"]) == 4
+    assert "aten::" in row["profile"]["2"]["by_self_cpu"]
