@@ -19,6 +19,7 @@ each side against its own uncached run ("not a quality measure": random weights)
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import resource
@@ -161,6 +162,20 @@ def run_diffusers(s, spec, steps, peaks):
     return row, out.float().cpu()
 
 
+_BYPASSES: list = []     # AOTAutograd's reasons for not caching a graph (it logs them at INFO)
+
+
+class _BypassLog(logging.Handler):
+    def emit(self, record):
+        if "Bypassing autograd cache" in record.getMessage():
+            _BYPASSES.append(record.getMessage()[:300])
+
+
+_aot_log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+_aot_log.addHandler(_BypassLog(logging.INFO))
+_aot_log.setLevel(logging.INFO)
+
+
 class StepProfiler:
     """A progress callback: ``mark`` (the step clock) after every step, and torch.profiler over each
     step named in ``which`` ("3,4": 1-based), whose top ops by self CPU and by device time it keeps
@@ -207,8 +222,14 @@ def run_ours(s, spec, steps, args, peaks):
     if profiled.tables:
         row["profile"] = profiled.tables
     if "compile" in ran.name:      # where a (re)start's first step goes: dynamo's trace, inductor, cache loads
+        from torch._dynamo.utils import counters
         names, secs = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
         row["compile_times_s"] = {n: round(float(v), 3) for n, v in zip(names, secs) if float(v) >= 0.05}
+        # which of torch's caches served the graphs (a restart should hit both), and why AOTAutograd's did not
+        row["compile_cache_counters"] = {**{f"aot_autograd.{k}": v for k, v in counters["aot_autograd"].items()},
+                                         **{f"inductor.{k}": v for k, v in counters["inductor"].items()
+                                            if "cache" in k}}
+        row["aot_cache_bypass_reasons"] = sorted(set(_BYPASSES))[:10]
     return row, out.samples.float()
 
 
