@@ -169,6 +169,7 @@ class _BypassLog(logging.Handler):
     def emit(self, record):
         if "Bypassing autograd cache" in record.getMessage():
             _BYPASSES.append(record.getMessage()[:300])
+            print(_BYPASSES[-1], file=sys.stderr, flush=True)
 
 
 _aot_log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
@@ -193,6 +194,8 @@ class StepProfiler:
             device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             self.tables[str(done)] = {"by_self_cpu": avg.table(sort_by="self_cpu_time_total", row_limit=25),
                                       "by_device": avg.table(sort_by=device, row_limit=25)}
+            for name, table in self.tables[str(done)].items():      # in the log too: a run cut short keeps them
+                print(f"profile of step {done}, {name}:\n{table}", file=sys.stderr, flush=True)
             self._prof = None
         if done + 1 in self.steps:
             acts = [torch.profiler.ProfilerActivity.CPU]

@@ -249,3 +249,38 @@ def test_unknown_tensor_is_refused(tiny_ckpts):
         t5 = T5EncoderModel(config)
     with pytest.raises(CheckpointError, match="do not belong"):
         FI.lazy_load(t5, [path], torch.float32)
+
+
+# ------------------------------------------------------------------------------- a failed placement undoes itself
+@pytest.mark.parametrize("mode", ["resident", "offload"])
+def test_out_of_memory_half_way_through_a_read_leaves_nothing(deep, monkeypatch, mode):
+    """The 24gb workflow on an 8 GB card (H100 fault run, session 15): the resident read of the
+    transformer ran out of memory after 7.2 GiB, nothing owned what it had read, and the next queue (the
+    12gb workflow) found 0.47 GiB free. A read that fails half-way now puts every tensor back to its meta
+    placeholder (offload: the blocks of that use), and the next placement reads and computes as before."""
+    from cogvid_core.memory import filestream as FS
+    lazy = _lazy_transformer(deep["transformer"])
+    kw = _inputs(lazy, M.V15)
+    real, reads = FS._assign, []
+
+    def failing(model, name, t):
+        reads.append(name)
+        if len(reads) == 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, name, t)
+    monkeypatch.setattr(FS, "_assign", failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        placed = P.place(lazy, "cpu", mode, degrade_on_cpu=False)
+        placed.acquire()
+    assert len(reads) >= 40
+    if mode == "resident":       # no placement: every tensor back to its placeholder
+        assert P.placed_of(lazy) is None and all(t.is_meta for t in lazy.parameters())
+    else:                        # the placement stays (its embeddings, as between uses), no block is left
+        assert sum(_live_block_bytes(lazy, lazy.transformer_blocks)) == 0
+        P.placed_of(lazy).release()
+    monkeypatch.setattr(FS, "_assign", real)
+    ref, _ = L.load_transformer(deep["transformer"], dtype=torch.float32, file_backed=False)
+    again = P.place(lazy, "cpu", mode, degrade_on_cpu=False)
+    with again.use() as m:
+        assert torch.equal(_run(m, kw), _run(ref, kw))
+    again.release()

@@ -78,11 +78,17 @@ class FilePlacement:
         self._ring = _Ring(max([lay.nbytes for lay in self.layouts] + [1]), self.device, 1 + self.depth)
         self._outside = [Layout(part) for part in _chunks(outside, self._reader.buffer_bytes)]
         self._outside_live: list[str] = []
-        if mode != "stream":
-            self._read_outside()
-        if mode == "resident":          # read once: the staging buffers are not needed again
-            self._fetch_all()
-            self._reader.close()
+        try:
+            if mode != "stream":
+                self._read_outside()
+            if mode == "resident":          # read once: the staging buffers are not needed again
+                self._fetch_all()
+                self._reader.close()
+        except BaseException:
+            # out of memory half-way through a resident read (the 24gb workflow on an 8 GB card): nothing
+            # read stays on the device, where no placement would own it and nothing could free it
+            self._abandon()
+            raise
         if mode == "stream":
             # also a forward outside a use (acquire) finds its embeddings
             self._hooks.append(model.register_forward_pre_hook(lambda m, a: self._read_outside()))
@@ -101,9 +107,15 @@ class FilePlacement:
             return
         self._schedule(i)
         tensors = self._reader.wait(self._pending.pop(i).result())
-        for name, t in tensors.items():
-            _assign(self.model, name, t)
-        self._live[i] = list(tensors)
+        done = []
+        try:
+            for name, t in tensors.items():
+                _assign(self.model, name, t)
+                done.append(name)
+        except BaseException:          # half a block is no block: what was assigned goes back
+            self._unload(done)
+            raise
+        self._live[i] = done
 
     def _unload(self, names) -> None:
         """Each named tensor back to a meta placeholder of its shape and dtype: the files keep it."""
@@ -182,6 +194,17 @@ class FilePlacement:
             # nothing on the device between uses: ComfyUI keeps a loaded model while the next node runs
             # (the T5's 0.25 GiB embedding stayed through denoise and decode); re-read from the page cache
             self._drop_outside()
+
+    def _abandon(self) -> None:
+        """After a failed read: queued reads cancelled, the running one finished (close waits for it and
+        the device), every tensor back to a meta placeholder."""
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        self._live.clear()
+        self._outside_live = []
+        self._reader.close()
+        self._unload(index_of(self.model))
 
     def release(self) -> None:
         """Nothing left anywhere: hooks removed, every tensor back to a meta placeholder."""

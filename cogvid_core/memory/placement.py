@@ -69,20 +69,36 @@ class Placed:
         self._files = None                # file-backed model (filestream): read from its safetensors files
         self._pinned: list = []           # offload: the one page-locked buffer of the host copies
         self._unpin = None
-        if filestream.index_of(module) is not None:
-            self._files = filestream.FilePlacement(module, self._block_list(), device, mode)
-            self._on_device = mode == "resident"
-        elif mode == "resident":
-            module.to(device)
-            self._on_device = True
-            if device.type != "cpu":
-                trim_host_heap()
-        elif mode == "offload":
-            self._init_offload(pin)
-        elif mode == "stream":
-            self._init_stream(use_stream)
-        else:
-            raise ValueError(f"placement mode must be one of {MODES}, got {mode!r}")
+        try:
+            if filestream.index_of(module) is not None:
+                # a failed read undoes itself (FilePlacement): the weights are meta placeholders again
+                self._files = filestream.FilePlacement(module, self._block_list(), device, mode)
+                self._on_device = mode == "resident"
+            elif mode == "resident":
+                module.to(device)
+                self._on_device = True
+                if device.type != "cpu":
+                    trim_host_heap()
+            elif mode == "offload":
+                self._init_offload(pin)
+            elif mode == "stream":
+                self._init_stream(use_stream)
+            else:
+                raise ValueError(f"placement mode must be one of {MODES}, got {mode!r}")
+        except BaseException:
+            self._undo()
+            raise
+
+    def _undo(self) -> None:
+        """A placement that failed half-way (out of memory moving a resident model in): no placement
+        will own what it moved, so nothing of it may stay on the device."""
+        if self._files is None and filestream.index_of(self.module) is None:
+            if self.mode == "stream":
+                self._remove_stream()
+            for t in module_tensors(self.module):
+                if t.device.type != "cpu":
+                    t.data = t.data.to(HOST)
+        free_memory(self.device)
 
     def _block_list(self) -> nn.ModuleList | None:
         try:
@@ -106,11 +122,22 @@ class Placed:
 
     def _onload(self) -> None:
         if self._files is not None and self.mode in ("offload", "stream") and not self._on_device:
-            self._files.acquire()
+            try:
+                self._files.acquire()
+            except BaseException:     # out of memory half-way: the blocks read so far leave again
+                self._files.offload()
+                free_memory(self.device)
+                raise
             self._on_device = True
         if self.mode == "offload" and not self._on_device:
-            for t, host in self._host.items():
-                t.data = host.to(self.device, non_blocking=True)
+            try:
+                for t, host in self._host.items():
+                    t.data = host.to(self.device, non_blocking=True)
+            except BaseException:     # out of memory half-way: the weights copied so far leave again
+                for t, host in self._host.items():
+                    t.data = host
+                free_memory(self.device)
+                raise
             self._on_device = True
 
     def _offload(self) -> None:
