@@ -20,6 +20,7 @@ folder by the project's own writer.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -51,9 +52,25 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--check-eager", action="store_true", help="each phase's first prediction also without compile")
+    p.add_argument("--speeds", default="", help="then, with LoRA A on, these speed options in turn, twice over "
+                   "(e.g. compile,fp8+compile,fa3fp8+compile,fp8+fa3fp8+compile): switching options in one ComfyUI "
+                   "session; the second round should compile nothing, run as fast, and warn of no recompile limit")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick CPU check)")
     p.add_argument("--out", type=Path, help="JSON file (default $OUT/lora_live.json, else bench/lora_live_local.json)")
     return p.parse_args(argv)
+
+
+_LIMIT_WARNINGS: list = []     # dynamo's "hit config.recompile_limit" warnings (it then runs the frame eagerly)
+
+
+class _LimitLog(logging.Handler):
+    def emit(self, record):
+        text = record.getMessage()
+        if "recompile_limit" in text or "cache_size_limit" in text:
+            _LIMIT_WARNINGS.append(text[:300])
+
+
+logging.getLogger("torch._dynamo").addHandler(_LimitLog(logging.WARNING))
 
 
 def _graphs() -> int:
@@ -105,6 +122,14 @@ def run(args) -> dict:
                 row["peak_allocated_gib"] = torch.cuda.max_memory_allocated(inp.device) / 2 ** 30
             rows.append(row)
             print(_line(row), flush=True)
+        for round_ in (1, 2):
+            for speed in [x.strip() for x in args.speeds.split(",") if x.strip()]:
+                limits = len(_LIMIT_WARNINGS)
+                row, _ = _phase(inp, base.with_loras([(weights["A"], 1.0)]).with_speed(speed), args.steps)
+                row.update(phase=f"{speed}, round {round_}", loras=["A@1.0"], speed=speed,
+                           recompile_limit_warnings=_LIMIT_WARNINGS[limits:])
+                rows.append(row)
+                print(_line(row), flush=True)
     none = rows[0]["s_per_step"]
     for row in rows:
         row["x_no_lora"] = row["s_per_step"] / none
