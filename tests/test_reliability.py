@@ -354,6 +354,35 @@ def test_oom_message_reports_free_memory(monkeypatch):
     assert e.value.__cause__ is None and e.value.__suppress_context__
 
 
+def test_oom_while_the_sampler_places_the_transformer_leaves_nothing_and_the_next_queue_runs(comfy, monkeypatch):
+    """H100 fault run (session 15): the 24gb workflow's resident transformer ran out of memory while it was
+    being read onto an 8 GB card; the 7.2 GiB already read stayed on the GPU with nothing owning them, and
+    the next queue (the 12gb workflow) failed for want of memory. Now the failed read puts every weight
+    back to its placeholder before the error reaches the user, and the next queue samples."""
+    from cogvid_core.memory import filestream
+    nodes, _ = comfy
+    tr, _t5, _vae, cond, lat = _encoded(nodes)
+    real, reads = filestream._assign, []
+
+    def failing(model, name, t):
+        if model is tr.module:
+            reads.append(name)
+            if len(reads) == 30:
+                raise torch.OutOfMemoryError(OOM)
+        return real(model, name, t)
+    monkeypatch.setattr(filestream, "_assign", failing)
+    kw = dict(transformer=tr, conditioning=cond, image_latent=lat, frames=17, steps=1, cfg=1.0, dynamic_cfg=False,
+              scheduler="dpm", seed=0)
+    with pytest.raises(guard.StageOOM) as e:
+        run(nodes["CogVidSampler"], **kw)
+    node_error(e, "out of GPU memory in denoise step", "GiB")
+    assert len(reads) >= 30 and all(t.is_meta for t in tr.module.parameters())
+    assert guard.leftovers(tr.module) == []
+    monkeypatch.setattr(filestream, "_assign", real)
+    latent = run(nodes["CogVidSampler"], **kw)[0]
+    assert torch.isfinite(latent.samples).all()
+
+
 def test_decode_retries_smaller_tiles_then_fails_keeping_latents(comfy, monkeypatch):
     nodes, _ = comfy
     tr, t5, vae, cond, lat = _encoded(nodes)
