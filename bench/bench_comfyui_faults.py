@@ -21,7 +21,7 @@ its handlers call), with the shipped workflows converted to API prompts (bench/c
 Every scenario's criteria are rows (criterion, measured, limit, ok) in the JSON and the printed table
 (bench/comfyui_criteria.py). Where NVML is absent (a CPU run) the GPU rows say "not run on CPU" and the
 host rows are the memory check; the CPU cannot run out of device memory, so the oom scenario injects the
-CUDA allocator's error at the resident transformer's placement and says so.
+CUDA allocator's error half-way through the resident transformer's read and says so.
 
     python3 bench/bench_comfyui_faults.py --comfyui ~/ComfyUI --models /tmp/m --make-checkpoints full \\
         --frames 17 --size 256x160 --steps 2 --json faults.json                            # GPU

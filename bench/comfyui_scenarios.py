@@ -86,20 +86,21 @@ def cancel_on_progress(node_id: str, at_value: int):
 
 
 def inject_oom(armed: list) -> None:
-    """CPU runs: the resident transformer's placement raises the CUDA allocator's error once while
-    ``armed[0]``, where a small GPU raises it for real (the pack's guard turns it into its line)."""
+    """CPU runs: the resident transformer's read raises the CUDA allocator's error once while ``armed[0]``,
+    half-way through its blocks, where a small GPU raises it for real (H100, session 15: after 7.2 GiB of the
+    24gb workflow's transformer). What was read must go back before the pack's guard turns it into its line."""
     import torch
-    from cogvid_core.memory import placement
-    orig = placement.Placed.__init__
+    from cogvid_core.memory import filestream
+    orig = filestream.FilePlacement._fetch
 
-    def init(self, *a, **k):
-        module, requested = (a[0] if a else k.get("module")), (a[3] if len(a) > 3 else k.get("requested"))
-        if armed[0] and requested == "resident" and "Transformer" in type(module).__name__:
+    def fetch(self, i):
+        if (armed[0] and self.mode == "resident" and "Transformer" in type(self.model).__name__
+                and i == len(self.blocks) // 2):
             armed[0] = False
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected by "
                                          "bench_comfyui_faults: a CPU has no device memory to run out of)")
-        return orig(self, *a, **k)
-    placement.Placed.__init__ = init
+        return orig(self, i)
+    filestream.FilePlacement._fetch = fetch
 
 
 class Run:
