@@ -175,6 +175,15 @@ def budget_bytes(budget_gib: float, device) -> int | None:
     return max(0, int(free - mm.extra_reserved_memory()))
 
 
+def card_bytes(device) -> int | None:
+    """The GPU's whole memory less ComfyUI's reserve (--reserve-vram): the most any plan can have there
+    (None: no GPU)."""
+    import torch
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return max(0, int(torch.cuda.get_device_properties(device).total_memory - mm.extra_reserved_memory()))
+
+
 def t5_tokenizer_dir(source: str) -> str | None:
     """Tokenizer for a single-file T5: a `tokenizer` folder beside it, else the one ComfyUI ships
     with its own T5 text encoders; None for model folders (their tokenizer/ sub-folder is used)."""

@@ -107,6 +107,9 @@ class CogVidVRAMEstimate(io.ComfyNode):
             report += f"\nvariant, speed ({asked}), precision and LoRAs: from the wired transformer"
         if speed != asked:
             report += f"\nspeed {asked}: counted as {speed}, its pick on this device"
+        beyond = cv.plan_beyond_card(est, C.card_bytes(transformer.device if transformer is not None else device))
+        if beyond:       # the Sampler refuses this plan on this card; say it here, before Queue
+            report += f"\nDOES NOT FIT THIS GPU: {beyond}"
         return io.NodeOutput(report, chart, est, frames, width, height)
 
 

@@ -57,6 +57,9 @@ class CogVidSampler(io.ComfyNode):
         # refused before the transformer moves to the GPU: frames the variant cannot make, a plan for another video
         cv.check_video_shape(variant, dict(transformer.module.config), frames, h, w)
         cv.check_plan(plan, variant=variant, frames=frames, height=h, width=w, cache=cache)
+        # a plan typed for a bigger card fails here, not minutes later once the weights are read
+        if plan is not None:
+            cv.check_plan_fits_card(plan, C.card_bytes(transformer.device))
         fallback = "lowvram" if C.comfy_lowvram() else "auto"   # honour ComfyUI's --lowvram / --novram
         if plan is None and fallback == "auto" and transformer.device.type != "cpu":
             # free VRAM as ComfyUI counts it (idle dynamic-VRAM models included), not the raw figure, plus

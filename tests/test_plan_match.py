@@ -209,3 +209,45 @@ def test_sampler_refuses_a_plan_made_for_another_cache(comfy):
     with pytest.raises(PlanMismatch, match=r"the Sampler's cache is pab: set the VRAM Estimate's cache to pab"):
         run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, plan=plan,
             cache="pab", **SAMPLE)
+
+
+# ------------------------------------------------------------------------------- a plan for a bigger card
+def test_a_plan_beyond_the_card_is_named_with_its_fix():
+    """The 24 GB workflow plans for budget_gib 22 whatever the card: on an 8 GB card its plan reads the
+    weights and runs out of memory (H100 fault run, session 15). A plan whose predicted reserved peak
+    exceeds the card's whole memory is refused; one that may fit is not."""
+    from cogvid_core.device.devmem import GiB
+    from cogvid_core.plan.match import plan_beyond_card
+    plan = estimate(M.V15, 81, 768, 1360, "resident", budget_bytes=22 * GiB)
+    msg = plan_beyond_card(plan, 8 * GiB)
+    assert msg.startswith("the VRAM Estimate's plan (resident, made for a 22.0 GiB budget) needs ~")
+    assert "this GPU has 8.0 GiB in all: set the VRAM Estimate's budget_gib to 0" in msg and "\n" not in msg
+    assert plan_beyond_card(plan, 80 * GiB) is None and plan_beyond_card(None, GiB) is None
+    assert plan_beyond_card(plan, None) is None                                          # no GPU: not judged
+    assert plan_beyond_card(estimate(M.V15, 81, 768, 1360, "resident"), GiB) is None     # no budget: not judged
+    edge = plan.peak_reserved
+    assert plan_beyond_card(plan, edge) is None and plan_beyond_card(plan, edge - 1) is not None
+
+
+def test_sampler_refuses_a_plan_beyond_the_card_before_loading_and_the_estimate_says_so(comfy, monkeypatch):
+    """Through the nodes: the VRAM Estimate's report says the plan does not fit this GPU; the Sampler
+    refuses it before the transformer moves (an 8 GB card, the card's size faked on the CPU)."""
+    from cogvid_core.plan.match import PlanBeyondCard
+    nodes, mods = comfy
+    common = __import__(nodes["CogVidSampler"].__module__.rsplit(".", 1)[0] + ".common", fromlist=["x"])
+    tr, _, _, cond, lat = _encoded(nodes)
+    report, _, plan = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=17, width=96,
+                          height=64, profile="resident", budget_gib=22.0).args[:3]
+    assert "DOES NOT FIT THIS GPU" not in report                      # the CPU: no card to compare with
+    monkeypatch.setattr(common, "card_bytes", lambda device: plan.peak_reserved - 1)
+    report = run(nodes["CogVidVRAMEstimate"], variant="CogVideoX1.5-5B-I2V", frames=17, width=96, height=64,
+                 profile="resident", budget_gib=22.0).args[0]
+    assert "DOES NOT FIT THIS GPU: the VRAM Estimate's plan (resident, made for a 22.0 GiB budget)" in report
+    loads = _loads(mods["comfy.model_management"])
+    with pytest.raises(PlanBeyondCard, match=r"in all: set the VRAM Estimate's budget_gib to 0 to plan for this GPU"):
+        run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, plan=plan,
+            **SAMPLE)
+    assert _loads(mods["comfy.model_management"]) == loads and all(t.is_meta for t in tr.module.parameters())
+    monkeypatch.setattr(common, "card_bytes", lambda device: 80 * 1024 ** 3)
+    assert run(nodes["CogVidSampler"], transformer=tr, conditioning=cond, image_latent=lat, frames=17, plan=plan,
+               **SAMPLE)[0].frames == 17

@@ -8,6 +8,7 @@ compares it with what it knows of the run and refuses a mismatch with the fix: w
 """
 from __future__ import annotations
 
+from cogvid_core.device.devmem import GiB
 from cogvid_core.model.variants import VARIANTS
 from cogvid_core.speed import caches
 
@@ -69,3 +70,31 @@ def check_plan(plan, variant=None, frames: int | None = None, height: int | None
     message = plan_mismatch(plan, variant, frames, height, width, variant_source, cache)
     if message is not None:
         raise PlanMismatch(message)
+
+
+def plan_beyond_card(plan, card_bytes: int | None, card_name: str = "this GPU") -> str | None:
+    """One line when ``plan`` cannot run on a card of ``card_bytes`` (its whole memory less the front end's
+    reserve) whatever else is on it: a plan typed for a bigger card (the 24 GB workflow's budget_gib 22 on
+    a 12 GB card) would read the weights and then run out of memory, minutes in. Judged on the plan's
+    predicted reserved peak without the verdict's margins (measured within -12 %/+15 % on the H100): above
+    the whole card, the run fails more often than not, and budget_gib 0 gives a plan that fits. None when
+    it may fit, or when the card or the plan's budget is not known."""
+    if plan is None or card_bytes is None or getattr(plan, "budget_bytes", None) is None:
+        return None
+    if plan.peak_reserved <= card_bytes:
+        return None
+    return (f"{ESTIMATE}'s plan ({plan.profile_name}, made for a {plan.budget_bytes / GiB:.1f} GiB budget) needs "
+            f"~{plan.peak_reserved / GiB:.1f} GiB at its peak ({plan.peak_stage.replace('_', ' ')}), but {card_name} "
+            f"has {card_bytes / GiB:.1f} GiB in all: set {ESTIMATE}'s budget_gib to 0 to plan for this GPU (or "
+            "open the workflow made for a smaller card)")
+
+
+class PlanBeyondCard(PlanMismatch):
+    """A plan made for a bigger card than the one running (the message says what to change)."""
+
+
+def check_plan_fits_card(plan, card_bytes: int | None, card_name: str = "this GPU") -> None:
+    """Raise PlanBeyondCard with plan_beyond_card's line, before anything is loaded for the plan."""
+    message = plan_beyond_card(plan, card_bytes, card_name)
+    if message is not None:
+        raise PlanBeyondCard(message)
