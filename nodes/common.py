@@ -176,12 +176,11 @@ def budget_bytes(budget_gib: float, device) -> int | None:
 
 
 def card_bytes(device) -> int | None:
-    """The GPU's whole memory less ComfyUI's reserve (--reserve-vram): the most any plan can have there
-    (None: no GPU)."""
-    import torch
-    if device.type != "cuda" or not torch.cuda.is_available():
+    """The GPU's whole memory as ComfyUI counts it, less its reserve (--reserve-vram): the most any plan
+    can have there (None: the CPU)."""
+    if device.type == "cpu":
         return None
-    return max(0, int(torch.cuda.get_device_properties(device).total_memory - mm.extra_reserved_memory()))
+    return max(0, int(mm.get_total_memory(device) - mm.extra_reserved_memory()))
 
 
 def t5_tokenizer_dir(source: str) -> str | None:

@@ -164,6 +164,9 @@ class _MM(types.ModuleType):
     def minimum_inference_memory(self):
         return 1024 ** 3 * 0.8 + self.extra_reserved_memory()
 
+    def get_total_memory(self, dev=None, torch_total_too=False):
+        return (self.total_memory, self.total_memory) if torch_total_too else self.total_memory
+
     def get_free_memory(self, dev=None, torch_free_too=False):
         free = self.total_memory - sum(p.loaded_size() for p in self.current_loaded_models)
         return (free, free) if torch_free_too else free
