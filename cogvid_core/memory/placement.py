@@ -91,14 +91,12 @@ class Placed:
 
     def _undo(self) -> None:
         """A placement that failed half-way (out of memory moving a resident model in): no placement
-        will own what it moved, so nothing of it may stay on the device."""
-        if self._files is None and filestream.index_of(self.module) is None:
-            if self.mode == "stream":
-                self._remove_stream()
-            for t in module_tensors(self.module):
-                if t.device.type != "cpu":
-                    t.data = t.data.to(HOST)
-        free_memory(self.device)
+        will own what it moved, so nothing of it may stay on the device. A file-backed model's read has
+        already put its placeholders back (FilePlacement); an in-memory one is released as any other."""
+        if filestream.index_of(self.module) is None:
+            self.release()
+        else:
+            free_memory(self.device)
 
     def _block_list(self) -> nn.ModuleList | None:
         try:
@@ -134,21 +132,23 @@ class Placed:
                 for t, host in self._host.items():
                     t.data = host.to(self.device, non_blocking=True)
             except BaseException:     # out of memory half-way: the weights copied so far leave again
-                for t, host in self._host.items():
-                    t.data = host
-                free_memory(self.device)
+                self._host_copies_back()
                 raise
             self._on_device = True
+
+    def _host_copies_back(self) -> None:
+        """Offload mode: every weight is its host copy again; the device copies are freed."""
+        for t, host in self._host.items():
+            t.data = host
+        self._on_device = False
+        free_memory(self.device)
 
     def _offload(self) -> None:
         if self._files is not None:
             self._files.offload()         # stream: drops prefetched blocks too
             self._on_device = self.mode == "resident"
         if self.mode == "offload" and self._on_device:
-            for t, host in self._host.items():
-                t.data = host
-            self._on_device = False
-            free_memory(self.device)
+            self._host_copies_back()
 
     # -- stream -------------------------------------------------------------------------------
     def _init_stream(self, use_stream: bool) -> None:
