@@ -179,6 +179,22 @@ def test_gpu_budget_cpu_is_none():
     assert PL.gpu_budget("cpu") is None
 
 
+def test_budget_above_the_whole_card_is_refused(monkeypatch):
+    """--vram-budget 40 on a 24 GB card: refused before any model loads (it would plan resident and run
+    out of memory minutes in); a budget the card has plans as before."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * GiB, 24 * GiB))
+    from cogvid_core.plan import cards
+    monkeypatch.setattr(cards, "device_card", lambda: None)     # no card name on a CPU machine
+    shape = dict(variant=V15, frames=81, height=768, width=1360, device="cuda:0",
+                 precision={"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"})
+    with pytest.raises(ValueError, match=r"VRAM budget \(40.0 GiB\) is more than cuda:0 has in all \(24.0 GiB\)"):
+        PL.resolve_profile("auto", budget_gib=40, **shape)
+    assert PL.resolve_profile("auto", budget_gib=12, **shape).name != "resident"
+    assert PL.resolve_profile("lowvram", budget_gib=40, **shape).name == "lowvram"   # a named profile takes no budget
+
+
 @pytest.mark.parametrize("key", ["cogvideox-5b-i2v", "cogvideox1.5-5b-i2v"])
 def test_fp8_weight_bytes_are_what_fp8_storage_loads(tiny_ckpts, key):
     """The estimate counts the layers fp8 storage keeps in 8 bits with the loader's own predicate."""

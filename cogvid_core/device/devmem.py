@@ -88,6 +88,13 @@ def device_free_bytes(device) -> int | None:
     return int(torch.cuda.mem_get_info(dev)[0])
 
 
+def device_total_bytes(device) -> int | None:
+    """All of a CUDA device's memory (what nvidia-smi calls total), None elsewhere."""
+    if device_free_bytes(device) is None:
+        return None
+    return int(torch.cuda.mem_get_info(torch.device(device))[1])
+
+
 def allocated_bytes(device=None) -> int:
     """Device memory allocated by tensors now (CUDA), 0 on CPU: before/after checks use one path."""
     dev = torch.device(device) if device is not None else None

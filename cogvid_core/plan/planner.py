@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cogvid_core.device.devmem import GiB, device_free_bytes
+from cogvid_core.device.devmem import GiB, device_free_bytes, device_total_bytes
 from cogvid_core.plan.estimate import Estimate, cache_bytes, estimate, tokens
 from cogvid_core.model.precision import PrecisionError
 from cogvid_core.speed import caches, fast
@@ -212,6 +212,16 @@ def _free_budget(devices, dev: torch.device, held_bytes: int) -> int | None:
     return min(budgets) if budgets else None
 
 
+def check_budget_fits_card(budget_bytes: int, device) -> None:
+    """A budget typed for a bigger card (``--vram-budget 40`` on a 24 GB card) would give a plan that reads
+    the weights and runs out of memory minutes later: refused before anything loads."""
+    total = device_total_bytes(device) if device is not None else None
+    if total is not None and budget_bytes > total:
+        raise ValueError(f"the VRAM budget ({budget_bytes / GiB:.1f} GiB) is more than {device} has in all "
+                         f"({total / GiB:.1f} GiB): give at most {total / GiB:.1f} GiB, or leave the budget out to "
+                         "plan with what the GPU has free")
+
+
 def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estimate_fn=None, *,
                     variant=None, frames: int | None = None, height: int | None = None, width: int | None = None,
                     device=None, budget_gib: float | None = None, precision: dict | None = None,
@@ -235,6 +245,7 @@ def resolve_profile(name: str | Profile, budget_bytes: int | None = None, estima
         speed = fast.recipe(speed, dev)
     if budget_bytes is None and budget_gib is not None:
         budget_bytes = int(budget_gib * GiB)
+        check_budget_fits_card(budget_bytes, dev)
     if budget_bytes is None:
         if dev is None or dev.type == "cpu" or not torch.cuda.is_available():
             return PROFILES["resident"]
