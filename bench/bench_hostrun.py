@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,13 +75,87 @@ def run_ours(recipe: str, folder: Path, args, rec: StageRecorder, device, image,
     job = pipeline.Job(image=image, prompt=PROMPT, frames=args.frames, height=args.height, width=args.width,
                        steps=args.steps, cfg=args.cfg, seed=42, cache=cache or "none")
     sources = replace(pipeline.Sources.from_model(str(folder)), loras=_loras(folder, int(n_loras or 0), args))
-    res = pipeline.generate(sources, job, precision="bf16", device=device,
-                            profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
-                            progress=lambda done, total: mark(), speed=speed or "exact")
+    with _capture_profile() as chosen:
+        res = pipeline.generate(sources, job, precision="bf16", device=device,
+                                profile="auto" if budget else name, vram_budget_gib=budget, recorder=rec,
+                                progress=lambda done, total: mark(), speed=speed or "exact")
     passes = res.cache.full_passes if res.cache is not None else 2 * args.steps * (args.cfg > 1)
-    return dict(profile=res.profile, speed=speed or "exact", cache=cache or "none", full_passes=passes,
+    predicted = _predicted(chosen[-1] if chosen else name, sources, res, args, speed or "exact", cache or "none", device)
+    return dict(predicted=predicted, profile=res.profile, speed=speed or "exact", cache=cache or "none", full_passes=passes,
                 cache_line=res.cache.line() if res.cache is not None else "", settings=res.settings,
                 host_estimate_gib={k: [o / GIB, f / GIB] for k, (o, f) in res.host_estimate.items()})
+
+
+@contextmanager
+def _capture_profile():
+    """The Profiles the pipeline's planner returns (auto's pick, tile snapped), in the list it yields."""
+    from cogvid_core.plan import planner
+    seen, resolve = [], planner.resolve_profile
+
+    def recording(*a, **k):
+        seen.append(resolve(*a, **k))
+        return seen[-1]
+    planner.resolve_profile = recording
+    try:
+        yield seen
+    finally:
+        planner.resolve_profile = resolve
+
+
+# recorder stage -> estimate stage
+STAGE_OF = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
+
+
+def _predicted(profile, sources, res, args, speed: str, cache: str, device) -> dict:
+    """What `estimate` says of each stage of the plan that ran (its profile, bf16, the speed option, the
+    LoRAs' bytes, the cache; this card's calibration file, or the nearest one with the transfer margin):
+    {stage: {"allocated_gib", "reserved_gib"}} plus the calibration it used."""
+    from cogvid_core.model import lora
+    from cogvid_core.plan.estimate import estimate
+    from cogvid_core.speed import fast
+    loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
+    est = estimate(res.variant, args.frames, args.height, args.width, profile,
+                   {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}, tiny=args.tiny,
+                   lora_bytes=lora.lora_bytes(loras, args.dtype), speed=fast.recipe(speed, device), cache=cache,
+                   device=device)
+    out = {s.name: dict(allocated_gib=s.peak_allocated / GIB, reserved_gib=s.peak_reserved / GIB,
+                        verdict_gib=est.stage_needed(s.name) / GIB) for s in est.stages}
+    out["calibration"] = est.calibration_source
+    out["transfer_margin"] = est.transfer_margin
+    return out
+
+
+def estimate_rows(results: list[dict]) -> list[dict]:
+    """Per recipe and stage: predicted against measured GPU allocated / reserved peaks, error in % of the
+    measurement (positive: the estimate is above)."""
+    rows = []
+    for r in results:
+        pred = r.get("predicted")
+        if not pred or r.get("error"):
+            continue
+        for st in r["stages"]:
+            key = STAGE_OF.get(st["stage"])
+            if key is None or key not in pred or st.get("peak_alloc_gib") is None:
+                continue
+            p, a, res_ = pred[key], st["peak_alloc_gib"], st["peak_reserved_gib"]
+            rows.append(dict(recipe=r["recipe"], profile=r.get("profile"), stage=key,
+                             allocated_gib=[p["allocated_gib"], a], reserved_gib=[p["reserved_gib"], res_],
+                             verdict_gib=p["verdict_gib"], safe=res_ is None or res_ <= p["verdict_gib"],
+                             allocated_err_pct=100 * (p["allocated_gib"] / a - 1) if a else None,
+                             reserved_err_pct=100 * (p["reserved_gib"] / res_ - 1) if res_ else None))
+    return rows
+
+
+def estimate_table(rows: list[dict]) -> str:
+    f = fmt
+    lines = ["| recipe (profile) | stage | allocated GiB est / measured | err % | reserved GiB est / measured | err % "
+             "| verdict asks GiB | safe |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        (pa, ma), (pr, mr) = r["allocated_gib"], r["reserved_gib"]
+        lines.append(f"| {r['recipe']} ({r['profile']}) | {r['stage']} | {f(pa)} / {f(ma)} | "
+                     f"{f(r['allocated_err_pct'], '+.1f')} | {f(pr)} / {f(mr)} | {f(r['reserved_err_pct'], '+.1f')} | "
+                     f"{f(r['verdict_gib'])} | {'yes' if r['safe'] else '**NO**'} |")
+    return "\n".join(lines)
 
 
 def _loras(folder: Path, n: int, args) -> tuple:
@@ -264,11 +339,15 @@ def main(argv=None) -> int:
         results.append(row)
     out = table(results)
     log(out)
+    est_rows = estimate_rows(results)
+    if est_rows:
+        log(estimate_table(est_rows))
     if args.json:
         env = dict(provenance(card_name(args.device) if args.device.startswith("cuda") else "cpu"), device=args.device,
                    time_embedding_shift=args.time_embedding_shift)
         write_json(args.json, dict(env=env, frames=args.frames, height=args.height, width=args.width,
-                                   steps=args.steps, results=results, table=out), indent=2)
+                                   steps=args.steps, results=results, table=out,
+                                   estimate_rows=est_rows), indent=2)
     return 0
 
 

@@ -335,3 +335,32 @@ def test_cache_bench_profiles_the_steps_it_is_asked_to(tmp_path):
     row = json.loads(out.read_text())["rows"][-1]
     assert sorted(row["profile"]) == ["2", "3"] and len(row["step_s"]) == 4
     assert "aten::" in row["profile"]["2"]["by_self_cpu"]
+
+
+def test_hostrun_compares_each_stage_with_the_estimate_of_the_plan_that_ran(tmp_path):
+    """bench_hostrun records, per recipe, what `estimate` says of the plan that ran (the profile auto
+    picked, the LoRA's bytes, the speed option) and tables it against the measured peaks (issue 27's
+    shipped-workflow rows). CPU: no device peaks, so the rows are checked on the recorded prediction."""
+    from cogvid_core.plan.estimate import estimate
+    mod = _script("bench_hostrun")
+    out = tmp_path / "h.json"
+    mod.main(["--dir", str(tmp_path / "ck"), "--write", "--tiny", "--device", "cpu", "--recipes", "ours-auto@6,ours-balanced%1",
+              "--json", str(out)])
+    auto, r = json.loads(out.read_text())["results"]
+    assert not auto.get("error") and not r.get("error"), (auto.get("error"), r.get("error"))
+    assert "+" in auto["profile"] and auto["predicted"]["denoise_step"]["allocated_gib"] > 0   # a derived pick
+    pred = r["predicted"]
+    assert set(pred) >= {"text_encode", "image_encode", "denoise_step", "decode", "calibration"}
+    plain = estimate(M.V15, 17, 64, 96, r["profile"], {c: "bf16" for c in ("transformer", "text_encoder", "vae")},
+                     tiny=True, device="cpu")
+    lora_gib = pred["denoise_step"]["allocated_gib"] - plain.stage("denoise_step").peak_allocated / 2 ** 30
+    assert lora_gib > 0                                         # the LoRA's bytes counted
+    # against made-up device peaks: errors in % of the measurement, and the verdict's safety
+    for st in r["stages"]:
+        st["peak_alloc_gib"], st["peak_reserved_gib"] = 0.1, 0.2
+    rows = mod.estimate_rows([r])
+    assert [x["stage"] for x in rows] == ["text_encode", "image_encode", "denoise_step", "decode"]
+    te = rows[0]
+    assert te["allocated_err_pct"] == pytest.approx(100 * (pred["text_encode"]["allocated_gib"] / 0.1 - 1))
+    assert te["safe"] == (0.2 <= pred["text_encode"]["verdict_gib"])
+    assert "| text_encode |" in mod.estimate_table(rows)
