@@ -299,6 +299,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--timeout", type=float, default=240, help="seconds per recipe")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--budget-s", type=float, help="start no recipe after this many seconds (the JSON says which)")
     ap.add_argument("--baseline-from", type=Path, help="take the diffusers-resident row from this earlier JSON "
                     "(same card, same checkpoints: a 50-step 1.5 reference and our recipes do not fit one command)")
     ap.add_argument("--compile-cache", type=Path, help="COGVID_COMPILE_CACHE for every recipe (speed 'compile' "
@@ -330,7 +331,12 @@ def main(argv=None) -> int:
         row = next(r for r in old["results"] if r["recipe"] == BASELINE and not r.get("error"))
         results.append(dict(row, taken_from=str(args.baseline_from)))
         assert old["steps"] == args.steps and old["frames"] == args.frames, "baseline made for another run"
+    t_start = time.perf_counter()
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            log(f"## {recipe}: not started, past --budget-s {args.budget_s:.0f}")
+            results.append(dict(recipe=recipe, error="not started (budget)"))
+            continue
         cmd = [sys.executable, __file__, "--child", recipe, *_child_args(argv or sys.argv[1:])]
         t0 = time.perf_counter()
         row = _run_child(cmd, recipe, args)
