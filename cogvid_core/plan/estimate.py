@@ -48,7 +48,11 @@ DEFAULT_PRECISION = {c: P.AUTO for c in COMPONENTS}
 DEFAULT_CONSTANTS = {
     "t5_act_units": 12.0,          # x 226 x d_model x bytes, + attention scores
     "enc_act_mult": 1.9,           # x 128 ch x 3 frames (causal pad) x H x W x bytes
-    "enc_strip_units": float(vae_strips.LIVE_LEVEL0_UNITS),  # strip encode: x 128 ch x H x W x bytes, + the strip budget
+    # strip encode: x 128 ch x H x W x bytes, + the strip budget. Measured on the H100 (bench/encode_exact_h100.json,
+    # strips of 64 MiB): 4.09 at 768x1360, 4.21 at 480x720; the three activations of vae_strips' count (3) and
+    # what the resnets' norms and convolutions hold beside them. 3 under-estimated the 12 GB workflow's encode by 18%
+    # (bench/hostrun_estimate_h100.json). tests/test_estimate.py refits it from the raw file.
+    "enc_strip_units": 4.3,
     "step_live_units": 3.5,        # hidden + encoder hidden + residual/norm outputs
     "step_attn_units": 10.0,       # Q, K, V, concat, fp32 RoPE temporaries, SDPA output
     "step_attn_units_lowmem": 5.5,
@@ -276,7 +280,7 @@ def _image_encode_bytes(c: dict, vcfg: dict, precision: dict, height: int, width
     """Untiled: the encoder's first level at full resolution, 3 frames (causal padding), and the convolution
     caches it keeps (fitted in enc_act_mult). In strips (the profile's encode_tiled): a resnet's input, its
     branch and the new activation at the first level, one frame each, plus one strip's temporaries; first
-    principles until strip cells are measured (bench/bench_encode_exact.py)."""
+    principles, its unit count measured (bench/bench_encode_exact.py: DEFAULT_CONSTANTS)."""
     vb = compute_bytes(precision["vae"])
     level0 = vcfg["block_out_channels"][0] * height * width * vb
     if strips:
