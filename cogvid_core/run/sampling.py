@@ -17,6 +17,8 @@ from diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video import get_resi
 from diffusers.schedulers import CogVideoXDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from cogvid_core.run.noise_ahead import closing_ahead, in_step, noise_ahead
+
 from cogvid_core.model.variants import SPATIAL_COMPRESSION, Variant, check_video_shape, latent_frames, positions_note
 from cogvid_core.speed import caches, stepcache
 from cogvid_core.speed.multigpu import cfg_parallel, second_of
@@ -166,7 +168,8 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
     step = scheduler_stepper(scheduler, generator)
     keeps_x0 = isinstance(scheduler, CogVideoXDPMScheduler)   # DPM's second order step takes it back
     old_pred = None
-    with torch.inference_mode():
+    ahead = noise_ahead(generator)      # the scheduler's CPU noise drawn while the GPU works
+    with torch.inference_mode(), closing_ahead(ahead):
         for i, t in enumerate(timesteps):
             if interrupt is not None:
                 interrupt()
@@ -175,7 +178,8 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
             del x
             noise_pred = denoiser.guide(pred, t)
             del pred
-            latents, x0 = step(noise_pred, old_pred, i, latents)
+            with in_step(ahead):
+                latents, x0 = step(noise_pred, old_pred, i, latents)
             latents = latents.to(dtype)
             del noise_pred
             if not torch.isfinite(latents).all():   # stop now: the rest would only make a black video
