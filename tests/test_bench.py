@@ -384,3 +384,16 @@ def test_hostrun_compares_each_stage_with_the_estimate_of_the_plan_that_ran(tmp_
     assert te["allocated_err_pct"] == pytest.approx(100 * (pred["text_encode"]["allocated_gib"] / 0.1 - 1))
     assert te["safe"] == (0.2 <= pred["text_encode"]["verdict_gib"])
     assert "| text_encode |" in mod.estimate_table(rows)
+
+
+def test_noise_ahead_bench_serves_draws_from_the_thread_with_the_same_latents(tmp_path):
+    """bench_noise_ahead (the skipped step's cost with the scheduler's noise drawn ahead): both ways end on
+    the same latents to the bit, and the ahead rows took their draws from the thread."""
+    mod = _script("bench_noise_ahead")
+    out = tmp_path / "na.json"
+    assert mod.main(["--tiny", "--device", "cpu", "--steps", "5", "--computed-every", "2", "--computed-s", "0.01",
+                     "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["identical"] is True and len(d["rows"]) == 4
+    for r in d["rows"]:
+        assert (r["draws_from_thread"] > 0) == r["noise_ahead"]

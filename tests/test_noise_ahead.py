@@ -25,15 +25,16 @@ def _draws(generator, asks, ahead=None):
     return out
 
 
+@pytest.mark.parametrize("depth", [1, 4])
 @pytest.mark.parametrize("asks", [
     [(A, torch.bfloat16)] * 5,                                            # a run: one shape throughout
     [(A, torch.float32), (A, torch.float32), (B, torch.float32), (A, torch.float32), (A, torch.bfloat16)],
 ])
-def test_draws_equal_the_plain_generator_and_the_extra_draw_is_undone(asks):
+def test_draws_equal_the_plain_generator_and_the_extra_draws_are_undone(asks, depth):
     plain_g = torch.Generator().manual_seed(7)
     plain = _draws(plain_g, asks)
     g = torch.Generator().manual_seed(7)
-    ahead = NA.NoiseAhead(g).open()
+    ahead = NA.NoiseAhead(g, depth).open()
     try:
         got = _draws(g, asks, ahead)
     finally:
@@ -41,7 +42,7 @@ def test_draws_equal_the_plain_generator_and_the_extra_draw_is_undone(asks):
     assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(plain, got))
     changes = sum(a != b for a, b in zip(asks, asks[1:]))
     assert ahead.direct == 1 + changes and ahead.served == len(asks) - ahead.direct
-    assert torch.equal(g.get_state(), plain_g.get_state())      # the prepared draw nobody took: undone
+    assert torch.equal(g.get_state(), plain_g.get_state())      # the prepared draws nobody took: undone
 
 
 def test_only_the_runs_generator_and_only_inside_a_step_are_caught():
@@ -65,9 +66,9 @@ def test_the_draw_runs_on_the_worker_thread_without_the_mode():
     seen = []
     real = NA._draw
 
-    def spy(args, kwargs):
+    def spy(generator, args, kwargs):
         seen.append(threading.current_thread().name)
-        return real(args, kwargs)
+        return real(generator, args, kwargs)
     ahead = NA.NoiseAhead(g).open()
     NA._draw, saved = spy, real
     try:
@@ -78,12 +79,17 @@ def test_the_draw_runs_on_the_worker_thread_without_the_mode():
     assert seen and all(name.startswith("cogvid-noise") for name in seen)
 
 
-def test_off_by_environment_and_for_cuda_generators(monkeypatch):
-    monkeypatch.setattr(NA, "ENABLED", False)
-    assert NA.noise_ahead(torch.Generator()) is None
-    monkeypatch.setattr(NA, "ENABLED", True)
-    assert NA.noise_ahead(None) is None
-    opened = NA.noise_ahead(torch.Generator())
+def test_on_for_gpu_runs_by_default_and_as_the_environment_says(monkeypatch):
+    monkeypatch.setattr(NA, "MODE", "auto")
+    assert NA.noise_ahead(torch.Generator(), "cpu") is None          # the CPU's own arithmetic would compete
+    opened = NA.noise_ahead(torch.Generator(), "cuda:0")             # (no CUDA call is made)
+    assert isinstance(opened, NA.NoiseAhead)
+    opened.close()
+    assert NA.noise_ahead(None, "cuda:0") is None
+    monkeypatch.setattr(NA, "MODE", "0")
+    assert NA.noise_ahead(torch.Generator(), "cuda:0") is None
+    monkeypatch.setattr(NA, "MODE", "1")
+    opened = NA.noise_ahead(torch.Generator(), "cpu")
     assert isinstance(opened, NA.NoiseAhead)
     opened.close()
 
@@ -104,9 +110,9 @@ def test_sampling_is_bit_identical_with_and_without(monkeypatch):
     """The whole loop (DPM: one draw on the first and last step, two between): the same latents to the bit,
     and every draw after the first of a run served from the thread."""
     tr = testing.build_random("transformer", M.V15.key, tiny=True, seed=2)
-    monkeypatch.setattr(NA, "ENABLED", False)
+    monkeypatch.setattr(NA, "MODE", "0")
     plain = _sample(tr)
-    monkeypatch.setattr(NA, "ENABLED", True)
+    monkeypatch.setattr(NA, "MODE", "1")
     made = []
     opener = NA.NoiseAhead.open
 

@@ -168,7 +168,7 @@ def denoise(denoiser: Denoiser, scheduler, latents, image_latents, generator, dt
     step = scheduler_stepper(scheduler, generator)
     keeps_x0 = isinstance(scheduler, CogVideoXDPMScheduler)   # DPM's second order step takes it back
     old_pred = None
-    ahead = noise_ahead(generator)      # the scheduler's CPU noise drawn while the GPU works
+    ahead = noise_ahead(generator, latents.device)   # the scheduler's CPU noise drawn while the GPU works
     with torch.inference_mode(), closing_ahead(ahead):
         for i, t in enumerate(timesteps):
             if interrupt is not None:
