@@ -67,6 +67,12 @@ def test_provenance_names_command_card_date_and_commit(tmp_path):
     assert json.loads(out.read_text())["where"] == str(tmp_path)
 
 
+def test_provenance_commit_from_the_device_command(monkeypatch):
+    """On the device the copied tree's git HEAD is stale: the command's COGVID_TREE wins."""
+    monkeypatch.setenv("COGVID_TREE", "4aa938f")
+    assert provenance.provenance("NVIDIA H100 80GB HBM3")["commit"] == "4aa938f"
+
+
 def test_hf_checkpoints_written_once_by_the_engine_writer(tmp_path):
     folder = checkpoints.hf_checkpoints(tmp_path, M.V15.key, full=False)
     assert folder == tmp_path / M.V15.folder and (folder / "model_index.json").is_file()

@@ -10,6 +10,7 @@ import datetime
 import json
 import platform
 import shlex
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -34,7 +35,12 @@ def now() -> str:
 
 def git_commit(repo: Path = REPO) -> str | None:
     """The short commit of the tree that ran, or None where there is no git (the device machines run
-    a copy of the tree: the estimate grid records sha1s of the files its cells depend on as well)."""
+    a copy of the tree: the estimate grid records sha1s of the files its cells depend on as well).
+    ``COGVID_TREE`` first: the device's copy carries the files but not an up-to-date git HEAD (session 16's
+    files said 7848a94 for trees at ccc38b6 and 4aa938f), so a device command passes the commit it was
+    started from (``COGVID_TREE=<commit> bash gpu.sh``)."""
+    if os.environ.get("COGVID_TREE"):
+        return os.environ["COGVID_TREE"]
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True)
