@@ -140,3 +140,47 @@ def test_with_kept_kernels_no_compile_pool_starts(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "compile_threads", None)
     compile_cache.prepare("cpu")
     assert config.compile_threads == 1
+
+
+# the tiny 1.5 transformer through the pack's own path, attention routed by the TorchFunctionMode (the counting
+# kernel of test_fast stands for fa3fp8 / sage), CFG batched, 2 steps; AOTAutograd's cache counters after
+ROUTED_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    sys.path.insert(0, "tests")
+    import test_fast  # registers the counting attention kernel
+    from torch._dynamo.utils import counters
+    from cogvid_core.model import testing, variants as M
+    from cogvid_core.model.vae import ImageLatent
+    from cogvid_core.run import sampling, session
+    tr = testing.build_random("transformer", M.V15.key, tiny=True, seed=3)
+    frames, h, w = M.default_size(M.V15, dict(tr.config))
+    shape = (1, 16, 1, h // 8, w // 8)
+    image = ImageLatent(mean=torch.randn(shape), std=torch.full(shape, 0.1), scale=0.7, height=h, width=w)
+    emb = torch.randn(1, tr.config.max_text_seq_length, tr.config.text_embed_dim)
+    comp = session.Component("transformer", tr, torch.device("cpu"), torch.float32, "resident", variant=M.V15)
+    with comp.with_speed("counting+compile").use() as module, torch.inference_mode():
+        sampling.sample(module, M.V15, emb, emb * 0.5, image, frames, steps=2, cfg=6.0, cfg_mode="batched")
+    print("RESULT " + json.dumps(dict(counters["aot_autograd"])))
+""")
+
+
+@pytest.mark.skipif(fast._compile_reason("cpu") is not None, reason="torch.compile on the CPU needs g++")
+def test_a_restart_with_routed_attention_takes_aotautograds_graphs_from_the_file(tmp_path):
+    """With an attention kernel routed by a TorchFunctionMode, dynamo records diffusers' ``split`` as the
+    Python method Tensor.split, which AOTAutograd's cache refused: every restart re-ran AOTAutograd for the
+    block graphs (2.9 s of the H100's first step). Marked cacheable (regional.CACHEABLE_FUNCTIONS): the
+    second process, with an empty inductor cache of its own, takes every AOTAutograd graph from our file."""
+    script = ROUTED_CHILD
+    results = []
+    for n in (1, 2):
+        env = dict(os.environ, COGVID_COMPILE_CACHE=str(tmp_path / "keep"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"ind{n}"),
+                   PYTHONPATH=str(ROOT))
+        p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                           cwd=str(ROOT))
+        line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert line, p.stderr[-3000:]
+        import json
+        results.append(json.loads(line[7:]))
+    first, second = results
+    assert first["total"] >= 1 and not first.get("autograd_cache_bypass"), first
+    assert second.get("autograd_cache_hit") == second["total"] and not second.get("autograd_cache_bypass"), second

@@ -226,10 +226,20 @@ def resolve_alone(speed: Speed | str, device, second=None) -> Speed:
 
 
 # ============================================================================ applying
-from cogvid_core.speed.regional import COMPILE_OPTIONS, RECOMPILE_LIMIT, _COMPILED, _CompiledCall, _compile, _enter  # noqa: F401,E501
+from cogvid_core.speed.regional import COMPILE_OPTIONS, RECOMPILE_LIMIT, _COMPILED, _CompiledCall, _compile, _enter, cacheable_functions  # noqa: F401,E501
 
 
 _CACHE_LOCK = threading.Lock()
+
+
+@contextmanager
+def _compile_config():
+    """While our compiled blocks run (and compile): dynamo's recompile limit raised, and the Python functions
+    our graphs call marked cacheable for AOTAutograd (regional.CACHEABLE_FUNCTIONS)."""
+    import torch._inductor.config as inductor_config
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), \
+            inductor_config.patch(unsafe_marked_cacheable_functions=cacheable_functions()):
+        yield
 
 
 def _route(transformer: nn.Module, kernel: AttentionKernel, stack: ExitStack) -> None:
@@ -279,8 +289,7 @@ def _setup_at_first_call(transformer: nn.Module, speed: Speed, stack: ExitStack,
     if speed.compile:
         # dynamo's config patches are per thread: a CFG pair's copy (run in a worker thread) enters its own
         patches = []
-        while_running(transformer, stack,
-                       lambda: patches.append(_enter(torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT))),
-                       lambda: patches.pop().__exit__(None, None, None))
+        while_running(transformer, stack, lambda: patches.append(_enter(_compile_config())),
+                      lambda: patches.pop().__exit__(None, None, None))
     if speed.attention != "sdpa":
         _route(transformer, ATTENTION[speed.attention], stack)

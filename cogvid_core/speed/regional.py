@@ -26,6 +26,19 @@ COMPILE_OPTIONS = {"dynamic": False}
 # graph, cached for the next time) and dynamo then runs those blocks eagerly for the rest of the process,
 # silently (tests/test_fast.py drives 36 switches). Raised for our forward only (config.patch).
 RECOMPILE_LIMIT = 64
+# Python functions AOTAutograd's cache may keep in our graphs. With an attention kernel routed by a
+# TorchFunctionMode (speed/attention.py), dynamo records diffusers' ``hidden_states.split([...])`` as a call to
+# the Python method ``torch._tensor.Tensor.split``, which the cache does not know: every restart then re-ran
+# AOTAutograd for both block graphs (2.9 s of the H100's first step; bench/caches15_ours_fast_teacache02_profile_h100.json
+# gives the bypass reason, tests/test_compile_cache.py reproduces it on the CPU). Tensor.split is a pure
+# function of its inputs; the version is part of the cache key (inductor's documented way to mark one).
+CACHEABLE_FUNCTIONS = ("torch._tensor.split",)
+
+
+def cacheable_functions() -> dict:
+    """inductor's ``unsafe_marked_cacheable_functions`` with ours added."""
+    import torch._inductor.config as inductor_config
+    return {**inductor_config.unsafe_marked_cacheable_functions, **{f: torch.__version__ for f in CACHEABLE_FUNCTIONS}}
 
 
 def _blocks(transformer: nn.Module) -> nn.ModuleList:
