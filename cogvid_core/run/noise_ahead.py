@@ -1,4 +1,4 @@
-"""The scheduler's noise drawn one draw ahead, on a worker thread.
+"""The scheduler's noise drawn ahead, on a worker thread.
 
 CogVideoX's DPM scheduler draws the full latent's noise from the run's CPU generator twice a step
 (diffusers' ``randn_tensor``: on the CPU, then moved to the GPU), as diffusers' pipeline does. On the H100
