@@ -120,6 +120,7 @@ def _predicted(profile, sources, res, args, speed: str, cache: str, device) -> d
                    device=device)
     out = {s.name: dict(allocated_gib=s.peak_allocated / GIB, reserved_gib=s.peak_reserved / GIB,
                         verdict_gib=est.stage_needed(s.name) / GIB) for s in est.stages}
+    out["lora_bytes"] = lora.lora_bytes(loras, args.dtype)
     out["calibration"] = est.calibration_source
     out["transfer_margin"] = est.transfer_margin
     return out
