@@ -44,6 +44,12 @@ COMPONENTS = ("transformer", "text_encoder", "vae")
 # what the loaders' and the CLI's "auto" picks for the card (bf16 where it has it: precision.choose)
 DEFAULT_PRECISION = {c: P.AUTO for c in COMPONENTS}
 
+# What compiling the blocks holds in the process's own host memory during the denoise (inductor's lowering and
+# code generation; its worker processes come on top): H100, the 12 GB plan at 81x768x1360 from the files,
+# denoise anonymous + pinned 2.81 GiB with fp8+fa3fp8+compile against 2.15 exact (bench/hostrun_estimate_h100.json),
+# rounded up. A restart with the kept compile file holds less (the estimate is then on the safe side).
+COMPILE_HOST_BYTES = int(0.7 * 1024 ** 3)
+
 # Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
     "t5_act_units": 12.0,          # x 226 x d_model x bytes, + attention scores
@@ -223,6 +229,9 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny, cache_branches)
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
                        video_bytes, tiny, tiled=tile_t is not None)
+    if fast.parse(speed).compile and not tiny:
+        owned, file = host["denoise_step"]
+        host["denoise_step"] = (owned + COMPILE_HOST_BYTES, file)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
     step_frag = "reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag"
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]

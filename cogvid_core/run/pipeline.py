@@ -337,7 +337,7 @@ def _host_estimate(run: _Run) -> dict:
     if run.device.type != "cuda":
         return {}
     est = E.estimate(run.variant, run.frames, run.height, run.width, run.profile, precision=run.precision,
-                     device=run.device)
+                     device=run.device, speed=run.speed)
     return {s.name: (s.host_bytes, s.host_file_bytes) for s in est.stages}
 
 
