@@ -114,13 +114,13 @@ def _predicted(profile, sources, res, args, speed: str, cache: str, device) -> d
     from cogvid_core.plan.estimate import estimate
     from cogvid_core.speed import fast
     loras = tuple((lora.load_lora(path), float(strength)) for path, strength in sources.loras)
+    lora_bytes = lora.lora_bytes(loras, args.dtype)
     est = estimate(res.variant, args.frames, args.height, args.width, profile,
                    {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}, tiny=args.tiny,
-                   lora_bytes=lora.lora_bytes(loras, args.dtype), speed=fast.recipe(speed, device), cache=cache,
-                   device=device)
+                   lora_bytes=lora_bytes, speed=fast.recipe(speed, device), cache=cache, device=device)
     out = {s.name: dict(allocated_gib=s.peak_allocated / GIB, reserved_gib=s.peak_reserved / GIB,
                         verdict_gib=est.stage_needed(s.name) / GIB) for s in est.stages}
-    out["lora_bytes"] = lora.lora_bytes(loras, args.dtype)
+    out["lora_bytes"] = lora_bytes
     out["calibration"] = est.calibration_source
     out["transfer_margin"] = est.transfer_margin
     return out

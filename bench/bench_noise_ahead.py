@@ -1,5 +1,5 @@
 """What a step costs when the transformer pass is skipped (a step cache's skip): the DPM scheduler's step on
-the full latent, its CPU noise drawn in the step (as diffusers does) or one draw ahead on a thread
+the full latent, its CPU noise drawn in the step (as diffusers does) or ahead on a thread
 (cogvid_core/run/noise_ahead.py). Same draws either way: the final latents are compared bit for bit.
 
     python3 bench/bench_noise_ahead.py --device cuda --out $OUT/noise_ahead.json   # 1.5 at 81x768x1360
@@ -54,7 +54,7 @@ def run(shape, steps: int, device, dtype, ahead_on: bool, every: int = 0, comput
             bool(torch.isfinite(latents).all())          # the sampler's per-step check: a sync, as in the run
             if not computed:
                 times.append(time.perf_counter() - t0)
-    counts = (ahead.served, ahead.direct) if ahead is not None else (0, 2 * steps - 2)
+    counts = (ahead.served, ahead.direct) if ahead is not None else (0, None)   # off: nothing counts the draws
     return times, latents.float().cpu(), counts
 
 
@@ -70,14 +70,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = torch.float32 if device.type == "cpu" and args.tiny else torch.bfloat16
     shape = TINY if args.tiny else FULL
-    rows, finals = [], {}
+    rows, finals, mode = [], {}, NA.MODE
     for on in (False, True, False, True):               # twice each, interleaved: the first pass warms up
         times, final, (served, direct) = run(shape, args.steps, device, dtype, on, args.computed_every, args.computed_s)
         later = sorted(times[1:])
         rows.append(dict(noise_ahead=on, median_step_s=later[len(later) // 2], mean_step_s=sum(later) / len(later),
                          draws_from_thread=served, draws_in_step=direct))
         finals.setdefault(on, final)
-    NA.MODE = "auto"
+    NA.MODE = mode
     same = torch.equal(finals[False], finals[True])
     print("| noise | skipped step: median s | mean s |\n|---|---|---|")
     for r in rows:

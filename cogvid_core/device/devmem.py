@@ -77,22 +77,28 @@ def empty_host_cache() -> bool:
     return True
 
 
-def device_free_bytes(device) -> int | None:
-    """Free bytes on a CUDA device, None elsewhere (the CPU has no meaningful figure here)."""
+def _mem_info(device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device, None elsewhere."""
     try:
         dev = torch.device(device) if device is not None else None
     except (TypeError, RuntimeError):
         return None
     if dev is None or dev.type != "cuda" or not torch.cuda.is_available():
         return None
-    return int(torch.cuda.mem_get_info(dev)[0])
+    free, total = torch.cuda.mem_get_info(dev)
+    return int(free), int(total)
+
+
+def device_free_bytes(device) -> int | None:
+    """Free bytes on a CUDA device, None elsewhere (the CPU has no meaningful figure here)."""
+    info = _mem_info(device)
+    return None if info is None else info[0]
 
 
 def device_total_bytes(device) -> int | None:
     """All of a CUDA device's memory (what nvidia-smi calls total), None elsewhere."""
-    if device_free_bytes(device) is None:
-        return None
-    return int(torch.cuda.mem_get_info(torch.device(device))[1])
+    info = _mem_info(device)
+    return None if info is None else info[1]
 
 
 def allocated_bytes(device=None) -> int:

@@ -208,6 +208,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     v = VARIANTS[variant] if isinstance(variant, str) else variant
     profile = _profile(profile)
     speed = fast.recipe(speed, device if device is not None else P.default_device())
+    parsed_speed = fast.parse(speed)
     precision = _precision(precision, v, device)
     allocator = allocator or allocator_backend()
     cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)
@@ -218,7 +219,7 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     acts = {"text_encode": _text_encode_bytes(c, t5_config(tiny), precision),
             "image_encode": _image_encode_bytes(c, vcfg, precision, height, width, profile.encode_tiled),
             "denoise_step": _denoise_step_bytes(c, v, transformer_config(v, tiny), precision, profile,
-                                                frames, height, width, fast.parse(speed)),
+                                                frames, height, width, parsed_speed),
             "decode": _decode_bytes(c, v, vcfg, precision, frames, height, width, tile_t)}
     sizes = component_sizes(v.key, tiny)
     blocks = 1 + PREFETCH_DEPTH if file_backed else float(c["stream_blocks"])
@@ -227,11 +228,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     # a step cache lives through the whole denoise, like the weights (H100, diffusers' hooks, nvidia-smi:
     # PAB 1.0 +8.8 GiB measured / 8.5 here; FasterCache 1.0 +15.6 / 17.1, 1.5 +42.3 / 43.4)
     weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny, cache_branches)
-    host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, v.key, keep_loaded,
-                       video_bytes, tiny, tiled=tile_t is not None)
-    if fast.parse(speed).compile and not tiny:
-        owned, file = host["denoise_step"]
-        host["denoise_step"] = (owned + COMPILE_HOST_BYTES, file)
+    host = _host(sizes, precision, profile, v.key, keep_loaded, video_bytes, tiny, tile_t is not None,
+                 parsed_speed.compile)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
     step_frag = "reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag"
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]
@@ -243,6 +241,17 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
                     {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
                     {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()},
                     cache=str(caches.parse(cache)))
+
+
+def _host(sizes: dict, precision: dict, profile, variant_key: str, keep_loaded: bool, video_bytes: int, tiny: bool,
+          tiled: bool, compiled: bool) -> dict[str, tuple[int, int]]:
+    """hostplan's {stage: (owned, file)}, with what compiling holds during the denoise (COMPILE_HOST_BYTES)."""
+    host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, variant_key, keep_loaded,
+                       video_bytes, tiny, tiled=tiled)
+    if compiled and not tiny:
+        owned, file = host["denoise_step"]
+        host["denoise_step"] = (owned + COMPILE_HOST_BYTES, file)
+    return host
 
 
 def _precision(precision: dict | None, v: Variant, device) -> dict:
