@@ -46,7 +46,7 @@ def _write_one(path: str, component: str, variant_key: str, tiny: bool) -> float
     t0 = time.perf_counter()
     dtype = torch.float32 if tiny else torch.bfloat16
     tmp = Path(path + ".part")
-    testing._write(tmp, component, testing.tensor_shapes(component, M.VARIANTS[variant_key], tiny), dtype, 0)
+    testing.write_safetensors(tmp, component, testing.tensor_shapes(component, M.VARIANTS[variant_key], tiny), dtype, 0)
     os.replace(tmp, path)          # readers wait for the final name: never see half a file
     return round(time.perf_counter() - t0, 1)
 

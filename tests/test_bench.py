@@ -36,6 +36,18 @@ def test_estimate_grid_env_records_the_streaming_code_it_ran():
     assert {"command", "card", "date", "commit", "torch", "allocator"} <= set(env)
 
 
+def test_estimate_grid_writes_its_checkpoints(tmp_path):
+    """The grid writes its own file-backed checkpoints first (tiny here; full size on the GPU machine).
+    Its writer called a private name of the testing module that a refactor renamed: every grid stopped
+    before its first cell, found only when a GPU call was being prepared."""
+    from bench import estimate_grid as G
+    out = G.write_checkpoints(tmp_path, tiny=True)
+    paths = G.checkpoint_paths(tmp_path)
+    assert set(out["seconds"]) == {"text_encoder", "transformer:cogvideox-5b-i2v", "transformer:cogvideox1.5-5b-i2v"}
+    assert all(paths[n].is_file() and not paths[n].with_name(paths[n].name + ".part").exists() for n in out["seconds"])
+    assert not (tmp_path / "FAILED").exists()
+
+
 def test_comfyui_bench_short_names_lead_to_the_shipped_workflows():
     """The bench's records name workflows 12gb / 24gb; the files are named as Browse Templates titles."""
     mod = _script("bench_comfyui_gpu")
