@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -51,6 +52,9 @@ def _write_one(path: str, component: str, variant_key: str, tiny: bool) -> float
     return round(time.perf_counter() - t0, 1)
 
 
+SPAWN = multiprocessing.get_context("spawn")
+
+
 def write_checkpoints(root: Path, tiny: bool) -> dict:
     """T5 and both transformers as single files (testing's writer), one process each, T5 first."""
     from cogvid_core.model import testing
@@ -61,7 +65,10 @@ def write_checkpoints(root: Path, tiny: bool) -> dict:
             **{"transformer:" + v.key: ("transformer", v.key) for v in M.VARIANTS.values()}}
     t0 = time.perf_counter()
     try:
-        with ProcessPoolExecutor(len(jobs)) as ex:
+        # spawned, not forked: the parent has initialised CUDA by now (torchao's import asks triton about the
+        # device), and a forked child that touches CUDA fails ("Cannot re-initialize CUDA in forked
+        # subprocess"): session 17's grid got no checkpoints and measured only the image encodes
+        with ProcessPoolExecutor(len(jobs), mp_context=SPAWN) as ex:
             futs = {name: ex.submit(_write_one, str(paths[name]), comp, key, tiny) for name, (comp, key) in jobs.items()}
             seconds = {name: f.result() for name, f in futs.items()}
     except BaseException as e:    # the grids waiting for these files stop waiting

@@ -46,6 +46,7 @@ def test_estimate_grid_writes_its_checkpoints(tmp_path):
     assert set(out["seconds"]) == {"text_encoder", "transformer:cogvideox-5b-i2v", "transformer:cogvideox1.5-5b-i2v"}
     assert all(paths[n].is_file() and not paths[n].with_name(paths[n].name + ".part").exists() for n in out["seconds"])
     assert not (tmp_path / "FAILED").exists()
+    assert G.SPAWN.get_start_method() == "spawn"    # a forked writer fails once the parent has touched CUDA
 
 
 def test_comfyui_bench_short_names_lead_to_the_shipped_workflows():
