@@ -132,37 +132,68 @@ def test_strip_encode_units_are_the_h100_measurement():
             assert measured_res <= e.stage_needed("image_encode") / GiB
 
 
-def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds():
-    """bench/hostrun_estimate_h100.json (session 16): the shipped workflows' plans (12 GB, 8 GB, 24 GB, + LoRA,
-    + fp8, + fp8+fa3fp8+compile) run whole from the files on the H100, each stage's peaks. Today's estimate of
-    each plan: allocated within +-10% of every stage, every verdict at or above what the stage reserved
-    (the run's own table had the strip encode 18% under and unsafe, fixed since: enc_strip_units), host RAM
-    within +-15% (the compiled option's denoise was 27% under: COMPILE_HOST_BYTES)."""
-    raw = _bench_json("hostrun_estimate_h100.json")
+SHIPPED_STAGES = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
+
+
+def _shipped_rows(raw: dict, card: str):
+    """(recipe, stage name, today's estimate of that recipe's plan for ``card``, the stage's measured row)
+    for every stage of every recipe of a bench_hostrun file with per-stage predictions. The runs are
+    bench_hostrun's child processes: torch's native allocator (no PYTORCH_CUDA_ALLOC_CONF set)."""
     bf16 = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
     plain = {(r["profile"], r["speed"]): r["predicted"]["denoise_step"]["allocated_gib"]
              for r in raw["results"] if r.get("predicted") and "%" not in r["recipe"]}
-    checked = 0
     for r in raw["results"]:
         if not r.get("predicted"):
             continue
-        lora_gib = r["predicted"]["denoise_step"]["allocated_gib"] - plain[(r["profile"], r["speed"])] \
-            if "%" in r["recipe"] else 0.0        # the file predates the recorded lora_bytes
-        e = E.estimate(V15, raw["frames"], raw["height"], raw["width"], r["profile"], bf16, lora_bytes=int(lora_gib * GiB),
-                       speed=r["speed"], card="NVIDIA H100 80GB HBM3", allocator="native")
+        lora = r["predicted"].get("lora_bytes")
+        if lora is None:       # session 16's file predates the recorded lora_bytes
+            lora = int((r["predicted"]["denoise_step"]["allocated_gib"] - plain[(r["profile"], r["speed"])]) * GiB) \
+                if "%" in r["recipe"] else 0
+        e = E.estimate(V15, raw["frames"], raw["height"], raw["width"], r["profile"], bf16, lora_bytes=int(lora),
+                       speed=r["speed"], card=card, allocator="native")
         for st in r["stages"]:
-            stage = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step",
-                     "decode": "decode"}.get(st["stage"])
-            if stage is None:
-                continue
-            est = e.stage(stage)
-            assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (r["recipe"], stage)
-            assert st["peak_reserved_gib"] <= e.stage_needed(stage) / GiB, (r["recipe"], stage)
-            # host RAM (anonymous + pinned) within +-15%: the compiled option's denoise was 27% under before
-            # COMPILE_HOST_BYTES
-            assert abs(est.host_bytes / GiB / st["host_peak_anon_pinned_gib"] - 1) <= 0.15, (r["recipe"], stage)
-            checked += 1
+            if st["stage"] in SHIPPED_STAGES:
+                yield r["recipe"], SHIPPED_STAGES[st["stage"]], e, st
+
+
+@pytest.mark.parametrize("name", ["hostrun_estimate_h100.json", "hostrun_estimate_h100_s17.json"])
+def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds(name):
+    """bench/hostrun_estimate_h100*.json (sessions 16 and 17): the shipped workflows' plans (12 GB, 8 GB, 24 GB,
+    + LoRA, + fp8, + fp8+fa3fp8+compile; session 17: fa3fp8 alone for the 8 GB one) run whole from the files
+    on the H100, each stage's peaks. Today's estimate of each plan: allocated within +-10% of every stage,
+    every verdict at or above what the stage reserved (session 16's own table had the strip encode 18% under
+    and unsafe, fixed since: enc_strip_units; session 17 measured it +3.1%), host RAM within +-15% (the
+    compiled option's denoise was 27% under: COMPILE_HOST_BYTES)."""
+    checked = 0
+    for recipe, stage, e, st in _shipped_rows(_bench_json(name), "NVIDIA H100 80GB HBM3"):
+        est = e.stage(stage)
+        assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (recipe, stage)
+        assert st["peak_reserved_gib"] <= e.stage_needed(stage) / GiB, (recipe, stage)
+        assert abs(est.host_bytes / GiB / st["host_peak_anon_pinned_gib"] - 1) <= 0.15, (recipe, stage)
+        checked += 1
     assert checked == 24
+
+
+def test_a_card_without_a_file_gets_a_safe_verdict_for_the_shipped_plans():
+    """The transfer, on whole runs: a card with no calibration file (an RTX 4090 here) gets the H200's file
+    plus the transfer margin; judged against the H100's measured runs of the shipped plans (session 17), a card
+    that file never saw, every stage's verdict covers what the stage reserved and allocated stays within
+    +-10%. Reserved errors (docs/performance.md): -11.6% (fp8 denoise) to +13.7% (fast lowvram denoise)."""
+    choice = E.calibration(None, "NVIDIA GeForce RTX 4090", "native")["choice"]
+    assert choice["family"] == "h200" and not choice["matched"] and choice["transfer_margin"] > 0
+    checked, reserved_errors = 0, []
+    for recipe, stage, e, st in _shipped_rows(_bench_json("hostrun_estimate_h100_s17.json"), "NVIDIA GeForce RTX 4090"):
+        est = e.stage(stage)
+        assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (recipe, stage)
+        assert st["peak_reserved_gib"] <= e.stage_needed(stage) / GiB, (recipe, stage)
+        reserved_errors.append(est.peak_reserved / GiB / st["peak_reserved_gib"] - 1)
+        checked += 1
+    assert checked == 24 and min(reserved_errors) < -0.10
+    # not vacuous: the same file without the transfer margin (as the H200 itself gets it) is short somewhere
+    short = [(recipe, stage) for recipe, stage, e, st in _shipped_rows(_bench_json("hostrun_estimate_h100_s17.json"),
+                                                                      "NVIDIA H200")
+             if st["peak_reserved_gib"] > e.stage_needed(stage) / GiB]
+    assert short
 
 
 def test_plan_picks_fastest_fitting():
