@@ -137,8 +137,8 @@ SHIPPED_STAGES = {"text encode": "text_encode", "image encode": "image_encode", 
 
 def _shipped_rows(raw: dict, card: str):
     """(recipe, stage name, today's estimate of that recipe's plan for ``card``, the stage's measured row)
-    for every stage of every recipe of a bench_hostrun file with per-stage predictions. The runs are
-    bench_hostrun's child processes: torch's native allocator (no PYTORCH_CUDA_ALLOC_CONF set)."""
+    for every stage of every recipe of a bench_hostrun file with per-stage predictions, under the allocator the
+    run recorded (sessions 16 and 17 recorded none: their children ran the native one, no PYTORCH_CUDA_ALLOC_CONF)."""
     bf16 = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
     plain = {(r["profile"], r["speed"]): r["predicted"]["denoise_step"]["allocated_gib"]
              for r in raw["results"] if r.get("predicted") and "%" not in r["recipe"]}
@@ -149,8 +149,9 @@ def _shipped_rows(raw: dict, card: str):
         if lora is None:       # session 16's file predates the recorded lora_bytes
             lora = int((r["predicted"]["denoise_step"]["allocated_gib"] - plain[(r["profile"], r["speed"])]) * GiB) \
                 if "%" in r["recipe"] else 0
+        allocator = r["predicted"].get("allocator", "native")     # sessions 16 and 17 recorded none: native
         e = E.estimate(V15, raw["frames"], raw["height"], raw["width"], r["profile"], bf16, lora_bytes=int(lora),
-                       speed=r["speed"], card=card, allocator="native")
+                       speed=r["speed"], card=card, allocator=allocator)
         for st in r["stages"]:
             if st["stage"] in SHIPPED_STAGES:
                 yield r["recipe"], SHIPPED_STAGES[st["stage"]], e, st
