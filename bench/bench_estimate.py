@@ -49,6 +49,12 @@ run again into "repeats" (the same cell at another point of a run: how reproduci
 need): the same cells again in a fresh process, to tell a reproducible peak from allocator history.
 Each cell records alloc_before / reserved_before, what earlier cells left on the device when it
 started (after empty_cache): a reserved peak depends on it.
+``--speeds A,B`` adds cells of kind "speed": 1.5's denoise step at 81x768x1360 with each speed option in the
+resident, balanced and lowvram plans (a compiled option runs 2 steps, its compile inside the measured stage as
+in a run). An option this machine cannot run is recorded as not run, never measured as another. The exact
+grid sees only the larger of the step's attention and feed-forward phases; the options move one or the other.
+Speed cells are replayed and reported, not fitted (yet):
+`python3 bench/bench_estimate.py --checkpoints /tmp/ck --speeds compile,fa3fp8,fa3fp8+compile,fp8,fp8+compile,fp8+fa3fp8+compile --only "~" --out speed_cells.json`.
 Expandable segments (the command line's setting) are a set of their own:
 `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ... --only decode` measured the stage where they differ;
 a set without some stage's cells takes it from the plain native set (fit(base=...)).
@@ -90,6 +96,9 @@ def _arguments() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], metavar="TEXT", help="measure only the tasks whose "
                    "description (as printed) contains TEXT, e.g. \"cogvideox-5b-i2v 33x480x720 denoise_step ('stream', "
                    "'sequential'\" (repeatable; the encodes they need run too)")
+    p.add_argument("--speeds", default=None, metavar="A,B", help="also the denoise step of 1.5 at 81x768x1360 "
+                   "with each of these speed options (e.g. compile,fa3fp8,fp8+fa3fp8+compile) in the resident, balanced "
+                   "and lowvram plans: cells of kind 'speed', after the fit grid")
     p.add_argument("--resume", default=None, metavar="FILE", help="an earlier run's JSON (same card and "
                    "allocator): keep its cells, measure only the tasks it did not; --out gets old + new")
     p.add_argument("--fit", nargs="*", default=None, help="measurement files to compare / fit (no GPU)")

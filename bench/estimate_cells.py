@@ -33,6 +33,11 @@ STREAMING_CODE = ("cogvid_core/memory/filestream.py", "cogvid_core/memory/filere
                   "cogvid_core/memory/placement.py")
 PROFILE_FIELDS = ("transformer", "text_encoder", "vae", "cfg_mode", "ff_chunk", "low_mem_attention",
                   "encode_tiled")
+# speed cells (--speeds): the denoise step of the shipped size with a speed option, for the plans the
+# shipped workflows run (resident, balanced, lowvram). The exact grid sees only the larger of the step's
+# attention and feed-forward phases; the options move one phase or the other, which tells them apart
+SPEED_SHAPES = {False: (M.V15, 81, 768, 1360), True: (M.V15, 17, 64, 96)}
+SPEED_PROFILES = ("resident", "balanced", "lowvram")
 
 
 # ------------------------------------------------------------------------------ what to measure
@@ -71,12 +76,13 @@ class Task:
     key: tuple
     profile: Profile
     kind: str        # "fit" | "heldout"
-    tier: int        # 0 fit grid, 1 held-out, 2 slow extras
+    tier: int        # 0 fit grid, 1 held-out and speed cells, 2 slow extras
     repeat: bool = False   # measured before (--resume), run again only for the input it makes
+    speed: str = "exact"   # the transformer's speed option (kind "speed": cogvid_core.speed.fast)
 
     @property
     def cache_key(self):
-        return measured_key(self.stage, self.variant.key, self.frames, self.height, self.width, self.key)
+        return measured_key(self.stage, self.variant.key, self.frames, self.height, self.width, self.key, self.speed)
 
     def needs(self) -> set:
         return {"text_encode": {"text_encoder"}, "denoise_step": {"transformer:" + self.variant.key, "prompt",
@@ -84,12 +90,13 @@ class Task:
                 }.get(self.stage, set())
 
 
-def measured_key(stage, variant_key, frames, height, width, key) -> tuple:
+def measured_key(stage, variant_key, frames, height, width, key, speed: str = "exact") -> tuple:
     """One measurement's identity: the text encode depends on no shape, the image encode on no frame
-    count; ``key`` a stage_key tuple or its JSON list form (a cell's "key")."""
+    count; ``key`` a stage_key tuple or its JSON list form (a cell's "key"); a speed option other than
+    exact is part of it (exact cells keep the identity they always had)."""
     shape = {"text_encode": (), "image_encode": (variant_key, height, width)}.get(
         stage, (variant_key, frames, height, width))
-    return (stage, shape, json.dumps(list(key)))
+    return (stage, shape, json.dumps(list(key))) + ((speed,) if speed != "exact" else ())
 
 
 def _tier(stage, key, kind, frames, height, width) -> int:
@@ -103,8 +110,17 @@ def _tier(stage, key, kind, frames, height, width) -> int:
     return 0
 
 
-def plan_tasks(shapes: dict, tiny: bool) -> list[Task]:
-    """Every (stage configuration x shape) once, in the order they should run."""
+def speed_tasks(speeds, tiny: bool) -> list[Task]:
+    """The denoise step of SPEED_SHAPES with each speed option, in each SPEED_PROFILES plan (kind "speed")."""
+    v, f, h, w = SPEED_SHAPES[bool(tiny)]
+    by_name = {prof.name: (key, prof) for key, prof in stage_configs()["denoise_step"].items()}
+    return [Task("denoise_step", v, f, h, w, *by_name[name], "speed", 1, speed=speed)
+            for name in SPEED_PROFILES for speed in speeds]
+
+
+def plan_tasks(shapes: dict, tiny: bool, speeds=()) -> list[Task]:
+    """Every (stage configuration x shape) once, in the order they should run; with ``speeds``, the
+    speed cells (speed_tasks) after the fit grid."""
     cfgs = stage_configs()
     tasks, seen = [], set()
     for kind in ("fit", "heldout"):
@@ -116,7 +132,7 @@ def plan_tasks(shapes: dict, tiny: bool) -> list[Task]:
                     if t.cache_key not in seen:
                         seen.add(t.cache_key)
                         tasks.append(t)
-    return ordered(tasks)
+    return ordered(tasks + speed_tasks(speeds, tiny))
 
 
 def ordered(tasks: list[Task]) -> list[Task]:
@@ -147,8 +163,11 @@ def load_cells(paths) -> tuple[dict, list[dict]]:
 
 
 def measurement_of(c) -> tuple:
-    """What a cell measured, whatever card and allocator: stage, variant, shape, stage settings."""
-    return c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(c["settings"], sort_keys=True)
+    """What a cell measured, whatever card and allocator: stage, variant, shape, stage settings (and a
+    speed option other than exact)."""
+    speed = c.get("speed", "exact")
+    return (c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(c["settings"], sort_keys=True)) \
+        + ((speed,) if speed != "exact" else ())
 
 
 def _cells_of_rows(rows, heldout) -> list[dict]:

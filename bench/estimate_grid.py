@@ -120,12 +120,17 @@ def _free():
 def _run_stage(task: Task, models: Models, device, inputs: dict) -> None:
     """The stage as pipeline.generate runs it (component configured, used, released)."""
     from cogvid_core.run import session
+    from cogvid_core.speed import fast
     v, prof, dtype = task.variant, task.profile, models.dtype
     if task.stage == "text_encode":
         t5, tok = models.get("text_encoder")
         c = session.Component("t5", t5, device, dtype, profile=prof, tokenizer=tok)
     elif task.stage == "denoise_step":
-        c = session.Component("transformer", models.get("transformer:" + v.key), device, dtype, profile=prof, variant=v)
+        ran = fast.resolve_alone(task.speed, device).name
+        if ran != task.speed:      # a part this machine lacks would run as another option: not this cell
+            raise fast.SpeedError(f"{task.speed} cannot run here (it would run {ran})")
+        c = session.Component("transformer", models.get("transformer:" + v.key), device, dtype, profile=prof, variant=v,
+                              speed=task.speed)   # applied while in use, taken off at release (as in a run)
     else:
         c = session.Component("vae", models.get("vae:" + v.key), device, dtype, profile=prof, variant=v)
     try:
@@ -149,7 +154,10 @@ def _compute(task: Task, m, c, device, dtype, inputs: dict) -> None:
         inputs.setdefault("prompt", (pos.embeds.cpu(), neg.embeds.cpu()))
     elif task.stage == "denoise_step":
         pos, neg = inputs["prompt"]
-        sampling.sample(m, v, pos, neg, inputs["latent", v.key, task.height, task.width], task.frames, steps=1,
+        # a compiled option's first step compiles (what a run's denoise stage holds too), the second is a
+        # step as every later one: both inside the measured stage
+        steps = 2 if "compile" in task.speed else 1
+        sampling.sample(m, v, pos, neg, inputs["latent", v.key, task.height, task.width], task.frames, steps=steps,
                         cfg=6.0, scheduler="dpm", seed=0, device=device, dtype=dtype, cfg_mode=prof.cfg_mode)
     elif task.stage == "image_encode":
         img = Image.new("RGB", (task.width, task.height), (120, 80, 40))
@@ -180,7 +188,7 @@ def measure(task: Task, models: Models, device, inputs: dict) -> dict:
     row = rec.rows()[-1]
     gib = lambda k: None if row[k] is None else int(row[k] * GiB)
     return dict(stage=task.stage, variant=task.variant.key, frames=task.frames, height=task.height, width=task.width,
-                kind=task.kind, tier=task.tier, key=list(task.key), profile=task.profile.name,
+                kind=task.kind, tier=task.tier, key=list(task.key), profile=task.profile.name, speed=task.speed,
                 settings=settings_of(task.profile), alloc=gib("peak_alloc_gib"), reserved=gib("peak_reserved_gib"),
                 host_anon_pinned=gib("host_peak_anon_pinned_gib"), seconds=round(time.perf_counter() - t0, 2),
                 alloc_before=before[0], reserved_before=before[1], error=error)
@@ -201,7 +209,8 @@ def run_grid(args) -> dict:
     if not args.checkpoints:          # self-contained run (the CPU smoke run): write them here
         writer = write_checkpoints(root, args.tiny)
     models = Models(root, device, dtype, args.tiny)
-    tasks = plan_tasks(TINY_SHAPES if args.tiny else FULL_SHAPES, args.tiny)
+    speeds = [x for x in (getattr(args, "speeds", None) or "").split(",") if x]
+    tasks = plan_tasks(TINY_SHAPES if args.tiny else FULL_SHAPES, args.tiny, speeds)
     if args.part:   # denoise and decode cells split; every part encodes (its steps need the inputs)
         i, n = (int(x) for x in args.part.split("/"))
         split = [t for t in tasks if t.stage in ("denoise_step", "decode")]
@@ -254,7 +263,8 @@ def resume(path: Path, data: dict, tasks: list[Task]) -> list[Task]:
     data["cells"] = list(old["cells"])
     data["repeats"] = list(old.get("repeats", []))
     env["resumed"] = old["env"].pop("resumed", []) + [dict(old["env"], file=path.name, cells=len(old["cells"]))]
-    done = {measured_key(c["stage"], c["variant"], c["frames"], c["height"], c["width"], c["key"]) for c in old["cells"]}
+    done = {measured_key(c["stage"], c["variant"], c["frames"], c["height"], c["width"], c["key"], c.get("speed", "exact"))
+            for c in old["cells"]}
     todo = with_inputs([t for t in tasks if t.cache_key not in done], tasks, repeat=True)
     print(f"--resume {path.name}: {len(old['cells'])} cells kept, {sum(not t.repeat for t in todo)} tasks to "
           f"measure, {sum(t.repeat for t in todo)} encodes repeated for their outputs", flush=True)
@@ -289,7 +299,8 @@ def _can_progress(tasks, models, inputs) -> bool:
 
 
 def _describe(t: Task) -> str:
-    return f"{t.kind} {t.variant.key} {t.frames}x{t.height}x{t.width} {t.stage} {t.key}"
+    return f"{t.kind} {t.variant.key} {t.frames}x{t.height}x{t.width} {t.stage} {t.key}" + \
+        (f" ~{t.speed}" if t.speed != "exact" else "")
 
 
 def _g(b):
@@ -308,4 +319,5 @@ def _env(device, dtype, args, t0, writer) -> dict:
                 # commit may be unknown where the tree ran without git)
                 sha1={p: _sha(ROOT / p) for p in STREAMING_CODE},
                 tiny=bool(args.tiny), dtype=str(dtype).replace("torch.", ""), budget_s=args.budget_s,
-                part=args.part, writer=writer, seconds=round(time.perf_counter() - t0, 1))
+                part=args.part, speeds=getattr(args, "speeds", None), writer=writer,
+                seconds=round(time.perf_counter() - t0, 1))

@@ -19,7 +19,8 @@ def estimate_of(cell, constants=None) -> E.Estimate:
     """The estimate of ``cell``'s run: its shape, settings, card and allocator."""
     return E.estimate(cell["variant"], cell["frames"], cell["height"], cell["width"], profile_of(cell),
                       calibration_path=constants, tiny=cell.get("tiny", False), allocator=cell["allocator"],
-                      card=cell.get("card"), file_backed=cell.get("file_backed", True))
+                      card=cell.get("card"), file_backed=cell.get("file_backed", True),
+                      speed=cell.get("speed", "exact"))
 
 
 def predict(cell, constants=None) -> E.StageEstimate:
@@ -44,6 +45,8 @@ def measured_runs(cells):
     stage's (inf where a stage ran out of memory)."""
     by, shapes = {}, set()
     for c in cells:
+        if c.get("speed", "exact") != "exact":    # a speed cell is not the exact run's denoise step
+            continue
         by[_cell_id(c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"], c["stage"],
                     profile_of(c))] = c
         shapes.add((c["card"], c["allocator"], c["variant"], c["frames"], c["height"], c["width"]))
@@ -84,6 +87,11 @@ def short_stages(cells, constants=None) -> list[tuple[dict, int]]:
     return out
 
 
+def _settings(c) -> str:
+    speed = c.get("speed", "exact")
+    return (f"{c['profile']}~{speed}" if speed != "exact" else str(stage_key(c["stage"], profile_of(c))))
+
+
 def _cell_id(card, alloc, variant, frames, height, width, stage, prof) -> tuple:
     """What a cell's measurement depends on (measured_key), per card and allocator."""
     return (card, alloc, *measured_key(stage, variant, frames, height, width, stage_key(stage, prof)))
@@ -97,7 +105,7 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
         p = predict(c, constants)
         flag = " <--" if max(abs(ea), abs(er)) > tolerance else ""
         lines.append(f"{card_family(c['card']):<10}{c['allocator'][:6]:<7}{c['kind']:<8}{c['variant'][-8:-6]:<8}"
-                     f"{c['frames']}x{c['height']}x{c['width']:>5} {c['stage']:<13}{str(stage_key(c['stage'], profile_of(c)))[:33]:<34}"
+                     f"{c['frames']}x{c['height']}x{c['width']:>5} {c['stage']:<13}{_settings(c)[:33]:<34}"
                      f"{p.peak_allocated / GiB:9.2f} /{c['alloc'] / GiB:6.2f}{ea * 100:+6.1f}%"
                      f"{p.peak_reserved / GiB:9.2f} /{c['reserved'] / GiB:6.2f}{er * 100:+6.1f}%{flag}")
     checked = []
@@ -105,7 +113,7 @@ def compare(cells, constants=None, out=sys.stdout, tolerance=0.10) -> dict:
     judged = dict(constants, tolerance=tolerance) if isinstance(constants, dict) else constants
     wrong = wrong_fits(cells, judged, checked)
     summary = {}
-    for kind in ("fit", "heldout"):
+    for kind in ("fit", "heldout", "speed"):
         e = [(ea, er) for c, ea, er in errs if c["kind"] == kind]
         if e:
             within = sum(1 for ea, er in e if abs(ea) <= tolerance and abs(er) <= tolerance)

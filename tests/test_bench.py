@@ -416,3 +416,40 @@ def test_noise_ahead_bench_serves_draws_from_the_thread_with_the_same_latents(tm
     assert d["identical"] is True and len(d["rows"]) == 4
     for r in d["rows"]:
         assert (r["draws_from_thread"] > 0) == r["noise_ahead"]
+
+
+def test_estimate_grid_speed_cells_are_their_own_measurements():
+    """--speeds: the shipped size's denoise step with each speed option in the resident, balanced and lowvram
+    plans (the exact grid cannot tell the step's attention and feed-forward phases apart; the options can).
+    A speed cell is a measurement of its own: exact cells keep their identity (files made before resume
+    into new ones), a speed cell never stands in for an exact run's denoise step, and the replay estimates
+    it with its speed."""
+    from bench import estimate_cells as C
+    from bench import estimate_grid as G
+    from bench import estimate_replay as R
+    exact = C.plan_tasks(C.TINY_SHAPES, tiny=True)
+    both = C.plan_tasks(C.TINY_SHAPES, tiny=True, speeds=("compile", "fa3fp8"))
+    speed = [t for t in both if t.kind == "speed"]
+    assert len(both) == len(exact) + 6 and len(speed) == 6
+    assert {t.profile.name for t in speed} == {"resident", "balanced", "lowvram"}
+    assert {t.speed for t in speed} == {"compile", "fa3fp8"} and all(t.stage == "denoise_step" for t in speed)
+    keys = {t.cache_key for t in exact}
+    assert all(t.cache_key not in keys for t in speed)       # not mistaken for an exact cell already measured
+    t = exact[0]
+    assert t.cache_key == C.measured_key(t.stage, t.variant.key, t.frames, t.height, t.width, t.key)   # unchanged
+    assert "~fa3fp8" in G._describe(speed[1]) or "~fa3fp8" in G._describe(speed[0])
+    # a speed this machine cannot run is refused before anything loads, not measured as another option
+    fa3 = next(t for t in speed if t.speed == "fa3fp8")
+    from cogvid_core.speed import fast
+    if fast.resolve_alone("fa3fp8", torch.device("cpu")).name != "fa3fp8":
+        with pytest.raises(fast.SpeedError, match="cannot run here"):
+            G._run_stage(fa3, SimpleNamespace(dtype=torch.float32), torch.device("cpu"), {})
+    # the replay: a speed cell is estimated with its option, and is no exact run's step
+    lowvram = next(t for t in speed if t.profile.name == "lowvram" and t.speed == "fa3fp8")
+    cell = dict(stage="denoise_step", variant=lowvram.variant.key, frames=81, height=768, width=1360, kind="speed",
+                profile="lowvram", settings=C.settings_of(lowvram.profile), speed="fa3fp8", alloc=1, reserved=1,
+                allocator="native", card="NVIDIA H100 80GB HBM3", error=None)
+    plain = dict(cell, speed="exact")
+    assert R.predict(cell).peak_allocated > R.predict(plain).peak_allocated     # FA3's FP8 buffers counted
+    assert C.measurement_of(cell) != C.measurement_of(plain)
+    assert not list(R.measured_runs([cell]))
