@@ -21,9 +21,14 @@ STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
                                "step_ff_units_chunked", "step_ff_chunk_live_units", "stream_buffer_mult",
                                "fixed_bytes", "stream_blocks", "reserved_frag", "reserved_frag_lowmem"),
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_reserved_frag", "dec_video_frag")}
+# fitted only where the set has speed cells (bench_estimate --speeds): what a compiled step does not hold
+SPEED_KEYS = ("step_ff_units_compile_saved", "step_ff_units_fp8_compile_saved", "reserved_frag_compile_mult")
+# their starts (units of the feed-forward phase; a share): no first-principles value, so the fit does not
+# pull them towards these (_minimize's ``free``)
+SPEED_STARTS = {"step_ff_units_compile_saved": 2.0, "step_ff_units_fp8_compile_saved": 1.0}
 # the shares of reserved over allocated: they move only the reserved peak, fitted after the rest
 FRAG_KEYS = {"text_reserved_frag", "enc_reserved_frag", "reserved_frag", "reserved_frag_lowmem",
-             "dec_reserved_frag", "dec_video_frag"}
+             "dec_reserved_frag", "dec_video_frag", "reserved_frag_compile_mult"}
 
 
 def _alloc_loss(p, cell) -> float:
@@ -51,13 +56,19 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
     margins; a stage measured at fewer than MIN_SHAPES shapes keeps base's allocated terms (what is
     allocated does not depend on the allocator) and fits only its reserved shares."""
     c = {**E.DEFAULT_CONSTANTS, **(start or {})}
-    cells = [x for x in cells if x["kind"] == "fit" and not x.get("error") and x["reserved"]]
+    # speed cells join the step's fit: the options move its attention or its feed-forward phase, which
+    # tells apart the two terms that exact cells see only as their larger (and compile's own terms)
+    cells = [x for x in cells if x["kind"] in ("fit", "speed") and not x.get("error") and x["reserved"]]
+    speed_cells = any(x["kind"] == "speed" for x in cells)
     in_memory = any(not x.get("file_backed", True) for x in cells)
     lean = leans_on_base(cells) if base else {}
     for stage in ("denoise_step", "text_encode", "image_encode", "decode"):   # the step fixes fixed_bytes first
         mine = [x for x in cells if x["stage"] == stage]
         # stream_blocks counts only for in-memory streamed models (file-backed: 1 + PREFETCH_DEPTH)
         keys = [k for k in STAGE_KEYS[stage] if in_memory or k != "stream_blocks"]
+        if stage == "denoise_step" and speed_cells:
+            keys += SPEED_KEYS
+            c.update({k: v for k, v in SPEED_STARTS.items() if not c[k]})   # from "nothing saved": a scale to search on
         if stage in lean.get("stages", []):
             c.update({k: base[k] for k in STAGE_KEYS[stage]})
         elif mine:
@@ -65,8 +76,8 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
             if stage in lean.get("allocated_terms", []):
                 c.update({k: base[k] for k in alloc_keys})
             else:
-                _minimize(c, mine, alloc_keys, _alloc_loss)
-            _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss)
+                _minimize(c, mine, alloc_keys, _alloc_loss, free=SPEED_KEYS)
+            _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss, free=SPEED_KEYS)
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])
     c["reserved_margin"] = _margin(cells, c)
     c["reserved_margin_stages"], c["reserved_margin_bytes_stages"] = _stage_margins(cells, c)
@@ -99,19 +110,21 @@ def leans_on_base(cells) -> dict:
             "allocated_terms": [s for s in STAGES if s != "text_encode" and 0 < len(shapes.get(s, ())) < MIN_SHAPES]}
 
 
-def _minimize(c: dict, cells: list, keys: list, cell_loss) -> None:
-    """Nelder-Mead on ``keys`` of ``c`` (in place), in units of their start values."""
+def _minimize(c: dict, cells: list, keys: list, cell_loss, free=()) -> None:
+    """Nelder-Mead on ``keys`` of ``c`` (in place), in units of their start values; ``free``: keys with no
+    physical start to pull towards."""
     import numpy as np
     from scipy.optimize import minimize
 
     scale = np.array([c[k] if c[k] else 1.0 for k in keys], dtype=float)
+    pull = np.array([0.0 if k in free else 1.0 for k in keys])
 
     def loss(x):
         trial = dict(c, **{k: float(abs(v)) * s for k, v, s in zip(keys, x, scale)})
         total = sum(cell_loss(predict(cell, trial), cell) for cell in cells)
         # a weak pull to the first-principles start: what the cells cannot tell apart (e.g. the
         # decode's tile term where one tile size was measured) stays physical
-        return total + 1e-3 * len(cells) * float(((np.abs(x) - 1) ** 2).sum())
+        return total + 1e-3 * len(cells) * float((pull * (np.abs(x) - 1) ** 2).sum())
 
     x0 = np.ones(len(keys))
     for _ in range(3):   # restarts: Nelder-Mead stalls in a shrunken simplex

@@ -65,6 +65,13 @@ DEFAULT_CONSTANTS = {
     "step_ff_units": 9.0,          # 2 x 4 units intermediate (linear out, GELU out) + output
     "step_ff_units_chunked": 9.0,  # the same per chunk, for activations.ChunkedFeedForward
     "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
+    # what a compiled speed option does not hold of the feed-forward phase (units of it), and with fp8
+    # besides; the share of the step's fragmentation a compiled step keeps. Fitted from the grid's speed
+    # cells (bench_estimate --speeds); until a card's file has them, nothing saved (the safe side): the
+    # H200's resident step allocates 8.6-20.3% less with compiled options than exact counts (docs)
+    "step_ff_units_compile_saved": 0.0,
+    "step_ff_units_fp8_compile_saved": 0.0,
+    "reserved_frag_compile_mult": 1.0,
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
@@ -231,7 +238,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     host = _host(sizes, precision, profile, v.key, keep_loaded, video_bytes, tiny, tile_t is not None,
                  parsed_speed.compile)
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
-    step_frag = "reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag"
+    step_frag = ("reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag",
+                 c["reserved_frag_compile_mult"] if parsed_speed.compile else 1.0)
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
@@ -271,8 +279,9 @@ def _stage_weights(sizes: dict, precision: dict, profile: Profile, keep_loaded: 
 
 
 def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, host=(0, 0),
-           step_frag: str = "reserved_frag") -> StageEstimate:
-    """Allocated = weights + activations; reserved adds the allocator's fragmentation share."""
+           step_frag: tuple = ("reserved_frag", 1.0)) -> StageEstimate:
+    """Allocated = weights + activations; reserved adds the allocator's fragmentation share (the step's:
+    (its constant's name, a multiplier for a compiled step))."""
     # the step's fixed share (latents, timestep/text embeddings, cuBLAS workspace) is not the VAE's:
     # one shared constant made the encode's small tiles 20% too large
     fixed = c["vae_fixed_bytes"] if name in ("image_encode", "decode") else c["fixed_bytes"]
@@ -281,8 +290,9 @@ def _stage(name: str, weights: int, activations: float, c: dict, dec_out: int, h
     if name == "decode":
         reserved = alloc + c["dec_reserved_frag"] * a + c["dec_video_frag"] * dec_out
     else:
-        frag = {"text_encode": "text_reserved_frag", "image_encode": "enc_reserved_frag"}.get(name, step_frag)
-        reserved = alloc + c[frag] * a
+        frag, mult = {"text_encode": ("text_reserved_frag", 1.0), "image_encode": ("enc_reserved_frag", 1.0)}.get(
+            name, step_frag)
+        reserved = alloc + c[frag] * mult * a
     return StageEstimate(name, weights, a, alloc, int(reserved), *host)
 
 
@@ -318,11 +328,14 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
     chunk = min(int(ff_chunk), n) if ff_chunk else n
     attn_units = c["step_attn_units_lowmem"] if profile.low_mem_attention else c["step_attn_units"]
     attn_units += SPEED_ATTN_UNITS.get(speed.attention, 0.0)
-    fp8_eager = FP8_EAGER_FF_UNITS if speed.fp8 and not speed.compile else 0.0
+    ff_extra = FP8_EAGER_FF_UNITS if speed.fp8 and not speed.compile else 0.0
+    if speed.compile:
+        ff_extra -= c["step_ff_units_compile_saved"] + (c["step_ff_units_fp8_compile_saved"] if speed.fp8 else 0.0)
     if chunk < n:   # chunk intermediates + the full output the chunks are written into
-        ff_bytes = (c["step_ff_units_chunked"] + fp8_eager) * batch * chunk * dim * xb + c["step_ff_chunk_live_units"] * unit
+        ff_bytes = max(c["step_ff_units_chunked"] + ff_extra, 1.0) * batch * chunk * dim * xb \
+            + c["step_ff_chunk_live_units"] * unit
     else:
-        ff_bytes = (c["step_ff_units"] + fp8_eager) * unit
+        ff_bytes = max(c["step_ff_units"] + ff_extra, 1.0) * unit
     step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
     lf = latent_frames(v, frames)[0]
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
