@@ -53,7 +53,8 @@ started (after empty_cache): a reserved peak depends on it.
 resident, balanced and lowvram plans (a compiled option runs 2 steps, its compile inside the measured stage as
 in a run). An option this machine cannot run is recorded as not run, never measured as another. The exact
 grid sees only the larger of the step's attention and feed-forward phases; the options move one or the other.
-Speed cells are replayed and reported, not fitted (yet):
+The fit takes them (the phase split, and what a compiled step does not hold; a set without them keeps
+"nothing saved"):
 `python3 bench/bench_estimate.py --checkpoints /tmp/ck --speeds compile,fa3fp8,fa3fp8+compile,fp8,fp8+compile,fp8+fa3fp8+compile --only "~" --out speed_cells.json`.
 Expandable segments (the command line's setting) are a set of their own:
 `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ... --only decode` measured the stage where they differ;

@@ -75,7 +75,7 @@ class Task:
     width: int
     key: tuple
     profile: Profile
-    kind: str        # "fit" | "heldout"
+    kind: str        # "fit" | "heldout" | "speed"
     tier: int        # 0 fit grid, 1 held-out and speed cells, 2 slow extras
     repeat: bool = False   # measured before (--resume), run again only for the input it makes
     speed: str = "exact"   # the transformer's speed option (kind "speed": cogvid_core.speed.fast)

@@ -127,7 +127,7 @@ def _run_stage(task: Task, models: Models, device, inputs: dict) -> None:
         c = session.Component("t5", t5, device, dtype, profile=prof, tokenizer=tok)
     elif task.stage == "denoise_step":
         ran = fast.resolve_alone(task.speed, device).name
-        if ran != task.speed:      # a part this machine lacks would run as another option: not this cell
+        if ran != fast.parse(task.speed).name:   # a part this machine lacks would run as another option: not this cell
             raise fast.SpeedError(f"{task.speed} cannot run here (it would run {ran})")
         c = session.Component("transformer", models.get("transformer:" + v.key), device, dtype, profile=prof, variant=v,
                               speed=task.speed)   # applied while in use, taken off at release (as in a run)
