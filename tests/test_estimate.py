@@ -595,3 +595,18 @@ def test_a_stage_margin_in_bytes_lowers_big_peaks_never_below_the_tolerance():
     e = est(profile="lowvram", card="NVIDIA H200", allocator="cudaMallocAsync")
     d = e.stage("decode").peak_reserved
     assert e.stage_margin("decode") > 0.2 and e.stage_needed("decode") < d * 1.15
+
+
+def test_a_compiled_option_says_the_estimate_errs_high_until_speed_cells_are_fitted():
+    """Today's files were fitted without speed cells: a compiled option is counted as if compile saved nothing,
+    and the report says so; with the compile terms fitted (a file from a grid with speed cells) it does not."""
+    from cogvid_core.plan.chart import calibration_line
+    args = ("cogvideox1.5-5b-i2v", 81, 768, 1360, "resident")
+    fast_est = E.estimate(*args, speed="fp8+compile", card="NVIDIA H100 80GB HBM3", allocator="native")
+    assert "compiled speed options are counted as if compile saved nothing" in calibration_line(fast_est)
+    exact = E.estimate(*args, speed="exact", card="NVIDIA H100 80GB HBM3", allocator="native")
+    assert "compile saved nothing" not in calibration_line(exact)
+    fitted = dict(E.calibration(None, "NVIDIA H100 80GB HBM3", "native")["constants"], step_ff_units_compile_saved=2.8)
+    with_terms = E.estimate(*args, speed="fp8+compile", calibration_path=fitted, allocator="native")
+    assert "compile saved nothing" not in calibration_line(with_terms)
+    assert with_terms.stage("denoise_step").peak_allocated < fast_est.stage("denoise_step").peak_allocated

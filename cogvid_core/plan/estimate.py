@@ -245,10 +245,20 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
-                    keep_loaded, profile, float(c["reserved_margin"]), allocator, cal["choice"],
+                    keep_loaded, profile, float(c["reserved_margin"]), allocator, _choice(cal, parsed_speed),
                     {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
                     {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()},
                     cache=str(caches.parse(cache)))
+
+
+def _choice(cal: dict, speed: fast.Speed) -> dict:
+    """The calibration's choice as the report shows it; a compiled option on a file fitted without speed cells
+    (no compile terms: every file until the grid's speed cells are measured) says the estimate errs high."""
+    if not speed.compile or cal["constants"].get("step_ff_units_compile_saved") or not cal["choice"].get("card"):
+        return cal["choice"]
+    note = ("compiled speed options are counted as if compile saved nothing (this calibration has no speed "
+            "measurements): the estimate errs high for them (H200, resident step: up to 20% of peak allocated)")
+    return dict(cal["choice"], note="; ".join(x for x in (cal["choice"].get("note"), note) if x))
 
 
 def _host(sizes: dict, precision: dict, profile, variant_key: str, keep_loaded: bool, video_bytes: int, tiny: bool,
