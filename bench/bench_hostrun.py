@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run.report import StageRecorder  # noqa: E402
 from bench.common.checkpoints import hf_checkpoints, shift_time_embedding  # noqa: E402
-from bench.common.provenance import GIB, card_name, log, provenance, write_json  # noqa: E402
+from bench.common.provenance import GIB, allocator_name, card_name, log, provenance, write_json  # noqa: E402
 from bench.common.reference import PROMPT, fbc_probe, run_staged, start_image  # noqa: E402
 from bench.common.clock import step_clock  # noqa: E402
 from bench.common.sampling import TreeSampler  # noqa: E402
@@ -110,7 +110,6 @@ def _predicted(profile, sources, res, args, speed: str, cache: str, device) -> d
     """What `estimate` says of each stage of the plan that ran (its profile, bf16, the speed option, the
     LoRAs' bytes, the cache; this card's calibration file, or the nearest one with the transfer margin):
     {stage: {"allocated_gib", "reserved_gib"}} plus the calibration it used."""
-    from cogvid_core.device.info import allocator_backend
     from cogvid_core.model import lora
     from cogvid_core.plan.estimate import estimate
     from cogvid_core.speed import fast
@@ -122,7 +121,7 @@ def _predicted(profile, sources, res, args, speed: str, cache: str, device) -> d
     out = {s.name: dict(allocated_gib=s.peak_allocated / GIB, reserved_gib=s.peak_reserved / GIB,
                         verdict_gib=est.stage_needed(s.name) / GIB) for s in est.stages}
     out["lora_bytes"] = lora_bytes
-    out["allocator"] = allocator_backend() if device.type == "cuda" else "cpu"   # the set the estimate used (this process's)
+    out["allocator"] = allocator_name(device)   # the set the estimate used (this process's)
     out["calibration"] = est.calibration_source
     out["transfer_margin"] = est.transfer_margin
     return out

@@ -96,7 +96,12 @@ def measured_key(stage, variant_key, frames, height, width, key, speed: str = "e
     exact is part of it (exact cells keep the identity they always had)."""
     shape = {"text_encode": (), "image_encode": (variant_key, height, width)}.get(
         stage, (variant_key, frames, height, width))
-    return (stage, shape, json.dumps(list(key))) + ((speed,) if speed != "exact" else ())
+    return (stage, shape, json.dumps(list(key))) + _speed_part(speed)
+
+
+def _speed_part(speed: str) -> tuple:
+    """A measurement identity's speed: nothing for exact (the identity every exact cell always had)."""
+    return (speed,) if speed != "exact" else ()
 
 
 def _tier(stage, key, kind, frames, height, width) -> int:
@@ -165,9 +170,8 @@ def load_cells(paths) -> tuple[dict, list[dict]]:
 def measurement_of(c) -> tuple:
     """What a cell measured, whatever card and allocator: stage, variant, shape, stage settings (and a
     speed option other than exact)."""
-    speed = c.get("speed", "exact")
     return (c["stage"], c["variant"], c["frames"], c["height"], c["width"], json.dumps(c["settings"], sort_keys=True)) \
-        + ((speed,) if speed != "exact" else ())
+        + _speed_part(c.get("speed", "exact"))
 
 
 def _cells_of_rows(rows, heldout) -> list[dict]:

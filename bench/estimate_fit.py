@@ -68,14 +68,15 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
         keys = [k for k in STAGE_KEYS[stage] if in_memory or k != "stream_blocks"]
         if stage == "denoise_step" and speed_cells:
             keys += SPEED_KEYS
-            c.update({k: v for k, v in SPEED_STARTS.items() if not c[k]})   # from "nothing saved": a scale to search on
         if stage in lean.get("stages", []):
-            c.update({k: base[k] for k in STAGE_KEYS[stage]})
+            c.update({k: base[k] for k in (*STAGE_KEYS[stage], *keys)})
         elif mine:
             alloc_keys = [k for k in keys if k not in FRAG_KEYS]
             if stage in lean.get("allocated_terms", []):
                 c.update({k: base[k] for k in alloc_keys})
             else:
+                # from "nothing saved" only where they are searched: a scale to search on
+                c.update({k: v for k, v in SPEED_STARTS.items() if k in alloc_keys and not c[k]})
                 _minimize(c, mine, alloc_keys, _alloc_loss, free=SPEED_KEYS)
             _minimize(c, mine, [k for k in keys if k in FRAG_KEYS], _reserved_loss, free=SPEED_KEYS)
     c["fixed_bytes"], c["vae_fixed_bytes"] = int(c["fixed_bytes"]), int(c["vae_fixed_bytes"])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common.provenance import card_name, provenance
+from bench.common.provenance import allocator_name, card_name, provenance
 from bench.estimate_cells import (FULL_SHAPES, TINY_SHAPES, Task, measured_key, ordered, plan_tasks,
                                   settings_of)
 from cogvid_core.device import devmem
@@ -195,11 +195,6 @@ def measure(task: Task, models: Models, device, inputs: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------ the grid
-def allocator_backend(device) -> str:
-    """torch's CUDA allocator in this process ("native" or "cudaMallocAsync"); "cpu" on the CPU."""
-    return E.allocator_backend() if device.type == "cuda" else "cpu"
-
-
 def run_grid(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -312,7 +307,7 @@ def _sha(path: Path) -> str:
 
 
 def _env(device, dtype, args, t0, writer) -> dict:
-    return dict(provenance(card_name(device)), allocator=allocator_backend(device),
+    return dict(provenance(card_name(device)), allocator=allocator_name(device),
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                 weights="file-backed transformer and T5, in-memory VAE",
                 # which streaming code measured: the cells hold only for this filestream/placement (and the

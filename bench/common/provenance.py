@@ -57,6 +57,14 @@ def card_name(device=None) -> str:
     return platform.processor() or "cpu"
 
 
+def allocator_name(device) -> str:
+    """The estimate's name of this process's CUDA allocator set ("native", "native:expandable",
+    "cudaMallocAsync": cogvid_core.device.info.allocator_backend) on a CUDA device, "cpu" elsewhere."""
+    import torch
+    from cogvid_core.device.info import allocator_backend
+    return allocator_backend() if torch.device(device).type == "cuda" else "cpu"
+
+
 def versions(*packages: str) -> dict:
     """{package: installed version or None}; python's own first."""
     out = {"python": platform.python_version()}
