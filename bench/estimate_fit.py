@@ -10,7 +10,7 @@ from pathlib import Path
 from bench.estimate_cells import measurement_of, profile_of, stage_key
 from bench.estimate_replay import errors, measured_runs, predict
 from cogvid_core.model.stages import STAGES
-from cogvid_core.plan import estimate as E
+from cogvid_core.plan import estimate as E, speedmem
 
 
 # constants fitted on each stage's own cells (few parameters per problem: Nelder-Mead converges);
@@ -22,7 +22,7 @@ STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
                                "fixed_bytes", "stream_blocks", "reserved_frag", "reserved_frag_lowmem"),
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_reserved_frag", "dec_video_frag")}
 # fitted only where the set has speed cells (bench_estimate --speeds): what a compiled step does not hold
-SPEED_KEYS = ("step_ff_units_compile_saved", "step_ff_units_fp8_compile_saved", "reserved_frag_compile_mult")
+SPEED_KEYS = tuple(speedmem.NEUTRAL)
 # their starts (units of the feed-forward phase; a share): no first-principles value, so the fit does not
 # pull them towards these (_minimize's ``free``)
 SPEED_STARTS = {"step_ff_units_compile_saved": 2.0, "step_ff_units_fp8_compile_saved": 1.0}

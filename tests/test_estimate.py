@@ -164,7 +164,7 @@ def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds(name):
     on the H100, each stage's peaks. Today's estimate of each plan: allocated within +-10% of every stage,
     every verdict at or above what the stage reserved (session 16's own table had the strip encode 18% under
     and unsafe, fixed since: enc_strip_units; session 17 measured it +3.1%), host RAM within +-15% (the
-    compiled option's denoise was 27% under: COMPILE_HOST_BYTES)."""
+    compiled option's denoise was 27% under: speedmem.COMPILE_HOST_BYTES)."""
     checked = 0
     for recipe, stage, e, st in _shipped_rows(_bench_json(name), "NVIDIA H100 80GB HBM3"):
         est = e.stage(stage)

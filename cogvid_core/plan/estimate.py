@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cogvid_core.plan import cards
+from cogvid_core.plan import cards, speedmem
 from cogvid_core.speed import caches, fast
 from cogvid_core.plan.cards import allocator_backend  # noqa: F401  (the allocator the estimate is for, by default)
 from cogvid_core.device.devmem import precision_bytes
@@ -44,12 +44,6 @@ COMPONENTS = ("transformer", "text_encoder", "vae")
 # what the loaders' and the CLI's "auto" picks for the card (bf16 where it has it: precision.choose)
 DEFAULT_PRECISION = {c: P.AUTO for c in COMPONENTS}
 
-# What compiling the blocks holds in the process's own host memory during the denoise (inductor's lowering and
-# code generation; its worker processes come on top): H100, the 12 GB plan at 81x768x1360 from the files,
-# denoise anonymous + pinned 2.81 GiB with fp8+fa3fp8+compile against 2.15 exact (bench/hostrun_estimate_h100.json),
-# rounded up. A restart with the kept compile file holds less (the estimate is then on the safe side).
-COMPILE_HOST_BYTES = int(0.7 * 1024 ** 3)
-
 # Starting constants, fitted by hand on measured peaks of diffusers recipes (H100), before calibration.
 DEFAULT_CONSTANTS = {
     "t5_act_units": 12.0,          # x 226 x d_model x bytes, + attention scores
@@ -65,13 +59,7 @@ DEFAULT_CONSTANTS = {
     "step_ff_units": 9.0,          # 2 x 4 units intermediate (linear out, GELU out) + output
     "step_ff_units_chunked": 9.0,  # the same per chunk, for activations.ChunkedFeedForward
     "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
-    # what a compiled speed option does not hold of the feed-forward phase (units of it), and with fp8
-    # besides; the share of the step's fragmentation a compiled step keeps. Fitted from the grid's speed
-    # cells (bench_estimate --speeds); until a card's file has them, nothing saved (the safe side): the
-    # H200's resident step allocates 8.6-20.3% less with compiled options than exact counts (docs)
-    "step_ff_units_compile_saved": 0.0,
-    "step_ff_units_fp8_compile_saved": 0.0,
-    "reserved_frag_compile_mult": 1.0,
+    **speedmem.NEUTRAL,           # a compiled step's terms (plan/speedmem.py)
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)
@@ -90,16 +78,6 @@ DEFAULT_CONSTANTS = {
     "reserved_margin_stages": {},  # the same per stage, the step's per CFG mode ("denoise_step:batched"), when fitted
     "reserved_margin_bytes_stages": {},  # per stage: the largest under-estimate in bytes (see Estimate.stage_needed)
 }
-
-# What a speed option (cogvid_core.speed.fast) adds to the denoise step, in hidden-state units (batch x tokens
-# x dim x bytes), from H200 runs of 1.5 at 81x768x1360. FP8 attention keeps float8 q, k, v, K less its
-# mean and the output's layout copy: +0.63 GiB allocated over exact in lowvram, one branch of 45,106
-# tokens (bench/hostrun_h200_s6.json), 2.4 units. float8 matmuls without compile keep the feed-forward's
-# 12288-wide intermediate in several forms: +10.97 GiB resident, batched, unchunked (bench/speed_h200.json),
-# 21 units of the phase's rows. compile, cudnn, sage and fp8+compile peaked at or below exact.
-SPEED_ATTN_UNITS = {"fa3fp8": 2.4}
-FP8_EAGER_FF_UNITS = 21.0
-
 
 # ---------------------------------------------------------------- calibration
 def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native") -> dict:
@@ -236,39 +214,28 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     # PAB 1.0 +8.8 GiB measured / 8.5 here; FasterCache 1.0 +15.6 / 17.1, 1.5 +42.3 / 43.4)
     weights["denoise_step"] += cache_bytes(v, frames, height, width, cache, precision, tiny, cache_branches)
     host = _host(sizes, precision, profile, v.key, keep_loaded, video_bytes, tiny, tile_t is not None,
-                 parsed_speed.compile)
+                 speedmem.host_bytes(parsed_speed, tiny))
     dec_out = _decode_out_bytes(v, frames, height, width, tile_t, precision)
     step_frag = ("reserved_frag_lowmem" if profile.low_mem_attention else "reserved_frag",
-                 c["reserved_frag_compile_mult"] if parsed_speed.compile else 1.0)
+                 speedmem.frag_mult(c, parsed_speed))
     stages = [_stage(name, weights[name], acts[name], c, dec_out, host[name], step_frag) for name in STAGES]
     src = ", ".join(str(cal[k]) for k in ("card", "torch", "diffusers", "date") if cal.get(k)) or "built-in defaults"
     src += f", {cal['choice']['allocator']} allocator" if cal.get("card") else ""
     return Estimate(v.key, frames, height, width, profile.name, precision, profile.cfg_mode,
                     profile.ff_chunk or None, tile_t, tokens(v, frames, height, width), stages, budget_bytes, src,
-                    keep_loaded, profile, float(c["reserved_margin"]), allocator, _choice(cal, parsed_speed),
+                    keep_loaded, profile, float(c["reserved_margin"]), allocator, speedmem.choice(cal, parsed_speed),
                     {k: float(m) for k, m in (c.get("reserved_margin_stages") or {}).items()},
                     {k: int(m) for k, m in (c.get("reserved_margin_bytes_stages") or {}).items()},
                     cache=str(caches.parse(cache)))
 
 
-def _choice(cal: dict, speed: fast.Speed) -> dict:
-    """The calibration's choice as the report shows it; a compiled option on a file fitted without speed cells
-    (no compile terms: every file until the grid's speed cells are measured) says the estimate errs high."""
-    if not speed.compile or cal["constants"].get("step_ff_units_compile_saved") or not cal["choice"].get("card"):
-        return cal["choice"]
-    note = ("compiled speed options are counted as if compile saved nothing (this calibration has no speed "
-            "measurements): the estimate errs high for them (H200, resident step: up to 20% of peak allocated)")
-    return dict(cal["choice"], note="; ".join(x for x in (cal["choice"].get("note"), note) if x))
-
-
 def _host(sizes: dict, precision: dict, profile, variant_key: str, keep_loaded: bool, video_bytes: int, tiny: bool,
-          tiled: bool, compiled: bool) -> dict[str, tuple[int, int]]:
-    """hostplan's {stage: (owned, file)}, with what compiling holds during the denoise (COMPILE_HOST_BYTES)."""
+          tiled: bool, speed_host: int) -> dict[str, tuple[int, int]]:
+    """hostplan's {stage: (owned, file)}, with what the speed option holds during the denoise (speed_host)."""
     host = host_stages(sizes, precision, {k: str(getattr(profile, k)) for k in COMPONENTS}, variant_key, keep_loaded,
                        video_bytes, tiny, tiled=tiled)
-    if compiled and not tiny:
-        owned, file = host["denoise_step"]
-        host["denoise_step"] = (owned + COMPILE_HOST_BYTES, file)
+    owned, file = host["denoise_step"]
+    host["denoise_step"] = (owned + speed_host, file)
     return host
 
 
@@ -337,10 +304,8 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
     ff_chunk = profile.ff_chunk or None
     chunk = min(int(ff_chunk), n) if ff_chunk else n
     attn_units = c["step_attn_units_lowmem"] if profile.low_mem_attention else c["step_attn_units"]
-    attn_units += SPEED_ATTN_UNITS.get(speed.attention, 0.0)
-    ff_extra = FP8_EAGER_FF_UNITS if speed.fp8 and not speed.compile else 0.0
-    if speed.compile:
-        ff_extra -= c["step_ff_units_compile_saved"] + (c["step_ff_units_fp8_compile_saved"] if speed.fp8 else 0.0)
+    attn_units += speedmem.attention_units(speed)
+    ff_extra = speedmem.ff_units(c, speed)
     if chunk < n:   # chunk intermediates + the full output the chunks are written into
         ff_bytes = max(c["step_ff_units_chunked"] + ff_extra, 1.0) * batch * chunk * dim * xb \
             + c["step_ff_chunk_live_units"] * unit
