@@ -216,6 +216,7 @@ def outside_tolerance(cells, fitted: dict, tolerance: float) -> list[dict]:
             if abs(ea) > tolerance or abs(er) > tolerance:
                 out.append(dict(allocator=a, kind=c["kind"], stage=c["stage"], variant=c["variant"], frames=c["frames"],
                                 height=c["height"], width=c["width"], key=list(stage_key(c["stage"], profile_of(c))),
+                                **({"speed": c["speed"]} if c.get("speed", "exact") != "exact" else {}),
                                 alloc_err=round(ea, 3), reserved_err=round(er, 3)))
     return out
 

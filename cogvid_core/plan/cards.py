@@ -13,8 +13,10 @@ other card's file asked of it, where that file measured the configuration); the 
   criterion: it does not change a peak (only at the limit, where the allocator frees its cache and
   reserves less);
 - then the file that calibrates the most: fewer stages excluded, file-backed weights (what the loaders
-  load), more allocator sets. Both files today are Hopper (9.0), so this decides: the H200 file (every
-  stage, three allocators, file-backed) against the H100 one (decode excluded, native only, in-memory).
+  load), fitted with speed cells (the step's attention / feed-forward split and what a compiled option
+  saves: without them a compiled option is counted as if compile saved nothing), more allocator sets.
+  Both files today are Hopper (9.0), every stage, three allocators, file-backed; the H100's has the speed
+  cells (session 18), so it is the nearest.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def _rank(fam: str, doc: dict, capability: tuple | None) -> tuple:
     cc = CAPABILITY.get(fam)
     arch = (cc[0] != capability[0], abs(cc[0] * 10 + cc[1] - capability[0] * 10 - capability[1])) \
         if cc and capability else (False, 0)
-    return (arch, len(doc.get("excluded") or {}), not str(doc.get("weights", "")).startswith("file-backed"),
+    speed = any((a.get("constants") or {}).get("step_ff_units_compile_saved") for a in (doc.get("allocators") or {}).values())
+    return (arch, len(doc.get("excluded") or {}), not str(doc.get("weights", "")).startswith("file-backed"), not speed,
             -len(doc.get("allocators") or {}), fam)
 
 
