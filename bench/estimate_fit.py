@@ -21,11 +21,12 @@ STAGE_KEYS = {"text_encode": ("t5_act_units", "text_reserved_frag"),
                                "step_ff_units_chunked", "step_ff_chunk_live_units", "stream_buffer_mult",
                                "fixed_bytes", "stream_blocks", "reserved_frag", "reserved_frag_lowmem"),
               "decode": ("dec_tile_mult", "dec_accum_mult", "dec_reserved_frag", "dec_video_frag")}
-# fitted only where the set has speed cells (bench_estimate --speeds): what a compiled step does not hold
+# fitted only where the set has speed cells (bench_estimate --speeds): a compiled step's and eager fp8's terms
 SPEED_KEYS = tuple(speedmem.NEUTRAL)
 # their starts (units of the feed-forward phase; a share): no first-principles value, so the fit does not
 # pull them towards these (_minimize's ``free``)
-SPEED_STARTS = {"step_ff_units_compile_saved": 2.0, "step_ff_units_fp8_compile_saved": 1.0}
+SPEED_STARTS = {"step_ff_units_compile_saved": 2.0, "step_ff_units_fp8_compile_saved": 1.0,
+                "step_live_units_fp8_eager": 1.0}
 # the shares of reserved over allocated: they move only the reserved peak, fitted after the rest
 FRAG_KEYS = {"text_reserved_frag", "enc_reserved_frag", "reserved_frag", "reserved_frag_lowmem",
              "dec_reserved_frag", "dec_video_frag", "reserved_frag_compile_mult"}

@@ -161,14 +161,16 @@ def _shipped_rows(raw: dict, card: str):
 def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds(name):
     """bench/hostrun_estimate_h100*.json (sessions 16 and 17): the shipped workflows' plans (12 GB, 8 GB, 24 GB,
     + LoRA, + fp8, + fp8+fa3fp8+compile; session 17: fa3fp8 alone for the 8 GB one) run whole from the files
-    on the H100, each stage's peaks. Today's estimate of each plan: allocated within +-10% of every stage,
-    every verdict at or above what the stage reserved (session 16's own table had the strip encode 18% under
+    on the H100, each stage's peaks. Today's estimate of each plan: allocated and (since session 18's refit:
+    the lowvram step was +10.2% / +20.4%) reserved within +-10% of every stage, every verdict at or above what the
+    stage reserved (session 16's own table had the strip encode 18% under
     and unsafe, fixed since: enc_strip_units; session 17 measured it +3.1%), host RAM within +-15% (the
     compiled option's denoise was 27% under: speedmem.COMPILE_HOST_BYTES)."""
     checked = 0
     for recipe, stage, e, st in _shipped_rows(_bench_json(name), "NVIDIA H100 80GB HBM3"):
         est = e.stage(stage)
         assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (recipe, stage)
+        assert abs(est.peak_reserved / GiB / st["peak_reserved_gib"] - 1) <= 0.10, (recipe, stage)
         assert st["peak_reserved_gib"] <= e.stage_needed(stage) / GiB, (recipe, stage)
         assert abs(est.host_bytes / GiB / st["host_peak_anon_pinned_gib"] - 1) <= 0.15, (recipe, stage)
         checked += 1
@@ -178,7 +180,7 @@ def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds(name):
 def test_the_h200_file_with_the_transfer_margin_covers_the_h100s_shipped_plans():
     """The transfer, on whole runs, one way: the H200's file (the one the other card gets) plus the transfer
     margin, judged against the H100's measured runs of the shipped plans (session 17), a card that file never
-    saw: every stage's verdict covers what the stage reserved (the closest: the fp8 denoise, 0.3% above it) and
+    saw: every stage's verdict covers what the stage reserved (the closest: the fp8 denoise, 3.1% above it) and
     allocated stays within +-10%. Reserved errors (docs/performance.md): -11.6% (fp8 denoise) to +13.7% (fast
     lowvram denoise). The other way (the H100's file,
     what a card with no file gets since session 18, on the H200's runs): the test after this one."""
@@ -496,8 +498,8 @@ def test_a_card_without_a_file_gets_a_safe_verdict_for_the_h200s_whole_runs(benc
     nearest file, the H100's since session 18 (fitted with speed cells), plus the transfer margin. Judged
     against the H200's command-line runs of the 12 GB and 24 GB workflows (file-backed, expandable segments;
     the 12gb run is the one with the streamed blocks' ring, c5), a card that file never saw: every stage
-    allocated and reserved within +-10% and its verdict covers what it reserved (allocated -3.7..+0.7%,
-    reserved -6.5..+7.6%, verdicts +5.4..+16.0% above the peaks with the 3.2% margin, session 18)."""
+    allocated and reserved within +-10% and its verdict covers what it reserved (allocated -3.7..+2.8%,
+    reserved -6.5..+9.2%, verdicts +8.3..+21.3% above the peaks with the 6.0% margin, session 18)."""
     choice = E.calibration(None, "NVIDIA GeForce RTX 4090", "native:expandable")["choice"]
     assert choice["family"] == "h100" and not choice["matched"] and choice["transfer_margin"] > 0
     report = _bench_json(bench_file)["cli"][workflow]["report"]

@@ -311,7 +311,7 @@ def _denoise_step_bytes(c: dict, v: Variant, tcfg: dict, precision: dict, profil
             + c["step_ff_chunk_live_units"] * unit
     else:
         ff_bytes = max(c["step_ff_units"] + ff_extra, 1.0) * unit
-    step_act = c["step_live_units"] * unit + max(attn_units * unit, ff_bytes)
+    step_act = (c["step_live_units"] + speedmem.live_units(c, speed)) * unit + max(attn_units * unit, ff_bytes)
     lf = latent_frames(v, frames)[0]
     step_act += 3 * batch * lf * 32 * (height // 8) * (width // 8) * 4   # latents in/out, fp32 scheduler
     step_act += 2 * video_tokens(v, frames, height, width) * tcfg["attention_head_dim"] * 4  # RoPE cos/sin

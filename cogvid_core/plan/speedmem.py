@@ -15,17 +15,23 @@ COMPILE_HOST_BYTES = int(0.7 * 1024 ** 3)
 
 # What a speed option adds to the denoise step, from H200 runs of 1.5 at 81x768x1360. FP8 attention keeps float8
 # q, k, v, K less its mean and the output's layout copy: +0.63 GiB allocated over exact in lowvram, one branch of
-# 45,106 tokens (bench/hostrun_h200_s6.json), 2.4 units. float8 matmuls without compile keep the feed-forward's
-# 12288-wide intermediate in several forms: +10.97 GiB resident, batched, unchunked (bench/speed_h200.json),
-# 21 units of the phase's rows. compile, cudnn, sage and fp8+compile peaked at or below exact.
+# 45,106 tokens (bench/hostrun_h200_s6.json), 2.4 units. compile, cudnn, sage and fp8+compile peaked at or below exact.
 SPEED_ATTN_UNITS = {"fa3fp8": 2.4}
-FP8_EAGER_FF_UNITS = 21.0
 
-# The calibration's terms for a compiled step (DEFAULT_CONSTANTS' starts: nothing saved, the safe side), fitted
-# from the grid's speed cells (bench_estimate --speeds): what a compiled option does not hold of the
-# feed-forward phase (units of it), and with fp8 besides; the share of the step's fragmentation it keeps.
+# The calibration's terms for a speed option, fitted from the grid's speed cells (bench_estimate --speeds); a file
+# without them keeps these starts:
+# - a compiled step: what it does not hold of the feed-forward phase (units of it), more with fp8, and the share of
+#   the step's fragmentation it keeps; nothing saved (the safe side);
+# - float8 matmuls without compile (eager `fp8`): units of the feed-forward phase's rows (the 12288-wide
+#   intermediate in several forms: +10.97 GiB resident, batched, unchunked, bench/speed_h200.json: 21 units) and
+#   full-size units on top (the H100's chunked steps held 0.4-1.7 GiB more than 21 units of their chunk's rows:
+#   bench/estimate_h100_speed.json).
 NEUTRAL = {"step_ff_units_compile_saved": 0.0, "step_ff_units_fp8_compile_saved": 0.0,
-           "reserved_frag_compile_mult": 1.0}
+           "reserved_frag_compile_mult": 1.0, "step_ff_units_fp8_eager": 21.0, "step_live_units_fp8_eager": 0.0}
+
+
+def eager_fp8(speed: fast.Speed) -> bool:
+    return speed.fp8 and not speed.compile
 
 
 def attention_units(speed: fast.Speed) -> float:
@@ -35,10 +41,15 @@ def attention_units(speed: fast.Speed) -> float:
 
 def ff_units(c: dict, speed: fast.Speed) -> float:
     """Units the option adds to (negative: takes from) the feed-forward phase, per row of it."""
-    extra = FP8_EAGER_FF_UNITS if speed.fp8 and not speed.compile else 0.0
+    extra = c["step_ff_units_fp8_eager"] if eager_fp8(speed) else 0.0
     if speed.compile:
         extra -= c["step_ff_units_compile_saved"] + (c["step_ff_units_fp8_compile_saved"] if speed.fp8 else 0.0)
     return extra
+
+
+def live_units(c: dict, speed: fast.Speed) -> float:
+    """Full-size units the option holds beside the step's live hidden states."""
+    return c["step_live_units_fp8_eager"] if eager_fp8(speed) else 0.0
 
 
 def frag_mult(c: dict, speed: fast.Speed) -> float:
