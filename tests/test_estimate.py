@@ -491,6 +491,19 @@ def test_host_estimate_replays_the_h200_runs():
             assert abs(got / measured[label] - 1) <= 0.15, (name, stage, got, measured[label])
 
 
+def _check_cli_run(report: dict, est) -> None:
+    """Each stage of a command-line run's report against ``est``: allocated and reserved within +-10%, and
+    the verdict at or above what the stage reserved."""
+    names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
+    rows = [r for r in _replayed_rows(report) if r["stage"] in names]
+    assert len(rows) == (3 if report["settings"]["encode_tiled"] else 4)
+    for row in rows:
+        e = est.stage(names[row["stage"]])
+        assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
+        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
+        assert est.stage_needed(names[row["stage"]]) >= row["peak_reserved_gib"] * GiB, (row["stage"], row)
+
+
 @pytest.mark.parametrize("bench_file,workflow", [("comfyui_gpu_h200_c5_ring.json", "12gb"),
                                                  ("comfyui_gpu_h200_c4_hosttiles.json", "24gb")])
 def test_a_card_without_a_file_gets_a_safe_verdict_for_the_h200s_whole_runs(bench_file, workflow):
@@ -505,14 +518,7 @@ def test_a_card_without_a_file_gets_a_safe_verdict_for_the_h200s_whole_runs(benc
     report = _bench_json(bench_file)["cli"][workflow]["report"]
     est = E.estimate("cogvideox1.5-5b-i2v", 81, 768, 1360, _replayed_profile(report["settings"]),
                      card="NVIDIA GeForce RTX 4090", allocator="native:expandable")
-    names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
-    rows = [r for r in _replayed_rows(report) if r["stage"] in names]
-    assert len(rows) == (3 if report["settings"]["encode_tiled"] else 4)
-    for row in rows:
-        e = est.stage(names[row["stage"]])
-        assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert est.stage_needed(names[row["stage"]]) >= row["peak_reserved_gib"] * GiB, (row["stage"], row)
+    _check_cli_run(report, est)
 
 
 def test_decode_host_term_replays_the_cpu_measurement():
@@ -541,14 +547,7 @@ def test_file_backed_h200_runs_replay_with_the_h200_calibration(bench_file, work
     assert est.calibration["family"] == "h200" and est.calibration["tolerance"] == 0.10
     assert est.calibration["allocator"] == "native:expandable"
     assert "denoise_step not measured under native:expandable: the native constants" in est.calibration["note"]
-    names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
-    rows = [r for r in _replayed_rows(report) if r["stage"] in names]
-    assert len(rows) == (3 if report["settings"]["encode_tiled"] else 4)
-    for row in rows:
-        e = est.stage(names[row["stage"]])
-        assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert est.stage_needed(names[row["stage"]]) >= row["peak_reserved_gib"] * GiB, (row["stage"], row)
+    _check_cli_run(report, est)
 
 
 def test_speed_options_memory_replays_the_h200_runs():
