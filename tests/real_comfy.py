@@ -1,4 +1,5 @@
-"""Tests against a real ComfyUI checkout (COMFYUI_DIR; COMFYUI_PYTHON: a python that can import it).
+"""Tests against a real ComfyUI checkout (COMFYUI_DIR; COMFYUI_PYTHON: a python that can import it, and
+pytest: the script is the test file itself, e.g. `COMFYUI_PYTHON=venv/bin/python`, `venv/bin/python -m pip install pytest`).
 
 Each such test runs a script in a fresh process (ComfyUI reads its arguments and sets global state at
 import): :func:`run_script` starts it and reads the JSON it prints last; inside it, :func:`enter` makes
