@@ -73,8 +73,8 @@ def fit(cells, start: dict | None = None, base: dict | None = None) -> dict:
     speed_cells = any(x["kind"] == "speed" for x in cells)
     in_memory = any(not x.get("file_backed", True) for x in cells)
     lean = leans_on_base(cells, base) if base else {}
-    if "denoise_step" in lean.get("allocated_terms", []) and not speed_cells:
-        c.update({k: base[k] for k in SPEED_KEYS})     # compile's terms with the split they were fitted with
+    if not speed_cells and "denoise_step" in (*lean.get("allocated_terms", []), *lean.get("stages", [])):
+        c.update({k: base[k] for k in SPEED_KEYS})     # the step's terms are base's: its speed terms go with them
     for stage in ("denoise_step", "text_encode", "image_encode", "decode"):   # the step fixes fixed_bytes first
         mine = [x for x in cells if x["stage"] == stage]
         # stream_blocks counts only for in-memory streamed models (file-backed: 1 + PREFETCH_DEPTH)
@@ -124,8 +124,7 @@ def leans_on_base(cells, base: dict | None = None) -> dict:
     for x in cells:
         if x["kind"] == "fit" and not x.get("error") and x["reserved"]:
             shapes.setdefault(x["stage"], set()).add((x["variant"], x["frames"], x["height"], x["width"]))
-    speed_from_base = bool(base) and not any(x["kind"] == "speed" for x in cells) and \
-        any(base[k] != v for k, v in speedmem.NEUTRAL.items())
+    speed_from_base = bool(base) and not any(x["kind"] == "speed" for x in cells) and speedmem.fitted(base)
     return {"stages": [s for s in STAGES if s not in shapes],     # T5 reads 226 tokens whatever the video
             "allocated_terms": [s for s in STAGES if s != "text_encode" and (0 < len(shapes.get(s, ())) < MIN_SHAPES
                                 or (s == "denoise_step" and s in shapes and speed_from_base))]}

@@ -91,3 +91,6 @@ def test_a_set_without_speed_cells_takes_the_step_split_and_compile_terms_from_a
     fitted = F.fit(own, base=base)
     for k in (*F.SPEED_KEYS, "step_attn_units", "step_ff_units", "step_live_units"):
         assert fitted[k] == base[k], k
+    # a set with no step cells at all (e.g. a decode-only allocator grid) takes them the same way
+    no_step = F.fit([], base=base)
+    assert all(no_step[k] == base[k] for k in F.SPEED_KEYS)

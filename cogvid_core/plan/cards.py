@@ -27,6 +27,7 @@ from pathlib import Path
 from cogvid_core.device.info import ALLOCATORS, allocator_backend, allocator_key, device_card  # noqa: F401  (re-exported)
 from cogvid_core.device.info import device_capability
 from cogvid_core.model.stages import STAGES
+from cogvid_core.plan import speedmem
 
 CALIBRATION_DIR = Path(__file__).with_name("calibration")
 # the margin a card with no file of its own gets (bench/estimate_transfer.py --write): not a card's file
@@ -63,7 +64,7 @@ def _rank(fam: str, doc: dict, capability: tuple | None) -> tuple:
     cc = CAPABILITY.get(fam)
     arch = (cc[0] != capability[0], abs(cc[0] * 10 + cc[1] - capability[0] * 10 - capability[1])) \
         if cc and capability else (False, 0)
-    speed = any((a.get("constants") or {}).get("step_ff_units_compile_saved") for a in (doc.get("allocators") or {}).values())
+    speed = any(speedmem.fitted(a.get("constants") or {}) for a in (doc.get("allocators") or {}).values())
     return (arch, len(doc.get("excluded") or {}), not str(doc.get("weights", "")).startswith("file-backed"), not speed,
             -len(doc.get("allocators") or {}), fam)
 

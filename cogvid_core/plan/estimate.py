@@ -59,7 +59,7 @@ DEFAULT_CONSTANTS = {
     "step_ff_units": 9.0,          # 2 x 4 units intermediate (linear out, GELU out) + output
     "step_ff_units_chunked": 9.0,  # the same per chunk, for activations.ChunkedFeedForward
     "step_ff_chunk_live_units": 1.0,  # full-size tensors alive while chunking (the output, ...)
-    **speedmem.NEUTRAL,           # a compiled step's terms (plan/speedmem.py)
+    **speedmem.NEUTRAL,           # a speed option's fitted terms (plan/speedmem.py)
     "stream_buffer_mult": 1.0,     # a streamed model's buffers (1.0's positional embedding) x this
     "dec_tile_mult": 19.0,         # x 128 ch x output frames of a chunk x tile area x bytes
     "dec_accum_mult": 2.0,         # x bytes of one tile's decoded frames (frame batches + their cat)

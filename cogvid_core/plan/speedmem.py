@@ -30,6 +30,11 @@ NEUTRAL = {"step_ff_units_compile_saved": 0.0, "step_ff_units_fp8_compile_saved"
            "reserved_frag_compile_mult": 1.0, "step_ff_units_fp8_eager": 21.0, "step_live_units_fp8_eager": 0.0}
 
 
+def fitted(constants: dict) -> bool:
+    """Whether a calibration set was fitted with speed cells (any of its speed terms moved from NEUTRAL)."""
+    return any(constants.get(k, v) != v for k, v in NEUTRAL.items())
+
+
 def eager_fp8(speed: fast.Speed) -> bool:
     return speed.fp8 and not speed.compile
 
@@ -65,7 +70,7 @@ def host_bytes(speed: fast.Speed, tiny: bool) -> int:
 def choice(cal: dict, speed: fast.Speed) -> dict:
     """The calibration's choice as the report shows it; a compiled option on a file fitted without speed cells
     (no compile terms) says the estimate errs high."""
-    if not speed.compile or cal["constants"].get("step_ff_units_compile_saved") or not cal["choice"].get("card"):
+    if not speed.compile or fitted(cal["constants"]) or not cal["choice"].get("card"):
         return cal["choice"]
     note = ("compiled speed options are counted as if compile saved nothing (this calibration has no speed "
             "measurements): the estimate errs high for them (H200, resident step: up to 20% of peak allocated)")
