@@ -598,10 +598,10 @@ def test_a_stage_margin_in_bytes_lowers_big_peaks_never_below_the_tolerance():
         assert e.stage_needed("decode") >= int(dec * 1.1) or tol is None
         assert f"= {e.needed_bytes / GiB:.2f} GiB" in e.report()
     # the committed H200 file: a 5-6 GiB decode under cudaMallocAsync needs its 10% tolerance, not the
-    # 20%+ its small tiles' misses set (their bytes are few)
+    # 17%+ its small tiles' misses set (their bytes are few)
     e = est(profile="lowvram", card="NVIDIA H200", allocator="cudaMallocAsync")
     d = e.stage("decode").peak_reserved
-    assert e.stage_margin("decode") > 0.2 and e.stage_needed("decode") < d * 1.15
+    assert e.stage_margin("decode") > 0.15 and e.stage_needed("decode") < d * 1.15
 
 
 def test_a_compiled_option_says_the_estimate_errs_high_until_speed_cells_are_fitted():
