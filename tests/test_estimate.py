@@ -512,7 +512,7 @@ def test_a_card_without_a_file_gets_a_safe_verdict_for_the_h200s_whole_runs(benc
     against the H200's command-line runs of the 12 GB and 24 GB workflows (file-backed, expandable segments;
     the 12gb run is the one with the streamed blocks' ring, c5), a card that file never saw: every stage
     allocated and reserved within +-10% and its verdict covers what it reserved (allocated -3.7..+2.8%,
-    reserved -6.5..+9.2%, verdicts +8.3..+21.3% above the peaks with the 6.0% margin, session 18)."""
+    reserved -6.2..+9.2%, verdicts +8.2..+21.3% above the peaks with the 6.0% margin, session 19's files)."""
     choice = E.calibration(None, "NVIDIA GeForce RTX 4090", "native:expandable")["choice"]
     assert choice["family"] == "h100" and not choice["matched"] and choice["transfer_margin"] > 0
     report = _bench_json(bench_file)["cli"][workflow]["report"]
