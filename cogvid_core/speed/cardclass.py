@@ -92,11 +92,15 @@ CLASSES = (
     # README: kernels for Ampere, Ada and Hopper; its paper (arXiv 2410.02367): ~2.1x FlashAttention-2's
     # attention throughput, a kernel figure, not a CogVideoX step. On Hopper the fast attention added most
     # on top of fp8+compile (0.836x -> 0.595x with FA3), so fp8 with sage comes first; no FA3 FP8 for Ada.
+    # Emulated on an H100 (bench/speed_emulate89_sage_h100.json): fp8+sage+compile 0.818x, fp8+compile 0.809x, but
+    # there exact runs Hopper's cuDNN attention; an Ada card's SDPA runs the flash kernel (1.205x exact on the
+    # H100, sage 0.84x of it: bench/speed_emulate86_h100.json).
     CardClass("Ada", (8, 9), ("fp8+sage+compile", "fp8+compile", "sage+compile", "compile", "exact"),
               lacks="FlashAttention-3's FP8 is Hopper only"),
     # RTX 30xx, A100, A10, A4000 (8.0-8.7). Not measured on such a card. No float8 matmuls (< 8.9); sage's
     # kernels cover Ampere (its README). cudnn is left out: torch's SDPA ranks cuDNN first from Hopper on and
-    # runs its flash kernel here; putting cuDNN first is not measured on Ampere.
+    # runs its flash kernel here; putting cuDNN first is not measured on Ampere. Emulated on an H100
+    # (bench/speed_emulate86_h100.json): sage+compile 0.869x, compile 0.854x with the H100's cuDNN attention.
     CardClass("Ampere", (8, 0), ("sage+compile", "compile", "exact"),
               lacks="float8 matmuls need compute capability 8.9 (Ada, Hopper); FlashAttention-3's FP8 is Hopper only"),
     # RTX 20xx, T4 (7.5), V100 (7.0). Not measured. Triton (torch.compile's GPU backend) needs 7.0
