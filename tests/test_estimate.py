@@ -183,10 +183,15 @@ def test_the_h200_file_with_the_transfer_margin_covers_the_h100s_shipped_plans()
     saw: every stage's verdict covers what the stage reserved (the closest: the fp8 denoise, 3.1% above it) and
     allocated stays within +-10%. Reserved errors (docs/performance.md): -11.6% (fp8 denoise) to +13.7% (fast
     lowvram denoise). The other way (the H100's file,
-    what a card with no file gets since session 18, on the H200's runs): the test after this one."""
+    what a card with no file gets since session 18, on the H200's runs): the test after this one. The compiled
+    recipe's 4 rows are left out: since session 19 an H200 estimates a compiled option with the H100's file
+    (h200.json has no speed cells: test_an_h200_estimates_compiled_options_with_the_h100s_file)."""
     margin = cards.transfer()["margin"]
     checked, reserved_errors, short = 0, [], []
     for recipe, stage, e, st in _shipped_rows(_bench_json("hostrun_estimate_h100_s17.json"), "NVIDIA H200"):
+        if "compile" in recipe:
+            assert e.calibration["family"] == "h100" and e.transfer_margin == margin
+            continue
         assert e.calibration["family"] == "h200" and e.transfer_margin == 0
         est = e.stage(stage)
         assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (recipe, stage)
@@ -194,7 +199,7 @@ def test_the_h200_file_with_the_transfer_margin_covers_the_h100s_shipped_plans()
         reserved_errors.append(est.peak_reserved / GiB / st["peak_reserved_gib"] - 1)
         short += [(recipe, stage)] if st["peak_reserved_gib"] > e.stage_needed(stage) / GiB else []
         checked += 1
-    assert checked == 24 and min(reserved_errors) < -0.10
+    assert checked == 20 and min(reserved_errors) < -0.10
     assert short          # not vacuous: without the margin (as the H200 itself gets the file) a stage is short
 
 
@@ -604,15 +609,20 @@ def test_a_stage_margin_in_bytes_lowers_big_peaks_never_below_the_tolerance():
     assert e.stage_margin("decode") > 0.15 and e.stage_needed("decode") < d * 1.15
 
 
-def test_a_compiled_option_says_the_estimate_errs_high_until_speed_cells_are_fitted():
-    """A file fitted without speed cells (h200.json) counts a compiled option as if compile saved nothing, and
-    the report says so; one fitted with them (h100.json since session 18: bench/estimate_h100_speed.json) does
-    not, and counts less for the compiled option than the same constants without compile's terms."""
+def test_a_compiled_option_says_the_estimate_errs_high_until_speed_cells_are_fitted(tmp_path, monkeypatch):
+    """Where no file has speed cells (h200.json alone here), a compiled option is counted as if compile saved
+    nothing, and the report says so; a file fitted with them (h100.json since session 18:
+    bench/estimate_h100_speed.json) does not, and counts less for the compiled option than the same constants
+    without compile's terms."""
     from cogvid_core.plan.chart import calibration_line
     args = ("cogvideox1.5-5b-i2v", 81, 768, 1360, "resident")
+    (tmp_path / "h200.json").write_text((cards.CALIBRATION_DIR / "h200.json").read_text())
+    monkeypatch.setattr(cards, "CALIBRATION_DIR", tmp_path)
     h200 = E.estimate(*args, speed="fp8+compile", card="NVIDIA H200", allocator="native")
+    assert h200.calibration["family"] == "h200" and h200.calibration["matched"]
     assert "compiled speed options are counted as if compile saved nothing" in calibration_line(h200)
     assert "compile saved nothing" not in calibration_line(E.estimate(*args, speed="exact", card="NVIDIA H200"))
+    monkeypatch.undo()
     h100 = E.estimate(*args, speed="fp8+compile", card="NVIDIA H100 80GB HBM3", allocator="native")
     assert "compile saved nothing" not in calibration_line(h100)
     fitted = E.calibration(None, "NVIDIA H100 80GB HBM3", "native")["constants"]
@@ -620,3 +630,53 @@ def test_a_compiled_option_says_the_estimate_errs_high_until_speed_cells_are_fit
     unfitted = dict(fitted, **speedmem.NEUTRAL)
     without = E.estimate(*args, speed="fp8+compile", calibration_path=unfitted, allocator="native")
     assert h100.stage("denoise_step").peak_allocated < without.stage("denoise_step").peak_allocated
+
+
+def test_an_h200_estimates_compiled_options_with_the_h100s_file():
+    """h200.json has no speed cells: it would count a compiled option as if compile saved nothing (+8.6% to +20.3%
+    allocated on the H200's own compiled resident steps). Since session 19 a compiled option on an H200 takes
+    the nearest file that has them, h100.json, with the transfer margin, and the report says so; exact and
+    the options without compile keep h200.json. Judged against the H200's measurements of compiled options:
+    the resident steps of bench_speed (the larger of two runs per option: a step's first call autotunes),
+    the 6 GiB small-card run's streamed step (hostrun_h200_s6.json) and a whole resident run
+    (hostrun_lora_fast_h200.json, no LoRA): allocated within +-10% (h100.json: -3.6% to +3.9% on the steps),
+    reserved within +-10% where measured, every verdict at or above what the stage reserved."""
+    from cogvid_core.plan.chart import calibration_line
+    bf16 = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
+    margin = cards.transfer()["margin"]
+    for speed, family in (("exact", "h200"), ("fa3fp8", "h200"), ("fp8", "h200"), ("compile", "h100"),
+                          ("fp8+fa3fp8+compile", "h100")):
+        e = est(profile="resident", speed=speed, card="NVIDIA H200", allocator="native")
+        assert e.calibration["family"] == family and e.transfer_margin == (margin if family == "h100" else 0), speed
+    e = est(profile="resident", speed="compile", card="NVIDIA H200", allocator="native")
+    assert "No speed measurements for NVIDIA H200" in calibration_line(e) and "compile saved nothing" not in calibration_line(e)
+    own = cards.CALIBRATION_DIR / "h200.json"
+    measured = {}
+    for name in ("speed_h200.json", "speed_h200_s6.json"):
+        for r in _bench_json(name)["rows"]:
+            if r.get("peak_allocated_gib") and "compile" in r["option"]:
+                measured[r["option"]] = max(measured.get(r["option"], 0.0), r["peak_allocated_gib"])
+    assert len(measured) == 4
+    own_errors = []
+    for speed, gib in measured.items():
+        got = est(profile="resident", speed=speed, card="NVIDIA H200", allocator="native")
+        assert abs(got.stage("denoise_step").peak_allocated / GiB / gib - 1) <= 0.10, speed
+        old = est(profile="resident", speed=speed, calibration_path=own, allocator="native")
+        own_errors.append(old.stage("denoise_step").peak_allocated / GiB / gib - 1)
+    assert max(own_errors) > 0.15          # not vacuous: the H200's own file is far over
+    small = next(r for r in _bench_json("hostrun_h200_s6.json")["results"] if r["recipe"] == "ours-auto@6~fp8+fa3fp8+compile")
+    whole = next(r for r in _bench_json("hostrun_lora_fast_h200.json")["results"]
+                 if r["recipe"] == "ours-resident~fp8+fa3fp8+compile")
+    checked = 0
+    for run, stages in ((small, ("denoise",)), (whole, tuple(SHIPPED_STAGES))):
+        e = E.estimate(V15, 81, 768, 1360, _replayed_profile(run["settings"]), bf16, speed=run["speed"],
+                       card="NVIDIA H200", allocator="native")
+        for st in run["stages"]:
+            if st["stage"] in stages:
+                name = SHIPPED_STAGES[st["stage"]]
+                s = e.stage(name)
+                assert abs(s.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (run["recipe"], name)
+                assert abs(s.peak_reserved / GiB / st["peak_reserved_gib"] - 1) <= 0.10, (run["recipe"], name)
+                assert st["peak_reserved_gib"] <= e.stage_needed(name) / GiB, (run["recipe"], name)
+                checked += 1
+    assert checked == 5

@@ -80,10 +80,12 @@ DEFAULT_CONSTANTS = {
 }
 
 # ---------------------------------------------------------------- calibration
-def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native") -> dict:
+def calibration(path: Path | dict | None = None, card: str | None = None, allocator: str = "native",
+                compiled: bool = False) -> dict:
     """{"constants": {...}, "choice": {card, family, allocator, matched, tolerance, path, note}, ...}:
-    see cards.load (None: the file of ``card``'s family; a path: that file; a dict: the constants)."""
-    return cards.load(path, card, allocator, DEFAULT_CONSTANTS)
+    see cards.load (None: the file of ``card``'s family; a path: that file; a dict: the constants;
+    ``compiled``: for a compiled speed option, see cards.choose)."""
+    return cards.load(path, card, allocator, DEFAULT_CONSTANTS, compiled)
 
 
 def clear_calibration_cache() -> None:
@@ -196,7 +198,8 @@ def estimate(variant, frames: int, height: int, width: int, profile: Profile | s
     parsed_speed = fast.parse(speed)
     precision = _precision(precision, v, device)
     allocator = allocator or allocator_backend()
-    cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator)
+    cal = calibration(calibration_path, card if card is not None or calibration_path else cards.device_card(), allocator,
+                      parsed_speed.compile)
     c = cal["constants"]
     tile_t = _tile_of(profile, tile)
     vcfg = vae_config(v, tiny)
