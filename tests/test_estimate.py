@@ -639,7 +639,7 @@ def test_an_h200_estimates_compiled_options_with_the_h100s_file():
     the options without compile keep h200.json. Judged against the H200's measurements of compiled options:
     the resident steps of bench_speed (the larger of two runs per option: a step's first call autotunes),
     the 6 GiB small-card run's streamed step (hostrun_h200_s6.json) and a whole resident run
-    (hostrun_lora_fast_h200.json, no LoRA): allocated within +-10% (h100.json: -3.6% to +3.9% on the steps),
+    (hostrun_lora_fast_h200.json, no LoRA): allocated within +-10% (h100.json: -1.6% to +3.9% on the steps),
     reserved within +-10% where measured, every verdict at or above what the stage reserved."""
     from cogvid_core.plan.chart import calibration_line
     bf16 = {"transformer": "bf16", "text_encoder": "bf16", "vae": "bf16"}
@@ -649,7 +649,8 @@ def test_an_h200_estimates_compiled_options_with_the_h100s_file():
         e = est(profile="resident", speed=speed, card="NVIDIA H200", allocator="native")
         assert e.calibration["family"] == family and e.transfer_margin == (margin if family == "h100" else 0), speed
     e = est(profile="resident", speed="compile", card="NVIDIA H200", allocator="native")
-    assert "No speed measurements for NVIDIA H200" in calibration_line(e) and "compile saved nothing" not in calibration_line(e)
+    assert "No speed measurements for NVIDIA H200: using the NVIDIA H100" in calibration_line(e)
+    assert "compile saved nothing" not in calibration_line(e)
     own = cards.CALIBRATION_DIR / "h200.json"
     measured = {}
     for name in ("speed_h200.json", "speed_h200_s6.json"):

@@ -89,8 +89,8 @@ def _capability_of(card: str | None) -> tuple | None:
 
 def _unmatched_note(card: str | None, doc: dict, fam: str, capability: tuple | None, margin: float,
                     between: list, stages: list | None = None, allocator: str = "native",
-                    allocators: list | None = None) -> str:
-    """What a card with no file gets, in plain words."""
+                    allocators: list | None = None, missing: str = "measurements") -> str:
+    """What a card with no file (or, ``missing``, without some of its measurements) gets, in plain words."""
     cc = CAPABILITY.get(fam)
     why = (f"nearest architecture measured: compute capability {cc[0]}.{cc[1]}, this card's "
            f"{capability[0]}.{capability[1]}" if cc and capability else
@@ -101,7 +101,7 @@ def _unmatched_note(card: str | None, doc: dict, fam: str, capability: tuple | N
              f"{', no ' + ' or '.join(left) + ' compared' if left else ''}"
              f"{', under the ' + ' and '.join(allocators) + ' allocator' if allocator not in allocators else ''})"
              if between else "with nothing added for the difference between cards (no transfer measured)")
-    return f"No measurements for {card or 'this device'}: using the {doc.get('card')}'s ({why}), {added}"
+    return f"No {missing} for {card or 'this device'}: using the {doc.get('card')}'s ({why}), {added}"
 
 
 def _speed_fitted(doc: dict) -> bool:
@@ -118,7 +118,7 @@ def choose(card: str | None, allocator: str, compiled: bool = False) -> tuple[di
     ``compiled`` (a compiled speed option): a card whose own file has no speed cells takes the nearest
     file that has them, as a card with no file does (margin and note): its own would count compile as
     saving nothing. The H200's compiled resident and lowvram steps (bench/speed_h200.json,
-    speed_h200_s6.json, hostrun_h200_s6.json): h200.json +8.6% to +20.3% allocated, h100.json -3.6% to +3.9%."""
+    speed_h200_s6.json, hostrun_h200_s6.json): h200.json +8.6% to +20.3% allocated, h100.json -1.6% to +3.9%."""
     files = available()
     fam = family_of(card)
     matched = fam in files
@@ -139,12 +139,9 @@ def choose(card: str | None, allocator: str, compiled: bool = False) -> tuple[di
     if not matched:
         t = transfer()
         margin = float(t.get("margin", 0.0))
-        note = _unmatched_note(card, doc, fam, capability, margin, t.get("between", []), t.get("stages"),
-                               used, t.get("allocators"))
-        if family_of(card) in available():      # its own file has no speed cells (above)
-            note = note.replace(f"No measurements for {card or 'this device'}",
-                                f"No speed measurements for {card} (compiled options: its own file has none)", 1)
-        notes.append(note)
+        own = family_of(card) in available()      # its own file has no speed cells (above)
+        notes.append(_unmatched_note(card, doc, fam, capability, margin, t.get("between", []), t.get("stages"),
+                                     used, t.get("allocators"), "speed measurements" if own else "measurements"))
     if used != allocator:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used" +
                      (" (it reserves more than expandable segments: the estimate errs high)"
