@@ -168,11 +168,8 @@ def test_the_shipped_plans_on_the_h100_stay_within_their_measured_bounds(name):
     compiled option's denoise was 27% under: speedmem.COMPILE_HOST_BYTES)."""
     checked = 0
     for recipe, stage, e, st in _shipped_rows(_bench_json(name), "NVIDIA H100 80GB HBM3"):
-        est = e.stage(stage)
-        assert abs(est.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (recipe, stage)
-        assert abs(est.peak_reserved / GiB / st["peak_reserved_gib"] - 1) <= 0.10, (recipe, stage)
-        assert st["peak_reserved_gib"] <= e.stage_needed(stage) / GiB, (recipe, stage)
-        assert abs(est.host_bytes / GiB / st["host_peak_anon_pinned_gib"] - 1) <= 0.15, (recipe, stage)
+        _check_stage(e, stage, st, recipe)
+        assert abs(e.stage(stage).host_bytes / GiB / st["host_peak_anon_pinned_gib"] - 1) <= 0.15, (recipe, stage)
         checked += 1
     assert checked == 24
 
@@ -496,17 +493,21 @@ def test_host_estimate_replays_the_h200_runs():
             assert abs(got / measured[label] - 1) <= 0.15, (name, stage, got, measured[label])
 
 
+def _check_stage(est, name: str, row: dict, label=None) -> None:
+    """One measured stage row (peak_alloc_gib, peak_reserved_gib) against ``est``'s stage ``name``: allocated
+    and reserved within +-10%, and the verdict at or above what the stage reserved."""
+    e = est.stage(name)
+    assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (label, name, e, row)
+    assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (label, name, e, row)
+    assert est.stage_needed(name) >= row["peak_reserved_gib"] * GiB, (label, name, row)
+
+
 def _check_cli_run(report: dict, est) -> None:
-    """Each stage of a command-line run's report against ``est``: allocated and reserved within +-10%, and
-    the verdict at or above what the stage reserved."""
-    names = {"text encode": "text_encode", "image encode": "image_encode", "denoise": "denoise_step", "decode": "decode"}
-    rows = [r for r in _replayed_rows(report) if r["stage"] in names]
+    """Each stage of a command-line run's report against ``est`` (_check_stage)."""
+    rows = [r for r in _replayed_rows(report) if r["stage"] in SHIPPED_STAGES]
     assert len(rows) == (3 if report["settings"]["encode_tiled"] else 4)
     for row in rows:
-        e = est.stage(names[row["stage"]])
-        assert abs(e.peak_allocated / GiB / row["peak_alloc_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert abs(e.peak_reserved / GiB / row["peak_reserved_gib"] - 1) <= 0.10, (row["stage"], e, row)
-        assert est.stage_needed(names[row["stage"]]) >= row["peak_reserved_gib"] * GiB, (row["stage"], row)
+        _check_stage(est, SHIPPED_STAGES[row["stage"]], row)
 
 
 @pytest.mark.parametrize("bench_file,workflow", [("comfyui_gpu_h200_c5_ring.json", "12gb"),
@@ -674,10 +675,6 @@ def test_an_h200_estimates_compiled_options_with_the_h100s_file():
                        card="NVIDIA H200", allocator="native")
         for st in run["stages"]:
             if st["stage"] in stages:
-                name = SHIPPED_STAGES[st["stage"]]
-                s = e.stage(name)
-                assert abs(s.peak_allocated / GiB / st["peak_alloc_gib"] - 1) <= 0.10, (run["recipe"], name)
-                assert abs(s.peak_reserved / GiB / st["peak_reserved_gib"] - 1) <= 0.10, (run["recipe"], name)
-                assert st["peak_reserved_gib"] <= e.stage_needed(name) / GiB, (run["recipe"], name)
+                _check_stage(e, SHIPPED_STAGES[st["stage"]], st, run["recipe"])
                 checked += 1
     assert checked == 5

@@ -123,10 +123,12 @@ def choose(card: str | None, allocator: str, compiled: bool = False) -> tuple[di
     fam = family_of(card)
     matched = fam in files
     capability = None if matched else _capability_of(card)
+    missing = "measurements"       # what the note says this card lacks, where it takes another card's file
     if matched and compiled and not _speed_fitted(read(files[fam])):
         with_speed = {f: p for f, p in files.items() if _speed_fitted(read(p))}
         if with_speed:     # its own file says which architecture it is
             files, matched, capability = with_speed, False, _capability_of(card) or CAPABILITY.get(fam)
+            missing = "speed measurements"
     fam = fam if matched else nearest(files, capability)
     if fam is None:
         return {}, dict(card=None, family=None, allocator=allocator, matched=False, tolerance=None, path=None,
@@ -139,9 +141,8 @@ def choose(card: str | None, allocator: str, compiled: bool = False) -> tuple[di
     if not matched:
         t = transfer()
         margin = float(t.get("margin", 0.0))
-        own = family_of(card) in available()      # its own file has no speed cells (above)
         notes.append(_unmatched_note(card, doc, fam, capability, margin, t.get("between", []), t.get("stages"),
-                                     used, t.get("allocators"), "speed measurements" if own else "measurements"))
+                                     used, t.get("allocators"), missing))
     if used != allocator:
         notes.append(f"the {allocator} allocator was not measured on this card: the {used} constants are used" +
                      (" (it reserves more than expandable segments: the estimate errs high)"
