@@ -366,14 +366,16 @@ def test_live_lora_bench_counts_recompiles_and_sees_each_change(tmp_path):
 
 def test_cache_bench_profiles_the_steps_it_is_asked_to(tmp_path):
     """bench_caches --profile-steps: the named steps' top ops are kept in the row (what a skipped TeaCache
-    step still spends shows there), and the step clock still has every step."""
+    step still spends shows there; what a restart's first step spends beyond a warm one), and the step
+    clock still has every step."""
     mod = _script("bench_caches")
     out = tmp_path / "p.json"
     mod.main(["--tiny", "--device", "cpu", "--steps", "4", "--caches", "teacache:0.2", "--sides", "ours",
-              "--time-embedding-shift", "1.25", "--profile-steps", "2,3", "--out", str(out)])
+              "--time-embedding-shift", "1.25", "--profile-steps", "1,3", "--out", str(out)])
     row = json.loads(out.read_text())["rows"][-1]
-    assert sorted(row["profile"]) == ["2", "3"] and len(row["step_s"]) == 4
-    assert "aten::" in row["profile"]["2"]["by_self_cpu"]
+    assert sorted(row["profile"]) == ["1", "3"] and len(row["step_s"]) == 4      # step 1 too: a restart's first
+    assert all("aten::" in row["profile"][k]["by_self_cpu"] for k in ("1", "3"))
+    assert "by_cpu_total" in row["profile"]["1"]
 
 
 def test_hostrun_compares_each_stage_with_the_estimate_of_the_plan_that_ran(tmp_path):
