@@ -75,7 +75,8 @@ def test_save_video_without_its_fps_wire_takes_the_rate_from_the_frame_count(com
 
 @pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.json")))
 def test_shipped_workflows_explain_themselves_and_make_a_new_video_each_run(comfy, workflow):
-    """A Note (core's node) says what the workflow is for, the card, which files go where, what to change;
+    """A Note (core's node) says what the workflow is for, the card, which files go where, what to change
+    (and nothing the wired graph already does for the user);
     every seed ships 'randomize' (the frontend stores the control value right after the seed's), as core's
     templates do, so Run again samples a new video instead of returning the cached one."""
     nodes, _ = comfy
@@ -83,8 +84,14 @@ def test_shipped_workflows_explain_themselves_and_make_a_new_video_each_run(comf
     notes = [n for n in wf["nodes"] if n["type"] == "Note"]
     assert len(notes) == 1, workflow
     text = notes[0]["widgets_values"][0]
-    for must in ("For:", "card", "models/CogVideo/", "Less memory:", "Faster:"):
+    for must in ("For:", "card", "models/CogVideo/", "Less memory:", "Faster:", "speed = fastest"):
         assert must in text, (workflow, must)
+    # the Estimate reads speed and LoRAs from the wired transformer: the note must not ask the user to type
+    # them again, nor repeat what no longer holds (compile turning itself off with LoRAs, sessions ago)
+    estimate = next(n for n in wf["nodes"] if n["type"] == "CogVidVRAMEstimate")
+    assert any(i["name"] == "transformer" and i.get("link") is not None for i in estimate["inputs"]), workflow
+    for stale in ("lora_mib", "Estimate's speed", "itself off"):
+        assert stale not in text, (workflow, stale)
     assert wf["last_node_id"] == max(n["id"] for n in wf["nodes"])
     seeds = 0
     for n in (n for n in wf["nodes"] if n["type"] in nodes):
