@@ -360,8 +360,29 @@ def test_live_lora_bench_counts_recompiles_and_sees_each_change(tmp_path):
     assert all(r["step1_pred_rel_l2_vs_previous_phase"] > 1e-3 for p, r in rows.items() if p != "none" and "speed" not in r)
     assert all(r["step1_pred_rel_l2_vs_exact"] < 1e-5 for r in rows.values() if "speed" not in r)
     assert all(len(r["step_s"]) == 2 for r in rows.values())
-    with pytest.raises(SystemExit, match="no compile"):
-        mod.main(["--tiny", "--device", "cpu", "--speed", "exact"])
+    with pytest.raises(SystemExit, match="unknown"):
+        mod.main(["--tiny", "--device", "cpu", "--speed", "exact,turbo"])
+    with pytest.raises(SystemExit, match="'none' first"):
+        mod.main(["--tiny", "--device", "cpu", "--phases", "A@1.0"])
+
+
+def test_live_lora_bench_prices_loras_under_each_speed_option_against_its_own_none(tmp_path):
+    """bench_lora_live with several options, compiled or not (issue 26: one and two LoRAs <= 1.03x the same
+    option without one, for every option): the phases run per option and each ratio is to that option's
+    own 'none' phase; an option without compile compiles nothing."""
+    mod = _script("bench_lora_live")
+    out = tmp_path / "speeds.json"
+    mod.main(["--tiny", "--device", "cpu", "--speed", "exact,compile", "--phases", "none,A@1.0,A@1.0+B@1.0",
+              "--compile-backend", "eager", "--steps", "2", "--rank", "4", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["speed"], r["phase"]) for r in rows] == [(s, p) for s in ("exact", "compile")
+                                                        for p in ("none", "A@1.0", "A@1.0+B@1.0")]
+    for speed in ("exact", "compile"):
+        mine = [r for r in rows if r["speed"] == speed]
+        assert mine[0]["x_no_lora"] == 1.0
+        assert all(r["x_no_lora"] == pytest.approx(r["s_per_step"] / mine[0]["s_per_step"]) for r in mine)
+        assert all(r["step1_pred_rel_l2_vs_previous_phase"] > 1e-3 for r in mine[1:])   # each change took effect
+    assert all(r["graphs_compiled"] == 0 for r in rows if r["speed"] == "exact")
 
 
 def test_cache_bench_profiles_the_steps_it_is_asked_to(tmp_path):
