@@ -29,7 +29,7 @@ SPEED_STARTS = {"step_ff_units_compile_saved": 2.0, "step_ff_units_fp8_compile_s
                 "step_live_units_fp8_eager": 1.0}
 # the shares of reserved over allocated: they move only the reserved peak, fitted after the rest
 FRAG_KEYS = {"text_reserved_frag", "enc_reserved_frag", "reserved_frag", "reserved_frag_lowmem",
-             "dec_reserved_frag", "dec_video_frag", "reserved_frag_compile_mult"}
+             "dec_reserved_frag", "dec_video_frag", "reserved_frag_compile_mult", "reserved_frag_fp8_eager_mult"}
 
 
 def _alloc_loss(p, cell) -> float:

@@ -16,13 +16,14 @@ from bench import estimate_fit as F
 from bench import estimate_replay as R
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEEDS = ("compile", "fa3fp8", "fa3fp8+compile", "fp8+compile", "fp8+fa3fp8+compile")
+SPEEDS = ("compile", "fa3fp8", "fa3fp8+compile", "fp8", "fp8+compile", "fp8+fa3fp8+compile")
 
 
 def _truth() -> dict:
     doc = json.loads((ROOT / "cogvid_core/plan/calibration/h200.json").read_text())
     return dict(doc["allocators"]["native"]["constants"], step_attn_units=4.0, step_ff_units=10.1,
-                step_ff_units_compile_saved=2.8, step_ff_units_fp8_compile_saved=1.9, reserved_frag_compile_mult=0.4)
+                step_ff_units_compile_saved=2.8, step_ff_units_fp8_compile_saved=1.9, reserved_frag_compile_mult=0.4,
+                reserved_frag_fp8_eager_mult=0.6)
 
 
 def _cells(truth: dict) -> list[dict]:
@@ -43,7 +44,7 @@ def test_speed_cells_let_the_fit_tell_the_step_phases_apart():
     truth = _truth()
     cells = _cells(truth)
     speed = [c for c in cells if c["kind"] == "speed"]
-    assert len(speed) == 15
+    assert len(speed) == 18
     # without speed cells (the H200's file as fitted): the compiled options' steps are overcounted
     exact_fit = json.loads((ROOT / "cogvid_core/plan/calibration/h200.json").read_text())["allocators"]["native"]["constants"]
     assert max(ea for _, ea, _ in R.errors(speed, exact_fit)) > 0.10
@@ -55,6 +56,7 @@ def test_speed_cells_let_the_fit_tell_the_step_phases_apart():
     # and compile's terms near the truth's (2.8 units, a share of 0.4)
     assert fitted["step_ff_units"] - fitted["step_attn_units"] > 2.4
     assert 2.0 < fitted["step_ff_units_compile_saved"] < 3.6 and fitted["reserved_frag_compile_mult"] < 0.6
+    assert 0.45 < fitted["reserved_frag_fp8_eager_mult"] < 0.75       # eager fp8's own share (truth 0.6)
 
 
 def test_a_set_without_speed_cells_fits_no_speed_terms():
@@ -62,7 +64,7 @@ def test_a_set_without_speed_cells_fits_no_speed_terms():
     cells = [c for c in _cells(_truth()) if c["kind"] == "fit"][:8]
     fitted = F.fit(cells)
     assert fitted["step_ff_units_compile_saved"] == 0.0 and fitted["step_ff_units_fp8_compile_saved"] == 0.0
-    assert fitted["reserved_frag_compile_mult"] == 1.0
+    assert fitted["reserved_frag_compile_mult"] == 1.0 and fitted["reserved_frag_fp8_eager_mult"] == 1.0
 
 
 def test_a_share_that_misses_every_cell_by_more_than_the_cap_is_still_fitted():

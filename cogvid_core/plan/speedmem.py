@@ -25,9 +25,12 @@ SPEED_ATTN_UNITS = {"fa3fp8": 2.4}
 # - float8 matmuls without compile (eager `fp8`): units of the feed-forward phase's rows (the 12288-wide
 #   intermediate in several forms: +10.97 GiB resident, batched, unchunked, bench/speed_h200.json: 21 units) and
 #   full-size units on top (the H100's chunked steps held 0.4-1.7 GiB more than 21 units of their chunk's rows:
-#   bench/estimate_h100_speed.json).
+#   bench/estimate_h100_speed.json), and the share of the step's fragmentation it keeps (its large transient
+#   float8 and bf16 copies of each weight are freed and taken again at one size: the H100's resident step
+#   reserved 36.62 GiB where the exact share said 40.48).
 NEUTRAL = {"step_ff_units_compile_saved": 0.0, "step_ff_units_fp8_compile_saved": 0.0,
-           "reserved_frag_compile_mult": 1.0, "step_ff_units_fp8_eager": 21.0, "step_live_units_fp8_eager": 0.0}
+           "reserved_frag_compile_mult": 1.0, "step_ff_units_fp8_eager": 21.0, "step_live_units_fp8_eager": 0.0,
+           "reserved_frag_fp8_eager_mult": 1.0}
 
 
 def fitted(constants: dict) -> bool:
@@ -59,7 +62,9 @@ def live_units(c: dict, speed: fast.Speed) -> float:
 
 def frag_mult(c: dict, speed: fast.Speed) -> float:
     """The share of the step's fragmentation the option keeps."""
-    return c["reserved_frag_compile_mult"] if speed.compile else 1.0
+    if speed.compile:
+        return c["reserved_frag_compile_mult"]
+    return c["reserved_frag_fp8_eager_mult"] if speed.fp8 else 1.0
 
 
 def host_bytes(speed: fast.Speed, tiny: bool) -> int:
