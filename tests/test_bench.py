@@ -401,7 +401,7 @@ def test_cache_bench_profiles_the_steps_it_is_asked_to(tmp_path):
 
 
 def test_step_profiler_names_what_the_first_step_imported(monkeypatch):
-    """A restart's first compiled step imports dynamo's and inductor's modules (~400, 0.6-1.1 s on the CPU):
+    """A restart's first compiled step imports dynamo's and inductor's modules (403, 0.2-1.2 s on the CPU):
     the row says how many and from which packages, step 1 only."""
     import types
     prof = _script("bench_caches").StepProfiler("", lambda done, total: None)
@@ -492,3 +492,16 @@ def test_estimate_grid_speed_cells_are_their_own_measurements():
     assert R.predict(cell).peak_allocated > R.predict(plain).peak_allocated     # FA3's FP8 buffers counted
     assert C.measurement_of(cell) != C.measurement_of(plain)
     assert not list(R.measured_runs([cell]))
+
+
+def test_first_compile_bench_counts_what_the_first_compiled_step_imports(tmp_path):
+    """bench_first_compile: fresh processes, one compiled step each (dynamo's eager backend here); a step
+    that comes after a one-line compile imports fewer modules than a cold one (the compile machinery is
+    in), and dynamo's trace is timed in both."""
+    mod = _script("bench_first_compile")
+    out = tmp_path / "f.json"
+    mod.main(["--runs", "1", "--out", str(out)])
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"cold", "imports first"}
+    assert rows["cold"]["new_modules"] > rows["imports first"]["new_modules"]
+    assert all(r["bytecode_tracing_s"] > 0 and r["step_s"] > r["bytecode_tracing_s"] for r in rows.values())
