@@ -191,7 +191,7 @@ class StepProfiler:
         """Before the loop: step 1 (a restart's first step: its compile-cache loads and first kernel
         launches) has no callback ahead of it. The modules loaded so far are noted: what the first step
         imports (a process's first compile imports dynamo's, inductor's and their dependencies' modules:
-        403 on torch 2.13, 0.2-1.2 s of a 2-core CPU's first step: bench_first_compile.py) goes into the row."""
+        403 on torch 2.13, 0.03-0.84 s of a 2-core CPU's first step: bench_first_compile.py) goes into the row."""
         self._modules = set(sys.modules)
         if 1 in self.steps:
             self._start()
