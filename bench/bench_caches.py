@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cogvid_core.model import loading, testing                 # noqa: E402
 from bench.common.clock import step_clock                      # noqa: E402
+from bench.common.imports import imported_since                # noqa: E402
 from bench.common.sampling import TreeSampler                  # noqa: E402
 from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
@@ -206,12 +207,7 @@ class StepProfiler:
     def __call__(self, done, total):
         self.mark(done, total)
         if done == 1 and self._modules is not None:
-            new = [m for m in sys.modules if m not in self._modules]
-            packages: dict = {}
-            for m in new:
-                top = ".".join(m.split(".")[:2])
-                packages[top] = packages.get(top, 0) + 1
-            self.step1_modules = {"count": len(new), "by_package": dict(sorted(packages.items(), key=lambda x: -x[1])[:12])}
+            self.step1_modules = imported_since(self._modules)
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
             avg = self._prof.key_averages()

@@ -27,39 +27,30 @@ sys.path.insert(0, str(ROOT))
 from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
 
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, time, types, torch
 from torch._dynamo.utils import compile_times
-from cogvid_core.model import testing, variants as M
-from cogvid_core.model.vae import ImageLatent
-from cogvid_core.run import sampling, session
+from bench.bench_speed import Inputs, sample_steps
+from bench.common.imports import imported_since
+from cogvid_core.run import session
 from cogvid_core.speed import fast
 mode, backend, device = sys.argv[1:4]
 fast.COMPILE_OPTIONS["backend"] = backend
-dev = torch.device(device)
-tr = testing.build_random("transformer", M.V15.key, tiny=True, seed=3).to(dev)
-frames, h, w = M.default_size(M.V15, dict(tr.config))
-shape = (1, 16, 1, h // 8, w // 8)
-image = ImageLatent(mean=torch.randn(shape), std=torch.full(shape, 0.1), scale=0.7, height=h, width=w)
-emb = torch.randn(1, tr.config.max_text_seq_length, tr.config.text_embed_dim)
-comp = session.Component("transformer", tr, dev, torch.float32, "resident", variant=M.V15)
+inp = Inputs(types.SimpleNamespace(device=device, tiny=True, frames=None, height=None, width=None))
+comp = session.Component("transformer", inp.transformer, inp.device, inp.dtype, variant=inp.variant)
 if mode == "imports first":
-    torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend=backend)(torch.randn(4, device=dev))
+    torch.compile(lambda x: torch.nn.functional.gelu(x) * 2, backend=backend)(torch.randn(4, device=inp.device))
     torch._dynamo.reset()
 before = set(sys.modules)
 t0 = time.perf_counter()
 with comp.with_speed("compile").use() as module, torch.inference_mode():
-    sampling.sample(module, M.V15, emb, emb * 0.5, image, frames, steps=1, cfg=6.0, cfg_mode="batched", device=dev)
+    inp.transformer = module
+    sample_steps(inp, 1)
 step = time.perf_counter() - t0
-new = [m for m in sys.modules if m not in before]
-packages = {}
-for m in new:
-    top = ".".join(m.split(".")[:2])
-    packages[top] = packages.get(top, 0) + 1
+new = imported_since(before)
 names, secs = compile_times(repr="csv", aggregate=True)
 times = {n: float(v) for n, v in zip(names, secs)}
 print("RESULT " + json.dumps(dict(step_s=step, bytecode_tracing_s=times.get("bytecode_tracing"),
-      compile_inner_s=times.get("_compile.compile_inner"), new_modules=len(new),
-      by_package=dict(sorted(packages.items(), key=lambda x: -x[1])[:12]))))
+      compile_inner_s=times.get("_compile.compile_inner"), new_modules=new["count"], by_package=new["by_package"])))
 """
 
 
