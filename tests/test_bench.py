@@ -505,3 +505,16 @@ def test_first_compile_bench_counts_what_the_first_compiled_step_imports(tmp_pat
     assert set(rows) == {"cold", "imports first"}
     assert rows["cold"]["new_modules"] > rows["imports first"]["new_modules"]
     assert all(r["bytecode_tracing_s"] > 0 and r["step_s"] > r["bytecode_tracing_s"] for r in rows.values())
+
+
+def test_aot_restart_bench_loads_the_saved_block_graphs_in_a_fresh_process(tmp_path):
+    """bench_aot_restart: a save run compiles each block layout ahead of time (inductor, tiny 1.5 on the
+    CPU) and writes it; a fresh process with an empty inductor cache loads those functions, runs its steps
+    through them (it refuses a layout it has no graph for) and gives the saved run's first step exactly."""
+    mod = _script("bench_aot_restart")
+    out = tmp_path / "a.json"
+    mod.main(["--runs", "1", "--modes", "load", "--steps", "1", "--folder", str(tmp_path / "aot"), "--out", str(out)])
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["save"]["graphs"] == 2                   # block 0's strided input and the others'
+    assert rows["load"]["graphs"] == 2 and rows["load"]["load_s"] > 0 and rows["load"]["file_bytes"] > 0
+    assert rows["load"]["max_abs_diff_vs_saved"] == 0.0
