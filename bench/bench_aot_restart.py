@@ -50,6 +50,16 @@ from bench.bench_speed import Inputs, sample_steps, _sync
 from bench.common.imports import imported_since
 from cogvid_core.run import session
 mode, speed, device, tiny, folder, steps = sys.argv[1:7]
+if hasattr(torch._dynamo.config, "enable_aot_compile"):     # torch 2.11 has aot_compile behind this flag
+    torch._dynamo.config.enable_aot_compile = True
+def unguarded(fn):          # our layout key is the guard (see the module's docstring)
+    if hasattr(fn, "disable_guard_check"):
+        fn.disable_guard_check()
+    else:
+        fn._guard_check_enabled = False
+def portable(entries):       # torch.compiler.keep_portable_guards_unsafe (2.13), written out for 2.11
+    return [g.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or (g.guard_type == "TENSOR_MATCH" and not g.is_global)
+            for g in entries]
 t_start = time.perf_counter()
 inp = Inputs(types.SimpleNamespace(device=device, tiny=tiny == "1", frames=None, height=None, width=None))
 comp = session.Component("transformer", inp.transformer, inp.device, inp.dtype, variant=inp.variant)
@@ -74,7 +84,7 @@ if mode.startswith("load"):
     for key, name in json.load(open(index_path)).items():
         with open(folder + "/" + name, "rb") as f:
             table[key] = torch.compiler.load_compiled_function(f)
-            table[key].disable_guard_check()
+            unguarded(table[key])
     loaded_s = time.perf_counter() - t0
     load_modules = imported_since(before)["count"]
 
@@ -87,9 +97,9 @@ def dispatch(block):
             if mode != "save":
                 raise RuntimeError("no saved graph for " + key)
             compiled = torch.compile(cls_forward, fullgraph=True, dynamic=False,
-                                     options={"guard_filter_fn": torch.compiler.keep_portable_guards_unsafe})
+                                     options={"guard_filter_fn": portable})
             fn = table[key] = compiled.aot_compile(((block,) + args, kwargs))
-            fn.disable_guard_check()
+            unguarded(fn)
         return fn(block, *args, **kwargs)
     return forward
 
