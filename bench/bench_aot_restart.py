@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common.child import run_child  # noqa: E402
 from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
 
 CHILD = r"""
@@ -153,15 +153,9 @@ def parse_args(argv=None):
 
 
 def child(mode: str, args, folder: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor_"))
     tiny = "1" if args.device == "cpu" else "0"
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, args.speed, args.device, tiny, str(folder), str(args.steps)],
-                       env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=1800)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"the {mode} run failed:\n{p.stderr[-4000:]}")
-    return json.loads(line[7:])
+    return run_child(CHILD, [mode, args.speed, args.device, tiny, folder, args.steps], mode,
+                     env={"TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor_")})
 
 
 def main(argv=None):

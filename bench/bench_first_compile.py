@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common.child import run_child  # noqa: E402
 from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
 
 CHILD = r"""
@@ -64,13 +64,7 @@ def parse_args(argv=None):
 
 
 def child(mode: str, args) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([sys.executable, "-c", CHILD, mode, args.backend, args.device], env=env, cwd=str(ROOT),
-                       capture_output=True, text=True, timeout=1800)
-    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise SystemExit(f"the {mode} run failed:\n{p.stderr[-3000:]}")
-    return dict(json.loads(line[7:]), mode=mode)
+    return dict(run_child(CHILD, [mode, args.backend, args.device], mode), mode=mode)
 
 
 def main(argv=None):
