@@ -32,7 +32,6 @@ ranks, diffusers version) before it could trust a loaded graph.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

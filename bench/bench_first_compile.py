@@ -15,7 +15,6 @@ the full one, so the trace and the imports cost what they cost at full size on t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
