@@ -345,8 +345,9 @@ def test_compile_with_file_backed_streaming_swaps_weights_without_recompiling(ti
 def test_compile_runs_with_loras_and_a_strength_change_does_not_recompile(tmp_path, monkeypatch, caplog):
     """LoRA hooks inside compiled blocks traced wrong from the second call on (torch 2.13, eager backend,
     4 blocks: up to 0.09 off): LoRAs now change their Linears' class instead (model/lora_linear.py), and
-    the compiled blocks give the eager LoRA output every call. A new strength is new values in the same
-    tensors: no new graph; a new LoRA of another rank: new shapes, one recompile of the block."""
+    the compiled blocks give the eager LoRA output every call (folded into the weights per call, as every
+    option but exact runs a LoRA). A new strength is new values in the same tensors: no new graph; a new
+    LoRA of another rank: new shapes, one recompile of the block."""
     from cogvid_core.model import lora
     monkeypatch.setitem(fast.COMPILE_OPTIONS, "backend", "eager")
     torch._dynamo.reset()
@@ -359,7 +360,7 @@ def test_compile_runs_with_loras_and_a_strength_change_does_not_recompile(tmp_pa
     base = session.Component("transformer", tr, CPU, torch.float32, variant=v).with_speed("compile")
     seen = []
     for lora_w, strength in ((lw, 1.0), (lw, 1.0), (lw, -0.4), (other, 0.8)):
-        with lora.applied(tr, [(lora_w, strength)]):
+        with lora.applied(tr, [(lora_w, strength)], fold=True):
             want = _run(tr, kw)
         with base.with_lora(lora_w, strength).use() as module:
             got = _run(module, kw)
@@ -370,6 +371,37 @@ def test_compile_runs_with_loras_and_a_strength_change_does_not_recompile(tmp_pa
     assert seen[0] > 0 and seen[1] == seen[0] and seen[2] == seen[0]   # same LoRA, new strength: no recompile
     assert seen[3] - seen[2] <= 2                 # another rank: the first block's two graphs, once
     assert "'compile' is off" not in caplog.text and _hooks(tr) == 0
+
+
+def test_speed_options_fold_a_lora_into_the_weight_per_call_and_exact_keeps_the_delta(tmp_path, monkeypatch, calls):
+    """Every option but exact runs a LoRA folded into its Linears' weights per call (W + up @ down): the
+    delta's own matmuls over the tokens cost 3.4-5.3 % of a step on an H100 (bench/lora_live_options_h100.log).
+    exact keeps the delta, diffusers' LoRA path. In fp32 the two differ by rounding only; classes come back."""
+    from cogvid_core.model import lora
+    from cogvid_core.model.lora_linear import LoraFoldMixin, LoraMixin
+    v = M.VARIANTS[K15]
+    tr = _transformer(seed=2)
+    lw = lora.load_lora(testing.write_lora(tmp_path / "a.safetensors", K15, ("attn", "ff"), rank=4, seed=7))
+    kw = _inputs(tr, v, batch=1)
+    plain = _run(tr, kw)
+    classes = {n: type(m) for n, m in tr.named_modules()}
+    deltas = []
+    forward = LoraMixin.forward
+    monkeypatch.setattr(LoraMixin, "forward", lambda self, x: deltas.append(1) or forward(self, x))
+    base = session.Component("transformer", tr, CPU, torch.float32, variant=v).with_lora(lw, 0.7)
+    with base.use() as module:
+        lora_linears = [m for m in module.modules() if isinstance(m, LoraMixin)]
+        assert lora_linears and not any(isinstance(m, LoraFoldMixin) for m in lora_linears)
+        exact = _run(module, kw)
+    assert len(deltas) == len(lora_linears)             # the delta ran once per LoRA Linear
+    deltas.clear()
+    with base.with_speed("counting").use() as module:
+        assert all(isinstance(m, LoraFoldMixin) for m in module.modules() if isinstance(m, LoraMixin))
+        folded = _run(module, kw)
+    assert deltas == [] and calls                       # no delta matmul; the option's kernel ran
+    assert {n: type(m) for n, m in tr.named_modules()} == classes
+    assert (exact - plain).abs().max() > 1e-3, "the LoRA barely changes the output: the comparison proves little"
+    assert (folded - exact).abs().max() <= 1e-5 * exact.abs().max()
 
 
 # ------------------------------------------------------------------------------- wiring

@@ -305,10 +305,11 @@ def lora_bytes(loras, dtype: torch.dtype = torch.bfloat16) -> int:
 
 
 @contextmanager
-def applied(transformer: nn.Module, loras: Sequence):
+def applied(transformer: nn.Module, loras: Sequence, fold: bool = False):
     """Apply LoRAs to ``transformer`` for the ``with`` body only: ``loras`` is a sequence of
     ``(LoraWeights, strength)`` (or bare LoraWeights, strength 1). Checked first (LoraError);
-    every Linear is back as it was on exit, whatever ends the body (how it runs: lora_linear)."""
+    every Linear is back as it was on exit, whatever ends the body (how it runs: lora_linear; ``fold``:
+    folded into the weights per call, for speed options other than exact)."""
     active = _active(loras)
     for lw, _ in active:
         check(transformer, lw)
@@ -316,5 +317,5 @@ def applied(transformer: nn.Module, loras: Sequence):
     for lw, s in active:
         for name, layer in lw.layers.items():
             per_layer.setdefault(name, []).append((layer, s))
-    with swapped(transformer, _modules(transformer), per_layer):
+    with swapped(transformer, _modules(transformer), per_layer, fold):
         yield transformer

@@ -14,6 +14,13 @@ operation for operation, so the frames are unchanged. fp8 (speed) quantizes the 
 it folds the LoRA into the weight first (:func:`folded`; the delta's own matmuls over 2 x 45k tokens cost
 ~4 % of a step beside float8 matmuls); fp8 storage's Fp8Linear is rebased on nn.Linear for a call with
 :func:`rebased`.
+
+Speed options other than ``exact`` fold too, per call (``LoraFold*`` classes, :class:`LoraFoldMixin`): the
+delta's two skinny matmuls over every token cost 3.4 % of a ``compile`` step and 5.3 % of an ``fa3fp8``
+one on an H100 (bench/lora_live_options_h100.log), one ``W + up @ down`` per call costs a weight-sized add.
+Folding rounds the sum once in the compute dtype instead of adding two rounded outputs: the same math in
+another order, as those options already are. ``exact`` keeps the delta, diffusers' LoRA path, for its
+exactness.
 """
 from __future__ import annotations
 
@@ -38,21 +45,55 @@ class LoraMixin:
         return out + F.linear(F.linear(x, down), up, bias).to(out.dtype)
 
 
-_CLASSES: dict[type, type] = {}
+class LoraFoldMixin(LoraMixin):
+    """The LoRA folded into the weight for each call (speed options other than exact): one small matmul
+    with the weight added in its epilogue, then the base matmul, none over the tokens for the LoRA. A base
+    class that does not compute with its weight as stored (fp8 storage's Fp8Linear) keeps the delta."""
+
+    def forward(self, x):
+        if _base(type(self)) is not nn.Linear or self.weight.dtype != x.dtype:
+            return super().forward(x)
+        lora = self.__dict__.get("_lora")
+        if lora is None or lora[0].device != x.device or lora[0].dtype != x.dtype:
+            lora = self._lora = _pair(self._lora_parts, x.device, x.dtype)
+        weight, bias = _with_lora(self.weight, self.bias, lora, x.dtype)
+        return F.linear(x, weight, bias)
 
 
-def lora_class(cls: type) -> type:
-    """``cls`` with the LoRA delta (one class per base class, made once)."""
+_CLASSES: dict[tuple, type] = {}
+
+
+def lora_class(cls: type, fold: bool = False) -> type:
+    """``cls`` with the LoRA delta, or folded into the weight per call (``fold``); one class per base
+    class and kind, made once."""
     if issubclass(cls, LoraMixin):
         return cls
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Lora{cls.__name__}", (LoraMixin, cls), {})
-    return _CLASSES[cls]
+    if (cls, fold) not in _CLASSES:
+        mixin, name = (LoraFoldMixin, "LoraFold") if fold else (LoraMixin, "Lora")
+        _CLASSES[cls, fold] = type(f"{name}{cls.__name__}", (mixin, cls), {})
+    return _CLASSES[cls, fold]
 
 
 def rebased(cls: type, base: type) -> type:
-    """``base``, with the LoRA delta when ``cls`` has it (a module changing its base class for a call)."""
-    return lora_class(base) if issubclass(cls, LoraMixin) else base
+    """``base``, with the LoRA (of the same kind) when ``cls`` has it (a module changing its base class for a call)."""
+    return lora_class(base, issubclass(cls, LoraFoldMixin)) if issubclass(cls, LoraMixin) else base
+
+
+def _base(cls: type) -> type:
+    """The class under the LoRA mixins."""
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, LoraMixin))
+
+
+def _with_lora(weight, bias, lora, dtype) -> tuple:
+    """``W + up @ down`` in ``dtype`` as one matmul with the weight added in its epilogue (fp32 accumulation,
+    one rounding: no fp32 copy of the weight, a feed-forward Linear's would be 151 MB beside the block on
+    a small card), and the bias with the LoRA's bias added in fp32."""
+    down, up, lora_bias = lora
+    w = torch.addmm(weight.to(dtype), up.to(dtype), down.to(dtype))
+    if lora_bias is None:
+        return w, bias
+    total = lora_bias.float() if bias is None else bias.float() + lora_bias.float()
+    return w, total.to(bias.dtype if bias is not None else dtype)
 
 
 def folded(module: nn.Module, dtype: torch.dtype) -> None:
@@ -60,18 +101,15 @@ def folded(module: nn.Module, dtype: torch.dtype) -> None:
     LoRA folded in (``W + up @ down`` in ``dtype``), its bias likewise, and its class without the LoRA
     delta, so the LoRA costs no matmul over the tokens. The caller keeps the weight, bias and class it had
     and puts them back after the call."""
-    w, bias, cls = module.weight, module.bias, type(module)
+    w, bias = module.weight, module.bias
     lora = module.__dict__.get("_lora")
     if lora is None or lora[0].device != w.device:
         lora = _pair(module._lora_parts, w.device, dtype)
-    down, up, lora_bias = lora
-    module.__class__ = next(c for c in cls.__mro__[1:] if c is not LoraMixin and not issubclass(c, LoraMixin))
-    # one matmul with the weight added in its epilogue (fp32 accumulation, one rounding): no fp32 copy of
-    # the weight (a feed-forward Linear's would be 151 MB beside the block on a small card)
-    module.weight = nn.Parameter(torch.addmm(w.to(dtype), up.to(dtype), down.to(dtype)), requires_grad=False)
-    if lora_bias is not None:
-        total = lora_bias.float() if bias is None else bias.float() + lora_bias.float()
-        module.bias = nn.Parameter(total.to(bias.dtype if bias is not None else dtype), requires_grad=False)
+    module.__class__ = _base(type(module))
+    w, new_bias = _with_lora(w, bias, lora, dtype)
+    module.weight = nn.Parameter(w, requires_grad=False)
+    if new_bias is not bias:
+        module.bias = nn.Parameter(new_bias, requires_grad=False)
 
 
 def _pair(parts, device, dtype) -> tuple:
@@ -82,9 +120,10 @@ def _pair(parts, device, dtype) -> tuple:
 
 
 @contextmanager
-def swapped(transformer: nn.Module, modules: dict[str, nn.Module], per_layer: dict[str, list]):
+def swapped(transformer: nn.Module, modules: dict[str, nn.Module], per_layer: dict[str, list], fold: bool = False):
     """``modules[name]`` runs with the LoRA ``per_layer[name]`` ((LoraLayer, strength) pairs) inside the
-    ``with`` body; classes and attributes are put back on exit, whatever ends the body."""
+    ``with`` body (``fold``: folded into the weight per call, :class:`LoraFoldMixin`); classes and
+    attributes are put back on exit, whatever ends the body."""
     built: dict[tuple, dict] = {}
     targets = [(modules[name], parts) for name, parts in per_layer.items()]
 
@@ -98,20 +137,20 @@ def swapped(transformer: nn.Module, modules: dict[str, nn.Module], per_layer: di
 
     handle = transformer.register_forward_pre_hook(build, with_kwargs=True)
     try:
-        with _given([(m, parts) for m, parts in targets]):
+        with _given([(m, parts) for m, parts in targets], fold):
             yield transformer
     finally:
         handle.remove()
 
 
 @contextmanager
-def _given(pairs):
+def _given(pairs, fold: bool):
     """Each module of ``pairs`` ((module, LoRA parts)) a LoRA class for the ``with`` body; its class back,
     and its LoRA attributes gone, on exit."""
     classes = [(m, type(m)) for m, _ in pairs]
     try:
         for m, parts in pairs:
-            m.__class__ = lora_class(type(m))
+            m.__class__ = lora_class(type(m), fold)
             m._lora_parts = parts
         yield
     finally:
@@ -127,5 +166,7 @@ def mirrored(primary: nn.Module, replica: nn.Module):
     the ``with`` body: same layers, same parts; the matrices are made on the replica's device at its
     first call."""
     layers = dict(replica.named_modules())
-    with _given([(layers[name], m._lora_parts) for name, m in primary.named_modules() if isinstance(m, LoraMixin)]):
+    ours = [(name, m) for name, m in primary.named_modules() if isinstance(m, LoraMixin)]
+    fold = any(isinstance(m, LoraFoldMixin) for _, m in ours)
+    with _given([(layers[name], m._lora_parts) for name, m in ours], fold):
         yield replica

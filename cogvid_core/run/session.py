@@ -140,7 +140,9 @@ class Component:
             # exactly that long, on the shared module, whichever patcher or placement then runs it.
             hooks = ExitStack()
             if self.loras:
-                hooks.enter_context(lora_mod.applied(self.module, self.loras))
+                # speed options other than exact fold each LoRA into its weight per call (lora_linear)
+                fold = self.speed != fast.EXACT and not fast.resolve(self.speed, self.device).exact
+                hooks.enter_context(lora_mod.applied(self.module, self.loras, fold))
             if self.speed != fast.EXACT:
                 hooks.enter_context(fast.applied(self.module, self.speed, self.device))
             self.extra[_USE_HOOKS] = hooks
