@@ -340,3 +340,22 @@ def test_pickle_is_never_unpickled(tmp_path):
     with pytest.raises(lora.LoraError, match="pickled"):
         lora.load_lora(tmp_path / "zip.pt")
     assert not _Payload.sentinel.exists()
+
+
+def test_the_delta_adds_into_the_base_output_in_place(monkeypatch):
+    """exact's LoRA path adds its delta into the base Linear's own output: the step's feed-forward phase
+    counts out + delta (8 of its units), not out + delta + a third tensor for the sum (12); same values."""
+    from cogvid_core.model.lora_linear import lora_class
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 16)
+    layer = lora.LoraLayer(down=torch.randn(4, 8), up=torch.randn(16, 4), scale=0.5)
+    x = torch.randn(3, 8)
+    want = lin(x) + 0.7 * 0.5 * (x @ layer.down.T @ layer.up.T)
+    made = []
+    base = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: made.append(base(self, x)) or made[-1])
+    lin.__class__ = lora_class(torch.nn.Linear)
+    lin._lora_parts = [(layer, 0.7)]
+    got = lin(x)
+    assert got.data_ptr() == made[-1].data_ptr()
+    assert torch.allclose(got, want, atol=1e-5)
