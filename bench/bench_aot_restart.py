@@ -32,7 +32,6 @@ ranks, diffusers version) before it could trust a loaded graph.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common.child import run_child  # noqa: E402
-from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+from bench.common.provenance import card_name, default_out, provenance, write_json  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time, types, torch
@@ -171,8 +170,7 @@ def main(argv=None):
         diff = "" if r["max_abs_diff_vs_saved"] is None else f"{r['max_abs_diff_vs_saved']:.2e}"
         print(f"| {r['mode']} | {r['speed']} | {r['load_s']:.2f} | {s[0]:.2f} | {warm:.2f} | {s[0] / warm:.2f} | {(r['load_s'] + s[0]) / warm:.2f} | {diff} | "
               f"{r['graphs']} |")
-    out = args.out or (Path(os.environ["OUT"]) / "aot_restart.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("aot_restart_local.json"))
+    out = args.out or default_out("aot_restart")
     write_json(out, dict(env=dict(provenance(card_name(args.device)), speed=args.speed, steps=args.steps), rows=rows))
     print("JSON:", out)
 

@@ -39,6 +39,7 @@ from cogvid_core.model import variants as M                    # noqa: E402
 from cogvid_core.run import sampling                           # noqa: E402
 from cogvid_core.speed import caches, fast                     # noqa: E402
 from bench.common.reference import fbc_probe                  # noqa: E402
+from bench.common.provenance import default_out  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -338,8 +339,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     data = run_all(args)
     data["env"].update(command=" ".join([sys.executable, *sys.argv]), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    out = args.out or (Path(os.environ["OUT"]) / "caches.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("caches_local.json"))
+    out = args.out or default_out("caches")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=1))
     e = data["env"]

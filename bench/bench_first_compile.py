@@ -15,7 +15,6 @@ the full one, so the trace and the imports cost what they cost at full size on t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common.child import run_child  # noqa: E402
-from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+from bench.common.provenance import card_name, default_out, provenance, write_json  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, types, torch
@@ -73,8 +72,7 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['mode']} | {r['step_s']:.2f} | {r['bytecode_tracing_s'] or 0:.2f} | {r['compile_inner_s'] or 0:.2f} | "
               f"{r['new_modules']} |")
-    out = args.out or (Path(os.environ["OUT"]) / "first_compile.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("first_compile_local.json"))
+    out = args.out or default_out("first_compile")
     write_json(out, dict(env=dict(provenance(card_name(args.device)), backend=args.backend, runs=args.runs), rows=rows))
     print("JSON:", out)
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ from cogvid_core.model import lora, testing  # noqa: E402
 from cogvid_core.run import session  # noqa: E402
 from cogvid_core.speed import fast  # noqa: E402
 from bench.bench_speed import Inputs, Timer, rel_l2, sample_steps  # noqa: E402
-from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+from bench.common.provenance import card_name, default_out, provenance, write_json  # noqa: E402
 
 PHASES = (("none", ()), ("A@1.0", (("A", 1.0),)), ("A@0.5", (("A", 0.5),)),
           ("A@1.0+B@1.0", (("A", 1.0), ("B", 1.0))), ("none again", ()))
@@ -182,8 +181,7 @@ def main(argv=None):
     for row in result["rows"]:
         if row["x_no_lora"] is not None:
             print(f"| {row['speed']} | {row['phase']} | {row['x_no_lora']:.3f} |")
-    out = args.out or (Path(os.environ["OUT"]) / "lora_live.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("lora_live_local.json"))
+    out = args.out or default_out("lora_live")
     write_json(out, result)
     print("JSON:", out)
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common.provenance import default_out  # noqa: E402
 
 from cogvid_core.device.devmem import GiB, module_bytes  # noqa: E402
 from cogvid_core.model import loading, testing  # noqa: E402
@@ -199,8 +200,7 @@ def main(argv=None) -> int:
                card=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", torch=torch.__version__,
                diffusers=diffusers.__version__, transformers=transformers.__version__, tiny=bool(args.tiny),
                video=None if args.tiny else f"{args.frames}x{args.height}x{args.width}", total_s=time.perf_counter() - t0)
-    out = args.out or (Path(os.environ["OUT"]) / "precision.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("precision_local.json"))
+    out = args.out or default_out("precision")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(env=env, rows=rows), indent=1))
     print(f"\n{env['card']}, torch {env['torch']}, diffusers {env['diffusers']}, video {env['video']}, "

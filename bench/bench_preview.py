@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cogvid_core.model import latent_rgb, loading  # noqa: E402
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run import sampling  # noqa: E402
-from bench.common.provenance import card_name, provenance, write_json  # noqa: E402
+from bench.common.provenance import card_name, default_out, provenance, write_json  # noqa: E402
 from bench.common.tables import fmt  # noqa: E402
 
 FULL = (81, 768, 1360)
@@ -155,8 +154,7 @@ def main(argv=None) -> int:
     doc = dict(provenance(card_name(device)), device=str(device), repeats=args.repeats, parts=parts,
                step_s=step_s, step_source="given" if args.step_seconds else "measured" if steps else None,
                steps=steps, cfg_mode=args.cfg_mode, table=dict(rows))
-    out = args.out or (Path(os.environ["OUT"]) / "preview.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("preview_local.json"))
+    out = args.out or default_out("preview")
     write_json(out, doc)
     print(f"\n{doc['card']}, torch {doc['torch']}, preview of x0 {parts['shape']}, JPEG {parts['jpeg_bytes']} B")
     if steps:

@@ -48,7 +48,7 @@ from cogvid_core.model import loading  # noqa: E402
 from cogvid_core.model import variants as M  # noqa: E402
 from cogvid_core.run import sampling  # noqa: E402
 from cogvid_core.model import testing  # noqa: E402
-from bench.common.provenance import card_name, provenance, versions, write_json  # noqa: E402
+from bench.common.provenance import card_name, default_out, provenance, versions, write_json  # noqa: E402
 
 # most wanted first: the time budget drops the tail when steps run slower than expected
 DEFAULT_OPTIONS = ("exact,fa3fp8,fp8+fa3fp8+compile,fa3fp8+compile,flash,compile,fp8+compile,anchor,cudnn,sage,fp8,"
@@ -276,8 +276,7 @@ def main(argv=None) -> int:
         os.environ[cardclass.EMULATE_CC] = args.emulate_cc
         cardclass.emulated()      # a malformed value fails here, before the model is built
     data = run_all(args)
-    out = args.out or (Path(os.environ["OUT"]) / "speed.json" if os.environ.get("OUT")
-                       else Path(__file__).with_name("speed_local.json"))
+    out = args.out or default_out("speed")
     write_json(out, data)
     e = data["env"]
     print(f"\n{e['card']}, torch {e['torch']}, {e['variant']} {e['frames']}x{e['height']}x{e['width']} "

@@ -82,6 +82,14 @@ def provenance(card: str | None) -> dict:
                 **versions("torch", "diffusers", "transformers"))
 
 
+def default_out(name: str) -> Path:
+    """Where a bench writes its JSON without ``--out``: ``$OUT/<name>.json`` on the device machine (what comes
+    back), else ``bench/<name>_local.json``."""
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / f"{name}.json"
+    return Path(__file__).resolve().parents[1] / f"{name}_local.json"
+
+
 def write_json(path: Path | str, doc: dict, indent: int = 1) -> Path:
     """``doc`` as JSON at ``path`` (folders made); values JSON does not know (paths, dtypes) as text."""
     path = Path(path)
