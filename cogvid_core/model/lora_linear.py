@@ -38,13 +38,17 @@ class LoraMixin:
 
     def forward(self, x):
         out = super().forward(x)
-        lora = self.__dict__.get("_lora")
-        if lora is None or lora[0].device != x.device or lora[0].dtype != x.dtype:
-            lora = self._lora = _pair(self._lora_parts, x.device, x.dtype)
-        down, up, bias = lora
+        down, up, bias = self._lora_for(x)
         # added in place: the same sum, bit for bit, without a third output-sized tensor (the feed-forward's
         # first Linear's output is 4 of the step's units: out + delta + sum held 12 where its phase counts 9)
         return out.add_(F.linear(F.linear(x, down), up, bias).to(out.dtype))
+
+    def _lora_for(self, x) -> tuple:
+        """(down, up, bias) on ``x``'s device and dtype (built for the run; made here for another one)."""
+        lora = self.__dict__.get("_lora")
+        if lora is None or lora[0].device != x.device or lora[0].dtype != x.dtype:
+            lora = self._lora = _pair(self._lora_parts, x.device, x.dtype)
+        return lora
 
 
 class LoraFoldMixin(LoraMixin):
@@ -55,10 +59,7 @@ class LoraFoldMixin(LoraMixin):
     def forward(self, x):
         if _base(type(self)) is not nn.Linear or self.weight.dtype != x.dtype:
             return super().forward(x)
-        lora = self.__dict__.get("_lora")
-        if lora is None or lora[0].device != x.device or lora[0].dtype != x.dtype:
-            lora = self._lora = _pair(self._lora_parts, x.device, x.dtype)
-        weight, bias = _with_lora(self.weight, self.bias, lora, x.dtype)
+        weight, bias = _with_lora(self.weight, self.bias, self._lora_for(x), x.dtype)
         return F.linear(x, weight, bias)
 
 
